@@ -1,0 +1,102 @@
+"""``rise-export``: turn a model family into a device bundle (ONNX graphs + manifest.json).
+
+    rise-export --family DIR [--small NAME_OR_PATH] --out BUNDLE
+                [--dtype fp32|fp16] [--quantize int8] [--from-onnx DIR] [--opset N] [--force]
+
+Any error a user can fix (a missing folder, a family without a second denoiser, members
+that do not share a latent space, a non-empty --out, a graph that disagrees with PyTorch)
+prints exactly one line ``rise-export: error: <message>`` on stderr and exits with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from shared.errors import RiseError
+
+PROG = "rise-export"
+EXIT_USAGE = 2
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line like every other error of the tool."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also used for ``--help``)."""
+    parser = _OneLineParser(
+        prog=PROG,
+        description="Export a model family (large pipeline folder + small denoiser) as a device bundle: "
+        "the small UNet, VAE decoder and text encoder as ONNX, checked against PyTorch, plus manifest.json.",
+    )
+    parser.add_argument("--family", required=True, type=Path, metavar="DIR",
+                        help="the large model's diffusers pipeline folder (model_index.json, unet/, vae/, ...)")
+    parser.add_argument("--small", metavar="NAME_OR_PATH", default=None,
+                        help="the small denoiser: a subfolder of DIR or a UNet/pipeline folder (default: unet_small)")
+    parser.add_argument("--out", required=True, type=Path, metavar="BUNDLE", help="the bundle folder to write")
+    parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
+                        help="weights of the graphs; inputs and outputs stay float32 (default: fp32)")
+    parser.add_argument("--quantize", choices=("int8",), default=None,
+                        help="dynamic int8 quantization (onnxruntime), of fp32 graphs")
+    parser.add_argument("--from-onnx", type=Path, metavar="DIR", default=None,
+                        help="take the graphs from an optimum export folder (unet/, vae_decoder/, text_encoder/) "
+                        "instead of exporting; they are validated against --family")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: optimum's for each graph)")
+    parser.add_argument("--force", action="store_true", help="replace a previous bundle in --out")
+    return parser
+
+
+def _summary(result) -> str:
+    """A plain table: one row per graph with its size and its max-abs error against PyTorch."""
+    manifest = result.manifest
+    rows = [("graph", "dtype", "size MB", "max-abs err", "worst check: err / tol", "shapes checked")]
+    for name, graph in manifest.graphs.items():
+        size = sum(e.size for rel, e in manifest.files.items() if rel.startswith(f"{name}/") and ".onnx" in rel)
+        kind = graph.quantization or graph.dtype
+        worst = max(graph.checks, key=lambda c: c.max_abs_error / c.tolerance)
+        rows.append((
+            name, kind, f"{size / 1e6:.2f}", f"{graph.max_abs_error:.2e}",
+            f"{worst.max_abs_error:.2e} / {worst.tolerance:.2e}", str(len(graph.checks)),
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    timing = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
+    notes = [f"note: {name}: {g.note}" for name, g in manifest.graphs.items() if g.note]
+    return "\n".join([*lines, *notes, f"time: {timing}"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``rise-export``; return the exit code (0 ok, 2 on any error the user can fix)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, already printed): return, don't exit
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    # diffusers logs import-time notices (e.g. optimum and optimum-onnx both own `optimum/`) on
+    # stderr; the tool's stderr is for its own error line. RISE users can still opt back in.
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    try:
+        # Heavy imports (torch, optimum) only once the arguments are known to be well formed.
+        from export.onnx_export import ExportOptions, export_bundle
+
+        options = ExportOptions(
+            family=args.family, out=args.out, small=args.small, dtype=args.dtype, quantize=args.quantize,
+            from_onnx=args.from_onnx, opset=args.opset, force=args.force,
+        )
+        result = export_bundle(options, log=lambda message: print(f"{PROG}: {message}", flush=True))
+    except RiseError as exc:
+        message = " ".join(str(exc).split())  # one line, whatever the message held
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    print(_summary(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

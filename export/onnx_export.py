@@ -1,0 +1,357 @@
+"""Model family -> device bundle: the small UNet, VAE decoder and text encoder as ONNX + manifest.
+
+The graphs come from optimum's ONNX exporter (``optimum-onnx``), which knows the UNet
+signatures of SD1.x, SDXL and LCM, and keep its folder layout (``unet/model.onnx``,
+``vae_decoder/model.onnx``, ``text_encoder/model.onnx``), so a folder made by
+``optimum-cli export onnx`` is accepted too (``from_onnx``). Then, per ``dtype`` /
+``quantize``, the graphs are converted (``export.quantize``), every graph is checked
+against PyTorch (``export.validate``), and ``manifest.json`` records the family, the
+latent space, the scheduler, the tokenizer, the unconditional embedding, the sha256 of
+every file and the measured errors.
+
+The bundle is built in a staging folder beside ``out`` and moved into place only when
+everything passed, so a failed export never leaves a half bundle behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import inspect
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator
+
+from shared.errors import ConfigError, ExportError, FamilyError
+from shared.manifest import (
+    BUNDLE_FORMAT,
+    BUNDLE_FORMAT_VERSION,
+    GRAPH_NAMES,
+    MANIFEST_NAME,
+    BundleManifest,
+    FileEntry,
+    GraphEntry,
+    UNCOND_TENSOR,
+    TokenizerInfo,
+    file_entry,
+    load_manifest,
+    verify_bundle_files,
+)
+
+if TYPE_CHECKING:
+    from edge_server.family import Family
+
+UNCOND_FILE = "uncond_embedding.safetensors"
+ONNX_MODEL_NAME = "model.onnx"
+VERSIONED_PACKAGES = (
+    "rise", "torch", "diffusers", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "tokenizers",
+)
+
+
+@dataclass
+class ExportOptions:
+    """What ``rise-export`` was asked to do (see ``export.cli`` for the flags)."""
+
+    family: Path
+    out: Path
+    small: str | None = None
+    dtype: str = "fp32"
+    quantize: str | None = None
+    from_onnx: Path | None = None
+    opset: int | None = None
+    force: bool = False
+    seed: int = 0  # of the validation inputs
+
+
+@dataclass
+class ExportResult:
+    """The written bundle, its manifest and how long each phase took (seconds)."""
+
+    bundle_dir: Path
+    manifest: BundleManifest
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _quiet(_: str) -> None:
+    return None
+
+
+def check_options(options: ExportOptions) -> None:
+    """Refuse bad flag combinations and a non-empty output folder before any heavy work."""
+    if options.dtype not in ("fp32", "fp16"):
+        raise ConfigError(f"--dtype must be fp32 or fp16, not {options.dtype!r}")
+    if options.quantize not in (None, "int8"):
+        raise ConfigError(f"--quantize must be int8, not {options.quantize!r}")
+    if options.quantize == "int8" and options.dtype != "fp32":
+        raise ConfigError("--quantize int8 works on fp32 graphs: use it with --dtype fp32")
+    if options.opset is not None and not 14 <= options.opset <= 23:
+        raise ConfigError(f"--opset must be between 14 and 23, not {options.opset}")
+    if not Path(options.family).is_dir():  # before importing torch: a typo should fail in a blink
+        raise FamilyError(f"family folder {options.family} does not exist")
+    out = Path(options.out)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"output {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not options.force:
+            raise ExportError(f"output folder {out} is not empty (pass --force to replace the bundle in it)")
+        if not (out / MANIFEST_NAME).is_file():
+            # --force replaces a previous bundle, never an arbitrary folder a typo pointed at.
+            raise ExportError(f"output folder {out} is not empty and holds no {MANIFEST_NAME}: refusing to replace it")
+    if options.from_onnx is not None:
+        src = Path(options.from_onnx)
+        if not src.is_dir():
+            raise ExportError(f"--from-onnx folder {src} does not exist")
+        missing = [f"{name}/{ONNX_MODEL_NAME}" for name in GRAPH_NAMES if not (src / name / ONNX_MODEL_NAME).is_file()]
+        if missing:
+            raise ExportError(f"--from-onnx folder {src} lacks {', '.join(missing)} (optimum's layout)")
+
+
+@contextlib.contextmanager
+def _quiet_tracing() -> Iterator[None]:
+    """Hide the tracer's per-branch warnings: our validation at two shapes is the real check."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*[Cc]onstant folding.*")
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx.*")
+        yield
+
+
+def small_pipeline(family: Family):
+    """A new pipeline object sharing the family's modules, with the small UNet as its ``unet``."""
+    pipeline = family.pipeline
+    components = {**pipeline.components, "unet": family.small_unet}
+    if "requires_safety_checker" in inspect.signature(type(pipeline).__init__).parameters:
+        components["requires_safety_checker"] = False
+    return type(pipeline)(**components)
+
+
+def optimum_export(family: Family, output: Path, opset: int | None = None) -> None:
+    """Export the family's text encoder, VAE and small UNet with optimum into ``output``."""
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    pipe = small_pipeline(family)
+    try:
+        with _quiet_tracing():
+            # Optimum's own validation is off: it runs one shape at a fixed atol; ours runs two
+            # shapes against the fp32 PyTorch modules with a tolerance per graph dtype.
+            onnx_export_from_model(pipe, output, task="text-to-image", opset=opset, do_validation=False)
+    except Exception as exc:
+        raise ExportError(f"optimum could not export the pipeline: {type(exc).__name__}: {exc}") from exc
+
+
+def _graph_opset(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
+def _weights_dtype(path: Path) -> str:
+    """'fp16' if most float weights of the graph are float16, else 'fp32' (int8 graphs keep fp32 biases)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    kinds = [t.data_type for t in model.graph.initializer]
+    return "fp16" if kinds.count(onnx.TensorProto.FLOAT16) > kinds.count(onnx.TensorProto.FLOAT) else "fp32"
+
+
+def _copy_side_files(src_dir: Path, dst_dir: Path) -> None:
+    """Copy a graph folder's non-ONNX files (optimum's ``config.json``)."""
+    for path in src_dir.iterdir():
+        if path.is_file() and path.suffix == ".json":
+            shutil.copy2(path, dst_dir / path.name)
+
+
+def _versions() -> dict[str, str]:
+    versions = {}
+    for package in VERSIONED_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "unknown"
+    if versions["rise"] == "unknown":  # run from a source checkout, not installed
+        import tomllib
+
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        with contextlib.suppress(OSError, tomllib.TOMLDecodeError, KeyError):
+            versions["rise"] = tomllib.loads(pyproject.read_text())["project"]["version"]
+    return versions
+
+
+def _listed_files(root: Path) -> dict[str, FileEntry]:
+    return {
+        path.relative_to(root).as_posix(): file_entry(path)
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and path.relative_to(root).as_posix() != MANIFEST_NAME
+    }
+
+
+def _json_safe(config: dict) -> dict:
+    """A scheduler config as plain JSON values (diffusers configs may hold tuples)."""
+    import json
+
+    try:
+        return json.loads(json.dumps(config, default=list))
+    except (TypeError, ValueError) as exc:
+        raise ExportError(f"scheduler config is not JSON-serializable: {exc}") from exc
+
+
+def _place(stage_bundle: Path, out: Path, stage: Path) -> None:
+    """Move the finished bundle to ``out``, replacing a previous bundle there (checked earlier)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        old = stage / "previous"
+        os.replace(out, old)  # same filesystem (stage is beside out): a rename
+    os.replace(stage_bundle, out)
+
+
+def export_bundle(
+    options: ExportOptions,
+    *,
+    family: Family | None = None,
+    log: Callable[[str], None] = _quiet,
+) -> ExportResult:
+    """Export a device bundle as ``options`` say; return its manifest and phase timings.
+
+    ``family`` skips loading when the caller already holds it (tests, the demo). Raises
+    ConfigError / FamilyError / ExportError (all RiseError) for anything a user can fix.
+    """
+    check_options(options)
+    import torch
+    from safetensors.numpy import save_file
+
+    from edge_server.family import load_family, uncond_embedding
+    from export.quantize import convert_to_fp16, copy_graph, quantize_int8
+    from export.tokenizer import write_bundle_tokenizer
+    from export.validate import default_shapes, validate_graph
+
+    out = Path(options.out)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    if family is None:
+        log(f"loading family {options.family} (small: {options.small or 'unet_small'})")
+        family = load_family(options.family, options.small)
+    elif options.small is not None and options.small != family.small_source:
+        raise ConfigError(f"family was loaded with small={family.small_source!r}, options say {options.small!r}")
+    timings["load"] = time.perf_counter() - start
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.rise-export-", dir=out.parent))
+    try:
+        bundle = stage / "bundle"
+        bundle.mkdir()
+        phase = time.perf_counter()
+        if options.from_onnx is None:
+            source, raw = "pytorch", stage / "optimum"
+            log("exporting text_encoder, vae_decoder, unet (small) with optimum")
+            optimum_export(family, raw, options.opset)
+        else:
+            source, raw = "onnx", Path(options.from_onnx)
+            log(f"taking the graphs from {raw}")
+        timings["export"] = time.perf_counter() - phase
+
+        phase = time.perf_counter()
+        graph_info: dict[str, dict] = {}
+        for name in GRAPH_NAMES:  # optimum's vae_encoder is not copied: the device never encodes images
+            src, dst = raw / name / ONNX_MODEL_NAME, bundle / name / ONNX_MODEL_NAME
+            dst.parent.mkdir(parents=True)
+            info: dict = {"quantization": None, "quantized_op_types": [], "note": None}
+            if options.quantize == "int8":
+                log(f"quantizing {name} to int8")
+                q = quantize_int8(src, dst)
+                info.update(
+                    quantization="int8" if q.quantized else None, quantized_op_types=q.op_types, note=q.note
+                )
+            elif options.dtype == "fp16" and _weights_dtype(src) != "fp16":
+                log(f"converting {name} to fp16")
+                convert_to_fp16(src, dst)
+            else:
+                copy_graph(src, dst)
+            _copy_side_files(src.parent, dst.parent)
+            graph_info[name] = info
+        timings["convert"] = time.perf_counter() - phase
+
+        log("writing scheduler, tokenizer and unconditional embedding")
+        pipeline = family.pipeline
+        pipeline.scheduler.save_pretrained(bundle / "scheduler")
+        tok = write_bundle_tokenizer(pipeline.tokenizer, Path(family.folder) / "tokenizer", bundle / "tokenizer")
+        uncond = uncond_embedding(family).detach().to(torch.float32).contiguous().numpy()
+        save_file({UNCOND_TENSOR: uncond}, str(bundle / UNCOND_FILE))
+
+        phase = time.perf_counter()
+        up_factor = 2 ** (len(family.small_unet.config.block_out_channels) - 1)
+        shapes = default_shapes(family.default_latent_size, up_factor, tok.max_length)
+        modules = {"unet": family.small_unet, "vae_decoder": pipeline.vae, "text_encoder": pipeline.text_encoder}
+        graphs: dict[str, GraphEntry] = {}
+        for name in GRAPH_NAMES:
+            path = bundle / name / ONNX_MODEL_NAME
+            info = graph_info[name]
+            weights = _weights_dtype(path)
+            check_dtype = "int8" if info["quantization"] == "int8" else weights
+            log(f"validating {name} ({check_dtype}) against PyTorch at two shapes")
+            result = validate_graph(
+                name, path, modules[name], check_dtype, shapes, seed=options.seed, tokenizer=pipeline.tokenizer
+            )
+            graphs[name] = GraphEntry(
+                path=f"{name}/{ONNX_MODEL_NAME}",
+                inputs=result.inputs,
+                outputs=result.outputs,
+                dtype=weights,
+                quantization=info["quantization"],
+                quantized_op_types=info["quantized_op_types"],
+                opset=_graph_opset(path),
+                rtol=result.rtol,
+                checks=result.checks,
+                max_abs_error=result.max_abs_error,
+                note=info["note"],
+            )
+        timings["validate"] = time.perf_counter() - phase
+
+        vae_config = pipeline.vae.config
+        shift = vae_config.get("shift_factor")  # SD3/Flux-style VAEs shift as well as scale
+        manifest = BundleManifest(
+            format=BUNDLE_FORMAT,
+            format_version=BUNDLE_FORMAT_VERSION,
+            family_id=family.family_id,
+            family_name=family.name,
+            small_model=family.small_source,
+            dtype=options.dtype,
+            quantization=options.quantize,
+            latent_channels=int(family.latent_channels),
+            vae_scale_factor=int(family.vae_scale_factor),
+            vae_scaling_factor=float(vae_config.scaling_factor),
+            vae_shift_factor=0.0 if shift is None else float(shift),
+            sample_size=int(family.default_latent_size),
+            cross_attention_dim=int(family.cross_attention_dim),
+            text_max_length=tok.max_length,
+            scheduler_config=_json_safe(dict(family.scheduler_config)),
+            tokenizer=TokenizerInfo(
+                folder="tokenizer", tokenizer_json="tokenizer/tokenizer.json",
+                files=[f"tokenizer/{n}" for n in tok.files],
+                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            ),
+            uncond_embedding=UNCOND_FILE,
+            uncond_shape=list(uncond.shape),
+            graphs=graphs,
+            files=_listed_files(bundle),
+            versions=_versions(),
+            opset=max(g.opset for g in graphs.values()),
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            source=source,
+        )
+        (bundle / MANIFEST_NAME).write_text(manifest.to_json())
+        verify_bundle_files(bundle, load_manifest(bundle))  # the reader's own check, before we publish
+        _place(bundle, out, stage)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    timings["total"] = time.perf_counter() - start
+    log(f"bundle written to {out}")
+    return ExportResult(bundle_dir=out, manifest=manifest, timings=timings)

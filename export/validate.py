@@ -1,0 +1,254 @@
+"""Check every exported graph against the PyTorch module it came from.
+
+Each graph runs in onnxruntime (CPU) and in PyTorch (float32) on the same seeded random
+inputs at two shapes: batch 1 at the family's default latent size and batch 2 at a second
+latent size for the UNet and the VAE decoder; batch 1 (real tokenized prompts) and batch 2
+(random ids) at the text length the edge uses for the text encoder. The error of a check
+is the max-abs difference over all compared outputs; it must not exceed
+
+    tolerance = RTOL[graph dtype] * max(1, max |PyTorch output|)
+
+i.e. a tolerance relative to the output's scale (a VAE decoder image is ~[-1, 1], CLIP
+hidden states reach tens). The relative tolerances, against the fp32 PyTorch module:
+
+- fp32 ``1e-4``: the same arithmetic in another order; measured ~1-3e-6 on the tiny family.
+- fp16 ``2e-2``: fp16 keeps 11 significant bits (~5e-4 per op) and the error compounds over
+  tens of layers; measured 1.5-4e-3 relative on the tiny family.
+- int8 ``1.5e-1``: dynamic quantization rounds weights and activations to 256 levels per
+  tensor; measured 2-6e-2 relative on the tiny family.
+
+Past its tolerance, or on a NaN/inf, a graph fails the export with an ExportError naming
+the graph, the shapes, the error and the tolerance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from shared.errors import ExportError
+from shared.manifest import TensorSpec, ValidationCheck
+
+RTOL: dict[str, float] = {"fp32": 1e-4, "fp16": 2e-2, "int8": 1.5e-1}
+
+_ORT_TO_NUMPY = {
+    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+    "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool",
+}
+# Inputs each graph must have (optimum's names) and the outputs we can compare with PyTorch.
+REQUIRED_INPUTS = {
+    "unet": ("sample", "timestep", "encoder_hidden_states"),
+    "vae_decoder": ("latent_sample",),
+    "text_encoder": ("input_ids",),
+}
+PRIMARY_OUTPUT = {"unet": "out_sample", "vae_decoder": "sample", "text_encoder": "last_hidden_state"}
+
+
+@dataclass
+class GraphValidation:
+    """The checks of one graph (all passed)."""
+
+    name: str
+    rtol: float
+    inputs: list[TensorSpec] = field(default_factory=list)
+    outputs: list[TensorSpec] = field(default_factory=list)
+    checks: list[ValidationCheck] = field(default_factory=list)
+
+    @property
+    def max_abs_error(self) -> float:
+        return max(c.max_abs_error for c in self.checks)
+
+
+@dataclass(frozen=True)
+class ValidationShapes:
+    """The sizes the checks use; from the family unless a caller overrides them."""
+
+    latent_sizes: tuple[int, int]  # latent side for check 1 (batch 1) and check 2 (batch 2)
+    text_length: int
+
+
+def default_shapes(sample_size: int, up_factor: int, text_length: int) -> ValidationShapes:
+    """The default latent side, and a second one (half, or one step up) the UNet accepts."""
+    second = sample_size // 2
+    if second < up_factor or second % up_factor or second == sample_size:
+        second = sample_size + up_factor
+    return ValidationShapes(latent_sizes=(sample_size, second), text_length=text_length)
+
+
+def session(path: Path) -> ort.InferenceSession:
+    """An onnxruntime CPU session for a graph."""
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def tensor_specs(args: list[Any]) -> list[TensorSpec]:
+    """onnxruntime's NodeArg list as manifest TensorSpecs (dynamic axes keep their names)."""
+    return [
+        TensorSpec(
+            name=a.name,
+            dtype=_ORT_TO_NUMPY.get(a.type, a.type),
+            shape=[d if isinstance(d, (int, str)) else "?" for d in a.shape],
+        )
+        for a in args
+    ]
+
+
+def check_io_contract(name: str, sess: ort.InferenceSession) -> None:
+    """The graph has optimum's input names and float32 float inputs/outputs, else ExportError."""
+    inputs = {a.name: a for a in sess.get_inputs()}
+    missing = [n for n in REQUIRED_INPUTS[name] if n not in inputs]
+    if missing:
+        raise ExportError(
+            f"graph {name} lacks input(s) {', '.join(missing)} (has {', '.join(inputs)}): "
+            "not an optimum export of a Stable Diffusion pipeline"
+        )
+    outputs = [a.name for a in sess.get_outputs()]
+    if PRIMARY_OUTPUT[name] not in outputs:
+        raise ExportError(f"graph {name} lacks output {PRIMARY_OUTPUT[name]} (has {', '.join(outputs)})")
+    for arg in list(sess.get_inputs()) + list(sess.get_outputs()):
+        if arg.type in ("tensor(float16)", "tensor(bfloat16)", "tensor(double)"):
+            raise ExportError(
+                f"graph {name} has {arg.type} {arg.name}: bundle graphs take and return float32 "
+                "(export fp32 and let rise-export --dtype fp16 convert the weights)"
+            )
+
+
+def _unet_cases(sess: ort.InferenceSession, unet: torch.nn.Module, shapes: ValidationShapes,
+                rng: np.random.Generator) -> list[tuple[dict[str, np.ndarray], Callable[[], dict[str, torch.Tensor]]]]:
+    cfg = unet.config
+    spec = {a.name: a for a in sess.get_inputs()}
+    unknown = [n for n in spec if n not in ("sample", "timestep", "encoder_hidden_states", "timestep_cond")]
+    if unknown:
+        raise ExportError(f"graph unet has input(s) {', '.join(unknown)} this exporter cannot validate")
+    cases = []
+    for batch, size in zip((1, 2), shapes.latent_sizes):
+        sample = rng.standard_normal((batch, cfg.in_channels, size, size), dtype=np.float32)
+        hidden = rng.standard_normal((batch, shapes.text_length, cfg.cross_attention_dim), dtype=np.float32)
+        t = float(rng.integers(1, 1000))
+        t_spec = spec["timestep"]
+        t_dtype = np.dtype(_ORT_TO_NUMPY.get(t_spec.type, "float32"))
+        timestep = np.array(t, dtype=t_dtype) if len(t_spec.shape) == 0 else np.full((batch,), t, dtype=t_dtype)
+        feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": hidden}
+        kwargs: dict[str, torch.Tensor] = {}
+        if "timestep_cond" in spec:  # LCM-distilled UNets embed the guidance scale here
+            cond = rng.standard_normal((batch, cfg.time_cond_proj_dim), dtype=np.float32)
+            feeds["timestep_cond"] = cond
+            kwargs["timestep_cond"] = torch.from_numpy(cond)
+
+        def run(feeds=feeds, kwargs=kwargs) -> dict[str, torch.Tensor]:
+            out = unet(
+                torch.from_numpy(feeds["sample"]), torch.from_numpy(np.asarray(feeds["timestep"])),
+                torch.from_numpy(feeds["encoder_hidden_states"]), **kwargs,
+            )
+            return {"out_sample": out.sample}
+
+        cases.append((feeds, run))
+    return cases
+
+
+def _vae_decoder_cases(sess, vae, shapes: ValidationShapes, rng):
+    cases = []
+    for batch, size in zip((1, 2), shapes.latent_sizes):
+        latent = rng.standard_normal((batch, vae.config.latent_channels, size, size), dtype=np.float32)
+
+        def run(latent=latent) -> dict[str, torch.Tensor]:
+            return {"sample": vae.decode(torch.from_numpy(latent)).sample}
+
+        cases.append(({"latent_sample": latent}, run))
+    return cases
+
+
+def _text_encoder_cases(sess, text_encoder, shapes: ValidationShapes, rng, tokenizer=None):
+    length = shapes.text_length
+    if tokenizer is not None:
+        first = np.asarray(
+            tokenizer(["a photo of a cat"], padding="max_length", max_length=length, truncation=True).input_ids,
+            dtype=np.int64,
+        )
+    else:
+        first = rng.integers(0, text_encoder.config.vocab_size, (1, length), dtype=np.int64)
+    second = rng.integers(0, text_encoder.config.vocab_size, (2, length), dtype=np.int64)
+    ids_type = {a.name: a.type for a in sess.get_inputs()}["input_ids"]
+    ids_dtype = np.dtype(_ORT_TO_NUMPY.get(ids_type, "int64"))  # optimum may export int32 ids
+    cases = []
+    for ids in (first.astype(ids_dtype), second.astype(ids_dtype)):
+
+        def run(ids=ids) -> dict[str, torch.Tensor]:
+            out = text_encoder(torch.from_numpy(ids.astype(np.int64)))
+            return {"last_hidden_state": out.last_hidden_state, "pooler_output": out.pooler_output}
+
+        cases.append(({"input_ids": ids}, run))
+    return cases
+
+
+@torch.no_grad()
+def validate_graph(
+    name: str,
+    path: Path,
+    module: torch.nn.Module,
+    graph_dtype: str,
+    shapes: ValidationShapes,
+    *,
+    seed: int = 0,
+    tokenizer: Any = None,
+) -> GraphValidation:
+    """Compare graph ``name`` at ``path`` with ``module`` at two shapes; ExportError past tolerance."""
+    if graph_dtype not in RTOL:
+        raise ExportError(f"no tolerance for graph dtype {graph_dtype!r}")
+    rtol = RTOL[graph_dtype]
+    try:
+        sess = session(path)
+    except Exception as exc:
+        raise ExportError(f"graph {name} does not load in onnxruntime: {exc}") from exc
+    check_io_contract(name, sess)
+    rng = np.random.default_rng(seed)
+    if name == "unet":
+        cases = _unet_cases(sess, module, shapes, rng)
+    elif name == "vae_decoder":
+        cases = _vae_decoder_cases(sess, module, shapes, rng)
+    elif name == "text_encoder":
+        cases = _text_encoder_cases(sess, module, shapes, rng, tokenizer)
+    else:
+        raise ExportError(f"unknown graph {name!r}")
+    output_names = [a.name for a in sess.get_outputs()]
+    result = GraphValidation(
+        name=name, rtol=rtol, inputs=tensor_specs(sess.get_inputs()), outputs=tensor_specs(sess.get_outputs())
+    )
+    for feeds, run in cases:
+        shape_text = ", ".join(f"{k}={tuple(v.shape)}" for k, v in feeds.items() if v.ndim)
+        try:
+            got = dict(zip(output_names, sess.run(None, feeds)))
+        except Exception as exc:
+            raise ExportError(f"graph {name} fails to run at {shape_text}: {exc}") from exc
+        reference = {k: v.float().numpy() for k, v in run().items()}
+        error, scale = 0.0, 1.0
+        for out_name, ref in reference.items():
+            if out_name not in got:
+                continue  # e.g. a text encoder exported without pooler_output
+            value = got[out_name]
+            if value.shape != ref.shape:
+                raise ExportError(
+                    f"graph {name} output {out_name} has shape {value.shape} at {shape_text}, "
+                    f"PyTorch gives {ref.shape}"
+                )
+            if not np.all(np.isfinite(value)):
+                raise ExportError(f"graph {name} ({graph_dtype}) output {out_name} has NaN/inf at {shape_text}")
+            error = max(error, float(np.max(np.abs(value.astype(np.float64) - ref))))
+            scale = max(scale, float(np.max(np.abs(ref))))
+        tolerance = rtol * scale
+        if not error <= tolerance:
+            raise ExportError(
+                f"graph {name} ({graph_dtype}) disagrees with PyTorch at {shape_text}: "
+                f"max-abs error {error:.3g} > tolerance {tolerance:.3g} (rtol {rtol:g} x output scale {scale:.3g})"
+            )
+        result.checks.append(
+            ValidationCheck(
+                shapes={k: list(v.shape) for k, v in feeds.items()},
+                max_abs_error=error, output_scale=scale, tolerance=tolerance,
+            )
+        )
+    return result

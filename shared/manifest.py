@@ -1,0 +1,309 @@
+"""The device bundle's manifest: what ``rise-export`` wrote and what the device may trust.
+
+A device bundle is a folder made by ``rise-export`` (``export/``)::
+
+    manifest.json                   this module's BundleManifest, as JSON
+    unet/model.onnx                 the small denoiser (optimum's layout; maybe + external data)
+    vae_decoder/model.onnx          latents -> image
+    text_encoder/model.onnx         token ids -> embeddings
+    tokenizer/tokenizer.json        a `tokenizers` file (plus the original tokenizer files)
+    scheduler/scheduler_config.json the family's scheduler config
+    uncond_embedding.safetensors    tensor "uncond": float32 (1, L, D), the embedding of ""
+
+The manifest lists the sha256 and size of every other file, so a device checks the whole
+bundle with :func:`verify_bundle_files` before it loads a graph. This module is read on
+the device: it imports neither torch nor onnx, only the standard library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Union
+
+from shared.errors import BundleError, IntegrityError
+
+MANIFEST_NAME = "manifest.json"
+BUNDLE_FORMAT = "rise-device-bundle"
+BUNDLE_FORMAT_VERSION = 1
+DTYPES = ("fp32", "fp16")
+QUANTIZATIONS = (None, "int8")
+GRAPH_NAMES = ("unet", "vae_decoder", "text_encoder")
+UNCOND_TENSOR = "uncond"  # the tensor's name inside the uncond_embedding safetensors file (float32)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One bundle file: its sha256 (hex) and size in bytes."""
+
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: name, numpy dtype name, shape (ints, or names of dynamic axes)."""
+
+    name: str
+    dtype: str
+    shape: list[int | str]
+
+
+@dataclass(frozen=True)
+class ValidationCheck:
+    """One comparison of a graph against PyTorch at one set of input shapes."""
+
+    shapes: dict[str, list[int]]
+    max_abs_error: float
+    output_scale: float  # max |reference output|, floored at 1: what the relative tolerance scales
+    tolerance: float  # absolute: rtol * output_scale
+
+
+@dataclass(frozen=True)
+class GraphEntry:
+    """One ONNX graph of the bundle and how well it agrees with PyTorch."""
+
+    path: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    dtype: str  # the graph's float weights: "fp32" | "fp16"; its inputs/outputs are float32 always
+    quantization: str | None  # "int8" if dynamically quantized
+    quantized_op_types: list[str]
+    opset: int
+    rtol: float  # tolerance relative to the output scale, from the graph's dtype
+    checks: list[ValidationCheck]
+    max_abs_error: float  # max over checks
+    note: str | None = None  # e.g. why a graph was left fp32 in an int8 bundle
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """Where the tokenizer is and the ids a device needs to pad prompts as the edge does."""
+
+    folder: str
+    tokenizer_json: str  # padding + truncation to text_max_length are baked in
+    files: list[str]
+    pad_token_id: int
+    bos_token_id: int
+    eos_token_id: int
+
+
+@dataclass(frozen=True)
+class BundleManifest:
+    """Everything a device needs to know about a bundle (see the module docstring)."""
+
+    format: str
+    format_version: int
+    family_id: str
+    family_name: str
+    small_model: str
+    dtype: str
+    quantization: str | None
+    latent_channels: int
+    vae_scale_factor: int  # spatial downsampling: image side = latent side * vae_scale_factor
+    vae_scaling_factor: float  # VAE config scaling_factor: decode(latents / scaling_factor + shift_factor)
+    vae_shift_factor: float  # VAE config shift_factor; 0.0 for VAEs without one (all SD1.x/SDXL)
+    sample_size: int  # default latent side
+    cross_attention_dim: int
+    text_max_length: int
+    scheduler_config: dict[str, Any]
+    tokenizer: TokenizerInfo
+    uncond_embedding: str  # safetensors file, tensor UNCOND_TENSOR: text encoder output for "" (float32)
+    uncond_shape: list[int]  # (1, text_max_length, D): D = the text encoder's width (= cross_attention_dim in SD)
+    graphs: dict[str, GraphEntry]
+    files: dict[str, FileEntry]
+    versions: dict[str, str]
+    opset: int
+    created_at: str
+    source: str  # "pytorch" (exported here) or "onnx" (an optimum folder, validated here)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        """Pretty JSON text (stable key order)."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Any) -> BundleManifest:
+        """Build from a parsed dict, checking every key's presence and type (BundleError)."""
+        manifest = _build(cls, data, "manifest")
+        manifest._check()
+        return manifest
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> BundleManifest:
+        """Parse JSON text; BundleError if it is not JSON or does not fit the schema."""
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BundleError(f"manifest is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+    def _check(self) -> None:
+        """Checks across keys: values in range and every referenced file listed."""
+        if self.format != BUNDLE_FORMAT:
+            raise BundleError(f"manifest key 'format' is {self.format!r}, expected {BUNDLE_FORMAT!r}")
+        if self.format_version > BUNDLE_FORMAT_VERSION:
+            raise BundleError(
+                f"bundle format_version {self.format_version} is newer than this reader's "
+                f"({BUNDLE_FORMAT_VERSION}): update RISE"
+            )
+        if self.dtype not in DTYPES:
+            raise BundleError(f"manifest key 'dtype' is {self.dtype!r}, expected one of {DTYPES}")
+        if self.quantization not in QUANTIZATIONS:
+            raise BundleError(f"manifest key 'quantization' is {self.quantization!r}, expected null or 'int8'")
+        for key in ("latent_channels", "vae_scale_factor", "sample_size", "cross_attention_dim", "text_max_length"):
+            if getattr(self, key) <= 0:
+                raise BundleError(f"manifest key {key!r} must be positive, got {getattr(self, key)}")
+        if len(self.uncond_shape) != 3 or self.uncond_shape[:2] != [1, self.text_max_length]:
+            raise BundleError(
+                f"manifest key 'uncond_shape' is {self.uncond_shape}, expected [1, {self.text_max_length}, D]"
+            )
+        missing = [name for name in GRAPH_NAMES if name not in self.graphs]
+        if missing:
+            raise BundleError(f"manifest key 'graphs' lacks {', '.join(missing)}")
+        referenced = [(f"graphs.{name}.path", g.path) for name, g in self.graphs.items()]
+        referenced += [("tokenizer.tokenizer_json", self.tokenizer.tokenizer_json)]
+        referenced += [(f"tokenizer.files[{i}]", rel) for i, rel in enumerate(self.tokenizer.files)]
+        referenced += [("uncond_embedding", self.uncond_embedding)]
+        for key, rel in referenced:
+            _check_relpath(rel)
+            if rel not in self.files:
+                raise BundleError(f"manifest key {key!r} names {rel}, which is not listed in 'files'")
+        for rel, entry in self.files.items():
+            _check_relpath(rel)
+            if len(entry.sha256) != 64 or any(c not in "0123456789abcdef" for c in entry.sha256):
+                raise BundleError(f"manifest key 'files.{rel}.sha256' is not a sha256 hex digest")
+
+    def graph_path(self, bundle_dir: str | Path, name: str) -> Path:
+        """Absolute path of graph ``name`` inside ``bundle_dir``."""
+        if name not in self.graphs:
+            raise BundleError(f"bundle has no graph {name!r}")
+        return resolve_bundle_path(bundle_dir, self.graphs[name].path)
+
+
+def _check_relpath(rel: str) -> None:
+    """Refuse absolute paths, backslashes and '..' parts: a manifest must not point outside its bundle."""
+    pure = PurePosixPath(rel)
+    if not rel or "\\" in rel or pure.is_absolute() or ".." in pure.parts or rel.startswith("~"):
+        raise BundleError(f"bundle path {rel!r} escapes the bundle folder")
+
+
+def resolve_bundle_path(bundle_dir: str | Path, rel: str) -> Path:
+    """``bundle_dir / rel``, refusing any path (or symlink) that leads outside ``bundle_dir``."""
+    _check_relpath(rel)
+    root = Path(bundle_dir).resolve()
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root):
+        raise BundleError(f"bundle path {rel!r} escapes the bundle folder (resolves to {path})")
+    return path
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _build(tp: Any, value: Any, key: str) -> Any:
+    """Check ``value`` against type hint ``tp`` and build dataclasses; BundleError names ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _build(option, value, key)
+            except BundleError:
+                continue
+        raise BundleError(f"manifest key {key!r} has type {type(value).__name__}, expected {_type_name(tp)}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            where = "the manifest" if key == "manifest" else f"manifest key {key!r}"
+            raise BundleError(f"{where} must be a JSON object, got {type(value).__name__}")
+        hints = typing.get_type_hints(tp)
+        kwargs = {}
+        for f in dataclasses.fields(tp):
+            sub = f.name if key == "manifest" else f"{key}.{f.name}"
+            if f.name not in value:
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+                    continue
+                raise BundleError(f"manifest key {sub!r} is missing")
+            kwargs[f.name] = _build(hints[f.name], value[f.name], sub)
+        return tp(**kwargs)  # unknown keys are ignored: later minor versions may add some
+    if origin is list:
+        if not isinstance(value, list):
+            raise BundleError(f"manifest key {key!r} must be a list, got {type(value).__name__}")
+        (item,) = typing.get_args(tp)
+        return [_build(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise BundleError(f"manifest key {key!r} must be an object, got {type(value).__name__}")
+        _, item = typing.get_args(tp)
+        return {str(k): _build(item, v, f"{key}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise BundleError(f"manifest key {key!r} must be a number, got {type(value).__name__}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise BundleError(f"manifest key {key!r} must be an integer, got {type(value).__name__}")
+        return value
+    if tp in (str, bool):
+        if not isinstance(value, tp):
+            raise BundleError(f"manifest key {key!r} must be a {tp.__name__}, got {type(value).__name__}")
+        return value
+    raise TypeError(f"unsupported manifest type {tp!r} at {key}")  # a bug in this module, not in the bundle
+
+
+def load_manifest(bundle_dir: str | Path) -> BundleManifest:
+    """Read and schema-check ``bundle_dir/manifest.json`` (BundleError if absent or invalid)."""
+    path = Path(bundle_dir) / MANIFEST_NAME
+    if not Path(bundle_dir).is_dir():
+        raise BundleError(f"bundle folder {bundle_dir} does not exist")
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise BundleError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    return BundleManifest.from_json(text)
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks (bundles hold multi-GB graphs)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_entry(path: str | Path) -> FileEntry:
+    """The manifest entry (sha256, size) for a file."""
+    return FileEntry(sha256=sha256_file(path), size=Path(path).stat().st_size)
+
+
+def verify_bundle_files(bundle_dir: str | Path, manifest: BundleManifest) -> None:
+    """Check every file the manifest lists: inside the bundle, present, right size and sha256.
+
+    Raises IntegrityError naming the first file that is missing or changed, BundleError
+    for a path that escapes the bundle folder.
+    """
+    for rel, entry in sorted(manifest.files.items()):
+        path = resolve_bundle_path(bundle_dir, rel)
+        if not path.is_file():
+            raise IntegrityError(f"bundle file {rel} is missing")
+        size = path.stat().st_size
+        if size != entry.size:  # cheap check first: no hashing of a truncated download
+            raise IntegrityError(f"bundle file {rel} has {size} bytes, the manifest says {entry.size}")
+        if sha256_file(path) != entry.sha256:
+            raise IntegrityError(f"bundle file {rel} does not match its sha256 in the manifest")
