@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import logging as diffusers_logging
 
 from shared.errors import FamilyError
 
@@ -131,6 +132,7 @@ def load_family(folder: str | Path, small: str | None = None) -> Family:
     small_cfg = _read_json(small_folder / "config.json")
     vae_cfg = _read_json(folder / "vae" / "config.json")
     check_compatible(large_cfg, small_cfg, vae_cfg)
+    diffusers_logging.disable_progress_bar()  # a daemon's log is no place for loading bars
     try:
         pipeline = StableDiffusionPipeline.from_pretrained(
             folder, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False,
@@ -141,7 +143,6 @@ def load_family(folder: str | Path, small: str | None = None) -> Family:
         )
     except (OSError, ValueError, KeyError) as exc:
         raise FamilyError(f"cannot load family {folder}: {exc}") from exc
-    pipeline.set_progress_bar_config(disable=True)
     for module in (pipeline.unet, pipeline.vae, pipeline.text_encoder, small_unet):
         module.eval().requires_grad_(False)
     name = folder.resolve().name

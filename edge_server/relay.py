@@ -9,31 +9,20 @@ relay for machines that hold both models.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
+from edge_server.batching import DenoiseJob, batched_step
 from edge_server.family import Family, encode_prompts, uncond_embedding
-from edge_server.scheduler_bridge import diffusers_scheduler, export_state
+from edge_server.scheduler_bridge import diffusers_scheduler
 from shared.errors import ConfigError
 from shared.handoff import Handoff
 from shared.relay_plan import RelayPlan
 
 StepCallback = Callable[[int, int], None]  # (steps done, total steps)
-
-
-@dataclass
-class EdgeStart:
-    """What the edge prepares before any denoising step."""
-
-    scheduler: SchedulerMixin
-    latents: torch.Tensor
-    cond: torch.Tensor
-    uncond: torch.Tensor
 
 
 def latent_shape(family: Family, height: int | None, width: int | None, batch: int = 1) -> tuple[int, ...]:
@@ -48,42 +37,39 @@ def latent_shape(family: Family, height: int | None, width: int | None, batch: i
 
 
 @torch.no_grad()
-def prepare(family: Family, prompt: str, plan: RelayPlan, seed: int,
-            height: int | None = None, width: int | None = None) -> EdgeStart:
-    """Scheduler at step 0, initial noise seeded as diffusers seeds it, and the text embeddings."""
-    scheduler = diffusers_scheduler(plan.sampler, family.scheduler_config)
-    scheduler.set_timesteps(plan.num_inference_steps)
+def prepare(family: Family, prompt: str, plan: RelayPlan, seed: int, *,
+            height: int | None = None, width: int | None = None, request_id: str = "") -> DenoiseJob:
+    """A job at step 0: scheduler, initial noise seeded as diffusers seeds it, text embeddings.
+
+    It stops at the plan's split; the caller runs it (alone, or batched with others).
+    """
+    scheduler = diffusers_scheduler(plan.sampler, family.scheduler_config, plan.num_inference_steps)
     generator = torch.Generator("cpu").manual_seed(seed)
     # Same call and order as StableDiffusionPipeline.prepare_latents, so seeds agree with it.
     latents = randn_tensor(latent_shape(family, height, width), generator=generator, dtype=torch.float32)
-    latents = latents * scheduler.init_noise_sigma
-    return EdgeStart(scheduler, latents, encode_prompts(family, [prompt]), uncond_embedding(family))
+    return DenoiseJob(
+        scheduler=scheduler,
+        latents=latents * scheduler.init_noise_sigma,
+        cond=encode_prompts(family, [prompt]),
+        uncond=uncond_embedding(family),
+        guidance_scale=float(plan.guidance_scale),
+        stop_at=plan.split,
+        request_id=request_id,
+    )
 
 
-@torch.no_grad()
-def denoise_steps(unet: UNet2DConditionModel, scheduler: SchedulerMixin, latents: torch.Tensor,
-                  cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float,
-                  step_range: range, on_step: StepCallback | None = None) -> torch.Tensor:
-    """Run ``scheduler.timesteps[step_range]`` with classifier-free guidance, as diffusers' SD pipeline does."""
-    guided = guidance_scale > 1.0
-    embeds = torch.cat([uncond.expand_as(cond), cond]) if guided else cond
-    total = len(scheduler.timesteps)
-    for i in step_range:
-        t = scheduler.timesteps[i]
-        model_in = torch.cat([latents] * 2) if guided else latents
-        model_in = scheduler.scale_model_input(model_in, t)
-        noise = unet(model_in, t, encoder_hidden_states=embeds, return_dict=False)[0]
-        if guided:
-            noise_uncond, noise_cond = noise.chunk(2)
-            noise = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
-        latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+def run_alone(unet: UNet2DConditionModel, job: DenoiseJob, on_step: StepCallback | None = None) -> DenoiseJob:
+    """Run a job's remaining steps on its own (the batch of one)."""
+    total = len(job.scheduler.timesteps)
+    while not job.done:
+        batched_step(unet, [job])
         if on_step is not None:
-            on_step(i + 1, total)
-    return latents
+            on_step(job.next_step, total)
+    return job
 
 
 class EdgeRelay:
-    """The edge side for one loaded family."""
+    """The edge side for one loaded family, one request at a time (the daemon batches)."""
 
     def __init__(self, family: Family) -> None:
         self.family = family
@@ -92,35 +78,17 @@ class EdgeRelay:
               width: int | None = None, request_id: str = "",
               on_step: StepCallback | None = None) -> Handoff:
         """Run the large model's first ``plan.split`` steps; return the handoff for the device."""
-        start = prepare(self.family, prompt, plan, seed, height, width)
-        latents = denoise_steps(
-            self.family.large_unet, start.scheduler, start.latents, start.cond, start.uncond,
-            plan.guidance_scale, range(plan.split), on_step,
-        )
-        return Handoff(
-            family_id=self.family.family_id,
-            sampler=plan.sampler,
-            num_inference_steps=plan.num_inference_steps,
-            split=plan.split,
-            guidance_scale=float(plan.guidance_scale),
-            seed=seed,
-            timesteps=start.scheduler.timesteps.numpy().astype(np.float32),
-            latents=latents.numpy().astype(np.float32),
-            cond_embeddings=start.cond.numpy().astype(np.float32),
-            sampler_state=export_state(start.scheduler, plan.sampler),
-            request_id=request_id,
-        )
+        job = prepare(self.family, prompt, plan, seed, height=height, width=width, request_id=request_id)
+        run_alone(self.family.large_unet, job, on_step)
+        return job.to_handoff(self.family.family_id, plan, seed)
 
 
-@torch.no_grad()
 def run_torch_relay(family: Family, prompt: str, plan: RelayPlan, seed: int, *,
                     height: int | None = None, width: int | None = None) -> torch.Tensor:
     """Final latent of the relay in one process: large UNet for steps [0, k), small for [k, N)."""
-    start = prepare(family, prompt, plan, seed, height, width)
-    latents = denoise_steps(family.large_unet, start.scheduler, start.latents, start.cond, start.uncond,
-                            plan.guidance_scale, range(plan.split))
-    return denoise_steps(family.small_unet, start.scheduler, latents, start.cond, start.uncond,
-                         plan.guidance_scale, range(plan.split, plan.num_inference_steps))
+    job = run_alone(family.large_unet, prepare(family, prompt, plan, seed, height=height, width=width))
+    job.stop_at = plan.num_inference_steps
+    return run_alone(family.small_unet, job).latents
 
 
 @torch.no_grad()

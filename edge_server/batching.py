@@ -1,0 +1,113 @@
+"""Step-level batching: one UNet call advances several requests by one denoising step each.
+
+Requests at different steps (and with different samplers, step counts, guidance scales) share
+a call: each contributes its latent (twice under classifier-free guidance) with its own
+timestep, since diffusers' UNet takes one timestep per sample; afterwards every request's own
+scheduler takes its step. Batching changes only float round-off (tested against one request
+at a time). Torch compute only: the asyncio daemon drives this from a worker thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from edge_server.scheduler_bridge import export_state
+from shared.handoff import Handoff
+from shared.relay_plan import RelayPlan
+
+
+@dataclass
+class DenoiseJob:
+    """One request's edge trajectory: its scheduler, latent and embeddings, and how far it is."""
+
+    scheduler: SchedulerMixin
+    latents: torch.Tensor  # (1, C, h, w)
+    cond: torch.Tensor  # (1, L, D)
+    uncond: torch.Tensor  # (1, L, D)
+    guidance_scale: float
+    stop_at: int  # run steps [next_step, stop_at)
+    next_step: int = 0
+    request_id: str = ""
+    meta: dict = field(default_factory=dict)  # the adapter's own bookkeeping (plan, seed, timings)
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    @property
+    def done(self) -> bool:
+        return self.next_step >= self.stop_at
+
+    @property
+    def unet_rows(self) -> int:
+        """Rows this job adds to a UNet batch (2 under classifier-free guidance)."""
+        return 2 if self.guided else 1
+
+    def batch_key(self) -> tuple:
+        """Jobs can share a UNet call only with equal latent and embedding shapes."""
+        return (tuple(self.latents.shape[1:]), tuple(self.cond.shape[1:]))
+
+    def to_handoff(self, family_id: str, plan: RelayPlan, seed: int) -> Handoff:
+        return Handoff(
+            family_id=family_id,
+            sampler=plan.sampler,
+            num_inference_steps=plan.num_inference_steps,
+            split=self.next_step,
+            guidance_scale=float(plan.guidance_scale),
+            seed=seed,
+            timesteps=self.scheduler.timesteps.numpy().astype(np.float32),
+            latents=self.latents.numpy().astype(np.float32),
+            cond_embeddings=self.cond.numpy().astype(np.float32),
+            sampler_state=export_state(self.scheduler, plan.sampler),
+            request_id=self.request_id,
+        )
+
+
+@torch.no_grad()
+def batched_step(unet: UNet2DConditionModel, jobs: Sequence[DenoiseJob]) -> None:
+    """Advance every job by one step with a single UNet call (all jobs share one batch_key)."""
+    if not jobs:
+        return
+    if len({job.batch_key() for job in jobs}) != 1:
+        raise ValueError("batched_step needs jobs of one latent and embedding shape")
+    inputs, timesteps, embeds = [], [], []
+    for job in jobs:
+        t = job.scheduler.timesteps[job.next_step]
+        model_in = torch.cat([job.latents] * 2) if job.guided else job.latents
+        inputs.append(job.scheduler.scale_model_input(model_in, t))
+        timesteps.append(t.reshape(1).expand(job.unet_rows))
+        embeds.append(torch.cat([job.uncond, job.cond]) if job.guided else job.cond)
+    noise = unet(
+        torch.cat(inputs), torch.cat(timesteps), encoder_hidden_states=torch.cat(embeds), return_dict=False
+    )[0]
+    for job, job_noise in zip(jobs, noise.split([job.unet_rows for job in jobs])):
+        if job.guided:
+            noise_uncond, noise_cond = job_noise.chunk(2)
+            job_noise = noise_uncond + job.guidance_scale * (noise_cond - noise_uncond)
+        t = job.scheduler.timesteps[job.next_step]
+        job.latents = job.scheduler.step(job_noise, t, job.latents, return_dict=False)[0]
+        job.next_step += 1
+
+
+def pick_batch(jobs: Sequence[DenoiseJob], max_rows: int) -> list[DenoiseJob]:
+    """The next UNet call's jobs: oldest unfinished first, same shapes, at most ``max_rows`` rows.
+
+    Oldest first keeps latency fair: a request admitted earlier is never starved by later ones.
+    """
+    pending = [job for job in jobs if not job.done]
+    if not pending:
+        return []
+    key = pending[0].batch_key()
+    batch: list[DenoiseJob] = []
+    rows = 0
+    for job in pending:
+        if job.batch_key() == key and rows + job.unet_rows <= max(max_rows, pending[0].unet_rows):
+            batch.append(job)
+            rows += job.unet_rows
+    return batch
