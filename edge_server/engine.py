@@ -1,0 +1,255 @@
+"""The edge's serving engine: a bounded queue and one worker thread doing step-level batching.
+
+The asyncio daemon talks to it through a small interface (``submit`` returning a
+``concurrent.futures.Future``, ``cancel``, ``stats``, ``close``), in the spirit of LitServe:
+another engine (a Ray Serve deployment, a multi-GPU pool) is a swap, not a rewrite.
+
+The worker loop: admit queued requests (text encoding + initial noise), pick the oldest
+jobs that fit one UNet call (``edge_server.batching.pick_batch``), advance them one step,
+and hand back every job that reached its split as an encoded handoff (or, for
+``decode_on="edge"`` plans, a PNG). ``batching=False`` runs one request at a time, the
+baseline the benchmark compares against.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from edge_server.batching import DenoiseJob, batched_step, pick_batch
+from edge_server.family import Family
+from edge_server.relay import decode_latents, prepare
+from shared.errors import RiseError
+from shared.handoff import encode_handoff
+from shared.relay_plan import RelayPlan
+
+log = logging.getLogger("rise.engine")
+
+ProgressCallback = Callable[[int, int], None]  # (steps done, split); called on the worker thread
+
+
+class EngineBusy(RiseError):
+    """The queue is full: retry after ``retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class EngineClosed(RiseError):
+    """The engine is shutting down and takes no new work (or dropped this request)."""
+
+
+class RequestCancelled(RiseError):
+    """The request was cancelled (its client left or asked to stop)."""
+
+
+@dataclass
+class EdgeRequest:
+    key: str  # unique in the engine (the daemon prefixes the client's id with its connection)
+    request_id: str  # the client's id, carried in the handoff
+    prompt: str
+    plan: RelayPlan
+    seed: int
+    height: int | None = None
+    width: int | None = None
+    on_progress: ProgressCallback | None = None
+
+
+@dataclass
+class EdgeOutcome:
+    payload: bytes  # handoff (safetensors) or PNG (decode_on="edge")
+    kind: str  # "handoff" | "png"
+    queue_s: float  # submit -> admitted
+    edge_compute_s: float  # admitted -> payload ready (shared with co-batched requests)
+
+
+@dataclass
+class EngineStats:
+    queued: int
+    active: int
+    unet_calls: int
+    rows_total: int
+    completed: int
+    batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=256))
+
+
+@dataclass
+class _Entry:
+    request: EdgeRequest
+    future: Future
+    submitted: float
+    job: DenoiseJob | None = None
+    admitted: float = 0.0
+
+
+class BatchingEngine:
+    """Large-model steps for many requests, batched per step, on one worker thread."""
+
+    def __init__(self, family: Family, *, max_batch_rows: int = 16, max_queue: int = 64,
+                 batching: bool = True, on_batch: Callable[[int, int], None] | None = None) -> None:
+        if max_batch_rows < 1 or max_queue < 1:
+            raise ValueError("max_batch_rows and max_queue must be >= 1")
+        self.family = family
+        self.max_batch_rows = max_batch_rows
+        self.max_queue = max_queue
+        self.batching = batching
+        self._on_batch = on_batch  # (requests, rows) per UNet call, for metrics
+        self._lock = threading.Condition()
+        self._queued: deque[_Entry] = deque()
+        self._active: list[_Entry] = []
+        self._cancelled: dict[str, RiseError] = {}  # key -> the error its future fails with
+        self._closing = False
+        self._stats = EngineStats(0, 0, 0, 0, 0)
+        self._edge_s_ewma = 0.5  # seconds per request, for retry-after estimates
+        self._thread = threading.Thread(target=self._run, name="rise-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ interface
+
+    def submit(self, request: EdgeRequest) -> Future:
+        """Queue a request; its future resolves to an EdgeOutcome. Raises EngineBusy when full."""
+        with self._lock:
+            if self._closing:
+                raise EngineClosed("the edge is shutting down")
+            waiting = len(self._queued) + len(self._active)
+            if waiting >= self.max_queue:
+                per_round = max(1, self.max_batch_rows // 2) if self.batching else 1
+                retry = max(0.1, self._edge_s_ewma * (waiting - self.max_queue + 1) / per_round)
+                raise EngineBusy(f"edge queue is full ({waiting} requests)", round(retry, 2))
+            entry = _Entry(request, Future(), time.perf_counter())
+            self._queued.append(entry)
+            self._lock.notify()
+            return entry.future
+
+    def cancel(self, key: str) -> None:
+        """Drop a request wherever it is; its future fails with RequestCancelled."""
+        with self._lock:
+            self._cancelled[key] = RequestCancelled(f"request {key.split(':', 1)[-1]} was cancelled")
+            self._lock.notify()
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            self._stats.queued, self._stats.active = len(self._queued), len(self._active)
+            return self._stats
+
+    def close(self, *, drain: bool = True, timeout: float = 30.0) -> None:
+        """Stop taking work; finish what is queued and running (drain) or fail it; join the worker."""
+        with self._lock:
+            self._closing = True
+            if not drain:
+                for entry in [*self._queued, *self._active]:
+                    self._cancelled[entry.request.key] = EngineClosed("the edge shut down before this request finished")
+            self._lock.notify()
+        self._thread.join(timeout)
+        with self._lock:  # whatever is left after the timeout is failed, never left hanging
+            for entry in [*self._queued, *self._active]:
+                if not entry.future.done():
+                    entry.future.set_exception(EngineClosed("the edge shut down before this request finished"))
+            self._queued.clear()
+            self._active.clear()
+
+    # ------------------------------------------------------------------ worker
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._lock:
+                self._drop_cancelled()
+                while not self._queued and not self._active and not self._closing:
+                    self._lock.wait()
+                    self._drop_cancelled()
+                if self._closing and not self._queued and not self._active:
+                    return
+                capacity = self.max_batch_rows if self.batching else 1
+                to_admit = []
+                while self._queued and len(self._active) + len(to_admit) < capacity:
+                    to_admit.append(self._queued.popleft())
+                self._active.extend(to_admit)
+            for entry in to_admit:
+                self._admit(entry)
+            self._advance()
+
+    def _drop_cancelled(self) -> None:
+        if not self._cancelled:
+            return
+        for pool in (self._queued, self._active):
+            for entry in [e for e in pool if e.request.key in self._cancelled]:
+                pool.remove(entry)
+                if not entry.future.done():
+                    entry.future.set_exception(self._cancelled[entry.request.key])
+        self._cancelled.clear()
+
+    def _admit(self, entry: _Entry) -> None:
+        r = entry.request
+        entry.admitted = time.perf_counter()
+        try:
+            entry.job = prepare(self.family, r.prompt, r.plan, r.seed, height=r.height, width=r.width,
+                                request_id=r.request_id)
+        except Exception as exc:  # a bad request must fail alone, never the worker
+            self._fail(entry, exc)
+
+    def _advance(self) -> None:
+        with self._lock:
+            ready = [e for e in self._active if e.job is not None]
+        jobs = [e.job for e in ready]
+        batch = pick_batch(jobs, self.max_batch_rows if self.batching else 1)
+        if batch:
+            try:
+                batched_step(self.family.large_unet, batch)
+            except Exception as exc:  # noqa: BLE001 - fail the batch's requests, keep serving
+                log.exception("UNet step failed")
+                for entry in ready:
+                    if entry.job in batch:
+                        self._fail(entry, exc)
+                return
+            rows = sum(job.unet_rows for job in batch)
+            with self._lock:
+                self._stats.unet_calls += 1
+                self._stats.rows_total += rows
+                self._stats.batch_sizes.append(len(batch))
+            if self._on_batch is not None:
+                self._on_batch(len(batch), rows)
+            for entry in ready:
+                if entry.job in batch and entry.request.on_progress is not None:
+                    entry.request.on_progress(entry.job.next_step, entry.job.stop_at)
+        for entry in ready:
+            if entry.job is not None and entry.job.done and not entry.future.done():
+                self._finish(entry)
+
+    def _finish(self, entry: _Entry) -> None:
+        r = entry.request
+        try:
+            if r.plan.decode_on == "edge":
+                image = decode_latents(self.family, entry.job.latents)[0]
+                buffer = io.BytesIO()
+                Image.fromarray(image).save(buffer, format="PNG")
+                payload, kind = buffer.getvalue(), "png"
+            else:
+                payload, kind = encode_handoff(entry.job.to_handoff(self.family.family_id, r.plan, r.seed)), "handoff"
+        except Exception as exc:  # noqa: BLE001
+            self._fail(entry, exc)
+            return
+        now = time.perf_counter()
+        edge_s = now - entry.admitted
+        with self._lock:
+            self._active.remove(entry)
+            self._stats.completed += 1
+            self._edge_s_ewma = 0.8 * self._edge_s_ewma + 0.2 * edge_s
+        entry.future.set_result(EdgeOutcome(payload, kind, entry.admitted - entry.submitted, edge_s))
+
+    def _fail(self, entry: _Entry, exc: BaseException) -> None:
+        with self._lock:
+            if entry in self._active:
+                self._active.remove(entry)
+        if not entry.future.done():
+            entry.future.set_exception(exc)

@@ -1,0 +1,233 @@
+"""The edge daemon against real websocket connections on 127.0.0.1 (a bare protocol client here;
+the device client's own end-to-end tests live in tests/device_app)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from websockets.asyncio.client import connect
+
+from edge_server.daemon import EdgeConfig, EdgeServer
+from edge_server.relay import EdgeRelay
+from shared.protocol import ClientConnection, Error, Generate, HandoffReceived, Plan, Progress, Welcome
+from shared.relay_plan import RelayPlan
+
+REPO = Path(__file__).resolve().parents[2]
+TOKEN = "s3cret-token"
+
+
+class BareClient:
+    """A minimal protocol client: send frames, collect events (tests only)."""
+
+    def __init__(self, ws, conn: ClientConnection) -> None:
+        self.ws, self.conn, self.events = ws, conn, []
+
+    @classmethod
+    async def open(cls, port: int, family_id: str, token: str | None = TOKEN) -> BareClient:
+        ws = await connect(f"ws://127.0.0.1:{port}", max_size=2**26, compression=None)
+        client = cls(ws, ClientConnection(family_id=family_id, token=token))
+        await client.flush()
+        return client
+
+    async def flush(self) -> None:
+        for frame in self.conn.data_to_send():
+            await self.ws.send(frame)
+
+    async def next_event(self, timeout: float = 60):
+        while not self.events:
+            frame = await asyncio.wait_for(self.ws.recv(), timeout)
+            now = time.monotonic()
+            new = self.conn.receive_text(frame, now) if isinstance(frame, str) else self.conn.receive_bytes(frame, now)
+            self.events.extend(new)
+            await self.flush()
+        return self.events.pop(0)
+
+    async def until(self, kind, timeout: float = 60):
+        seen = []
+        while True:
+            event = await self.next_event(timeout)
+            seen.append(event)
+            if isinstance(event, kind) or isinstance(event, Error):
+                return event, seen
+
+    async def generate(self, **fields) -> tuple[object, list]:
+        await self.until(Welcome) if self.conn.welcome is None else None
+        rid = self.conn.new_request_id()
+        self.conn.send_generate(Generate(request_id=rid, **fields))
+        await self.flush()
+        return await self.until(HandoffReceived)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _with_server(family, body, **config):
+    server = EdgeServer(family, EdgeConfig(port=0, **config))
+    server.token = config.pop("token", TOKEN)
+    port = await server.start()
+    try:
+        return await body(server, port)
+    finally:
+        await server.stop()
+
+
+def test_one_request_end_to_end_matches_in_process_edge(tiny_family):
+    plan = RelayPlan(6, 3, "dpmpp_2m", 5.0)
+
+    async def body(server, port):
+        client = await BareClient.open(port, tiny_family.family_id)
+        event, seen = await client.generate(prompt="a red sneaker", seed=11, pinned=plan)
+        await client.ws.close()
+        return event, seen
+
+    event, seen = run(_with_server(tiny_family, body))
+    assert isinstance(event, HandoffReceived), event
+    plans = [e for e in seen if isinstance(e, Plan)]
+    steps = [e.step for e in seen if isinstance(e, Progress)]
+    assert plans[0].plan == plan and plans[0].why == "pinned by the client"
+    assert steps == [1, 2, 3]
+    expected = EdgeRelay(tiny_family).start("a red sneaker", plan, 11)
+    assert np.abs(event.handoff.latents - expected.latents).max() <= 1e-5 * max(1, np.abs(expected.latents).max())
+
+
+def test_eight_concurrent_clients_are_batched_and_correct(tiny_family):
+    plans = [RelayPlan(6, 2 + i % 4, ("ddim", "euler", "dpmpp_2m")[i % 3], 5.0) for i in range(8)]
+
+    async def body(server, port):
+        clients = [await BareClient.open(port, tiny_family.family_id) for _ in range(8)]
+        results = await asyncio.gather(*[
+            c.generate(prompt=f"item {i}", seed=i, pinned=plans[i]) for i, c in enumerate(clients)])
+        for c in clients:
+            await c.ws.close()
+        return results, server.engine.stats()
+
+    results, stats = run(_with_server(tiny_family, body))
+    for i, (event, _) in enumerate(results):
+        assert isinstance(event, HandoffReceived), event
+        expected = EdgeRelay(tiny_family).start(f"item {i}", plans[i], i)
+        scale = max(1.0, float(np.abs(expected.latents).max()))
+        assert np.abs(event.handoff.latents - expected.latents).max() <= 1e-5 * scale
+    assert stats.completed == 8
+    # 8 requests x (2..5) steps; batching made far fewer UNet calls than steps
+    assert stats.unet_calls < sum(p.split for p in plans) / 2
+
+
+def test_no_token_or_wrong_token_is_refused(tiny_family):
+    async def body(server, port):
+        outcomes = []
+        for token in (None, "wrong"):
+            client = await BareClient.open(port, tiny_family.family_id, token=token)
+            event = await client.next_event()
+            outcomes.append(event)
+        return outcomes
+
+    for event in run(_with_server(tiny_family, body)):
+        assert isinstance(event, Error) and event.code == "unauthorized"
+
+
+def test_malformed_and_oversized_frames_get_errors_and_others_keep_being_served(tiny_family):
+    async def body(server, port):
+        good = await BareClient.open(port, tiny_family.family_id)
+        await good.until(Welcome)
+        bad = await connect(f"ws://127.0.0.1:{port}", max_size=2**20, compression=None)
+        hello = ClientConnection(family_id=tiny_family.family_id, token=TOKEN)
+        for frame in hello.data_to_send():
+            await bad.send(frame)
+        await bad.recv()  # welcome
+        await bad.send("{this is not json")
+        malformed = json.loads(await bad.recv())
+        await bad.send(json.dumps({"type": "generate", "request_id": "x1", "prompt": "p", "steps": "many"}))
+        wrong_type = json.loads(await bad.recv())
+        oversized_closed = False
+        await bad.send("x" * (server.limits.max_message_bytes + 10))
+        try:
+            await asyncio.wait_for(bad.recv(), 10)
+            await asyncio.wait_for(bad.recv(), 10)
+        except Exception:  # the server closes a connection that sends a too-big frame
+            oversized_closed = True
+        event, _ = await good.generate(prompt="still served", seed=1, pinned=RelayPlan(4, 2, "ddim", 5.0))
+        return malformed, wrong_type, oversized_closed, event
+
+    malformed, wrong_type, oversized_closed, event = run(_with_server(tiny_family, body))
+    assert malformed["type"] == "error" and malformed["code"] == "bad_message"
+    assert wrong_type["type"] == "error" and wrong_type["code"] in {"bad_message", "invalid_request"}
+    assert "steps" in wrong_type["message"]
+    assert oversized_closed
+    assert isinstance(event, HandoffReceived)
+
+
+def test_full_queue_answers_busy_with_retry_after(tiny_family):
+    async def body(server, port):
+        client = await BareClient.open(port, tiny_family.family_id)
+        await client.until(Welcome)
+        ids = []
+        for i in range(4):
+            rid = client.conn.new_request_id()
+            ids.append(rid)
+            client.conn.send_generate(Generate(request_id=rid, prompt="p", seed=i, pinned=RelayPlan(8, 8, "ddim", 5.0)))
+        await client.flush()
+        finals = {}
+        while len(finals) < 4:
+            event = await client.next_event()
+            if isinstance(event, (HandoffReceived, Error)) and event.request_id in ids:
+                finals[event.request_id] = event
+        return list(finals.values())
+
+    finals = run(_with_server(tiny_family, body, max_queue=1))
+    busy = [e for e in finals if isinstance(e, Error)]
+    done = [e for e in finals if isinstance(e, HandoffReceived)]
+    assert done and busy
+    assert all(e.code == "busy" and e.retry_after_s > 0 for e in busy)
+
+
+def test_sigterm_finishes_in_flight_work_and_exits_cleanly(tiny_family_dir, tiny_family, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge_server.daemon", "serve", "--family", str(tiny_family_dir), "--port", "0",
+         "--token-file", str(token_file), "--shutdown-grace", "120"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    port = None
+    try:
+        deadline = time.monotonic() + 120
+        lines = []
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if "serving family" in line:
+                port = int(line.rsplit(":", 1)[1])
+            if "rise-edge: ready" in line:
+                break
+        assert port, "".join(lines)
+
+        async def body():
+            client = await BareClient.open(port, tiny_family.family_id)
+            await client.until(Welcome)
+            rid = client.conn.new_request_id()
+            client.conn.send_generate(Generate(request_id=rid, prompt="p", seed=1, pinned=RelayPlan(8, 8, "ddim", 5.0)))
+            await client.flush()
+            await client.until(Progress)  # the request is in flight
+            proc.send_signal(signal.SIGTERM)
+            event, _ = await client.until(HandoffReceived)
+            return event
+
+        event = run(body())
+        assert isinstance(event, HandoffReceived)  # in-flight work was finished, not dropped
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out
+        assert "rise-edge stopped" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
