@@ -3,7 +3,7 @@ VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup data demo test test-all bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,13 +15,22 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-demo: setup
+# Fashion-MNIST (Debian's dataset-fashion-mnist) for the demo family's data and scorer.
+# Needs root; without it the tests that need the data skip and say how to install it.
+data:
+	@if [ -d /usr/share/datasets/fashion-mnist ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null \
+		|| echo "note: could not install dataset-fashion-mnist; the tests that need it will skip"; \
+	else echo "note: run 'apt-get install dataset-fashion-mnist' as root for the demo-family data"; fi
+
+demo: setup data
 	$(PY) -m edge_server.demo
 
-test: setup
+test: setup data
 	$(PY) -m pytest -q -m "not slow"
 
-test-all: setup
+test-all: setup data
 	$(PY) -m pytest -q
 
 bench: setup
