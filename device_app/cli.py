@@ -1,0 +1,474 @@
+"""``rise-device``: the headless device client.
+
+``rise-device generate`` asks an edge daemon for one image, finishes it on ONNX Runtime
+and prints the plan the edge chose (and why), the progress, where the time went and
+the handoff's size. ``rise-device bench`` runs many simulated devices from one process
+(one websocket connection and one asyncio task each) and prints latency percentiles
+and throughput, optionally as JSON.
+
+Exit status: 0 on success; 2 on an error that stops the command (connection refused,
+unauthorized, a bad bundle or argument), printed as one ``rise-device: error: ...``
+line; ``bench`` exits 1 when it ran but some requests failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import math
+import stat
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from device_app.client import DeviceRunError, EdgeClient, EdgeError, GenerationResult
+from device_app.runtime import DeviceBundle
+from shared.errors import ConfigError, RiseError
+from shared.relay_plan import RelayPlan
+from shared.samplers import SAMPLER_NAMES
+
+PROG = "rise-device"
+BENCH_PROMPTS = (
+    "a red sneaker on a white table",
+    "two cats sleeping on a blue sofa, soft morning light",
+    "a lighthouse on a cliff at sunset, oil painting",
+    "a bowl of ramen, top view",
+)
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="RISE device client: the edge runs the large model's first steps, this device "
+                    "finishes them with the small model on ONNX Runtime and decodes the image.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,bench}")
+
+    def connection(p: argparse.ArgumentParser, *, threads_default: int | None, threads_help: str) -> None:
+        p.add_argument("--server", required=True, help="edge daemon URL, ws://HOST:PORT (or wss://)")
+        p.add_argument("--bundle", required=True, help="device bundle folder (made by rise-export)")
+        p.add_argument("--token-file", default=None, help="file holding the server's access token")
+        p.add_argument("--timeout", type=float, default=120.0,
+                       help="seconds to wait for the server's next message about a request (default 120)")
+        p.add_argument("--open-timeout", type=float, default=10.0, help="seconds to connect and get the welcome")
+        p.add_argument("--threads", type=int, default=threads_default, help=threads_help)
+        p.add_argument("--preference", type=float, default=0.5,
+                       help="0 = fastest .. 1 = best quality (default 0.5)")
+        p.add_argument("--steps", type=int, default=None, help="total steps N (alone: only N is fixed)")
+        p.add_argument("--split", type=int, default=None, help="edge steps K; with --steps pins the configuration")
+        p.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, help="sampler of a pinned configuration")
+        p.add_argument("--guidance", type=float, default=None, help="guidance scale of a pinned configuration")
+        p.add_argument("--decode-on", choices=("device", "edge"), default=None,
+                       help="where a pinned configuration decodes (edge: only with K = N)")
+        p.add_argument("--height", type=int, default=None, help="image height (one of the server's sizes)")
+        p.add_argument("--width", type=int, default=None, help="image width (one of the server's sizes)")
+        p.add_argument("--retries", type=int, default=None,
+                       help="retries of a request the server answers busy/rate_limited")
+
+    gen = sub.add_parser("generate", help="generate one image", description="Generate one image through an edge daemon.")
+    connection(gen, threads_default=None, threads_help="ORT intra-op threads (default: ORT's choice)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--seed", type=int, default=None, help="seed (default: the server picks one)")
+    gen.add_argument("--rating", type=int, choices=(-1, 0, 1), default=None, help="your rating, sent with the report")
+    gen.add_argument("--out", required=True, help="output PNG path")
+
+    bench = sub.add_parser("bench", help="many simulated devices from one process",
+                           description="Run N concurrent device connections, M requests in total; print "
+                                       "latency percentiles and throughput.")
+    connection(bench, threads_default=1, threads_help="ORT intra-op threads per bundle (default 1)")
+    bench.add_argument("--clients", type=int, default=1, help="concurrent connections (default 1)")
+    bench.add_argument("--requests", type=int, required=True, help="requests in total, spread over the clients")
+    bench.add_argument("--prompt", action="append", default=None,
+                       help="a prompt (repeat for several, used in turn; default: four built-in prompts)")
+    bench.add_argument("--seed", type=int, default=None, help="base seed: request i uses seed + i (default: server's)")
+    bench.add_argument("--shared-bundle", action="store_true",
+                       help="one DeviceBundle (ORT sessions) for all clients instead of one each")
+    bench.add_argument("--json", default=None, metavar="OUT", help="write the figures to this JSON file")
+    return parser
+
+
+def read_token(path: str | Path, warn: TextIO | None = None) -> str:
+    """The token in ``path``, stripped of surrounding whitespace; warns if other users can read the file."""
+    path = Path(path)
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+        mode = path.stat().st_mode
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read token file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not token:
+        raise ConfigError(f"token file {path} is empty")
+    if mode & stat.S_IROTH:
+        print(f"{PROG}: warning: token file {path} is readable by every user (chmod 600 {path})",
+              file=warn or sys.stderr)
+    return token
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """What every request of a command asks for."""
+
+    preference: float
+    pinned: RelayPlan | None
+    steps: int | None
+    height: int | None
+    width: int | None
+
+
+def request_options(args: argparse.Namespace) -> RequestOptions:
+    """Check the request arguments together (a pinned configuration needs --steps and --split)."""
+    pin_only = [flag for flag, value in (("--sampler", args.sampler), ("--guidance", args.guidance),
+                                         ("--decode-on", args.decode_on)) if value is not None]
+    pinned = None
+    steps = args.steps
+    if args.split is not None:
+        if args.steps is None:
+            raise ConfigError("--split needs --steps: give both to pin a configuration")
+        pinned = RelayPlan(
+            args.steps, args.split, args.sampler or "dpmpp_2m",
+            7.5 if args.guidance is None else args.guidance, args.decode_on or "device",
+        )
+        steps = None  # the pinned plan carries N
+    elif pin_only:
+        raise ConfigError(f"{', '.join(pin_only)} pin a configuration: give --steps and --split too")
+    if (args.height is None) != (args.width is None):
+        raise ConfigError("give --height and --width together")
+    if not (0.0 <= args.preference <= 1.0):
+        raise ConfigError(f"--preference must be in [0, 1], got {args.preference}")
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise ConfigError(f"--seed must be in [0, 2**63), got {args.seed}")
+    for name in ("timeout", "open_timeout"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    if args.retries is not None and args.retries < 0:
+        raise ConfigError(f"--retries must be >= 0, got {args.retries}")
+    return RequestOptions(args.preference, pinned, steps, args.height, args.width)
+
+
+def describe_plan(plan: RelayPlan) -> str:
+    return (f"N={plan.num_inference_steps} K={plan.split} (edge {plan.edge_steps} steps, device "
+            f"{plan.device_steps} steps), sampler {plan.sampler}, guidance {plan.guidance_scale:g}, "
+            f"decode on {plan.decode_on}")
+
+
+def _ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1000:.1f} ms"
+
+
+def _rate(bps: float | None) -> str:
+    if bps is None:
+        return "n/a"
+    for unit, scale in (("Gbit/s", 1e9), ("Mbit/s", 1e6), ("kbit/s", 1e3)):
+        if bps >= scale:
+            return f"{bps / scale:.2f} {unit}"
+    return f"{bps:.0f} bit/s"
+
+
+# --------------------------------------------------------------------------- generate
+
+
+class ProgressLine:
+    """``progress: edge 3/4 | device 2/4``: rewritten in place on a terminal, printed once otherwise."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.plan: RelayPlan | None = None
+        self.edge = (0, 0)
+        self.device = (0, 0)
+
+    def on_plan(self, plan: RelayPlan) -> None:
+        self.plan = plan
+        self.edge = (0, plan.edge_steps)
+        self.device = (0, plan.device_steps)
+
+    def __call__(self, stage: str, step: int, total: int) -> None:
+        if stage == "edge":
+            self.edge = (step, total)
+        elif self.plan is not None:  # device steps count from K + 1 to N: show them from 1
+            self.device = (step - self.plan.split, self.plan.device_steps)
+        if self.tty:
+            self.stream.write("\r" + self.text())
+            self.stream.flush()
+
+    def text(self) -> str:
+        parts = [f"{stage} {done}/{total}" if total else f"{stage} -"
+                 for stage, (done, total) in (("edge", self.edge), ("device", self.device))]
+        return "progress: " + " | ".join(parts)
+
+    def finish(self) -> None:
+        self.stream.write(("\r" if self.tty else "") + self.text() + "\n")
+
+
+async def _generate(args: argparse.Namespace, options: RequestOptions, token: str | None, out: TextIO) -> int:
+    bundle = DeviceBundle(args.bundle, threads=args.threads)
+    progress = ProgressLine(out)
+
+    def on_plan(plan: RelayPlan, why: str) -> None:
+        progress.on_plan(plan)
+        print(f"plan: {describe_plan(plan)}", file=out)
+        print(f"why: {why}", file=out)
+
+    async with EdgeClient.connect(
+        args.server, bundle, token=token, open_timeout=args.open_timeout, timeout=args.timeout,
+    ) as client:
+        welcome = client.welcome
+        print(f"connected to {args.server}: server {welcome.server}, protocol v{welcome.version}, "
+              f"family {welcome.family_id}, rtt {_ms(client.link.rtt_s)}", file=out)
+        result = await client.generate_with_retry(
+            args.prompt, attempts=1 + (3 if args.retries is None else args.retries),
+            preference=options.preference, seed=args.seed, pinned=options.pinned, steps=options.steps,
+            height=options.height, width=options.width, rating=args.rating,
+            on_plan=on_plan, on_progress=progress,
+        )
+        progress.finish()
+        _print_result(result, client, out)
+    target = Path(args.out)
+    try:
+        from PIL import Image
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if result.png is not None:
+            target.write_bytes(result.png)  # the edge's PNG as sent
+        else:
+            Image.fromarray(result.image).save(target, format="PNG")
+    except OSError as exc:
+        raise ConfigError(f"cannot write {target}: {exc.strerror or exc}") from None
+    print(f"wrote {target} ({result.image.shape[1]}x{result.image.shape[0]})", file=out)
+    return 0
+
+
+def _print_result(result: GenerationResult, client: EdgeClient, out: TextIO) -> None:
+    t, plan = result.timings, result.plan
+    print(f"request {result.request_id}: seed {plan.seed}, {plan.width}x{plan.height}, chosen by {plan.scheduler}",
+          file=out)
+    rows = [
+        ("queue (edge)", t.queue_s),
+        (f"edge compute ({plan.plan.edge_steps} large-model steps)", t.edge_compute_s),
+        ("edge wait (sent -> payload announced)", t.edge_wait_s),
+        ("transfer", t.transfer_s),
+        ("handoff decode", t.handoff_decode_s),
+        (f"device compute ({plan.plan.device_steps} small-model steps, ORT)", t.device_compute_s),
+        ("decode (VAE)" if result.png is None else "decode (PNG from the edge)", t.decode_s),
+        ("total latency", t.total_latency_s),
+    ]
+    print("timings:", file=out)
+    for label, value in rows:
+        print(f"  {label:<48} {_ms(value):>12}", file=out)
+    kind = "handoff" if result.png is None else "edge-decoded PNG"
+    line = f"{kind}: {result.payload_bytes:,} bytes; overhead (transfer + decode) {_ms(t.handoff_overhead_s)}"
+    if t.device_compute_s > 0:
+        line += f" = {100 * t.handoff_overhead_s / t.device_compute_s:.1f}% of device compute"
+    print(line, file=out)
+    link = client.link.snapshot()
+    load = result.report.device_load if result.report is not None else client.device_load.sample()
+    load_text = "n/a" if load is None else f"{100 * load:.0f}%"
+    print(f"link: rtt {_ms(link.rtt_s)}, throughput {_rate(link.bandwidth_bps)}; device load {load_text}", file=out)
+
+
+# --------------------------------------------------------------------------- bench
+
+
+@dataclass
+class BenchRun:
+    """What a bench collected: one record per successful request, error codes, retries."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+    retries: int = 0
+    wall_s: float = 0.0
+    rtt_s: list[float] = field(default_factory=list)
+    bandwidth_bps: list[float] = field(default_factory=list)
+
+
+def _error_code(exc: BaseException) -> str:
+    return getattr(exc, "code", None) or type(exc).__name__
+
+
+async def _bench_run(
+    args: argparse.Namespace, options: RequestOptions, token: str | None, bundles: list[DeviceBundle]
+) -> BenchRun:
+    run = BenchRun()
+    opened = await asyncio.gather(
+        *(EdgeClient.open(args.server, bundles[i % len(bundles)], token=token, client_name=f"rise-bench-{i}",
+                          open_timeout=args.open_timeout, timeout=args.timeout) for i in range(args.clients)),
+        return_exceptions=True,
+    )
+    clients = [c for c in opened if isinstance(c, EdgeClient)]
+    failed = [c for c in opened if isinstance(c, BaseException)]
+    if failed:  # a bench with fewer clients than asked would mislead: stop
+        await asyncio.gather(*(c.close() for c in clients))
+        raise failed[0]
+    prompts = args.prompt or list(BENCH_PROMPTS)
+    counter = itertools.count()
+    retries = 1 + (0 if args.retries is None else args.retries)
+
+    def count_retry(error: EdgeError, delay: float) -> None:
+        run.retries += 1
+
+    async def device(index: int, client: EdgeClient) -> None:
+        while (i := next(counter)) < args.requests:  # closed loop: each device waits for its image
+            try:
+                result = await client.generate_with_retry(
+                    prompts[i % len(prompts)], attempts=retries, on_retry=count_retry,
+                    preference=options.preference, seed=None if args.seed is None else args.seed + i,
+                    pinned=options.pinned, steps=options.steps, height=options.height, width=options.width,
+                )
+            except (EdgeError, DeviceRunError) as exc:
+                run.errors[_error_code(exc)] += 1
+                if client.closed:
+                    break  # this device is gone; the others take the remaining requests
+                continue
+            p = result.plan.plan
+            run.records.append({
+                "client": index, "request_id": result.request_id, "payload_bytes": result.payload_bytes,
+                "plan": f"N={p.num_inference_steps},K={p.split},{p.sampler},g={p.guidance_scale:g},{p.decode_on}",
+                **result.timings.as_dict(),
+            })
+
+    started = time.perf_counter()
+    try:
+        await asyncio.gather(*(device(i, c) for i, c in enumerate(clients)))
+    finally:
+        run.wall_s = time.perf_counter() - started
+        unsent = args.requests - len(run.records) - sum(run.errors.values())
+        if unsent > 0:  # every connection was lost before these could be sent
+            run.errors["not_sent"] += unsent
+        for client in clients:
+            link = client.link.snapshot()
+            if link.rtt_s is not None:
+                run.rtt_s.append(link.rtt_s)
+            if link.bandwidth_bps is not None:
+                run.bandwidth_bps.append(link.bandwidth_bps)
+        await asyncio.gather(*(c.close() for c in clients))
+    return run
+
+
+def summarize(run: BenchRun, *, server: str, clients: int, requests: int, config: dict[str, Any]) -> dict[str, Any]:
+    """The bench figures as a JSON-ready dict (percentiles: numpy's linear interpolation)."""
+
+    def mean(key: str) -> float | None:
+        values = [r[key] for r in run.records if r.get(key) is not None]
+        return float(np.mean(values)) if values else None
+
+    latencies = np.array([r["total_latency_s"] for r in run.records], dtype=np.float64)
+    if latencies.size:
+        p50, p95, p99 = (float(v) for v in np.percentile(latencies, [50, 95, 99]))
+        latency = {"p50": p50, "p95": p95, "p99": p99, "mean": float(latencies.mean()),
+                   "min": float(latencies.min()), "max": float(latencies.max())}
+    else:
+        latency = {k: None for k in ("p50", "p95", "p99", "mean", "min", "max")}
+    overhead, compute = mean("handoff_overhead_s"), mean("device_compute_s")
+    return {
+        "server": server,
+        "clients": clients,
+        "requests": requests,
+        "ok": len(run.records),
+        "errors": dict(sorted(run.errors.items())),
+        "retries": run.retries,
+        "wall_s": run.wall_s,
+        "latency_s": latency,
+        "throughput_rps": len(run.records) / run.wall_s if run.wall_s > 0 else None,
+        "queue_s_mean": mean("queue_s"),
+        "edge_compute_s_mean": mean("edge_compute_s"),
+        "edge_wait_s_mean": mean("edge_wait_s"),
+        "plan_s_mean": mean("plan_s"),
+        "transfer_s_mean": mean("transfer_s"),
+        "handoff_decode_s_mean": mean("handoff_decode_s"),
+        "handoff_overhead_s_mean": overhead,
+        # Against the ORT steps alone (decode excluded): the stricter reading of "device compute".
+        "handoff_overhead_fraction": overhead / compute if overhead is not None and compute else None,
+        "device_wait_s_mean": mean("device_wait_s"),
+        "device_compute_s_mean": compute,
+        "decode_s_mean": mean("decode_s"),
+        "payload_bytes_mean": mean("payload_bytes"),
+        "rtt_s_mean": float(np.mean(run.rtt_s)) if run.rtt_s else None,
+        "bandwidth_bps_mean": float(np.mean(run.bandwidth_bps)) if run.bandwidth_bps else None,
+        "plans": dict(Counter(r["plan"] for r in run.records).most_common()),
+        "config": config,
+        "per_request": run.records,
+    }
+
+
+def _print_summary(s: dict[str, Any], out: TextIO) -> None:
+    lat = s["latency_s"]
+    errors = ", ".join(f"{code} {n}" for code, n in s["errors"].items()) or "none"
+    print(f"ok {s['ok']}/{s['requests']}; errors: {errors}; retries {s['retries']}", file=out)
+    if lat["p50"] is not None:
+        print(f"latency: p50 {lat['p50']:.3f} s  p95 {lat['p95']:.3f} s  p99 {lat['p99']:.3f} s  "
+              f"mean {lat['mean']:.3f} s  (min {lat['min']:.3f}, max {lat['max']:.3f})", file=out)
+        print(f"throughput: {s['throughput_rps']:.2f} images/s over {s['wall_s']:.2f} s", file=out)
+        print(f"mean per request: queue {_ms(s['queue_s_mean'])}, edge compute {_ms(s['edge_compute_s_mean'])}, "
+              f"edge wait {_ms(s['edge_wait_s_mean'])}, transfer {_ms(s['transfer_s_mean'])}, "
+              f"handoff decode {_ms(s['handoff_decode_s_mean'])}, device compute {_ms(s['device_compute_s_mean'])}, "
+              f"decode {_ms(s['decode_s_mean'])}", file=out)
+        fraction = s["handoff_overhead_fraction"]
+        share = "" if fraction is None else f" = {100 * fraction:.1f}% of device compute"
+        print(f"handoff: {s['payload_bytes_mean']:,.0f} bytes; overhead {_ms(s['handoff_overhead_s_mean'])}{share}; "
+              f"link rtt {_ms(s['rtt_s_mean'])}, throughput {_rate(s['bandwidth_bps_mean'])}", file=out)
+        print("plans: " + ", ".join(f"{plan} x{n}" for plan, n in s["plans"].items()), file=out)
+
+
+async def _bench(args: argparse.Namespace, options: RequestOptions, token: str | None, out: TextIO) -> int:
+    if args.clients < 1 or args.requests < 1:
+        raise ConfigError(f"--clients and --requests must be >= 1, got {args.clients} and {args.requests}")
+    # One bundle (ORT sessions) per client by default: each simulated device then owns its
+    # sessions as a real one does. The files are verified once; the copies skip the sha256.
+    count = 1 if args.shared_bundle else args.clients
+    bundles = [DeviceBundle(args.bundle, threads=args.threads, verify=(i == 0)) for i in range(count)]
+    how = "one shared bundle" if args.shared_bundle else "one bundle per client"
+    print(f"bench: {args.clients} clients, {args.requests} requests against {args.server} "
+          f"({how}, {args.threads} ORT thread(s) each)", file=out)
+    run = await _bench_run(args, options, token, bundles)
+    config = {
+        "shared_bundle": args.shared_bundle, "threads": args.threads, "prompts": args.prompt or list(BENCH_PROMPTS),
+        "preference": options.preference, "seed": args.seed,
+        "pinned": None if options.pinned is None else describe_plan(options.pinned), "steps": options.steps,
+    }
+    summary = summarize(run, server=args.server, clients=args.clients, requests=args.requests, config=config)
+    _print_summary(summary, out)
+    if args.json:
+        target = Path(args.json)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(json.dumps(summary, indent=2) + "\n")
+        except OSError as exc:
+            raise ConfigError(f"cannot write {target}: {exc.strerror or exc}") from None
+        print(f"wrote {target}", file=out)
+    return 0 if summary["ok"] == args.requests else 1
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``rise-device``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    out = sys.stdout
+    try:
+        options = request_options(args)
+        token = read_token(args.token_file) if args.token_file else None
+        command = _generate if args.command == "generate" else _bench
+        return asyncio.run(command(args, options, token, out))
+    except (RiseError, ValueError) as exc:  # ValueError: a malformed --server URL from websockets
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,844 @@
+"""The device's websocket client: ask the edge for a generation, finish it on ONNX Runtime, report back.
+
+An asyncio adapter around the sans-I/O :class:`shared.protocol.ClientConnection`::
+
+    async with EdgeClient.connect("ws://edge:8765", DeviceBundle("bundle/"), token=token) as client:
+        result = await client.generate("a red bicycle", preference=0.7, seed=42)
+        Image.fromarray(result.image).save("out.png")
+        print(result.timings)
+
+One connection carries several requests at once (up to the server's ``max_in_flight``;
+more wait locally for a slot). Inside a client:
+
+* **one reader task** feeds every frame to the connection object and routes the events
+  to the per-request queue of the :meth:`EdgeClient.generate` call that owns them;
+* **one writer path** (:meth:`EdgeClient._flush`, under a lock) drains
+  ``conn.data_to_send()`` and sends the frames in order;
+* the **device half** (``finish_latents`` + VAE decode) runs in a worker thread, so the
+  event loop keeps reading frames, answering pings and serving other requests; its
+  progress comes back to the loop with ``call_soon_threadsafe``. One request at a time
+  runs on the device by default (``device_workers=1``): it is one device.
+
+Every wait has a timeout; a lost connection fails every request in flight with
+:class:`EdgeConnectionError`; a server :class:`~shared.protocol.Error` raises
+:class:`EdgeError` carrying its ``code`` (and ``retry_after_s`` for ``busy`` /
+``rate_limited``, which :meth:`EdgeClient.generate_with_retry` honours).
+
+No torch here (this is the device).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from ssl import SSLContext
+from typing import Any
+
+import numpy as np
+from websockets.asyncio.client import ClientConnection as WebSocket
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed, InvalidURI, WebSocketException
+
+from device_app.relay import finish_latents
+from device_app.runtime import DeviceBundle
+from device_app.telemetry import DeviceLoad, LinkEstimator
+from shared.errors import RiseError
+from shared.handoff import HandoffLimits
+from shared.protocol import (
+    FATAL_CLOSE_CODES,
+    RETRY_CODES,
+    ClientConnection,
+    Error,
+    FrameRejected,
+    Generate,
+    HandoffReceived,
+    Plan,
+    Progress,
+    ProtocolError,
+    ProtocolLimits,
+    Report,
+    ResultReceived,
+    Welcome,
+    plan_conflict,
+)
+from shared.relay_plan import RelayPlan
+
+__all__ = [
+    "DeviceRunError",
+    "EdgeClient",
+    "EdgeConnectionError",
+    "EdgeError",
+    "EdgeTimeout",
+    "GenerationResult",
+    "PlanCallback",
+    "ProgressCallback",
+    "Timings",
+]
+
+log = logging.getLogger("rise.device.client")
+
+ProgressCallback = Callable[[str, int, int], None]  # (stage "edge" | "device", step, total)
+PlanCallback = Callable[[RelayPlan, str], None]  # (the chosen configuration, why)
+
+# Codes of errors raised here without a server Error behind them.
+CONNECT_FAILED = "connect_failed"
+CONNECTION_LOST = "connection_lost"
+TIMEOUT = "timeout"
+PLAN_CONFLICT = "plan_conflict"
+DEVICE_FAILED = "device_failed"
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class EdgeError(RiseError):
+    """The edge refused or failed a request (or the whole connection).
+
+    ``code`` is the server's error code (:data:`shared.protocol.ERROR_CODES`:
+    ``unauthorized``, ``wrong_family``, ``invalid_request``, ``busy``...) or, for failures
+    seen only on this side, ``connect_failed`` / ``connection_lost`` / ``timeout`` /
+    ``plan_conflict``. ``local`` is true when the request never left the device (it
+    failed the server's limits here). ``retry_after_s`` is set for ``busy`` and
+    ``rate_limited``.
+    """
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        request_id: str | None = None,
+        retry_after_s: float | None = None,
+        field: str | None = None,
+        local: bool = False,
+    ) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+        self.retry_after_s = retry_after_s
+        self.field = field
+        self.local = local
+
+    def copy(self, request_id: str | None = None) -> EdgeError:
+        """A new exception like this one (to raise in another task), optionally for ``request_id``."""
+        return type(self)(
+            self.code, self.message, request_id=request_id or self.request_id, retry_after_s=self.retry_after_s,
+            field=self.field, local=self.local,
+        )
+
+    @property
+    def retryable(self) -> bool:
+        """Whether the same request may succeed later (the server was busy or rate limiting)."""
+        return self.code in RETRY_CODES or self.code == "too_many_in_flight"
+
+    @classmethod
+    def from_error(cls, error: Error, what: str = "") -> EdgeError:
+        """The exception for a server :class:`Error` message."""
+        kind = EdgeConnectionError if error.request_id is None and error.code in FATAL_CLOSE_CODES else EdgeError
+        return kind(
+            error.code,
+            f"{what}{error.message}",
+            request_id=error.request_id,
+            retry_after_s=error.retry_after_s,
+            field=error.field,
+        )
+
+
+class EdgeConnectionError(EdgeError):
+    """The connection could not be opened, was refused at the hello, or was lost."""
+
+
+class EdgeTimeout(EdgeError, TimeoutError):
+    """The edge sent nothing for a request (or the hello) within the timeout."""
+
+
+class DeviceRunError(RiseError):
+    """The device half failed (ORT, the sampler or the decode); the edge was told (code ``internal``)."""
+
+    code = DEVICE_FAILED
+
+    def __init__(self, message: str, *, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Where a request's time went, in seconds.
+
+    ``queue_s`` / ``edge_compute_s`` are the edge's own figures from the handoff
+    announcement (``None`` if it did not say). The rest are measured here:
+    ``plan_s`` = generate sent -> plan received; ``edge_wait_s`` = generate sent ->
+    payload announced (queue + edge steps + network); ``transfer_s`` = the payload's
+    frame (announcement -> binary frame); ``handoff_decode_s`` = parsing and checking
+    the payload; ``device_compute_s`` = the small model's ORT steps; ``decode_s`` = the
+    VAE decode (or, for an edge-decoded result, the PNG decode); ``device_wait_s`` =
+    waiting for this device's compute slot; ``total_latency_s`` = generate sent -> image
+    ready. The :class:`Report` sent to the edge carries ``device_compute_s + decode_s``
+    as its ``device_compute_s`` (the protocol's "ORT steps + decode").
+    """
+
+    total_latency_s: float
+    plan_s: float | None
+    edge_wait_s: float
+    transfer_s: float
+    handoff_decode_s: float
+    device_compute_s: float
+    decode_s: float
+    device_wait_s: float = 0.0
+    queue_s: float | None = None
+    edge_compute_s: float | None = None
+
+    @property
+    def handoff_overhead_s(self) -> float:
+        """What the handoff costs this side: its transfer plus its decoding (the edge's encode is not visible here)."""
+        return self.transfer_s + self.handoff_decode_s
+
+    def as_dict(self) -> dict[str, float | None]:
+        data = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        data["handoff_overhead_s"] = self.handoff_overhead_s
+        return data
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: numpy arrays have no truth value
+class GenerationResult:
+    """One finished generation.
+
+    ``image`` is uint8 (H, W, 3). ``latents`` is the final latent (1, C, h, w) float32
+    for a device-finished request, ``None`` for an edge-decoded one (then ``png`` holds
+    the bytes the edge sent). ``payload_bytes`` is the size of the binary frame (the
+    safetensors handoff or the PNG). ``report`` is what was sent back to the edge
+    (``None`` if the connection was gone by then).
+    """
+
+    request_id: str
+    image: np.ndarray = field(repr=False)
+    latents: np.ndarray | None = field(repr=False)
+    plan: Plan
+    timings: Timings
+    payload_bytes: int
+    png: bytes | None = field(default=None, repr=False)
+    report: Report | None = None
+
+    @property
+    def decode_on(self) -> str:
+        return self.plan.plan.decode_on
+
+    @property
+    def handoff_bytes(self) -> int:
+        """The safetensors handoff's size (0 for an edge-decoded result, whose payload is a PNG)."""
+        return self.payload_bytes if self.png is None else 0
+
+
+# --------------------------------------------------------------------------- client
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One event for a request, with when the reader got it and how long the connection took to parse it."""
+
+    event: Any
+    at: float
+    parse_s: float = 0.0
+
+
+@dataclass
+class _Pending:
+    request: Generate
+    queue: asyncio.Queue[_Item | BaseException] = field(default_factory=asyncio.Queue)
+
+
+_WARM_LOCK = threading.Lock()  # one session build at a time: DeviceBundle.graph() caches without a lock
+
+
+def _warm_up(bundle: DeviceBundle) -> None:
+    """Create the ORT sessions a relay needs now, not inside the first request's latency."""
+    with _WARM_LOCK:
+        for name in ("unet", "vae_decoder"):
+            bundle.graph(name)
+
+
+def _now() -> float:
+    return time.perf_counter()
+
+
+class EdgeClient:
+    """One websocket connection to an edge daemon, carrying any number of generations.
+
+    Build it with :meth:`connect` (an async context manager) or :meth:`open` /
+    :meth:`close`. ``timeout`` bounds every wait for the server (the welcome, and the
+    silence between a request's events: plan, progress, payload); on expiry the request
+    is cancelled on the server and :class:`EdgeTimeout` raised.
+    """
+
+    def __init__(
+        self,
+        ws: WebSocket,
+        conn: ClientConnection,
+        bundle: DeviceBundle,
+        *,
+        url: str,
+        timeout: float,
+        device_load: DeviceLoad,
+        link: LinkEstimator,
+        device_workers: int = 1,
+        rtt_interval_s: float | None = 5.0,
+    ) -> None:
+        if conn.welcome is None:
+            raise ValueError("EdgeClient needs an open connection: use EdgeClient.open() or EdgeClient.connect()")
+        self.url = url
+        self.bundle = bundle
+        self.timeout = timeout
+        self.device_load = device_load
+        self.link = link
+        #: Connection-level errors the server sent that did not end the connection (for logs and tests).
+        self.notices: list[Error] = []
+        self._ws = ws
+        self._conn = conn
+        self._pending: dict[str, _Pending] = {}
+        self._write_lock = asyncio.Lock()
+        # The server counts a request in flight until its payload (or error) arrives; wait here for a slot.
+        self._slots = asyncio.Semaphore(conn.welcome.limits.max_in_flight)
+        self._device = asyncio.Semaphore(device_workers)
+        self._fatal: EdgeError | None = None  # why the server ended the connection, if it said
+        self._lost: EdgeConnectionError | None = None
+        self._closing = False
+        self._background: set[asyncio.Task[Any]] = set()
+        self._reader = asyncio.get_running_loop().create_task(self._read_loop(), name=f"rise-reader {url}")
+        self._pinger = (
+            asyncio.get_running_loop().create_task(self._ping_loop(rtt_interval_s), name=f"rise-ping {url}")
+            if rtt_interval_s
+            else None
+        )
+
+    # ----------------------------------------------------------------- opening and closing
+
+    @classmethod
+    async def open(
+        cls,
+        url: str,
+        bundle: DeviceBundle,
+        *,
+        token: str | None = None,
+        client_name: str = "rise-device",
+        open_timeout: float = 10.0,
+        timeout: float = 120.0,
+        ssl: SSLContext | None = None,
+        device_class: str | None = None,
+        device_step_s: float | None = None,
+        device_workers: int = 1,
+        rtt_interval_s: float | None = 5.0,
+        limits: ProtocolLimits | None = None,
+        handoff_limits: HandoffLimits | None = None,
+        device_load: DeviceLoad | None = None,
+        link: LinkEstimator | None = None,
+        warm_up: bool = True,
+    ) -> EdgeClient:
+        """Connect, say hello with ``bundle``'s family, and wait for the welcome.
+
+        Raises :class:`EdgeConnectionError` (code ``connect_failed``, or the server's
+        refusal: ``unauthorized``, ``unsupported_version``, ``wrong_family``...) or
+        :class:`EdgeTimeout`. ``limits`` are this side's receive limits (frame sizes);
+        ``warm_up`` creates the ORT sessions before returning.
+        """
+        limits = limits or ProtocolLimits()
+        load = device_load or DeviceLoad()
+        link = link or LinkEstimator()
+        try:
+            conn = ClientConnection(
+                family_id=bundle.family_id,
+                client_name=client_name,
+                token=token,
+                device_class=device_class,
+                device_step_s=device_step_s,
+                device_load=load.sample(),
+                limits=limits,
+                handoff_limits=handoff_limits or HandoffLimits(max_bytes=limits.max_payload_bytes),
+            )
+        except ProtocolError as exc:  # a malformed token or client name: never reaches the network
+            raise EdgeError("bad_message", f"hello: {exc}", field=exc.field, local=True) from None
+        if warm_up:
+            await asyncio.to_thread(_warm_up, bundle)
+        kwargs: dict[str, Any] = {} if ssl is None else {"ssl": ssl}
+        try:
+            ws = await ws_connect(
+                url,
+                max_size=limits.websocket_max_size,  # a handoff is one binary frame
+                compression=None,  # permessage-deflate costs ~20x the time of a latent frame and saves little
+                open_timeout=open_timeout,
+                **kwargs,
+            )
+        except (OSError, InvalidURI, WebSocketException, asyncio.TimeoutError, ValueError) as exc:
+            detail = str(exc) or type(exc).__name__
+            raise EdgeConnectionError(CONNECT_FAILED, f"cannot connect to {url}: {detail}") from exc
+        try:
+            await cls._handshake(ws, conn, url, open_timeout)
+        except BaseException:
+            await ws.close()
+            raise
+        client = cls(
+            ws, conn, bundle, url=url, timeout=timeout, device_load=load, link=link,
+            device_workers=device_workers, rtt_interval_s=rtt_interval_s,
+        )
+        with contextlib.suppress(EdgeError):
+            await client.measure_rtt(timeout=open_timeout)  # the first request then carries an RTT
+        return client
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(cls, url: str, bundle: DeviceBundle, **kwargs: Any) -> AsyncIterator[EdgeClient]:
+        """``async with EdgeClient.connect(url, bundle, token=...) as client:`` (arguments as :meth:`open`)."""
+        client = await cls.open(url, bundle, **kwargs)
+        try:
+            yield client
+        finally:
+            await client.close()
+
+    @staticmethod
+    async def _handshake(ws: WebSocket, conn: ClientConnection, url: str, timeout: float) -> Welcome:
+        for frame in conn.data_to_send():
+            await ws.send(frame)
+        deadline = _now() + timeout
+        while True:
+            try:
+                frame = await asyncio.wait_for(ws.recv(), max(0.0, deadline - _now()))
+            except asyncio.TimeoutError:
+                raise EdgeTimeout(TIMEOUT, f"no welcome from {url} within {timeout:g} s") from None
+            except ConnectionClosed as exc:
+                raise EdgeConnectionError(
+                    CONNECTION_LOST, f"{url} closed the connection before its welcome ({_close_text(exc)})"
+                ) from None
+            now = _now()
+            events = conn.receive_text(frame, now) if isinstance(frame, str) else conn.receive_bytes(frame, now)
+            for frame_out in conn.data_to_send():  # our complaint about a bad welcome, if any
+                with contextlib.suppress(ConnectionClosed):
+                    await ws.send(frame_out)
+            for event in events:
+                if isinstance(event, Welcome):
+                    return event
+                if isinstance(event, Error):  # any refusal of the hello ends the connection
+                    raise EdgeConnectionError(event.code, f"{url} refused the connection: {event.message}",
+                                              field=event.field, retry_after_s=event.retry_after_s)
+                if isinstance(event, FrameRejected) and event.fatal:
+                    error = event.error
+                    raise EdgeConnectionError(error.code, f"bad welcome from {url}: {error.message}", field=error.field)
+
+    async def close(self) -> None:
+        """Close the connection (requests still in flight fail with :class:`EdgeConnectionError`)."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._pinger is not None:
+            self._pinger.cancel()
+        await self._ws.close()
+        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(self._reader, timeout=10.0)
+        for task in list(self._background):
+            task.cancel()
+
+    # ----------------------------------------------------------------- state
+
+    @property
+    def welcome(self) -> Welcome:
+        assert self._conn.welcome is not None
+        return self._conn.welcome
+
+    @property
+    def server_limits(self) -> ProtocolLimits:
+        return self.welcome.limits
+
+    @property
+    def closed(self) -> bool:
+        return self._lost is not None or self._closing
+
+    @property
+    def in_flight(self) -> tuple[str, ...]:
+        """Request ids sent and not yet delivered or failed."""
+        return self._conn.in_flight
+
+    # ----------------------------------------------------------------- requests
+
+    async def generate(
+        self,
+        prompt: str,
+        *,
+        preference: float = 0.5,
+        seed: int | None = None,
+        pinned: RelayPlan | None = None,
+        steps: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        rating: int | None = None,
+        on_progress: ProgressCallback | None = None,
+        on_plan: PlanCallback | None = None,
+        timeout: float | None = None,
+    ) -> GenerationResult:
+        """Generate one image: the edge's steps, the handoff, this device's steps and decode.
+
+        ``preference`` is 0 (fastest) to 1 (best quality); ``pinned`` fixes the relay
+        configuration, ``steps`` only ``N``; ``seed``/``height``/``width`` default to the
+        server's choice. ``on_plan(plan, why)`` is called when the edge announces its
+        choice and ``on_progress(stage, step, total)`` for every edge step (from the
+        server) and device step (``step`` counts from ``split + 1`` to ``N``), both on
+        the event loop. After the image is ready the :class:`Report` (with ``rating``
+        if given) is sent. ``timeout`` overrides the client's for this request.
+
+        Raises :class:`EdgeError` (server refusal or failure, code attached),
+        :class:`EdgeTimeout`, :class:`EdgeConnectionError`, :class:`DeviceRunError`.
+        """
+        self._check_open()
+        timeout = self.timeout if timeout is None else timeout
+        async with self._slots:
+            self._check_open()
+            rid = self._conn.new_request_id()
+            link = self.link.snapshot()
+            try:
+                request = Generate(
+                    request_id=rid, prompt=prompt, preference=preference, seed=seed, height=height, width=width,
+                    steps=steps, pinned=pinned, device_load=self.device_load.sample(), rtt_s=link.rtt_s,
+                    bandwidth_bps=link.bandwidth_bps,
+                )
+                self._conn.send_generate(request)  # checks the server's limits: a bad request never leaves
+            except ProtocolError as exc:
+                raise EdgeError(exc.code, str(exc), request_id=rid, field=exc.field, local=True) from None
+            pending = _Pending(request)
+            self._pending[rid] = pending
+            sent_at = _now()
+            try:
+                await self._flush()
+                plan, plan_at, delivery = await self._await_delivery(pending, timeout, on_plan, on_progress)
+            except BaseException:
+                self._pending.pop(rid, None)
+                self._abandon(rid)
+                raise
+            self._pending.pop(rid, None)
+        item, event = delivery, delivery.event
+        timings: dict[str, Any] = {
+            "plan_s": None if plan_at is None else plan_at - sent_at,
+            "edge_wait_s": max(0.0, item.at - event.transfer_s - sent_at),
+            "transfer_s": event.transfer_s,
+            "handoff_decode_s": item.parse_s if isinstance(event, HandoffReceived) else 0.0,
+            "queue_s": event.announcement.queue_s,
+            "edge_compute_s": event.announcement.edge_compute_s,
+        }
+        if isinstance(event, HandoffReceived):
+            self.link.add_transfer(len(event.payload), event.transfer_s)
+        else:
+            self.link.add_transfer(len(event.png), event.transfer_s)
+        waited = _now()
+        async with self._device:
+            timings["device_wait_s"] = _now() - waited
+            try:
+                if isinstance(event, HandoffReceived):
+                    latents, image, compute_s, decode_s = await asyncio.to_thread(
+                        self._finish_on_device, event, self._threadsafe_progress(on_progress)
+                    )
+                    png = None
+                else:
+                    latents, png = None, event.png
+                    image, decode_s = await asyncio.to_thread(_decode_png, event.png)
+                    compute_s = 0.0
+            except Exception as exc:
+                await self._device_failed(rid, exc)
+                raise DeviceRunError(f"request {rid}: the device half failed: {exc}", request_id=rid) from exc
+        timings.update(device_compute_s=compute_s, decode_s=decode_s, total_latency_s=_now() - sent_at)
+        result_timings = Timings(**timings)
+        report = await self._send_report(rid, result_timings, rating)
+        payload = event.payload if isinstance(event, HandoffReceived) else event.png
+        return GenerationResult(
+            request_id=rid, image=image, latents=latents, plan=plan, timings=result_timings,
+            payload_bytes=len(payload), png=png, report=report,
+        )
+
+    async def generate_with_retry(
+        self,
+        prompt: str,
+        *,
+        attempts: int = 3,
+        max_wait_s: float = 60.0,
+        on_retry: Callable[[EdgeError, float], None] | None = None,
+        **kwargs: Any,
+    ) -> GenerationResult:
+        """:meth:`generate`, tried up to ``attempts`` times in all while the edge answers
+        ``busy``/``rate_limited`` (waiting its ``retry_after_s``) or ``too_many_in_flight``
+        (waiting 0.5 s). A wait longer than ``max_wait_s`` is not worth it: that error is
+        raised instead. ``on_retry(error, delay)`` is called before each wait."""
+        if attempts < 1:
+            raise ValueError(f"attempts must be >= 1, got {attempts}")
+        for attempt in range(1, attempts + 1):
+            try:
+                return await self.generate(prompt, **kwargs)
+            except EdgeError as exc:
+                delay = exc.retry_after_s if exc.retry_after_s is not None else 0.5
+                if not exc.retryable or attempt == attempts or delay > max_wait_s:
+                    raise
+                if on_retry is not None:
+                    on_retry(exc, delay)
+                log.info("request %s: %s; retrying in %.3g s (attempt %d of %d)", exc.request_id, exc.code, delay,
+                         attempt + 1, attempts)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def rate(self, request_id: str, rating: int) -> None:
+        """Send the user's -1/0/+1 for a delivered request (any time after its image arrived)."""
+        self._check_open()
+        try:
+            self._conn.send_rating(request_id, rating)
+        except ProtocolError as exc:
+            raise EdgeError("invalid_request", str(exc), request_id=request_id, local=True) from None
+        await self._flush()
+
+    async def measure_rtt(self, timeout: float | None = None) -> float:
+        """Time one websocket ping/pong, fold it into :attr:`link`, return it (seconds)."""
+        self._check_open()
+        timeout = self.timeout if timeout is None else timeout
+        try:
+            started = _now()
+            pong = await self._ws.ping()
+            await asyncio.wait_for(pong, timeout)
+        except asyncio.TimeoutError:
+            raise EdgeTimeout(TIMEOUT, f"no pong from {self.url} within {timeout:g} s") from None
+        except ConnectionClosed as exc:
+            raise self._lost_error(exc) from None
+        return self.link.add_rtt(_now() - started)
+
+    # ----------------------------------------------------------------- request internals
+
+    async def _await_delivery(
+        self,
+        pending: _Pending,
+        timeout: float,
+        on_plan: PlanCallback | None,
+        on_progress: ProgressCallback | None,
+    ) -> tuple[Plan, float | None, _Item]:
+        """Consume a request's events until its payload arrives; raise on an error or a timeout."""
+        rid = pending.request.request_id
+        plan: Plan | None = None
+        plan_at: float | None = None
+        while True:
+            try:
+                item = await asyncio.wait_for(pending.queue.get(), timeout)
+            except asyncio.TimeoutError:
+                stage = "its plan" if plan is None else "its payload"
+                raise EdgeTimeout(
+                    TIMEOUT, f"request {rid}: {self.url} sent nothing for {timeout:g} s while waiting for {stage}",
+                    request_id=rid,
+                ) from None
+            if isinstance(item, BaseException):
+                raise item
+            event = item.event
+            if isinstance(event, Plan):
+                conflict = plan_conflict(pending.request, event)
+                if conflict is not None:  # the edge ignored what this request fixed: its image would be wrong
+                    raise EdgeError(PLAN_CONFLICT, f"request {rid}: the server's {conflict}", request_id=rid)
+                plan, plan_at = event, item.at
+                if on_plan is not None:
+                    on_plan(event.plan, event.why)
+            elif isinstance(event, Progress):
+                if on_progress is not None:
+                    on_progress(event.stage, event.step, event.total)
+            elif isinstance(event, (HandoffReceived, ResultReceived)):
+                assert plan is not None  # the connection accepts a payload only for a planned request
+                return plan, plan_at, item
+            elif isinstance(event, Error):
+                raise EdgeError.from_error(event)
+            elif isinstance(event, FrameRejected):
+                error = event.error
+                raise EdgeError(
+                    error.code, f"request {rid}: the server's frame was refused here: {error.message}",
+                    request_id=rid, field=error.field,
+                )
+
+    def _finish_on_device(
+        self, event: HandoffReceived, on_step: Callable[[int, int], None] | None
+    ) -> tuple[np.ndarray, np.ndarray, float, float]:
+        """Worker thread: the small model's remaining steps, then the VAE decode."""
+        started = _now()
+        latents = finish_latents(self.bundle, event.handoff, on_step)
+        decoded = _now()
+        image = self.bundle.decode(latents)[0]
+        return latents, image, decoded - started, _now() - decoded
+
+    def _threadsafe_progress(self, on_progress: ProgressCallback | None) -> Callable[[int, int], None] | None:
+        if on_progress is None:
+            return None
+        loop = asyncio.get_running_loop()
+
+        def on_step(step: int, total: int) -> None:
+            loop.call_soon_threadsafe(on_progress, "device", step, total)  # runs on the loop, in order
+
+        return on_step
+
+    async def _device_failed(self, rid: str, exc: BaseException) -> None:
+        log.error("request %s: device half failed: %s", rid, exc)
+        with contextlib.suppress(ProtocolError, EdgeError):
+            self._conn.send_error(rid, "internal", f"device failed: {type(exc).__name__}: {exc}"[:1000])
+            await self._flush()
+
+    async def _send_report(self, rid: str, timings: Timings, rating: int | None) -> Report | None:
+        link = self.link.snapshot()
+        report = Report(
+            request_id=rid,
+            device_compute_s=timings.device_compute_s + timings.decode_s,
+            transfer_s=timings.transfer_s,
+            total_latency_s=timings.total_latency_s,
+            device_load=self.device_load.sample(),
+            rtt_s=link.rtt_s,
+            bandwidth_bps=link.bandwidth_bps,
+            rating=rating,
+        )
+        if self.closed:
+            return None  # the image is ready; the edge just will not hear about it
+        try:
+            self._conn.send_report(report)
+            await self._flush()
+        except (EdgeError, ProtocolError) as exc:
+            log.warning("request %s: report not sent: %s", rid, exc)
+            return None
+        return report
+
+    def _abandon(self, rid: str) -> None:
+        """Tell the server this side gave up on ``rid`` (best effort, never raises).
+
+        Still in flight: cancel it. Already delivered (the payload raced a timeout or an
+        error here): say so, since the server would otherwise wait for its report.
+        """
+        if self.closed:
+            return
+        if rid in self._conn.in_flight:
+            self._conn.send_cancel(rid)
+        elif rid in self._conn.delivered:
+            with contextlib.suppress(ProtocolError):
+                self._conn.send_error(rid, "cancelled", "the device gave up on this request before it arrived")
+        else:
+            return
+        self._spawn(self._flush_quietly())
+
+    # ----------------------------------------------------------------- I/O
+
+    def _check_open(self) -> None:
+        if self._lost is not None:
+            raise self._lost.copy()
+        if self._closing:
+            raise EdgeConnectionError(CONNECTION_LOST, f"the connection to {self.url} is closed")
+
+    async def _flush(self) -> None:
+        """The one writer path: send the connection's queued frames in order."""
+        async with self._write_lock:
+            frames = self._conn.data_to_send()
+            try:
+                for frame in frames:
+                    await self._ws.send(frame)
+            except ConnectionClosed as exc:
+                raise self._lost_error(exc) from None
+
+    async def _flush_quietly(self) -> None:
+        with contextlib.suppress(EdgeError):
+            await self._flush()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _read_loop(self) -> None:
+        """The one reader: every frame through the connection object, events to their requests."""
+        closed_by: ConnectionClosed | None = None
+        try:
+            async for frame in self._ws:
+                now = _now()
+                if isinstance(frame, str):
+                    events = self._conn.receive_text(frame, now)
+                else:
+                    events = self._conn.receive_bytes(frame, now)
+                parse_s = _now() - now
+                await self._flush_quietly()  # errors the connection queued for the server
+                for event in events:
+                    self._dispatch(_Item(event, now, parse_s))
+                if self._conn.close is not None:
+                    log.warning("closing the connection to %s: %s", self.url, self._conn.close.reason)
+                    await self._ws.close(self._conn.close.code, self._conn.close.reason)
+                    break
+        except ConnectionClosed as exc:
+            closed_by = exc
+        except Exception:  # a bug here must not leave requests waiting forever
+            log.exception("reader for %s failed", self.url)
+        finally:
+            self._conn.connection_closed()
+            self._lost = self._lost_error(closed_by)
+            for pending in list(self._pending.values()):
+                pending.queue.put_nowait(self._lost.copy())  # one instance per task: tracebacks differ
+            if self._pinger is not None:
+                self._pinger.cancel()
+
+    def _dispatch(self, item: _Item) -> None:
+        event = item.event
+        rid = getattr(event, "request_id", None)
+        pending = self._pending.get(rid) if rid is not None else None
+        if pending is not None:
+            pending.queue.put_nowait(item)
+            return
+        if isinstance(event, (HandoffReceived, ResultReceived)):
+            self._abandon(rid)  # delivered after this side gave up: the server would await a report
+        elif isinstance(event, Error) and rid is None:
+            if event.code in FATAL_CLOSE_CODES:
+                self._fatal = EdgeError.from_error(event, f"{self.url} ended the connection: ")
+            else:
+                self.notices.append(event)
+                log.warning("server %s: %s: %s", self.url, event.code, event.message)
+        elif isinstance(event, FrameRejected) and rid is None:
+            log.warning("refused a frame from %s: %s", self.url, event.error.message)
+            if event.fatal:
+                self._fatal = EdgeConnectionError(event.error.code, f"{self.url} broke the protocol: {event.error.message}")
+        # Anything else is for a request this side already gave up on: nothing to do.
+
+    def _lost_error(self, exc: ConnectionClosed | None = None) -> EdgeConnectionError:
+        if self._lost is not None:
+            return self._lost.copy()  # type: ignore[return-value]
+        if self._fatal is not None:
+            fatal = self._fatal
+            return EdgeConnectionError(fatal.code, fatal.message, field=fatal.field)
+        if self._closing:
+            return EdgeConnectionError(CONNECTION_LOST, f"the connection to {self.url} was closed by this client")
+        how = _close_text(exc) if exc is not None else "reader stopped"
+        return EdgeConnectionError(CONNECTION_LOST, f"the connection to {self.url} was lost ({how})")
+
+    async def _ping_loop(self, interval: float) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            while not self.closed:
+                await asyncio.sleep(interval)
+                try:
+                    await self.measure_rtt(timeout=max(interval, 1.0))
+                except EdgeTimeout:
+                    log.warning("no pong from %s within %.3g s", self.url, max(interval, 1.0))
+                except EdgeError:
+                    return
+
+
+def _close_text(exc: ConnectionClosed) -> str:
+    """Why a websocket closed, for an error message."""
+    close = exc.rcvd or exc.sent
+    if close is None:
+        return "no close frame: the peer went away"
+    reason = f" {close.reason}" if close.reason else ""
+    return f"close code {close.code}{reason}"
+
+
+def _decode_png(png: bytes) -> tuple[np.ndarray, float]:
+    """An edge-decoded PNG as uint8 (H, W, 3), and the seconds it took."""
+    from PIL import Image  # the device extra ships pillow; only edge-decoded results need it
+
+    started = _now()
+    with Image.open(io.BytesIO(png)) as img:
+        image = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return image, _now() - started
