@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 from websockets.asyncio.server import Server, ServerConnection as WebSocket, serve
 from websockets.exceptions import ConnectionClosed
 
@@ -54,6 +55,7 @@ class EdgeConfig:
     max_batch_rows: int = 16
     max_queue: int = 64
     batching: bool = True
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
     request_timeout_s: float = 300.0
     shutdown_grace_s: float = 30.0
     steps: int = 20
@@ -334,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch-rows", type=int, help="UNet rows per call (2 per guided request)")
     s.add_argument("--max-queue", type=int, help="requests queued + running before 'busy'")
     s.add_argument("--no-batching", action="store_true", help="one request at a time (baseline)")
+    s.add_argument("--threads", type=int, help="torch intra-op threads for the large model")
     s.add_argument("--shutdown-grace", type=float, dest="shutdown_grace_s",
                    help="seconds in-flight requests get to finish on SIGTERM (default 30)")
     s.add_argument("--steps", type=int, help="default total steps N")
@@ -344,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> EdgeConfig:
     config = EdgeConfig.from_toml(args.config) if args.config else EdgeConfig()
     for name in ("host", "port", "token_file", "tls_cert", "tls_key", "metrics_port", "max_batch_rows",
-                 "max_queue", "steps", "split_fraction", "shutdown_grace_s"):
+                 "max_queue", "steps", "split_fraction", "shutdown_grace_s", "threads"):
         value = getattr(args, name)
         if value is not None:
             setattr(config, name, value)
@@ -370,6 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = config_from_args(args)
+        if config.threads is not None:
+            if config.threads < 1:
+                raise ConfigError(f"--threads must be >= 1, got {config.threads}")
+            torch.set_num_threads(config.threads)
         family = load_family(args.family, args.small)
         server = EdgeServer(family, config)
         log.info("config: %s", config.described())

@@ -231,3 +231,47 @@ def test_sigterm_finishes_in_flight_work_and_exits_cleanly(tiny_family_dir, tiny
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_config_file_sections_flags_and_errors(tmp_path):
+    from edge_server.daemon import build_parser, config_from_args
+    from shared.errors import ConfigError
+
+    cfg = tmp_path / "edge.toml"
+    cfg.write_text('[server]\nport = 9000\nhost = "0.0.0.0"\n[engine]\nmax_batch_rows = 4\n'
+                   '[limits]\nmax_steps = 50\nburst = 2\n')
+    config = config_from_args(build_parser().parse_args(
+        ["serve", "--family", "f", "--config", str(cfg), "--port", "9100", "--no-batching"]))
+    assert (config.port, config.host, config.max_batch_rows, config.batching) == (9100, "0.0.0.0", 4, False)
+    assert config.limits == {"max_steps": 50, "burst": 2}
+    cfg.write_text("[engine]\nmax_btach_rows = 4\n")
+    with pytest.raises(ConfigError, match="unknown setting 'max_btach_rows'"):
+        EdgeConfig.from_toml(cfg)
+    cfg.write_text("port = \n")
+    with pytest.raises(ConfigError, match="cannot read config"):
+        EdgeConfig.from_toml(cfg)
+
+
+def test_metrics_endpoint_reports_requests_and_batches(tiny_family):
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        metrics_port = s.getsockname()[1]
+
+    async def body(server, port):
+        client = await BareClient.open(port, tiny_family.family_id)
+        await client.generate(prompt="p", seed=1, pinned=RelayPlan(4, 2, "ddim", 5.0))
+        bad = await BareClient.open(port, tiny_family.family_id, token="nope")
+        await bad.next_event()
+        text = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode())
+        return text
+
+    text = run(_with_server(tiny_family, body, metrics_port=metrics_port))
+    assert 'rise_edge_requests_total{decode_on="device",sampler="ddim",split="2",steps="4"} 1.0' in text
+    assert 'rise_edge_errors_total{code="unauthorized"} 1.0' in text
+    assert "rise_edge_batch_requests_count 2.0" in text  # two UNet calls (k=2)
+    assert 'rise_edge_stage_seconds_count{stage="edge"} 1.0' in text
+    assert "rise_edge_queue_depth" in text

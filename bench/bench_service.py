@@ -1,0 +1,134 @@
+"""Networked-service benchmark: the real daemon and real device clients over loopback.
+
+Prints, all measured in one run on this machine (edge and devices share its cores):
+  1. edge throughput with 8 concurrent clients, step-level batching on vs one request at
+     a time (--no-batching), on edge-only plans (k = N) so the edge is what is measured;
+  2. handoff overhead (edge encode + transfer + device decode) against device compute;
+  3. p50 / p95 latency at 1, 4 and 16 clients with the default relay (k = N/2).
+Family: the benchmark tiny family (random weights; cost does not depend on their values)
+until the trained demo family lands.
+Usage: python bench/bench_service.py [--requests-per-client 4] [--steps 20] [--workdir bench_out]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "bench-token"
+CONFIG = """
+[limits]
+requests_per_minute = 100000.0
+burst = 1000
+max_in_flight = 8
+"""
+
+
+def start_edge(family: Path, workdir: Path, *, batching: bool) -> tuple[subprocess.Popen, int]:
+    cmd = [sys.executable, "-m", "edge_server.daemon", "serve", "--family", str(family), "--port", "0",
+           "--token-file", str(workdir / "token"), "--config", str(workdir / "edge.toml"), "--max-queue", "256", "--threads", "1"]
+    if not batching:
+        cmd.append("--no-batching")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    port = None
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if "serving family" in line:
+            port = int(line.rsplit(":", 1)[1])
+        if "rise-edge: ready" in line and port:
+            return proc, port
+    proc.kill()
+    raise RuntimeError("rise-edge did not start")
+
+
+def stop_edge(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def device_bench(port: int, bundle: Path, workdir: Path, clients: int, requests: int, *extra: str) -> dict:
+    out = workdir / f"device-bench-{clients}-{requests}-{time.monotonic_ns()}.json"
+    cmd = [sys.executable, "-m", "device_app", "bench", "--server", f"ws://127.0.0.1:{port}", "--bundle", str(bundle),
+           "--token-file", str(workdir / "token"), "--clients", str(clients), "--requests", str(requests),
+           "--json", str(out), "--shared-bundle", "--retries", "3", "--timeout", "600", *extra]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if proc.returncode not in (0, 1):
+        raise RuntimeError(f"rise-device bench failed: {proc.stderr.strip()}")
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests-per-client", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--workdir", default="bench_out")
+    args = parser.parse_args()
+    work = Path(args.workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "token").write_text(TOKEN)
+    (work / "edge.toml").write_text(CONFIG)
+
+    from edge_server.tiny_family import BENCH_LARGE, BENCH_SMALL, build_tiny_family
+    from export.cli import main as export_main
+
+    family = work / "bench-family"
+    if not (family / "model_index.json").is_file():
+        build_tiny_family(family, large=BENCH_LARGE, small=BENCH_SMALL)
+    bundle = work / "bundle-fp32"
+    if not (bundle / "manifest.json").is_file():
+        assert export_main(["--family", str(family), "--out", str(bundle), "--force"]) == 0
+
+    n, per = args.steps, args.requests_per_client
+    edge_only = ["--steps", str(n), "--split", str(n), "--sampler", "dpmpp_2m", "--guidance", "7.5"]
+    relay = ["--steps", str(n), "--split", str(n // 2), "--sampler", "dpmpp_2m", "--guidance", "7.5"]
+
+    print(f"== 1. edge throughput, 8 clients x {per} requests, edge-only plans N=K={n} ==")
+    throughput = {}
+    for batching in (True, False):
+        proc, port = start_edge(family, work, batching=batching)
+        try:
+            device_bench(port, bundle, work, 1, 1, *edge_only)  # warm-up
+            result = device_bench(port, bundle, work, 8, 8 * per, *edge_only)
+        finally:
+            stop_edge(proc)
+        label = "batching" if batching else "one at a time"
+        throughput[batching] = result["throughput_rps"]
+        print(f"  {label:<14} {result['throughput_rps']:6.2f} images/s   p50 {result['latency_s']['p50']:.2f} s   "
+              f"p95 {result['latency_s']['p95']:.2f} s   ok {result['ok']}/{8 * per}  errors {result['errors']}")
+    print(f"  step-level batching / one at a time = {throughput[True] / throughput[False]:.2f}x")
+
+    print(f"\n== 2 + 3. default relay N={n}, K={n // 2}, batching on ==")
+    proc, port = start_edge(family, work, batching=True)
+    try:
+        device_bench(port, bundle, work, 1, 1, *relay)  # warm-up
+        for clients in (1, 4, 16):
+            r = device_bench(port, bundle, work, clients, clients * per, *relay)
+            lat = r["latency_s"]
+            print(f"  {clients:>2} clients: p50 {lat['p50']:.3f} s  p95 {lat['p95']:.3f} s  "
+                  f"throughput {r['throughput_rps']:.2f}/s  ok {r['ok']}/{clients * per}  errors {r['errors']}")
+            if clients == 1:
+                overhead = r["handoff_overhead_s_mean"]
+                device = r["device_compute_s_mean"]
+                print(f"     handoff: {r.get('payload_bytes_mean', 0):.0f} B; transfer + decode {overhead * 1000:.2f} ms "
+                      f"= {100 * overhead / device:.1f}% of device compute ({device * 1000:.1f} ms) "
+                      "(edge-side encode: see bench_relay.py, ~0.1-0.2 ms)")
+    finally:
+        stop_edge(proc)
+
+
+if __name__ == "__main__":
+    main()
