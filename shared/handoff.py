@@ -63,6 +63,7 @@ import safetensors.numpy
 
 from shared.errors import HandoffError
 from shared.samplers import SAMPLER_NAMES, SamplerState
+from shared.untrusted import is_int as _is_int, loads_strict, show as _show, type_name as _type_name
 
 __all__ = [
     "HANDOFF_VERSION",
@@ -667,45 +668,16 @@ def _check_keys(obj: dict[str, Any], required: frozenset[str], where: str) -> No
         _fail(HandoffMalformed, f"{where}.{extra[0]}", "no such field (unexpected field)", _show(extra[0]))
 
 
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # Python keeps the last duplicate, safetensors' Rust parser may not: reject ambiguity.
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise _DuplicateKey(f"duplicate key {_show(key)}")
-        obj[key] = value
-    return obj
-
-
-def _reject_constant(name: str) -> NoReturn:
-    raise ValueError(f"non-standard JSON constant {name}")
-
 
 def _strict_json(text: str, where: str) -> Any:
     """Parse standard JSON only (no NaN/Infinity, no duplicate keys); any failure is HandoffMalformed."""
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, int-digit limit, deep nesting
+        return loads_strict(text)
+    except ValueError as exc:  # JSONDecodeError, int-digit limit, deep nesting, duplicates, NaN
         raise HandoffMalformed(f"{where}: not valid JSON ({_show(str(exc))})", field=where) from None
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
-
-def _type_name(value: object) -> str:
-    kind = type(value)
-    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
-
-
-def _show(value: object, limit: int = 80) -> str:
-    """A repr short enough to put in an error message that may echo attacker-controlled input."""
-    text = ascii(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _fail(cls: type[_CodedHandoffError], field: str, expected: str, got: str) -> NoReturn:

@@ -33,6 +33,7 @@ from typing import Any, ClassVar, Literal, NoReturn, Union, get_args
 from shared.errors import ConfigError, HandoffError, RiseError
 from shared.handoff import MAX_ID_CHARS, Handoff
 from shared.relay_plan import MAX_STEPS, RelayPlan
+from shared.untrusted import is_int as _is_int, loads_strict, show as _show, type_name as _type_name
 
 #: Protocol versions this code speaks, oldest first; ``hello`` negotiates the highest common one.
 PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
@@ -726,28 +727,11 @@ def _check_keys(
             raise ProtocolError(f"{name}: unknown field of {where!r}", field=name)
 
 
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # Python keeps the last of duplicate keys, other parsers the first: reject the ambiguity.
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise _DuplicateKey(f"duplicate key {_show(key, 40)}")
-        obj[key] = value
-    return obj
-
-
-def _reject_constant(name: str) -> NoReturn:
-    raise ValueError(f"non-standard JSON constant {name}")
-
 
 def _strict_json(text: str) -> Any:
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, int-digit limit, deep nesting
+        return loads_strict(text)
+    except ValueError as exc:  # JSONDecodeError, int-digit limit, deep nesting, duplicates, NaN
         raise ProtocolError(f"frame: not valid JSON ({_show(str(exc))})", code="bad_message", field="frame") from None
 
 
@@ -871,9 +855,6 @@ def _valid(check: Callable[[str, Any], Any], name: str, value: Any) -> bool:
 # --------------------------------------------------------------------------- helpers
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -883,18 +864,6 @@ def _utf8_len(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass"))  # surrogatepass: sizing must not fail
 
 
-def _type_name(value: object) -> str:
-    kind = type(value)
-    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
-
-
-def _show(value: object, limit: int = 80) -> str:
-    """A short ASCII repr, safe to put in an error message that echoes peer input."""
-    try:
-        text = ascii(value)
-    except ValueError:  # an int with more digits than str() allows
-        text = f"<{_type_name(value)}>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _safe_name(name: str) -> str:
