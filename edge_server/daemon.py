@@ -62,6 +62,10 @@ class EdgeConfig:
     split_fraction: float = 0.5
     sampler: str = "dpmpp_2m"
     guidance: float = 7.5
+    scheduler: str = "fixed"  # fixed | linucb | epsilon_greedy | random | edge_only | device_only | N20k10...
+    profile: str | None = None  # measured profile (shared/bandit/profile.py); needed by every scheduler but fixed
+    bandit_state: str | None = None  # where the scheduler's learned state persists (atomic JSON)
+    alpha: float | None = None  # LinUCB exploration (default 0.1)
     limits: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -109,6 +113,25 @@ class EdgeConfig:
         return ", ".join(f"{k}={v}" for k, v in shown.items())
 
 
+def make_planner(config: EdgeConfig) -> Planner:
+    """The scheduler the config names: the fixed policy, or a bandit/baseline over a measured profile."""
+    if config.scheduler == "fixed":
+        return FixedPlanner(config.steps, config.split_fraction, config.sampler, config.guidance)
+    if config.profile is None:
+        raise ConfigError(
+            f"--scheduler {config.scheduler} needs --profile PROFILE.json "
+            "(made by: python -m shared.bandit.profile --eval EVAL.json ... --out PROFILE.json)"
+        )
+    from edge_server.bandit_planner import BanditPlanner
+    from shared.bandit.profile import load_profile
+
+    return BanditPlanner.from_profile(
+        load_profile(config.profile), config.scheduler, config.bandit_state,
+        sampler=config.sampler, guidance_scale=config.guidance,
+        edge_capacity=max(1, config.max_batch_rows // 2), alpha=config.alpha,
+    )
+
+
 class _Client:
     """One websocket connection: its protocol state, writer wake-up, and request tasks."""
 
@@ -132,8 +155,7 @@ class EdgeServer:
         self.family = family
         self.config = config
         self.metrics = metrics or EdgeMetrics()
-        self.planner: Planner = planner or FixedPlanner(config.steps, config.split_fraction, config.sampler,
-                                                        config.guidance)
+        self.planner: Planner = planner or make_planner(config)
         self.limits = ProtocolLimits.from_dict({"allowed_sizes": (), **config.limits})
         self.token = config.token()
         self.engine = BatchingEngine(family, max_batch_rows=config.max_batch_rows, max_queue=config.max_queue,
@@ -260,7 +282,9 @@ class EdgeServer:
 
         try:
             stats = self.engine.stats()
-            context = PlanContext(stats.queued, stats.active, request.device_load, request.rtt_s, request.bandwidth_bps)
+            hello = conn.hello
+            context = PlanContext(stats.queued, stats.active, request.device_load, request.rtt_s, request.bandwidth_bps,
+                                  hello.device_step_s if hello is not None else None)
             plan, why = self.planner.choose(request, context)
             seed = request.seed if request.seed is not None else secrets.randbelow(2**63)
             height = request.height or self.default_size
@@ -339,6 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, help="torch intra-op threads for the large model")
     s.add_argument("--shutdown-grace", type=float, dest="shutdown_grace_s",
                    help="seconds in-flight requests get to finish on SIGTERM (default 30)")
+    s.add_argument("--scheduler", help="fixed (default), linucb, epsilon_greedy, random, edge_only, "
+                                       "device_only or one arm such as N20k10")
+    s.add_argument("--profile", help="measured profile JSON for the bandit scheduler")
+    s.add_argument("--bandit-state", help="file the scheduler's learned state persists to")
+    s.add_argument("--alpha", type=float, help="LinUCB exploration weight (default 0.1)")
     s.add_argument("--steps", type=int, help="default total steps N")
     s.add_argument("--split-fraction", type=float, help="default share of steps on the edge")
     return parser
@@ -347,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> EdgeConfig:
     config = EdgeConfig.from_toml(args.config) if args.config else EdgeConfig()
     for name in ("host", "port", "token_file", "tls_cert", "tls_key", "metrics_port", "max_batch_rows",
-                 "max_queue", "steps", "split_fraction", "shutdown_grace_s", "threads"):
+                 "max_queue", "steps", "split_fraction", "shutdown_grace_s", "threads", "scheduler", "profile",
+                 "bandit_state", "alpha"):
         value = getattr(args, name)
         if value is not None:
             setattr(config, name, value)

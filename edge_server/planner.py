@@ -23,6 +23,7 @@ class PlanContext:
     device_load: float | None = None
     rtt_s: float | None = None
     bandwidth_bps: float | None = None
+    device_step_s: float | None = None  # the device's small-model step time, from its hello
 
 
 class Planner(Protocol):

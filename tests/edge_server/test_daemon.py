@@ -18,7 +18,9 @@ from websockets.asyncio.client import connect
 
 from edge_server.daemon import EdgeConfig, EdgeServer
 from edge_server.relay import EdgeRelay
-from shared.protocol import ClientConnection, Error, Generate, HandoffReceived, Plan, Progress, Welcome
+from shared.protocol import (
+    ClientConnection, Error, Generate, HandoffReceived, Plan, Progress, ResultReceived, Welcome,
+)
 from shared.relay_plan import RelayPlan
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,7 +66,7 @@ class BareClient:
         rid = self.conn.new_request_id()
         self.conn.send_generate(Generate(request_id=rid, **fields))
         await self.flush()
-        return await self.until(HandoffReceived)
+        return await self.until((HandoffReceived, ResultReceived))
 
 
 def run(coro):
@@ -275,3 +277,39 @@ def test_metrics_endpoint_reports_requests_and_batches(tiny_family):
     assert "rise_edge_batch_requests_count 2.0" in text  # two UNet calls (k=2)
     assert 'rise_edge_stage_seconds_count{stage="edge"} 1.0' in text
     assert "rise_edge_queue_depth" in text
+
+
+def test_bandit_scheduler_plans_learns_from_reports_and_persists(tiny_family, tmp_path):
+    from shared.bandit.profile import save_profile
+    from shared.protocol import Report
+    from tests.edge_server.test_simulator import synthetic_profile
+
+    profile_path, state_path = tmp_path / "profile.json", tmp_path / "state" / "bandit.json"
+    save_profile(profile_path, synthetic_profile())
+
+    async def body(server, port):
+        client = await BareClient.open(port, tiny_family.family_id)
+        plans = []
+        for i in range(3):
+            event, seen = await client.generate(prompt="a red bag top left and a blue sneaker center", seed=i, steps=10)
+            assert isinstance(event, (HandoffReceived, ResultReceived)), event
+            plans.append([e for e in seen if isinstance(e, Plan)][0])
+            client.conn.send_report(Report(request_id=event.request_id, device_compute_s=0.05, transfer_s=0.001,
+                                           total_latency_s=0.5))
+            await client.flush()
+        await asyncio.sleep(0.2)
+        return plans, server.planner
+
+    plans, planner = run(_with_server(tiny_family, body, scheduler="linucb", profile=str(profile_path),
+                                      bandit_state=str(state_path)))
+    assert all(p.scheduler == planner.name and "linucb" in p.why.lower() for p in plans), plans
+    assert all(p.plan.num_inference_steps == 10 for p in plans)
+    assert state_path.is_file()  # saved on stop
+    assert json.loads(state_path.read_text())  # a valid document
+
+
+def test_bandit_scheduler_without_profile_is_a_clear_config_error(tiny_family):
+    from shared.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs --profile"):
+        EdgeServer(tiny_family, EdgeConfig(port=0, scheduler="linucb"))

@@ -1,0 +1,254 @@
+"""The contextual-bandit planner: the edge daemon's :class:`~edge_server.planner.Planner` that learns.
+
+At every ``generate`` (:meth:`BanditPlanner.choose`):
+
+1. a pinned configuration (``Generate.pinned``) is served as is;
+2. otherwise the context is built from the request (prompt complexity from the text,
+   preference, the device's RTT, bandwidth and load) and the edge (queue depth, running
+   requests, and the device's speed if the :class:`PlanContext` carries ``device_step_s``);
+3. the policy picks an arm among those allowed (``Generate.steps`` restricts the arms to
+   that N; if no arm has it, the chosen arm's split fraction is applied to the requested
+   N and that request is not learned from);
+4. the plan goes out with a one-line ``why``, e.g.
+   ``linucb: N20k10 (edge 10/20 steps, decode on device); ucb 0.71 (est 0.62 + 1 x 0.09), best of 24 arms; preference 0.80, rtt 40 ms``.
+
+At every report (:meth:`BanditPlanner.feedback`) the reward ``w * q + (1 - w) * (1 - L / L_ref)``
+(:mod:`shared.bandit.reward`) is computed from the report's ``total_latency_s`` and the
+profile's quality for that arm at the prompt's complexity level, moved halfway towards the
+user's rating when the report has one (``rating_weight``); the policy learns it with the
+context it was chosen in. Reports of **pinned** plans are learned from too when the pinned
+plan is one of the arms: the outcome of an arm in a context is unbiased evidence for that
+arm's model whoever chose it (disjoint LinUCB keeps one regression per arm); a pinned plan
+that is not an arm is not learned from.
+
+Persistence: :meth:`save` writes the policy's state atomically (:mod:`shared.bandit.persistence`);
+it is also called every ``save_every`` updates, so a ``kill -9`` loses at most that many.
+A state saved for other arms or features is refused with :class:`~shared.bandit.StateError`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_server.planner import PlanContext
+from shared.bandit import (
+    DEFAULT_RATING_WEIGHT, BanditError, ContextBuilder, FixedArm, Observation, Policy, Profile, arm_label,
+    check_arms, describe, load_state, make_policy, profile_prior, rated_quality, reward, save_state,
+)
+from shared.prompt_features import prompt_features
+from shared.protocol import Generate, Report
+from shared.relay_plan import RelayPlan
+
+log = logging.getLogger("rise.planner")
+
+#: Quality assumed for an arm the planner has no profile entry for (and no rating): neutral.
+UNPROFILED_QUALITY = 0.5
+#: LinUCB's exploration weight with the profile prior (rise-sim's grid on a synthetic profile).
+DEFAULT_ALPHA = 0.1
+_MAX_PENDING = 4096  # requests planned and not yet reported; the oldest are forgotten
+
+
+class BanditPlanner:
+    """A :class:`~edge_server.planner.Planner` driven by a :class:`~shared.bandit.Policy`.
+
+    ``profile`` is a :class:`~shared.bandit.Profile` (quality per arm and level, and the
+    scales of the context and reward), or a bare reference latency in seconds: then quality
+    comes from ratings only (an unrated report counts as quality 0.5) and the context
+    scales from ``handoff_bytes`` / ``device_step_ref_s``. ``state_path`` (optional) is
+    loaded if it exists and written by :meth:`save`.
+    """
+
+    def __init__(
+        self,
+        arms: Sequence[RelayPlan],
+        policy: Policy,
+        profile: Profile | float,
+        state_path: str | Path | None = None,
+        *,
+        context_builder: ContextBuilder | None = None,
+        rating_weight: float = DEFAULT_RATING_WEIGHT,
+        save_every: int = 50,
+        edge_capacity: int = 8,
+        handoff_bytes: int = 2**20,
+        device_step_ref_s: float = 1.0,
+    ) -> None:
+        self.arms = check_arms(arms)
+        if policy.n_arms != len(self.arms):
+            raise BanditError(f"the policy has {policy.n_arms} arms, the planner {len(self.arms)}")
+        self.policy = policy
+        # The wire's scheduler identifiers allow [A-Za-z0-9._:-] (no underscore): "epsilon-greedy".
+        self.name = policy.name.replace("_", "-")
+        if isinstance(profile, Profile):
+            self.profile: Profile | None = profile
+            self.latency_ref_s = profile.latency_ref_s()
+            builder = context_builder or ContextBuilder.from_profile(profile, active_ref=float(edge_capacity))
+        else:
+            self.profile = None
+            self.latency_ref_s = float(profile)
+            if not self.latency_ref_s > 0:
+                raise BanditError(f"reference latency must be positive, got {profile!r}")
+            builder = context_builder or ContextBuilder(self.latency_ref_s, handoff_bytes, device_step_ref_s,
+                                                        active_ref=float(edge_capacity))
+        self.builder = builder
+        if policy.dim != builder.dim:
+            raise BanditError(f"the policy has {policy.dim} features, the context {builder.dim}")
+        self.labels = [arm_label(a) for a in self.arms]
+        self._index = {arm: i for i, arm in enumerate(self.arms)}
+        self._steps = np.asarray([a.num_inference_steps for a in self.arms])
+        self.rating_weight = rating_weight
+        self.save_every = save_every
+        self.state_path = Path(state_path) if state_path is not None else None
+        self._pending: collections.OrderedDict[int, tuple[Generate, int | None, np.ndarray, int]] = (
+            collections.OrderedDict())
+        self._unsaved = 0
+        self.decision_s: collections.deque[float] = collections.deque(maxlen=10_000)
+        self.learned = 0
+        if self.state_path is not None and self.state_path.exists():
+            meta = load_state(self.state_path, policy, self.labels, builder.feature_spec())
+            log.info("scheduler state loaded from %s (%s updates)", self.state_path, policy.updates)
+            self.learned = int(meta.get("learned", 0)) if isinstance(meta.get("learned", 0), int) else 0
+
+    @classmethod
+    def from_profile(
+        cls,
+        profile: Profile,
+        policy: str = "linucb",
+        state_path: str | Path | None = None,
+        *,
+        sampler: str = "dpmpp_2m",
+        guidance_scale: float = 7.5,
+        edge_decode: bool = True,
+        edge_capacity: int = 8,
+        save_every: int = 50,
+        rating_weight: float = DEFAULT_RATING_WEIGHT,
+        alpha: float | None = None,
+        seed: int = 0,
+        **policy_options: Any,
+    ) -> BanditPlanner:
+        """The arms of ``profile`` and a policy by name: ``linucb`` (``alpha`` = 0.1; options ``ridge``,
+        ``prior`` = True: start from the profile's prediction, :mod:`shared.bandit.prior`),
+        ``random``, ``epsilon_greedy`` (``epsilon``), ``edge_only`` (VAE decode on the edge too),
+        ``device_only`` (both at the largest N),
+        or a fixed arm by label, ``N20k10`` / ``N20k20e``. ``alpha`` is ignored by all but LinUCB;
+        ``edge_capacity`` is the edge's batch in requests (``max_batch_rows // 2`` with guidance)."""
+        arms = profile.plans(sampler=sampler, guidance_scale=guidance_scale, edge_decode=edge_decode)
+        labels = [arm_label(a) for a in arms]
+        builder = ContextBuilder.from_profile(profile, active_ref=float(edge_capacity))
+        dim = builder.dim
+        top = max(a.num_inference_steps for a in arms)
+        edge_only = f"N{top}k{top}e" if edge_decode else f"N{top}k{top}"
+        fixed = {"edge_only": edge_only, "device_only": f"N{top}k0"}.get(policy, policy)
+        if fixed in labels:
+            name = policy if policy in ("edge_only", "device_only") else f"fixed-{policy}"
+            chosen: Policy = FixedArm(len(arms), dim, labels.index(fixed), seed=seed, name=name)
+        else:
+            if policy.startswith("N") and policy[1:2].isdigit():
+                raise BanditError(f"no arm {policy!r} in the profile; arms: {', '.join(labels)}")
+            if policy == "linucb":
+                policy_options["alpha"] = DEFAULT_ALPHA if alpha is None else alpha
+                if policy_options.pop("prior", True):
+                    policy_options.setdefault("prior_mean", profile_prior(profile, arms, builder))
+            chosen = make_policy(policy, len(arms), dim, seed=seed, **policy_options)
+        return cls(arms, chosen, profile, state_path, context_builder=builder, edge_capacity=edge_capacity,
+                   save_every=save_every, rating_weight=rating_weight)
+
+    # ------------------------------------------------------------------ Planner
+
+    def choose(self, request: Generate, context: PlanContext) -> tuple[RelayPlan, str]:
+        features = prompt_features(request.prompt)
+        obs = Observation(
+            complexity=features.complexity, preference=request.preference, rtt_s=context.rtt_s,
+            bandwidth_bps=context.bandwidth_bps, device_load=context.device_load,
+            device_step_s=context.device_step_s,
+            queue_depth=context.queue_depth, active=context.active,
+        )
+        x = self.builder.build(obs)
+        if request.pinned is not None:
+            arm = self._index.get(request.pinned)
+            self._remember(request, arm, x, features.level)
+            what = arm_label(request.pinned) + ("" if arm is not None else ", not one of the scheduler's arms")
+            return request.pinned, f"pinned by the client ({what})"
+        mask, rescale = None, False
+        if request.steps is not None:
+            mask = self._steps == request.steps
+            if not mask.any():
+                mask, rescale = None, True
+        started = time.perf_counter()
+        arm = self.policy.select(x, mask)
+        self.decision_s.append(time.perf_counter() - started)
+        plan = self.arms[arm]
+        allowed = len(self.arms) if mask is None else int(mask.sum())
+        score = self.policy.explain(x, arm)
+        head = f"{self.name}: {self.labels[arm]}"
+        if rescale:
+            plan = _rescaled(plan, request.steps)
+            head += f" scaled to {arm_label(plan)} (no arm has {request.steps} steps; not learned from)"
+        where = "edge" if plan.decode_on == "edge" else "device"
+        why = (f"{head} (edge {plan.split}/{plan.num_inference_steps} steps, decode on {where})"
+               f"{'; ' + score if score else ''}, best of {allowed} arms; {describe(obs)}")
+        self._remember(request, None if rescale else arm, x, features.level)
+        return plan, why[:512]
+
+    def feedback(self, plan: RelayPlan, request: Generate, report: Report) -> None:
+        entry = self._pending.pop(id(request), None)
+        if entry is not None and entry[0] is request:
+            _, arm, x, level = entry
+            if arm is not None and self.arms[arm] != plan:  # the daemon served another plan: learn that one
+                arm = self._index.get(plan)
+        else:  # planned before a restart (or forgotten): rebuild the context from the report
+            features = prompt_features(request.prompt)
+            obs = Observation(features.complexity, request.preference, report.rtt_s, report.bandwidth_bps,
+                              report.device_load)
+            arm, x, level = self._index.get(plan), self.builder.build(obs), features.level
+        if arm is None:
+            return
+        quality = self.quality(self.arms[arm], level)
+        q = rated_quality(quality, report.rating, self.rating_weight)
+        r = reward(request.preference, q, report.total_latency_s, self.latency_ref_s)
+        self.policy.update(arm, x, r)
+        self.learned += 1
+        self._unsaved += 1
+        if self.state_path is not None and self._unsaved >= self.save_every:
+            self.save()
+
+    def save(self) -> None:
+        if self.state_path is None:
+            return
+        save_state(self.state_path, self.policy, self.labels, self.builder.feature_spec(),
+                   meta={"learned": self.learned, "policy": self.name})
+        self._unsaved = 0
+
+    # ------------------------------------------------------------------ helpers
+
+    def quality(self, plan: RelayPlan, level: int) -> float:
+        """The profile's quality of ``plan`` at complexity ``level`` (neutral 0.5 if unprofiled)."""
+        if self.profile is None or not self.profile.has(plan):
+            return UNPROFILED_QUALITY
+        return self.profile.quality(plan, level)
+
+    def decision_time_ms(self, q: float = 99.0) -> float | None:
+        """The ``q``-th percentile of the policy's selection time over recent requests, in ms."""
+        if not self.decision_s:
+            return None
+        return float(np.percentile(np.asarray(self.decision_s), q) * 1e3)
+
+    def _remember(self, request: Generate, arm: int | None, x: np.ndarray, level: int) -> None:
+        # Keyed by identity: request ids are unique per connection only, and the daemon hands
+        # feedback the very Generate it planned (the entry keeps it alive, so ids are not reused).
+        self._pending[id(request)] = (request, arm, x, level)
+        while len(self._pending) > _MAX_PENDING:
+            self._pending.popitem(last=False)
+
+
+def _rescaled(plan: RelayPlan, steps: int) -> RelayPlan:
+    """``plan`` 's split fraction applied to ``steps`` total steps (decode on the edge only if still edge-only)."""
+    split = round(plan.split * steps / plan.num_inference_steps)
+    decode = plan.decode_on if split == steps else "device"
+    return RelayPlan(steps, split, plan.sampler, plan.guidance_scale, decode_on=decode)

@@ -1,0 +1,32 @@
+"""The scheduler's pure core: arms, context, reward, policies, profiles and persisted state.
+
+No torch and no I/O except the explicit persistence functions (:func:`save_state`,
+:func:`load_state`, :func:`load_profile`, :func:`save_profile`). The edge's
+:class:`edge_server.bandit_planner.BanditPlanner` and the simulator (``rise-sim``) are built
+on it.
+
+- :mod:`.arms`: arms are :class:`~shared.relay_plan.RelayPlan` s; grid builder, labels.
+- :mod:`.context`: :class:`Observation` -> context vector (features, scales, defaults).
+- :mod:`.reward`: ``w * q + (1 - w) * (1 - L / L_ref)``, and how a rating enters.
+- :mod:`.policies`: :class:`LinUCB` (Sherman-Morrison) and the baselines; why not MABWiser.
+- :mod:`.prior`: LinUCB's prior mean from the profile (what it predicts before any data).
+- :mod:`.profile`: the measured quality/timing profile format and its builder from rise-eval.
+- :mod:`.persistence`: versioned JSON state, written atomically.
+"""
+
+from .arms import DEFAULT_SPLITS, arm_grid, arm_label, check_arms
+from .context import FEATURE_NAMES, ContextBuilder, Observation, describe
+from .errors import BanditError, ProfileError, StateError
+from .persistence import STATE_VERSION, atomic_write_text, load_state, read_state, save_state
+from .policies import POLICY_KINDS, EpsilonGreedy, FixedArm, LinUCB, Policy, RandomPolicy, make_policy
+from .prior import profile_prior
+from .profile import PROFILE_HINT, PROFILE_VERSION, ArmQuality, Profile, Timing, load_profile, profile_from_eval, save_profile
+from .reward import DEFAULT_RATING_WEIGHT, rated_quality, reward
+
+__all__ = [
+    "DEFAULT_RATING_WEIGHT", "DEFAULT_SPLITS", "FEATURE_NAMES", "POLICY_KINDS", "PROFILE_HINT", "PROFILE_VERSION",
+    "STATE_VERSION", "ArmQuality", "BanditError", "ContextBuilder", "EpsilonGreedy", "FixedArm", "LinUCB",
+    "Observation", "Policy", "Profile", "ProfileError", "RandomPolicy", "StateError", "Timing", "arm_grid",
+    "arm_label", "atomic_write_text", "check_arms", "describe", "load_profile", "load_state", "make_policy",
+    "profile_from_eval", "profile_prior", "read_state", "rated_quality", "reward", "save_profile", "save_state",
+]

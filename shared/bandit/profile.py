@@ -1,0 +1,449 @@
+"""Quality/timing profiles: what the scheduler knows about each arm before it serves anything.
+
+A profile says, per relay configuration ``(N, k)``, the image quality measured by the
+evaluation harness at each prompt complexity level, and the measured per-step times the
+latency of a configuration is made of. The simulator replays requests against it; the
+edge's planner takes quality from it (latency it measures). Quality numbers come only
+from measurements (``rise-eval --json``); this module never makes any up.
+
+File format (JSON, ``"format": "rise-profile"``, ``"version": 1``)::
+
+    {
+      "format": "rise-profile", "version": 1,
+      "family": "demo-fashion" | null,
+      "synthetic": false,                 # true only for made-up profiles (tests); tools say so
+      "quality_metric": "adherence",      # in [0, 1], higher is better
+      "levels": [1, 2, ..., 9],           # complexity levels: prompt item counts
+      "ceilings": {...},                  # the harness's ceilings, kept for reference
+      "timing": {
+        "edge_step_s": 0.05,              # one (guided) large-UNet step, one request alone on the edge
+        "device_step_s": 0.40,            # one (guided) small-UNet step on the reference device
+        "edge_decode_s": 0.03,            # VAE decode on the edge
+        "device_decode_s": 0.30,          # VAE decode on the reference device
+        "text_encode_s": 0.01,            # edge text encoding (every arm, k = 0 included)
+        "handoff_bytes": 300000,          # handoff payload (latent + text embedding + state)
+        "image_bytes": 400000,            # PNG of an edge-decoded image
+        "edge_batch_step_s": {"1": 0.05, "4": 0.09} | null   # batched step by requests in the batch
+      },
+      "arms": [{"steps": 20, "split": 10, "quality": [0.93, 0.90, ...], "frechet": 12.3 | null}, ...],
+      "sources": ["eval_n20.json", ...]
+    }
+
+``quality[i]`` is the arm's quality at ``levels[i]``. The decode site does not change
+quality (same VAE), so one entry serves both decode sites of an edge-only arm.
+
+Building one: ``python -m shared.bandit.profile --eval EVAL.json[:N] [...] --out profile.json``
+reads ``rise-eval --json`` files (``{"ceilings": {...}, "rows": [{"k", "adherence",
+"adherence_by_items": {items: adherence}, "frechet", "edge_s", "device_s", ...}], "meta":
+{"steps", "family_id", ...}}``, one file per step count N: N from the ``:N`` suffix, else
+the file's ``meta.steps`` (or a top-level or row ``steps``/``num_inference_steps``)). Per-step times are least-squares fits over all rows: ``edge_s =
+text_encode_s + k * edge_step_s`` and ``device_s = device_decode_s + (N - k) * device_step_s``.
+A level missing from a row's ``adherence_by_items`` takes the row's overall adherence.
+``--bench FILE`` (a JSON object with any of the ``timing`` keys) overrides fitted times,
+e.g. with a benchmark's step times on the real edge GPU; ``handoff_bytes`` and
+``image_bytes`` must come from the bench file or ``--handoff-bytes``/``--image-bytes``
+(``rise-relay`` prints the handoff size). Without a measured ``edge_decode_s`` the edge
+decode takes the device's decode time: the harness measures both halves on one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.relay_plan import RelayPlan
+
+from ._checks import finite_number, integer
+from .arms import check_arms
+from .errors import ProfileError
+from .persistence import atomic_write_text
+
+PROFILE_FORMAT = "rise-profile"
+PROFILE_VERSION = 1
+#: What ``rise-sim`` and the planner tell a user who has no profile yet.
+PROFILE_HINT = (
+    "build a profile from the evaluation harness: `rise-eval --json eval_nN.json` for each step count N, "
+    "then `python -m shared.bandit.profile --eval eval_n10.json eval_n20.json ... "
+    "--handoff-bytes BYTES --image-bytes BYTES --out profile.json`"
+)
+_TIMING_KEYS = ("edge_step_s", "device_step_s", "edge_decode_s", "device_decode_s", "text_encode_s",
+                "handoff_bytes", "image_bytes", "edge_batch_step_s")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Measured times (seconds) and payload sizes (bytes); see the module doc."""
+
+    edge_step_s: float
+    device_step_s: float
+    edge_decode_s: float
+    device_decode_s: float
+    handoff_bytes: int
+    image_bytes: int
+    text_encode_s: float = 0.0
+    edge_batch_step_s: Mapping[int, float] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("edge_step_s", "device_step_s"):
+            finite_number(f"timing.{name}", getattr(self, name), 1e-9, 3600.0, ProfileError)
+        for name in ("edge_decode_s", "device_decode_s", "text_encode_s"):
+            finite_number(f"timing.{name}", getattr(self, name), 0.0, 3600.0, ProfileError)
+        for name in ("handoff_bytes", "image_bytes"):
+            integer(f"timing.{name}", getattr(self, name), 1, 2**40, ProfileError)
+        if self.edge_batch_step_s is not None:
+            table = {}
+            for key, value in dict(self.edge_batch_step_s).items():
+                try:
+                    size = int(key)
+                except (TypeError, ValueError):
+                    raise ProfileError(f"timing.edge_batch_step_s: key {key!r} is not a batch size") from None
+                integer("timing.edge_batch_step_s key", size, 1, 4096, ProfileError)
+                table[size] = finite_number(f"timing.edge_batch_step_s[{size}]", value, 1e-9, 3600.0, ProfileError)
+            if not table:
+                raise ProfileError("timing.edge_batch_step_s: empty (use null for no measurement)")
+            object.__setattr__(self, "edge_batch_step_s", dict(sorted(table.items())))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {k: getattr(self, k) for k in _TIMING_KEYS}
+        if self.edge_batch_step_s is not None:
+            out["edge_batch_step_s"] = {str(k): v for k, v in self.edge_batch_step_s.items()}
+        return out
+
+
+@dataclass(frozen=True)
+class ArmQuality:
+    """One configuration's measured quality per level (aligned with :attr:`Profile.levels`)."""
+
+    steps: int
+    split: int
+    quality: tuple[float, ...]
+    frechet: float | None = None
+
+
+@dataclass(frozen=True)
+class Profile:
+    levels: tuple[int, ...]
+    arms: tuple[ArmQuality, ...]
+    timing: Timing
+    family: str | None = None
+    synthetic: bool = False
+    quality_metric: str = "adherence"
+    ceilings: Mapping[str, Any] = field(default_factory=dict)
+    sources: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        levels = tuple(self.levels)
+        if not levels:
+            raise ProfileError("a profile needs at least one complexity level")
+        for level in levels:
+            integer("levels[]", level, 1, 10_000, ProfileError)
+        if list(levels) != sorted(set(levels)):
+            raise ProfileError(f"levels must be strictly increasing, got {list(levels)}")
+        if not self.arms:
+            raise ProfileError("a profile needs at least one arm")
+        seen = set()
+        for arm in self.arms:
+            where = f"arm N={arm.steps} k={arm.split}"
+            try:
+                RelayPlan(arm.steps, arm.split)
+            except ValueError as exc:
+                raise ProfileError(f"{where}: {exc}") from None
+            if (arm.steps, arm.split) in seen:
+                raise ProfileError(f"{where} appears twice")
+            seen.add((arm.steps, arm.split))
+            if len(arm.quality) != len(levels):
+                raise ProfileError(f"{where}: {len(arm.quality)} quality values for {len(levels)} levels")
+            for q in arm.quality:
+                finite_number(f"{where} quality", q, 0.0, 1.0, ProfileError)
+            if arm.frechet is not None:
+                finite_number(f"{where} frechet", arm.frechet, 0.0, error=ProfileError)
+        object.__setattr__(self, "levels", levels)
+        index = {(a.steps, a.split): i for i, a in enumerate(self.arms)}
+        object.__setattr__(self, "_index", index)  # a cache, not a field
+
+    # ------------------------------------------------------------------ lookups
+
+    def has(self, plan: RelayPlan) -> bool:
+        return (plan.num_inference_steps, plan.split) in self._index
+
+    def level_index(self, level: int) -> int:
+        """Index of the profiled level nearest to ``level`` (ties go to the harder level)."""
+        levels = np.asarray(self.levels)
+        return int(np.flatnonzero(np.abs(levels - level) == np.abs(levels - level).min())[-1])
+
+    def quality(self, plan: RelayPlan, level: int) -> float:
+        """Measured quality of ``plan`` 's ``(N, k)`` at the profiled level nearest ``level``."""
+        try:
+            arm = self.arms[self._index[(plan.num_inference_steps, plan.split)]]
+        except KeyError:
+            raise ProfileError(f"the profile has no N={plan.num_inference_steps} k={plan.split}") from None
+        return arm.quality[self.level_index(level)]
+
+    def quality_table(self, plans: Sequence[RelayPlan]) -> np.ndarray:
+        """``(len(plans), len(levels))`` quality of each plan at each level."""
+        return np.asarray([[self.quality(p, lv) for lv in self.levels] for p in plans], dtype=np.float64)
+
+    def plans(self, *, sampler: str = "dpmpp_2m", guidance_scale: float = 7.5,
+              edge_decode: bool = True) -> list[RelayPlan]:
+        """One arm per profiled ``(N, k)`` (sorted), plus edge-decode twins of edge-only arms."""
+        plans = []
+        for arm in sorted(self.arms, key=lambda a: (a.steps, a.split)):
+            plans.append(RelayPlan(arm.steps, arm.split, sampler, guidance_scale))
+            if edge_decode and arm.split == arm.steps:
+                plans.append(RelayPlan(arm.steps, arm.split, sampler, guidance_scale, decode_on="edge"))
+        return check_arms(plans)
+
+    def nominal_latency_s(self, plan: RelayPlan, device_slowdown: float = 1.0) -> float:
+        """Compute-only latency of ``plan``: one request alone on the edge, the reference device
+        slowed by ``device_slowdown``, no link cost."""
+        t = self.timing
+        edge = t.text_encode_s + plan.split * t.edge_step_s
+        device = plan.device_steps * t.device_step_s * device_slowdown
+        decode = t.edge_decode_s if plan.decode_on == "edge" else t.device_decode_s * device_slowdown
+        return edge + device + decode
+
+    def latency_ref_s(self) -> float:
+        """The latency that costs a speed-only user a whole unit of reward: the compute-only
+        latency of the slowest profiled arm (device-only at the largest N, on the reference device)."""
+        return max(self.nominal_latency_s(p) for p in self.plans(edge_decode=False))
+
+    # ------------------------------------------------------------------ (de)serialization
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": PROFILE_FORMAT,
+            "version": PROFILE_VERSION,
+            "family": self.family,
+            "synthetic": self.synthetic,
+            "quality_metric": self.quality_metric,
+            "levels": list(self.levels),
+            "ceilings": dict(self.ceilings),
+            "timing": self.timing.to_dict(),
+            "arms": [{"steps": a.steps, "split": a.split, "quality": list(a.quality), "frechet": a.frechet}
+                     for a in self.arms],
+            "sources": list(self.sources),
+        }
+
+    @classmethod
+    def from_dict(cls, doc: Any, where: str = "profile") -> Profile:
+        if not isinstance(doc, dict) or doc.get("format") != PROFILE_FORMAT:
+            raise ProfileError(f"{where} is not a RISE profile (expected \"format\": \"{PROFILE_FORMAT}\")")
+        if doc.get("version") != PROFILE_VERSION:
+            raise ProfileError(f"{where}: profile version {doc.get('version')!r}, this code reads {PROFILE_VERSION}")
+        known = {"format", "version", "family", "synthetic", "quality_metric", "levels", "ceilings", "timing",
+                 "arms", "sources"}
+        unknown = sorted(set(doc) - known)
+        if unknown:
+            raise ProfileError(f"{where}: unknown field(s) {', '.join(unknown)}")
+        timing = doc.get("timing")
+        if not isinstance(timing, dict):
+            raise ProfileError(f"{where}: \"timing\" must be an object")
+        missing = [k for k in _TIMING_KEYS if k not in timing and k not in ("text_encode_s", "edge_batch_step_s")]
+        extra = sorted(set(timing) - set(_TIMING_KEYS))
+        if missing or extra:
+            raise ProfileError(f"{where}: timing " + (f"misses {', '.join(missing)}" if missing else
+                                                      f"has unknown {', '.join(extra)}"))
+        arms = doc.get("arms")
+        if not isinstance(arms, list):
+            raise ProfileError(f"{where}: \"arms\" must be a list")
+        parsed = []
+        for i, arm in enumerate(arms):
+            if not isinstance(arm, dict) or not {"steps", "split", "quality"} <= set(arm):
+                raise ProfileError(f"{where}: arms[{i}] needs steps, split and quality")
+            quality = arm["quality"]
+            if not isinstance(quality, list):
+                raise ProfileError(f"{where}: arms[{i}].quality must be a list")
+            parsed.append(ArmQuality(arm["steps"], arm["split"], tuple(quality), arm.get("frechet")))
+        levels = doc.get("levels")
+        if not isinstance(levels, list):
+            raise ProfileError(f"{where}: \"levels\" must be a list")
+        try:
+            return cls(
+                levels=tuple(levels), arms=tuple(parsed), timing=Timing(**timing),
+                family=doc.get("family"), synthetic=bool(doc.get("synthetic", False)),
+                quality_metric=str(doc.get("quality_metric", "adherence")),
+                ceilings=dict(doc.get("ceilings") or {}), sources=tuple(map(str, doc.get("sources") or ())),
+            )
+        except ProfileError as exc:
+            raise ProfileError(f"{where}: {exc}") from None
+        except TypeError as exc:
+            raise ProfileError(f"{where}: {exc}") from None
+
+
+def load_profile(path: str | Path) -> Profile:
+    """Read and validate a profile file."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ProfileError(f"cannot read profile {path}: {exc}; {PROFILE_HINT}") from exc
+    except ValueError as exc:
+        raise ProfileError(f"profile {path} is not valid JSON: {exc}") from exc
+    return Profile.from_dict(doc, where=str(path))
+
+
+def save_profile(path: str | Path, profile: Profile) -> None:
+    atomic_write_text(path, json.dumps(profile.to_dict(), indent=1, allow_nan=False) + "\n")
+
+
+# ---------------------------------------------------------------------- from rise-eval output
+
+
+def profile_from_eval(
+    evals: Iterable[tuple[Mapping[str, Any], int | None, str]],
+    *,
+    bench: Mapping[str, Any] | None = None,
+    family: str | None = None,
+) -> Profile:
+    """Build a profile from ``rise-eval --json`` documents: ``(doc, N or None, source name)`` each.
+
+    See the module doc for how N, quality and per-step times are read.
+    """
+    rows: list[tuple[int, int, dict[str, Any], str]] = []  # (N, k, row, source)
+    ceilings: dict[str, Any] = {}
+    sources: list[str] = []
+    for doc, steps, source in evals:
+        if not isinstance(doc, Mapping) or not isinstance(doc.get("rows"), list) or not doc["rows"]:
+            raise ProfileError(f"{source}: not a rise-eval --json document (needs a non-empty \"rows\" list)")
+        meta = doc.get("meta") if isinstance(doc.get("meta"), Mapping) else {}
+        file_steps = steps or _steps_of(doc) or _steps_of(meta)
+        for i, row in enumerate(doc["rows"]):
+            if not isinstance(row, Mapping):
+                raise ProfileError(f"{source}: rows[{i}] is not an object")
+            n = file_steps or _steps_of(row)
+            if n is None:
+                raise ProfileError(f"{source}: which step count N? add \":N\" to the file name (e.g. {source}:20)")
+            k = row.get("k")
+            if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
+                raise ProfileError(f"{source}: rows[{i}].k must be an integer in [0, {n}], got {k!r}")
+            rows.append((int(n), k, dict(row), source))
+        if isinstance(doc.get("ceilings"), Mapping) and not ceilings:
+            ceilings = dict(doc["ceilings"])
+        sources.append(source)
+        named = meta.get("family_id", doc.get("family"))
+        family = family or (named if isinstance(named, str) else None)
+
+    levels = sorted({_level(key, src) for n, k, row, src in rows for key in (row.get("adherence_by_items") or {})})
+    if not levels:
+        raise ProfileError("no row has adherence_by_items: the profile needs quality per complexity level")
+    arms = []
+    for n, k, row, src in sorted(rows, key=lambda r: (r[0], r[1])):
+        overall = finite_number(f"{src} N={n} k={k} adherence", row.get("adherence"), 0.0, 1.0, ProfileError)
+        by_level = {_level(key, src): v for key, v in (row.get("adherence_by_items") or {}).items()}
+        quality = tuple(finite_number(f"{src} N={n} k={k} adherence_by_items[{lv}]", by_level.get(lv, overall),
+                                      0.0, 1.0, ProfileError) for lv in levels)
+        frechet = row.get("frechet")
+        frechet = None if frechet is None else finite_number(f"{src} frechet", frechet, 0.0, error=ProfileError)
+        arms.append(ArmQuality(n, k, quality, frechet))
+
+    timing = _fit_timing(rows)
+    timing.update({k: v for k, v in (bench or {}).items() if k in _TIMING_KEYS})
+    unknown = sorted(set(bench or {}) - set(_TIMING_KEYS))
+    if unknown:
+        raise ProfileError(f"bench: unknown timing key(s) {', '.join(unknown)}; known: {', '.join(_TIMING_KEYS)}")
+    for key in ("handoff_bytes", "image_bytes"):
+        if key not in timing:
+            flag = "--" + key.replace("_", "-")
+            raise ProfileError(f"{key} is not measured by rise-eval: give {flag} (rise-relay prints the handoff size) "
+                               "or put it in the --bench file")
+    timing.setdefault("edge_decode_s", timing["device_decode_s"])
+    return Profile(levels=tuple(levels), arms=tuple(arms), timing=Timing(**timing), family=family,
+                   ceilings=ceilings, sources=tuple(sources))
+
+
+def _steps_of(obj: Mapping[str, Any]) -> int | None:
+    for key in ("steps", "num_inference_steps", "N"):
+        value = obj.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _level(key: Any, source: str) -> int:
+    try:
+        level = int(key)
+    except (TypeError, ValueError):
+        raise ProfileError(f"{source}: adherence_by_items key {key!r} is not an item count") from None
+    if level < 1:
+        raise ProfileError(f"{source}: adherence_by_items key {key!r} is not a positive item count")
+    return level
+
+
+def _fit_timing(rows: Sequence[tuple[int, int, Mapping[str, Any], str]]) -> dict[str, Any]:
+    """Least-squares per-step times: edge_s = enc + k * edge_step, device_s = dec + (N - k) * device_step."""
+    def fit(xs: list[float], ys: list[float], what: str) -> tuple[float, float]:
+        if len(set(xs)) < 2:
+            raise ProfileError(f"cannot fit {what}: the rows need at least two different step counts")
+        design = np.stack([np.ones(len(xs)), np.asarray(xs, dtype=np.float64)], axis=1)
+        (intercept, slope), *_ = np.linalg.lstsq(design, np.asarray(ys, dtype=np.float64), rcond=None)
+        if not slope > 0:
+            raise ProfileError(f"cannot fit {what}: time does not grow with the step count (slope {slope:.3g})")
+        return max(float(intercept), 0.0), float(slope)
+
+    ek, es, dk, ds = [], [], [], []
+    for n, k, row, src in rows:
+        for key in ("edge_s", "device_s"):
+            if key not in row:
+                raise ProfileError(f"{src}: N={n} k={k} has no {key!r} (per-image seconds)")
+        ek.append(k)
+        es.append(finite_number(f"{src} edge_s", row["edge_s"], 0.0, error=ProfileError))
+        dk.append(n - k)
+        ds.append(finite_number(f"{src} device_s", row["device_s"], 0.0, error=ProfileError))
+    text_encode_s, edge_step_s = fit(ek, es, "the edge step time (edge_s against k)")
+    device_decode_s, device_step_s = fit(dk, ds, "the device step time (device_s against N - k)")
+    return {"edge_step_s": edge_step_s, "device_step_s": device_step_s, "device_decode_s": device_decode_s,
+            "text_encode_s": text_encode_s}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m shared.bandit.profile --eval FILE[:N] ... --out profile.json``."""
+    parser = argparse.ArgumentParser(prog="python -m shared.bandit.profile",
+                                     description="Build a scheduler profile from rise-eval --json files.")
+    parser.add_argument("--eval", nargs="+", required=True, metavar="FILE[:N]",
+                        help="rise-eval --json output, one per step count N (':N' if the file does not say)")
+    parser.add_argument("--bench", help="JSON object of measured timing keys overriding the fitted ones")
+    parser.add_argument("--handoff-bytes", type=int)
+    parser.add_argument("--image-bytes", type=int)
+    parser.add_argument("--edge-decode-s", type=float)
+    parser.add_argument("--family")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    try:
+        evals = []
+        for spec in args.eval:
+            path, _, n = spec.rpartition(":") if spec.rpartition(":")[2].isdigit() else (spec, "", "")
+            try:
+                doc = json.loads(Path(path).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise ProfileError(f"cannot read {path}: {exc}") from exc
+            evals.append((doc, int(n) if n else None, Path(path).name))
+        bench: dict[str, Any] = {}
+        if args.bench:
+            try:
+                bench = json.loads(Path(args.bench).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise ProfileError(f"cannot read {args.bench}: {exc}") from exc
+            if not isinstance(bench, dict):
+                raise ProfileError(f"{args.bench}: expected a JSON object of timing keys")
+        for key in ("handoff_bytes", "image_bytes", "edge_decode_s"):
+            if getattr(args, key) is not None:
+                bench[key] = getattr(args, key)
+        profile = profile_from_eval(evals, bench=bench, family=args.family)
+        save_profile(args.out, profile)
+    except ProfileError as exc:
+        print(f"profile: error: {exc}", file=sys.stderr)
+        return 2
+    t = profile.timing
+    print(f"wrote {args.out}: {len(profile.arms)} configurations, levels {list(profile.levels)}, "
+          f"edge step {t.edge_step_s * 1e3:.1f} ms, device step {t.device_step_s * 1e3:.1f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,165 @@
+"""rise-sim on a SYNTHETIC profile (made up here, labelled ``synthetic``; not a measurement)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared.bandit import ArmQuality, Profile, Timing, save_profile
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def synthetic_profile(steps=(10, 20, 30), fractions=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0), levels=range(1, 10), *,
+                      small_slope: float = 0.06, step_penalty: float = 0.25, edge_step_s: float = 0.05,
+                      device_step_s: float = 0.25) -> Profile:
+    """A SYNTHETIC profile with the shape the paper reports, for tests and for trying the simulator.
+
+    Quality (made up): the large model degrades slowly with the number of items, the small
+    one fast (``small_slope`` per item); a relay that gives the edge the fraction f = k/N of the steps gets
+    ``small + (large - small) * (1 - (1 - f)^2.5)`` (the early steps matter most); fewer
+    steps cost quality (``step_penalty``). Times: an SD-sized family on an edge GPU and a phone.
+    """
+    levels = tuple(levels)
+    arms = []
+    for n in steps:
+        step_factor = 1.0 - step_penalty * math.exp(-(n - 4) / 6.0)
+        for f in fractions:
+            k = round(f * n)
+            quality = []
+            for level in levels:
+                large = 0.97 - 0.025 * (level - 1)
+                small = max(0.95 - small_slope * (level - 1), 0.0)
+                frac = k / n
+                quality.append(round(step_factor * (small + (large - small) * (1 - (1 - frac) ** 2.5)), 4))
+            arms.append(ArmQuality(n, k, tuple(quality)))
+    timing = Timing(edge_step_s=edge_step_s, device_step_s=device_step_s, edge_decode_s=0.04, device_decode_s=0.3,
+                    handoff_bytes=300_000, image_bytes=350_000, text_encode_s=0.01)
+    return Profile(levels=levels, arms=tuple(arms), timing=timing, family="synthetic", synthetic=True,
+                   sources=("tests/edge_server/test_simulator.py:synthetic_profile",))
+
+
+def write_synthetic_profile(path: Path, **kw) -> Path:
+    save_profile(path, synthetic_profile(**kw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def profile_path(tmp_path_factory) -> Path:
+    return write_synthetic_profile(tmp_path_factory.mktemp("profile") / "synthetic_profile.json")
+
+
+@pytest.fixture(scope="module")
+def mixed_run(profile_path, tmp_path_factory):
+    from edge_server.simulator import main
+
+    out = tmp_path_factory.mktemp("sim")
+    code = main(["--profile", str(profile_path), "--requests", "2500", "--devices", "100", "--scenario", "mixed",
+                 "--warmup", "500", "--json", str(out / "sim.json"), "--plots", str(out / "plots")])
+    assert code == 0
+    return json.loads((out / "sim.json").read_text()), out
+
+
+def test_json_has_exactly_the_documented_keys(mixed_run):
+    data, _ = mixed_run
+    assert set(data) == {"policies"}
+    names = set(data["policies"])
+    assert {"linucb", "oracle", "edge_only", "device_only", "random", "epsilon_greedy"} <= names
+    assert {"fixed_k4", "fixed_k8", "fixed_k12", "fixed_k16", "fixed_k20"} <= names  # middle N = 20
+    for name, row in data["policies"].items():
+        assert set(row) == {"utility", "quality", "latency_mean_s", "latency_p95_s", "regret"}, name
+        assert all(isinstance(v, float) and math.isfinite(v) for v in row.values())
+        assert name == "oracle" or row["regret"] >= 0.0
+
+
+def test_oracle_has_zero_regret_and_linucb_beats_random(mixed_run):
+    pol = mixed_run[0]["policies"]
+    assert pol["oracle"]["regret"] == 0.0
+    assert pol["linucb"]["utility"] > pol["random"]["utility"] + 0.1
+    assert pol["linucb"]["regret"] < 0.2 * pol["random"]["regret"]
+    assert pol["linucb"]["utility"] > pol["epsilon_greedy"]["utility"]
+    assert pol["oracle"]["utility"] >= max(p["utility"] for p in pol.values()) - 0.01
+
+
+def test_plots_are_written(mixed_run):
+    pytest.importorskip("matplotlib")
+    _, out = mixed_run
+    assert sorted(p.name for p in (out / "plots").iterdir()) == ["latency_quality_mixed.png", "regret_mixed.png"]
+
+
+def test_without_a_profile_it_says_how_to_make_one(capsys):
+    from edge_server.simulator import main
+
+    assert main(["--requests", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "python -m shared.bandit.profile" in err and "rise-eval --json" in err
+
+
+@pytest.mark.parametrize("scenario", ["network-drop", "load-spike", "edge-overload"])
+def test_scenarios_run_and_linucb_adapts(profile_path, scenario):
+    from edge_server.simulator import SimConfig, Simulation, adaptation
+
+    sim = Simulation(synthetic_profile(), SimConfig(requests=3000, devices=100, scenario=scenario, warmup=300))
+    assert sim.world.change_points == [1000, 2000]
+    policies = sim.make_policies(["linucb", "oracle", "random"])
+    results = {name: sim.run(name, p) for name, p in policies.items()}
+    assert results["oracle"].regret.sum() == 0.0
+    for change, before, first, second in adaptation(results["linucb"], sim.world.change_points, window=500):
+        assert second < 0.05, (scenario, change, before, first, second)  # settled within 500 requests
+    assert results["linucb"].regret.sum() < 0.2 * results["random"].regret.sum()
+
+
+def test_same_seed_same_stream(profile_path):
+    from edge_server.simulator import SimConfig, Simulation
+
+    a = Simulation(synthetic_profile(), SimConfig(requests=400, devices=20, seed=3))
+    b = Simulation(synthetic_profile(), SimConfig(requests=400, devices=20, seed=3))
+    ra = a.run("linucb", a.make_policies(["linucb"])["linucb"])
+    rb = b.run("linucb", b.make_policies(["linucb"])["linucb"])
+    np.testing.assert_array_equal(ra.arm, rb.arm)
+    np.testing.assert_array_equal(ra.latency, rb.latency)
+
+
+def test_edge_batching_model():
+    from edge_server.simulator import Edge, batch_step_times
+
+    profile = synthetic_profile()
+    T = batch_step_times(profile, 4, beta=0.5)
+    assert T[1:] == pytest.approx([0.05, 0.075, 0.1, 0.125])
+    done: dict[int, float] = {}
+    edge = Edge(T, max_batch=2)
+    edge.advance(0.0, done.__setitem__)
+    predicted = edge.predict(0.0, 3)
+    assert predicted == pytest.approx([0.0, 0.05, 0.1, 0.15])  # alone: single steps
+    edge.submit(3, 0)
+    edge.submit(1, 1)  # batch of two
+    edge.submit(2, 2)  # queued
+    f = edge.predict(0.0, 2)  # a fourth request waits for a slot, then shares the batch
+    edge.submit(2, 3)
+    edge.advance(float("inf"), done.__setitem__)
+    assert done[1] == pytest.approx(0.075)  # one step of a 2-batch
+    assert done[3] == pytest.approx(f[2])  # the prediction (nobody else came) is what happened
+    assert max(done.values()) == done[3] or max(done.values()) == done[2]
+
+
+def test_simulator_runs_without_torch(profile_path):
+    script = (
+        "import importlib.abc, sys\n"
+        "class NoTorch(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in {'torch', 'diffusers', 'transformers'}:\n"
+        "            raise ImportError(name)\n"
+        "sys.meta_path.insert(0, NoTorch())\n"
+        "from edge_server.simulator import main\n"
+        f"sys.exit(main(['--profile', {str(profile_path)!r}, '--requests', '300', '--devices', '20',"
+        " '--policies', 'linucb,oracle']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "SYNTHETIC PROFILE" in proc.stdout and "linucb" in proc.stdout
