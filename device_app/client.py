@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import io
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -258,14 +257,10 @@ class _Pending:
     queue: asyncio.Queue[_Item | BaseException] = field(default_factory=asyncio.Queue)
 
 
-_WARM_LOCK = threading.Lock()  # one session build at a time: DeviceBundle.graph() caches without a lock
-
-
 def _warm_up(bundle: DeviceBundle) -> None:
     """Create the ORT sessions a relay needs now, not inside the first request's latency."""
-    with _WARM_LOCK:
-        for name in ("unet", "vae_decoder"):
-            bundle.graph(name)
+    for name in ("unet", "vae_decoder"):
+        bundle.graph(name)
 
 
 def _now() -> float:

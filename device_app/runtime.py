@@ -8,6 +8,7 @@ No torch here: this is the device.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,7 @@ class DeviceBundle:
             self._options.intra_op_num_threads = threads
         self._providers = providers or ["CPUExecutionProvider"]
         self._graphs: dict[str, OnnxGraph] = {}
+        self._graphs_lock = threading.Lock()  # sessions are built lazily, possibly from worker threads
         uncond = load_file(str(self.folder / self.manifest.uncond_embedding))
         if UNCOND_TENSOR not in uncond:
             raise BundleError(f"{self.manifest.uncond_embedding} has no {UNCOND_TENSOR!r} tensor")
@@ -69,11 +71,14 @@ class DeviceBundle:
         return self.manifest.family_id
 
     def graph(self, name: str) -> OnnxGraph:
-        if name not in self._graphs:
-            if name not in self.manifest.graphs:
-                raise BundleError(f"bundle {self.folder} has no {name} graph")
-            self._graphs[name] = OnnxGraph(self.folder / self.manifest.graphs[name].path, self._options, self._providers)
-        return self._graphs[name]
+        """The session for ``name``, built on first use (thread-safe; ORT sessions may run concurrently)."""
+        with self._graphs_lock:
+            if name not in self._graphs:
+                if name not in self.manifest.graphs:
+                    raise BundleError(f"bundle {self.folder} has no {name} graph")
+                self._graphs[name] = OnnxGraph(self.folder / self.manifest.graphs[name].path, self._options,
+                                               self._providers)
+            return self._graphs[name]
 
     def unet(self, sample: np.ndarray, timestep: float, encoder_hidden_states: np.ndarray) -> np.ndarray:
         """Small UNet noise prediction for a (B, C, H, W) sample at one timestep."""

@@ -4,7 +4,6 @@ judged on what a user sees (the generated image), against the fp32 bundle."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
