@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="RISE device client: the edge runs the large model's first steps, this device "
                     "finishes them with the small model on ONNX Runtime and decodes the image.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,bench,app}")
 
     def connection(p: argparse.ArgumentParser, *, threads_default: int | None, threads_help: str) -> None:
         p.add_argument("--server", required=True, help="edge daemon URL, ws://HOST:PORT (or wss://)")
@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--shared-bundle", action="store_true",
                        help="one DeviceBundle (ORT sessions) for all clients instead of one each")
     bench.add_argument("--json", default=None, metavar="OUT", help="write the figures to this JSON file")
+    sub.add_parser("app", help="open the Kivy app (rise-device app --help for its options)")  # main() hands it over
     return parser
 
 
@@ -455,6 +456,11 @@ async def _bench(args: argparse.Namespace, options: RequestOptions, token: str |
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``rise-device``; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["app"]:  # the app parses its own options
+        from device_app.app.app import main as app_main  # imports Kivy: only for the app
+
+        return app_main(argv[1:])
     args = build_parser().parse_args(argv)
     out = sys.stdout
     try:

@@ -1,0 +1,67 @@
+"""Make docs/screenshots/main.png and gallery.png: the real app, a real local edge, the tiny family.
+
+    python docs/make_screenshots.py [--out docs/screenshots] [--steps 8]
+
+Builds the tiny random-weights family and its bundle in a temporary folder, serves it
+with ``EdgeServer`` on 127.0.0.1 (fixed plan: N steps, half on the edge), and runs the
+app in an offscreen SDL2 window (``python -m device_app.app.screenshots``) for three
+prompts, rating the last one. The pictures are textures: the weights are random.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PROMPTS = ("a lighthouse on a cliff at sunset", "two cats sleeping on a blue sofa", "a red sneaker on a white table")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(REPO / "docs" / "screenshots"))
+    parser.add_argument("--steps", type=int, default=8)
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(1)
+    from edge_server.family import load_family
+    from edge_server.tiny_family import build_tiny_family
+    from export.cli import main as export_main
+    from tests.device_app.test_app_controller import running_edge
+    from tests.device_app.test_app_window import kivy_env
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        family_dir = build_tiny_family(tmp / "tiny-sd")
+        bundle = tmp / "bundle"
+        if export_main(["--family", str(family_dir), "--out", str(bundle)]) != 0:
+            return 1
+        with running_edge(load_family(family_dir), tmp, steps=args.steps) as (url, token_file):
+            cmd = [sys.executable, "-m", "device_app.app.screenshots", "--bundle", str(bundle),
+                   "--settings", str(tmp / "settings.json"), "--server", url, "--token-file", str(token_file),
+                   "--out", str(tmp / "shots"), "--rate", "1", "--preference", "0.6"]
+            for prompt in PROMPTS:
+                cmd += ["--prompt", prompt]
+            env = kivy_env(tmp)
+            env["HOME"] = os.environ.get("HOME", str(tmp))
+            if subprocess.run(cmd, env=env, cwd=REPO).returncode != 0:
+                return 1
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("main.png", "gallery.png"):
+            shutil.copyfile(tmp / "shots" / name, out / name)
+            print(f"wrote {out / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
