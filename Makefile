@@ -3,7 +3,7 @@ VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
 
-.PHONY: setup data demo test test-all bench clean
+.PHONY: setup data demo test test-all chaos bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ test: setup data
 
 test-all: setup data
 	$(PY) -m pytest -q
+
+chaos: setup
+	$(PY) bench/chaos.py
 
 bench: setup
 	$(PY) bench/bench_relay.py

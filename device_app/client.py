@@ -333,6 +333,9 @@ class EdgeClient:
         device_step_s: float | None = None,
         device_workers: int = 1,
         rtt_interval_s: float | None = 5.0,
+        ping_interval: float | None = 20.0,
+        ping_timeout: float | None = 20.0,
+        close_timeout: float | None = 10.0,
         limits: ProtocolLimits | None = None,
         handoff_limits: HandoffLimits | None = None,
         device_load: DeviceLoad | None = None,
@@ -343,8 +346,12 @@ class EdgeClient:
 
         Raises :class:`EdgeConnectionError` (code ``connect_failed``, or the server's
         refusal: ``unauthorized``, ``unsupported_version``, ``wrong_family``...) or
-        :class:`EdgeTimeout`. ``limits`` are this side's receive limits (frame sizes);
-        ``warm_up`` creates the ORT sessions before returning.
+        :class:`EdgeTimeout`. ``ping_interval`` / ``ping_timeout`` are the websocket
+        keepalive (None turns it off): a dead link fails every request in flight with
+        ``connection_lost`` after about ``ping_interval + ping_timeout + close_timeout``
+        (the last bounds the wait for the closing handshake the dead link never completes).
+        ``limits`` are this side's receive limits (frame sizes); ``warm_up`` creates the ORT
+        sessions before returning.
         """
         limits = limits or ProtocolLimits()
         load = device_load or DeviceLoad()
@@ -371,6 +378,9 @@ class EdgeClient:
                 max_size=limits.websocket_max_size,  # a handoff is one binary frame
                 compression=None,  # permessage-deflate costs ~20x the time of a latent frame and saves little
                 open_timeout=open_timeout,
+                ping_interval=ping_interval,
+                ping_timeout=ping_timeout,
+                close_timeout=close_timeout,
                 **kwargs,
             )
         except (OSError, InvalidURI, WebSocketException, asyncio.TimeoutError, ValueError) as exc:

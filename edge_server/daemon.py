@@ -58,6 +58,8 @@ class EdgeConfig:
     threads: int | None = None  # torch intra-op threads (None: torch's default)
     request_timeout_s: float = 300.0
     shutdown_grace_s: float = 30.0
+    ping_interval_s: float | None = 20.0  # websocket keepalive: ping every ... (None: never)
+    ping_timeout_s: float | None = 20.0  # ... and drop a connection whose pong is this late
     steps: int = 20
     split_fraction: float = 0.5
     sampler: str = "dpmpp_2m"
@@ -161,6 +163,9 @@ class EdgeServer:
         self.engine = BatchingEngine(family, max_batch_rows=config.max_batch_rows, max_queue=config.max_queue,
                                      batching=config.batching, on_batch=self._on_batch)
         self.default_size = family.default_latent_size * family.vae_scale_factor
+        # Read at scrape time: set only after a UNet call, they would go stale once the edge is idle.
+        self.metrics.queue_depth.set_function(lambda: self.engine.stats().queued)
+        self.metrics.active.set_function(lambda: self.engine.stats().active)
         self.clients: set[_Client] = set()
         self.draining = False
         self._server: Server | None = None
@@ -173,7 +178,8 @@ class EdgeServer:
             self._handle, self.config.host, self.config.port,
             max_size=self.limits.max_message_bytes,  # clients send only small text frames
             compression=None,  # tensors do not deflate; it only costs time
-            ssl=self.config.ssl_context(), ping_interval=20, ping_timeout=20, close_timeout=5,
+            ssl=self.config.ssl_context(), ping_interval=self.config.ping_interval_s,
+            ping_timeout=self.config.ping_timeout_s, close_timeout=5,
         )
         port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self.config.port
         if self.config.metrics_port is not None:
@@ -336,9 +342,6 @@ class EdgeServer:
     def _on_batch(self, requests: int, rows: int) -> None:  # worker thread; prometheus is thread-safe
         self.metrics.batch_requests.observe(requests)
         self.metrics.batch_rows.observe(rows)
-        stats = self.engine.stats()
-        self.metrics.queue_depth.set(stats.queued)
-        self.metrics.active.set(stats.active)
 
 
 # ---------------------------------------------------------------------- command line
@@ -363,6 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, help="torch intra-op threads for the large model")
     s.add_argument("--shutdown-grace", type=float, dest="shutdown_grace_s",
                    help="seconds in-flight requests get to finish on SIGTERM (default 30)")
+    s.add_argument("--ping-interval", type=float, dest="ping_interval_s",
+                   help="websocket keepalive ping interval in seconds (default 20)")
+    s.add_argument("--ping-timeout", type=float, dest="ping_timeout_s",
+                   help="close a connection whose pong is this many seconds late (default 20)")
     s.add_argument("--scheduler", help="fixed (default), linucb, epsilon_greedy, random, edge_only, "
                                        "device_only or one arm such as N20k10")
     s.add_argument("--profile", help="measured profile JSON for the bandit scheduler")
@@ -376,8 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> EdgeConfig:
     config = EdgeConfig.from_toml(args.config) if args.config else EdgeConfig()
     for name in ("host", "port", "token_file", "tls_cert", "tls_key", "metrics_port", "max_batch_rows",
-                 "max_queue", "steps", "split_fraction", "shutdown_grace_s", "threads", "scheduler", "profile",
-                 "bandit_state", "alpha"):
+                 "max_queue", "steps", "split_fraction", "shutdown_grace_s", "ping_interval_s", "ping_timeout_s",
+                 "threads", "scheduler", "profile", "bandit_state", "alpha"):
         value = getattr(args, name)
         if value is not None:
             setattr(config, name, value)

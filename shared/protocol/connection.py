@@ -298,6 +298,7 @@ class ServerConnection(_Connection):
         self._requests: dict[str, _ServerRequest] = {}
         self._reportable: OrderedDict[str, None] = OrderedDict()  # delivered, no report yet
         self._rateable: OrderedDict[str, None] = OrderedDict()  # reported; may still be rated
+        self._failed: OrderedDict[str, None] = OrderedDict()  # ended by an error: only a replay would reuse the id
 
     # ----------------------------------------------------------------- state
 
@@ -345,7 +346,9 @@ class ServerConnection(_Connection):
             return self._on_rating(message)
         if isinstance(message, Error):
             if message.request_id is not None:
-                self._reportable.pop(message.request_id, None)  # the device failed: no report is coming
+                if message.request_id in self._reportable:  # the device failed: no report is coming
+                    del self._reportable[message.request_id]
+                    _remember(self._failed, message.request_id)
             return [message]
         what = "a second hello" if isinstance(message, Hello) else f"{message.TYPE!r}, which only a server sends"
         return list(self._reject(ProtocolError(f"type: unexpected {what}", field="type")))
@@ -438,7 +441,7 @@ class ServerConnection(_Connection):
         return [rating]
 
     def _known(self, rid: str) -> bool:
-        return rid in self._requests or rid in self._reportable or rid in self._rateable
+        return rid in self._requests or rid in self._reportable or rid in self._rateable or rid in self._failed
 
     # ----------------------------------------------------------------- sending
 
@@ -547,8 +550,10 @@ class ServerConnection(_Connection):
             return
         error = _built(Error, code=code, message=message, request_id=request_id, field=field, retry_after_s=retry_after_s)
         if request_id is not None:
-            self._requests.pop(request_id, None)
+            ended = self._requests.pop(request_id, None) is not None or request_id in self._reportable
             self._reportable.pop(request_id, None)
+            if ended:
+                _remember(self._failed, request_id)
         self._queue(error)
         if request_id is None and code in FATAL_CLOSE_CODES:
             self.close = Close(FATAL_CLOSE_CODES[code], code.replace("_", " "))
