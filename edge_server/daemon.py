@@ -37,7 +37,7 @@ from edge_server.family import Family, load_family
 from edge_server.metrics import EdgeMetrics
 from edge_server.planner import FixedPlanner, PlanContext, Planner
 from shared.errors import ConfigError, RiseError
-from shared.protocol import Cancel, Generate, ProtocolLimits, Report, ServerConnection
+from shared.protocol import Cancel, Generate, ProtocolLimits, Rating, Report, ServerConnection
 
 log = logging.getLogger("rise.edge")
 
@@ -265,6 +265,8 @@ class EdgeServer:
             self.engine.cancel(client.key(event.request_id))
         elif isinstance(event, Report):
             self.metrics.reports.inc()
+            if event.rating is not None:
+                self.metrics.ratings.labels(str(event.rating)).inc()
             for stage, value in (("device", event.device_compute_s), ("transfer", event.transfer_s),
                                  ("total", event.total_latency_s)):
                 self.metrics.stage_seconds.labels(stage).observe(value)
@@ -272,6 +274,10 @@ class EdgeServer:
             if delivered is not None:
                 plan, request = delivered
                 self.planner.feedback(plan, request, event)
+        elif isinstance(event, Rating):
+            # A rating after the report is counted, not learned from: the scheduler's update for that
+            # request already happened with the report (ratings inside a report do feed it).
+            self.metrics.ratings.labels(str(event.rating)).inc()
         elif hasattr(event, "error"):  # FrameRejected: its Error is already queued
             self.metrics.errors.labels(event.error.code).inc()
 

@@ -24,6 +24,8 @@ class EdgeMetrics:
                                 ["steps", "split", "sampler", "decode_on"], registry=r)
         self.errors = Counter("rise_edge_errors", "Errors sent, by code", ["code"], registry=r)
         self.reports = Counter("rise_edge_reports", "Device reports received", registry=r)
+        self.ratings = Counter("rise_edge_ratings", "User ratings received (in reports or later)", ["rating"],
+                               registry=r)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         """Expose /metrics over HTTP on a background thread."""

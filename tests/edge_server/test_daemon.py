@@ -263,8 +263,15 @@ def test_metrics_endpoint_reports_requests_and_batches(tiny_family):
         metrics_port = s.getsockname()[1]
 
     async def body(server, port):
+        from shared.protocol import Report
+
         client = await BareClient.open(port, tiny_family.family_id)
-        await client.generate(prompt="p", seed=1, pinned=RelayPlan(4, 2, "ddim", 5.0))
+        event, _ = await client.generate(prompt="p", seed=1, pinned=RelayPlan(4, 2, "ddim", 5.0))
+        client.conn.send_report(Report(request_id=event.request_id, device_compute_s=0.01, transfer_s=0.001,
+                                       total_latency_s=0.2, rating=1))
+        client.conn.send_rating(event.request_id, -1)  # the user changed their mind later
+        await client.flush()
+        await asyncio.sleep(0.3)
         bad = await BareClient.open(port, tiny_family.family_id, token="nope")
         await bad.next_event()
         text = await asyncio.to_thread(
@@ -277,6 +284,7 @@ def test_metrics_endpoint_reports_requests_and_batches(tiny_family):
     assert "rise_edge_batch_requests_count 2.0" in text  # two UNet calls (k=2)
     assert 'rise_edge_stage_seconds_count{stage="edge"} 1.0' in text
     assert "rise_edge_queue_depth" in text
+    assert 'rise_edge_ratings_total{rating="1"} 1.0' in text and 'rise_edge_ratings_total{rating="-1"} 1.0' in text
 
 
 def test_bandit_scheduler_plans_learns_from_reports_and_persists(tiny_family, tmp_path):
