@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import io
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -575,18 +576,22 @@ class EdgeClient:
         **kwargs: Any,
     ) -> GenerationResult:
         """:meth:`generate`, tried up to ``attempts`` times in all while the edge answers
-        ``busy``/``rate_limited`` (waiting its ``retry_after_s``) or ``too_many_in_flight``
-        (waiting 0.5 s). A wait longer than ``max_wait_s`` is not worth it: that error is
-        raised instead. ``on_retry(error, delay)`` is called before each wait."""
+        ``busy``/``rate_limited`` (waiting at least its ``retry_after_s``) or
+        ``too_many_in_flight`` (at least 0.5 s). Later retries back off exponentially with
+        jitter, so many devices turned away together do not all come back together. A
+        server-advised wait longer than ``max_wait_s`` is not worth it: that error is raised
+        instead. ``on_retry(error, delay)`` is called before each wait."""
         if attempts < 1:
             raise ValueError(f"attempts must be >= 1, got {attempts}")
         for attempt in range(1, attempts + 1):
             try:
                 return await self.generate(prompt, **kwargs)
             except EdgeError as exc:
-                delay = exc.retry_after_s if exc.retry_after_s is not None else 0.5
-                if not exc.retryable or attempt == attempts or delay > max_wait_s:
+                advised = exc.retry_after_s if exc.retry_after_s is not None else 0.5
+                if not exc.retryable or attempt == attempts or advised > max_wait_s:
                     raise
+                backoff = advised * 2 ** (attempt - 1) * random.uniform(1.0, 1.5)
+                delay = min(backoff, max_wait_s)
                 if on_retry is not None:
                     on_retry(exc, delay)
                 log.info("request %s: %s; retrying in %.3g s (attempt %d of %d)", exc.request_id, exc.code, delay,
