@@ -58,3 +58,41 @@ def test_quick_training_writes_a_loadable_family(tmp_path: Path) -> None:
         generator=torch.Generator().manual_seed(0),
     ).images
     assert out.shape == (1, 48, 48, 3) and np.isfinite(out).all()
+
+
+def test_a_stage_resumed_from_its_checkpoint_ends_where_an_uninterrupted_one_does(tmp_path: Path) -> None:
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from edge_server.demo_family.train import Stage, TrainConfig
+
+    cfg = replace(TrainConfig(), checkpoint_every_s=0.0, log_every=2, ema_decay=0.9)
+
+    def make(fail_at: int | None) -> tuple[Stage, torch.nn.Module]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+        stream = SimpleNamespace(rng=np.random.default_rng(1))
+        calls = {"n": 0}
+
+        def loss() -> torch.Tensor:
+            calls["n"] += 1
+            if calls["n"] == fail_at:
+                raise KeyboardInterrupt  # the process is killed mid-stage
+            x = torch.from_numpy(stream.rng.standard_normal((4, 3)).astype(np.float32)) + torch.randn(4, 3)
+            return model(x).pow(2).mean()
+
+        stage = Stage("large", {"m": model}, [{"params": list(model.parameters()), "lr": 0.1, "name": "m"}],
+                      8, 4, loss, stream, cfg, ema_decay=cfg.ema_decay)  # type: ignore[arg-type]
+        return stage, model
+
+    straight, _ = make(None)
+    expected = straight.run(tmp_path / "a.ckpt.pt")["m"].weight.detach().clone()
+    first, _ = make(6)
+    with pytest.raises(KeyboardInterrupt):
+        first.run(tmp_path / "b.ckpt.pt")
+    assert (tmp_path / "b.ckpt.pt").is_file()
+    torch.manual_seed(123)  # the checkpoint restores the RNGs, whatever happened since
+    second, _ = make(None)
+    resumed = second.run(tmp_path / "b.ckpt.pt")["m"].weight.detach()
+    assert torch.allclose(resumed, expected, atol=1e-6)
+    assert second.record["loss_history"] == straight.record["loss_history"]
