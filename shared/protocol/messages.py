@@ -70,8 +70,7 @@ _MAX_BANDWIDTH_BPS = 1e13
 _MAX_PAYLOAD_BYTES = 2**31
 _MAX_VERSION = 65535
 
-_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,63}", re.ASCII)
-_IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,63}", re.ASCII)  # scheduler, device class
+_IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,63}", re.ASCII)  # request ids, scheduler, device class
 _TOKEN = re.compile(r"[\x21-\x7e]{1,512}", re.ASCII)  # printable ASCII, no spaces
 # C0/C1 control characters other than tab, newline, carriage return; format chars (emoji ZWJ) are fine.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
@@ -114,7 +113,7 @@ class ProtocolError(RiseError, ValueError):
         return Error(
             code=code,
             message=_clip(str(self), _MAX_ERROR_CHARS),
-            request_id=self.request_id if _valid(_request_id, "request_id", self.request_id) else None,
+            request_id=self.request_id if _valid(_identifier, "request_id", self.request_id) else None,
             field=_clip(self.field, _MAX_FIELD_CHARS) if _valid(_field_name, "field", self.field) else None,
             retry_after_s=None if retry is None else min(max(float(retry), 0.0), _MAX_SECONDS),
         )
@@ -316,7 +315,7 @@ class Generate(_Message):
     bandwidth_bps: float | None = None
 
     def _validate(self) -> None:
-        _request_id("request_id", self.request_id)
+        _identifier("request_id", self.request_id)
         _text("prompt", self.prompt, max_chars=None, allow_empty=True)
         self._set("preference", _float("preference", self.preference, 0.0, 1.0))
         _opt(_int, "seed", self.seed, 0, _MAX_SEED - 1)
@@ -356,7 +355,7 @@ class Plan(_Message):
     why: str
 
     def _validate(self) -> None:
-        _request_id("request_id", self.request_id)
+        _identifier("request_id", self.request_id)
         _relay_plan("plan", self.plan)
         _int("seed", self.seed, 0, _MAX_SEED - 1)
         _int("height", self.height, 8, _MAX_SIDE)
@@ -377,7 +376,7 @@ class Progress(_Message):
     total: int
 
     def _validate(self) -> None:
-        _request_id("request_id", self.request_id)
+        _identifier("request_id", self.request_id)
         _choice("stage", self.stage, STAGES)
         _int("total", self.total, 1, MAX_STEPS)
         _int("step", self.step, 0, MAX_STEPS)
@@ -401,7 +400,7 @@ class HandoffAnnouncement(_Message):
     queue_s: float | None = None
 
     def _validate(self) -> None:
-        _request_id("request_id", self.request_id)
+        _identifier("request_id", self.request_id)
         _int("nbytes", self.nbytes, 1, _MAX_PAYLOAD_BYTES)
         self._set("edge_compute_s", _opt(_float, "edge_compute_s", self.edge_compute_s, 0.0, _MAX_SECONDS))
         self._set("queue_s", _opt(_float, "queue_s", self.queue_s, 0.0, _MAX_SECONDS))
@@ -422,7 +421,7 @@ class ResultAnnouncement(_Message):
     queue_s: float | None = None
 
     def _validate(self) -> None:
-        _request_id("request_id", self.request_id)
+        _identifier("request_id", self.request_id)
         _int("nbytes", self.nbytes, len(PNG_SIGNATURE), _MAX_PAYLOAD_BYTES)
         _int("height", self.height, 8, _MAX_SIDE)
         _int("width", self.width, 8, _MAX_SIDE)
@@ -451,7 +450,7 @@ class Report(_Message):
     rating: int | None = None
 
     def _validate(self) -> None:
-        _request_id("request_id", self.request_id)
+        _identifier("request_id", self.request_id)
         for name in ("device_compute_s", "transfer_s", "total_latency_s"):
             self._set(name, _float(name, getattr(self, name), 0.0, _MAX_SECONDS))
         self._set("device_load", _opt(_float, "device_load", self.device_load, 0.0, 1.0))
@@ -469,7 +468,7 @@ class Rating(_Message):
     rating: int
 
     def _validate(self) -> None:
-        _request_id("request_id", self.request_id)
+        _identifier("request_id", self.request_id)
         _int("rating", self.rating, -1, 1)
 
 
@@ -481,7 +480,7 @@ class Cancel(_Message):
     request_id: str
 
     def _validate(self) -> None:
-        _request_id("request_id", self.request_id)
+        _identifier("request_id", self.request_id)
 
 
 _MAX_ERROR_CHARS = 1024
@@ -507,7 +506,7 @@ class Error(_Message):
     def _validate(self) -> None:
         _choice("code", self.code, ERROR_CODES)
         _text("message", self.message, max_chars=_MAX_ERROR_CHARS, allow_empty=False)
-        _opt(_request_id, "request_id", self.request_id)
+        _opt(_identifier, "request_id", self.request_id)
         _opt(_field_name, "field", self.field)
         if self.code in RETRY_CODES:
             if self.retry_after_s is None:
@@ -579,7 +578,7 @@ def decode_text(frame: str, limits: ProtocolLimits | None = None) -> Message:
         message = _from_wire(cls, obj)
         check_limits(message, limits)  # type: ignore[arg-type]
     except ProtocolError as exc:
-        if exc.request_id is None and _valid(_request_id, "request_id", rid):
+        if exc.request_id is None and _valid(_identifier, "request_id", rid):
             exc.request_id = rid  # lets the peer fail just that request
         raise
     return message  # type: ignore[return-value]
@@ -770,14 +769,6 @@ def _opt(check: Callable[..., Any], name: str, value: Any, *args: Any, **kwargs:
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in choices:
         _fail("bad_message", name, f"one of {list(choices)}", _show(value))
-    return value
-
-
-def _request_id(name: str, value: Any) -> str:
-    if not isinstance(value, str):
-        _fail("bad_message", name, "a string", _type_name(value))
-    if not _REQUEST_ID.fullmatch(value):
-        _fail("bad_message", name, "1-64 characters of [A-Za-z0-9._:-], starting alphanumeric", _show(value))
     return value
 
 
