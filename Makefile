@@ -3,7 +3,7 @@ VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
 
-.PHONY: setup data demo test test-all chaos bench clean
+.PHONY: setup data demo test test-all chaos bench profile sim clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,32 @@ chaos: setup
 
 bench: setup
 	$(PY) bench/bench_relay.py
+
+# The scheduler's profile, measured on the demo family (about 25 minutes on 2 cores): rise-eval at
+# N = 10, 20, 30 (device half on ONNX Runtime, CPU-time clock, one thread each, two at a time),
+# the edge's batched step, then shared.bandit.profile. `make sim` replays it in rise-sim.
+FAMILY  ?= models/demo/family
+PROFILE ?= bench_out/profile
+BIN     := $(VENV)/bin
+profile: setup data
+	mkdir -p $(PROFILE)
+	$(BIN)/rise-export --family $(FAMILY) --out $(PROFILE)/bundle --force
+	$(BIN)/rise-eval --family $(FAMILY) --bundle $(PROFILE)/bundle --threads 1 --steps 30 \
+		--splits 0,3,6,9,12,15,20,25 --json $(PROFILE)/eval_n30.json > $(PROFILE)/eval_n30.log & \
+	$(BIN)/rise-eval --family $(FAMILY) --bundle $(PROFILE)/bundle --threads 1 --steps 10 \
+		--splits 0,1,2,3,4,5,6,8 --json $(PROFILE)/eval_n10.json > $(PROFILE)/eval_n10.log && \
+	$(BIN)/rise-eval --family $(FAMILY) --bundle $(PROFILE)/bundle --threads 1 --steps 20 \
+		--splits 0,2,4,5,6,8,10,12,16 --json $(PROFILE)/eval_n20.json --plots $(PROFILE)/eval_n20 > $(PROFILE)/eval_n20.log; \
+	wait
+	$(PY) bench/bench_edge_batch.py --family $(FAMILY) --threads 1 --json $(PROFILE)/edge_batch.json
+	$(PY) -m shared.bandit.profile --eval $(PROFILE)/eval_n10.json $(PROFILE)/eval_n20.json $(PROFILE)/eval_n30.json \
+		--bench $(PROFILE)/edge_batch.json --out $(PROFILE)/profile.json
+
+sim: setup
+	@test -f $(PROFILE)/profile.json || { echo "no $(PROFILE)/profile.json: run make profile first"; exit 2; }
+	for s in mixed network-drop load-spike; do \
+		$(BIN)/rise-sim --profile $(PROFILE)/profile.json --requests 20000 --devices 500 --scenario $$s \
+			--json $(PROFILE)/sim_$$s.json --plots $(PROFILE)/plots || exit 1; done
 
 clean:
 	rm -rf $(VENV) demo_out bench_out

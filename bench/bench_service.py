@@ -5,9 +5,11 @@ Prints, all measured in one run on this machine (edge and devices share its core
      a time (--no-batching), on edge-only plans (k = N) so the edge is what is measured;
   2. handoff overhead (edge encode + transfer + device decode) against device compute;
   3. p50 / p95 latency at 1, 4 and 16 clients with the default relay (k = N/2).
-Family: the benchmark tiny family (random weights; cost does not depend on their values)
-until the trained demo family lands.
-Usage: python bench/bench_service.py [--requests-per-client 4] [--steps 20] [--workdir bench_out]
+Family: the trained demo family (models/demo/family, exported to a bundle in the workdir) when
+it is there, else the benchmark tiny family (random weights; cost does not depend on their values);
+--family/--bundle pick another.
+Usage: python bench/bench_service.py [--family DIR [--bundle B]] [--requests-per-client 4] [--steps 20]
+       [--threads 1] [--workdir bench_out]
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ max_in_flight = 8
 """
 
 
-def start_edge(family: Path, workdir: Path, *, batching: bool) -> tuple[subprocess.Popen, int]:
+def start_edge(family: Path, workdir: Path, *, batching: bool, threads: int) -> tuple[subprocess.Popen, int]:
     cmd = [sys.executable, "-m", "edge_server.daemon", "serve", "--family", str(family), "--port", "0",
-           "--token-file", str(workdir / "token"), "--config", str(workdir / "edge.toml"), "--max-queue", "256", "--threads", "1"]
+           "--token-file", str(workdir / "token"), "--config", str(workdir / "edge.toml"), "--max-queue", "256",
+           "--threads", str(threads)]
     if not batching:
         cmd.append("--no-batching")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -76,6 +79,10 @@ def main() -> None:
     parser.add_argument("--requests-per-client", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--workdir", default="bench_out")
+    parser.add_argument("--family", type=Path, default=None,
+                        help="family folder (default: models/demo/family if present, else the bench tiny family)")
+    parser.add_argument("--bundle", type=Path, default=None, help="its device bundle (default: exported into --workdir)")
+    parser.add_argument("--threads", type=int, default=1, help="the edge daemon's torch threads (both modes)")
     args = parser.parse_args()
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -85,12 +92,18 @@ def main() -> None:
     from edge_server.tiny_family import BENCH_LARGE, BENCH_SMALL, build_tiny_family
     from export.cli import main as export_main
 
-    family = work / "bench-family"
-    if not (family / "model_index.json").is_file():
-        build_tiny_family(family, large=BENCH_LARGE, small=BENCH_SMALL)
-    bundle = work / "bundle-fp32"
+    family = args.family
+    if family is None and (REPO / "models/demo/family/model_index.json").is_file():
+        family = REPO / "models/demo/family"
+    if family is None:
+        family = work / "bench-family"
+        if not (family / "model_index.json").is_file():
+            build_tiny_family(family, large=BENCH_LARGE, small=BENCH_SMALL)
+    family = family.resolve()
+    bundle = args.bundle or work / f"bundle-{family.parent.name}-{family.name}"
     if not (bundle / "manifest.json").is_file():
         assert export_main(["--family", str(family), "--out", str(bundle), "--force"]) == 0
+    print(f"family {family}, bundle {bundle}, edge threads {args.threads}")
 
     n, per = args.steps, args.requests_per_client
     edge_only = ["--steps", str(n), "--split", str(n), "--sampler", "dpmpp_2m", "--guidance", "7.5"]
@@ -99,7 +112,7 @@ def main() -> None:
     print(f"== 1. edge throughput, 8 clients x {per} requests, edge-only plans N=K={n} ==")
     throughput = {}
     for batching in (True, False):
-        proc, port = start_edge(family, work, batching=batching)
+        proc, port = start_edge(family, work, batching=batching, threads=args.threads)
         try:
             device_bench(port, bundle, work, 1, 1, *edge_only)  # warm-up
             result = device_bench(port, bundle, work, 8, 8 * per, *edge_only)
@@ -112,7 +125,7 @@ def main() -> None:
     print(f"  step-level batching / one at a time = {throughput[True] / throughput[False]:.2f}x")
 
     print(f"\n== 2 + 3. default relay N={n}, K={n // 2}, batching on ==")
-    proc, port = start_edge(family, work, batching=True)
+    proc, port = start_edge(family, work, batching=True, threads=args.threads)
     try:
         device_bench(port, bundle, work, 1, 1, *relay)  # warm-up
         for clients in (1, 4, 16):

@@ -202,11 +202,12 @@ def generate_bundle(family: Family, bundle: Any, prompts: Sequence[str], steps: 
         t0 = now()
         handoff = edge.start(prompt, plan, seed + i)
         t1 = now()
-        received = decode_handoff(encode_handoff(handoff), expected_family=bundle.family_id)
+        payload = encode_handoff(handoff)
+        received = decode_handoff(payload, expected_family=bundle.family_id)
         t2 = now()
         images.append(bundle.decode(finish_latents(bundle, received))[0])
         t3 = now()
-        timings.append({"edge_s": t1 - t0, "device_s": t3 - t2, "handoff_s": t2 - t1})
+        timings.append({"edge_s": t1 - t0, "device_s": t3 - t2, "handoff_s": t2 - t1, "handoff_bytes": len(payload)})
     return Generated(np.stack(images), None, timings)
 
 
@@ -253,6 +254,17 @@ class EvalConfig:
     timing_prompts: int = 8
     intensity_prompts: int = 32
     clock: str = "cpu"
+
+
+def png_size(image: np.ndarray) -> int:
+    """Bytes of ``image`` (HxWx3 in [0, 1]) as a PNG: what an edge-decoded image costs to send."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.tell()
 
 
 def check_splits(steps: int, splits: Sequence[int]) -> tuple[int, ...]:
@@ -304,6 +316,9 @@ def evaluate(family: Family, prompts: Sequence[str], cfg: EvalConfig, *, bundle:
         row["edge_s"] = statistics.median(t["edge_s"] for t in gen.timings)
         row["device_s"] = statistics.median(t["device_s"] for t in gen.timings)
         row["compute_s"] = row["edge_s"] + row["device_s"]
+        row["image_bytes"] = int(statistics.median(png_size(im) for im in gen.images[:32]))
+        if "handoff_bytes" in gen.timings[0]:
+            row["handoff_bytes"] = int(max(t["handoff_bytes"] for t in gen.timings))
         intensity[k] = gen.stats[:n_int].mean(0)  # (N + 1, 3)
         rows.append(row)
         log(f"  k={k:>3}: adherence {row['adherence']:.3f}, Fréchet {row['frechet']:.2f}, "
@@ -339,6 +354,11 @@ def evaluate(family: Family, prompts: Sequence[str], cfg: EvalConfig, *, bundle:
             "timing": f"median {cfg.clock} seconds per image, one request at a time (2 UNet rows with CFG)",
             "clock": cfg.clock,
             "intensity_prompts": n_int, "ceiling_scenes": cfg.ceiling_scenes, "torch_threads": torch.get_num_threads(),
+            # What the scheduler's profile needs to price a transfer (shared.bandit.profile reads them):
+            # the largest handoff payload (it only depends on shapes and sampler state) and a PNG's size.
+            "image_bytes": int(statistics.median(r["image_bytes"] for r in rows)),
+            **({"handoff_bytes": max(r["handoff_bytes"] for r in rows if "handoff_bytes" in r)}
+               if any("handoff_bytes" in r for r in rows) else {}),
         },
     }
 

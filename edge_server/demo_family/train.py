@@ -95,15 +95,19 @@ class TrainConfig:
     vae_steps: int = 3000
     vae_batch: int = 16
     vae_lr: float = 1e-3
-    large_steps: int = 5500
+    large_steps: int = 5000
     large_batch: int = 32
     lr: float = 6e-4  # large UNet
     text_lr: float = 3e-4  # text encoder, trained with the large UNet
-    small_steps: int = 1500
+    small_steps: int = 1200
     small_batch: int = 32
     small_lr: float = 6e-4
     uncond_p: float = 0.1  # prompt dropout, so classifier-free guidance has an unconditional model
     distill_weight: float = 1.0  # small stage: weight of the match to the large UNet's epsilon
+    # Min-SNR-gamma loss weighting (Hang et al. 2023, as diffusers' train_text_to_image --snr_gamma):
+    # per-sample weight min(SNR, gamma) / SNR, so the many easy low-noise steps stop drowning the
+    # high-noise ones that fix the layout; 0 = plain MSE.
+    snr_gamma: float = 5.0
     ema_decay: float = 0.999  # the saved denoisers and text encoder are the EMA weights
     grad_clip: float = 1.0
     log_every: int = 100
@@ -303,6 +307,7 @@ class Stage:
         )
         ema = Ema(self.modules, self.ema_decay)
         start, elapsed, history, running, count = 0, 0.0, [], 0.0, 0
+        lr_history: list[list[float]] = []  # [step, learning rate of the first group] at each log
         if ckpt.is_file():
             state = torch.load(ckpt, weights_only=True)
             for k, m in self.modules.items():
@@ -311,10 +316,18 @@ class Stage:
                 for k, m in ema.shadow.items():
                     m.load_state_dict(state["ema"][k])
             opt.load_state_dict(state["opt"])
+            phases = sched._schedule_phases  # this run's budget, which the checkpoint's may differ from
             sched.load_state_dict(state["sched"])
+            if sched.total_steps != self.steps:
+                # The step budget changed (see Work): anneal over the new budget from here on.
+                if int(state["step"]) >= self.steps:
+                    raise TrainingError(f"{ckpt} is at step {state['step']}, past the new budget of {self.steps}")
+                print(f"[{self.name}] step budget {sched.total_steps} -> {self.steps}", flush=True)
+                sched.total_steps, sched._schedule_phases = self.steps, phases
             self.stream.rng.bit_generator.state = state["stream_rng"]
             torch.set_rng_state(state["torch_rng"])
             start, elapsed, history = int(state["step"]), float(state["elapsed"]), list(state["history"])
+            lr_history = list(state.get("lr_history", []))
             running, count = state.get("running", (0.0, 0))  # the loss sum of the log interval under way
             print(f"[{self.name}] resumed from {ckpt} at step {start}/{self.steps} ({elapsed:.0f}s done)", flush=True)
 
@@ -324,7 +337,7 @@ class Stage:
                 "ema": {k: m.state_dict() for k, m in ema.shadow.items()} if self.ema_decay > 0 else {},
                 "opt": opt.state_dict(), "sched": sched.state_dict(),
                 "stream_rng": self.stream.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-                "step": step, "elapsed": elapsed + (time.perf_counter() - t0), "history": history,
+                "step": step, "elapsed": elapsed + (time.perf_counter() - t0), "history": history, "lr_history": lr_history,
                 "running": (running, count),
             }
             tmp = ckpt.with_suffix(".tmp")
@@ -347,8 +360,9 @@ class Stage:
             running, count = running + loss.item(), count + 1
             if step % cfg.log_every == 0 or step == self.steps:
                 history.append([step, round(running / count, 5)])
+                lr_history.append([step, float(f"{opt.param_groups[0]['lr']:.4g}")])
                 now = time.perf_counter()
-                print(f"[{self.name}] step {step}/{self.steps} loss {running / count:.4f} "
+                print(f"[{self.name}] step {step}/{self.steps} loss {running / count:.4f} lr {lr_history[-1][1]:.3g} "
                       f"({elapsed + now - t0:.0f}s, {(now - t0) / (step - start):.3f}s/step)", flush=True)
                 running, count = 0.0, 0
             if time.perf_counter() - last_ckpt > cfg.checkpoint_every_s and step < self.steps:
@@ -360,7 +374,7 @@ class Stage:
         self.record.update({
             "steps": self.steps, "batch": self.batch, "lr": peak_lr,
             "schedule": "AdamW, one-cycle (cosine) LR, grad-norm clip %g" % cfg.grad_clip,
-            "ema_decay": self.ema_decay, "seconds": round(elapsed), "loss_history": history,
+            "ema_decay": self.ema_decay, "seconds": round(elapsed), "loss_history": history, "lr_history": lr_history,
             "final_loss": history[-1][1] if history else None,
         })
         return ema.shadow
@@ -383,6 +397,14 @@ def latent_scaling_factor(vae: AutoencoderKL, stream: SceneStream, n: int = 256)
     return float(1.0 / vae.encode(x).latent_dist.sample().std().item())
 
 
+def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-timestep loss weight ``min(SNR, gamma) / SNR`` for epsilon prediction (1 everywhere if ``gamma`` is 0)."""
+    snr = alphas_cumprod / (1.0 - alphas_cumprod)
+    if gamma <= 0:
+        return torch.ones_like(snr)
+    return torch.clamp(snr, max=gamma) / snr
+
+
 def _denoiser_loss(
     unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, vae: AutoencoderKL,
     stream: SceneStream, cfg: TrainConfig, batch: int, *, train_text: bool,
@@ -391,6 +413,7 @@ def _denoiser_loss(
     """Epsilon-prediction loss on SD's noise schedule; plus a match to ``teacher``'s epsilon."""
     # DDPMScheduler.from_config keeps the keys it knows (SD_SCHEDULER_CONFIG has DDIM-only ones too).
     noise_sched = DDPMScheduler.from_config(SD_SCHEDULER_CONFIG)
+    weight = min_snr_weights(noise_sched.alphas_cumprod, cfg.snr_gamma)
 
     def loss() -> torch.Tensor:
         x, prompts = stream.batch(batch)
@@ -403,12 +426,12 @@ def _denoiser_loss(
         with torch.set_grad_enabled(train_text):
             cond = encode(text_encoder, tokenizer, prompts)
         eps = unet(zt, t, cond).sample
-        value = F.mse_loss(eps, noise)
+        per_sample = F.mse_loss(eps, noise, reduction="none").mean(dim=(1, 2, 3))
         if teacher is not None:
             with torch.no_grad():
                 target = teacher(zt, t, cond).sample
-            value = value + cfg.distill_weight * F.mse_loss(eps, target)
-        return value
+            per_sample = per_sample + cfg.distill_weight * F.mse_loss(eps, target, reduction="none").mean(dim=(1, 2, 3))
+        return (per_sample * weight[t]).mean()
 
     return loss
 
@@ -423,16 +446,28 @@ class Work:
     def __init__(self, folder: Path, cfg: TrainConfig, seed: int) -> None:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
-        meta = {"seed": seed, "config": asdict(cfg)}
+        meta = json.loads(json.dumps({"seed": seed, "config": asdict(cfg)}))
         meta_file = folder / "run.json"
         if meta_file.is_file():
             old = json.loads(meta_file.read_text())
-            if old != json.loads(json.dumps(meta)):
+            changes = old.pop("budget_changes", [])
+
+            def shape(m: dict[str, Any]) -> dict[str, Any]:  # the run without its step budgets
+                return {**m, "config": {k: v for k, v in m["config"].items() if not k.endswith("_steps")}}
+
+            if shape(old) != shape(meta):
                 raise TrainingError(
                     f"{folder} holds a run with another config or seed; use another --work folder or delete it"
                 )
-        else:
-            meta_file.write_text(json.dumps(meta, indent=2) + "\n")
+            # A changed step budget resumes: a stage under way anneals its learning rate over the
+            # new budget from its checkpoint on; the change is kept in run.json (and the model card).
+            for key, value in meta["config"].items():
+                if key.endswith("_steps") and old["config"][key] != value:
+                    changes.append({"key": key, "from": old["config"][key], "to": value,
+                                    "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            meta["budget_changes"] = changes
+        meta_file.write_text(json.dumps(meta, indent=2) + "\n")
+        self.budget_changes: list[dict[str, Any]] = meta.get("budget_changes", [])
 
     def done(self, stage: str) -> bool:
         return (self.folder / f"{stage}.done.json").is_file()
@@ -504,7 +539,7 @@ def train_family(
                       s, cfg, ema_decay=cfg.ema_decay)
         result = stage.run(w.ckpt("large"))
         w.finish("large", result, {**stage.record, "uncond_p": cfg.uncond_p,
-                                    "loss": "MSE(epsilon) on SD's scaled-linear schedule, t uniform in [0, 1000)"})
+                                    "loss": f"MSE(epsilon) on SD's scaled-linear schedule, t uniform in [0, 1000), min-SNR-{cfg.snr_gamma:g} weighted"})
     unet = w.load("large", "unet", UNet2DConditionModel)
     te = w.load("large", "text_encoder", CLIPTextModel)
     if stop_after == "large":
@@ -521,13 +556,14 @@ def train_family(
                       s, cfg, ema_decay=cfg.ema_decay)
         result = stage.run(w.ckpt("small"))
         w.finish("small", result, {**stage.record, "distill_weight": cfg.distill_weight, "uncond_p": cfg.uncond_p,
-                                    "loss": f"MSE(epsilon, noise) + {cfg.distill_weight:g} x MSE(epsilon, large UNet's epsilon)"})
+                                    "loss": f"MSE(epsilon, noise) + {cfg.distill_weight:g} x MSE(epsilon, large UNet's epsilon), min-SNR-{cfg.snr_gamma:g} weighted"})
     small = w.load("small", "unet_small", UNet2DConditionModel)
 
     save_family(out, vae, te, tokenizer, unet, small)
     info = {
         "seed": seed, "command": command, "config": asdict(cfg),
         "stages": {name: w.record(name) for name in STAGES},
+        "budget_changes": w.budget_changes,
         "params": {"vae": n_params(vae), "text_encoder": n_params(te), "unet": n_params(unet), "unet_small": n_params(small)},
         "step_cost_ms": step_costs(unet, small, cfg.text_hidden, latent),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
@@ -753,6 +789,14 @@ def write_model_card(folder: str | Path, eval_json: str | Path | None = None) ->
         "    " + (info.get("command") or f"python -m edge_server.demo_family.train --out DIR --seed {info['seed']} --threads 2"),
         "",
     ]
+    for change in info.get("budget_changes", []):
+        stage = change["key"].removesuffix("_steps")
+        lines.append(f"This run's {stage} step budget was changed from {change['from']} to {change['to']} at "
+                     f"{change['at']}, when resuming; a stage under way then annealed its learning rate over the "
+                     "new budget from its checkpoint on, so a fresh run with today's budget is close to these "
+                     "weights but not bit-identical.")
+    if info.get("budget_changes"):
+        lines.append("")
     if eval_json is None and (folder / "eval" / "eval.json").is_file():
         eval_json = folder / "eval" / "eval.json"  # rise-eval --json folder/eval/eval.json
     if eval_json is not None:

@@ -41,8 +41,9 @@ text_encode_s + k * edge_step_s`` and ``device_s = device_decode_s + (N - k) * d
 A level missing from a row's ``adherence_by_items`` takes the row's overall adherence.
 ``--bench FILE`` (a JSON object with any of the ``timing`` keys) overrides fitted times,
 e.g. with a benchmark's step times on the real edge GPU; ``handoff_bytes`` and
-``image_bytes`` must come from the bench file or ``--handoff-bytes``/``--image-bytes``
-(``rise-relay`` prints the handoff size). Without a measured ``edge_decode_s`` the edge
+``image_bytes`` come from the eval files' ``meta`` (``rise-eval --bundle`` measures both: the
+largest handoff payload and the median PNG size), else from the bench file or
+``--handoff-bytes``/``--image-bytes`` (``rise-relay`` prints the handoff size). Without a measured ``edge_decode_s`` the edge
 decode takes the device's decode time: the harness measures both halves on one machine.
 """
 
@@ -69,9 +70,9 @@ PROFILE_FORMAT = "rise-profile"
 PROFILE_VERSION = 1
 #: What ``rise-sim`` and the planner tell a user who has no profile yet.
 PROFILE_HINT = (
-    "build a profile from the evaluation harness: `rise-eval --json eval_nN.json` for each step count N, "
-    "then `python -m shared.bandit.profile --eval eval_n10.json eval_n20.json ... "
-    "--handoff-bytes BYTES --image-bytes BYTES --out profile.json`"
+    "build a profile from the evaluation harness: `rise-eval --family F --bundle B --steps N --json eval_nN.json` "
+    "for each step count N, then `python -m shared.bandit.profile --eval eval_n10.json eval_n20.json ... "
+    "--out profile.json` (or `make profile`, on the demo family)"
 )
 _TIMING_KEYS = ("edge_step_s", "device_step_s", "edge_decode_s", "device_decode_s", "text_encode_s",
                 "handoff_bytes", "image_bytes", "edge_batch_step_s")
@@ -211,7 +212,8 @@ class Profile:
 
     def latency_ref_s(self) -> float:
         """The latency that costs a speed-only user a whole unit of reward: the compute-only
-        latency of the slowest profiled arm (device-only at the largest N, on the reference device)."""
+        latency of the slowest profiled arm (on the reference device; with a slow device, device-only
+        at the largest N, with a slow edge, edge-only)."""
         return max(self.nominal_latency_s(p) for p in self.plans(edge_decode=False))
 
     # ------------------------------------------------------------------ (de)serialization
@@ -308,10 +310,12 @@ def profile_from_eval(
     rows: list[tuple[int, int, dict[str, Any], str]] = []  # (N, k, row, source)
     ceilings: dict[str, Any] = {}
     sources: list[str] = []
+    metas: list[Mapping[str, Any]] = []
     for doc, steps, source in evals:
         if not isinstance(doc, Mapping) or not isinstance(doc.get("rows"), list) or not doc["rows"]:
             raise ProfileError(f"{source}: not a rise-eval --json document (needs a non-empty \"rows\" list)")
         meta = doc.get("meta") if isinstance(doc.get("meta"), Mapping) else {}
+        metas.append(meta)
         file_steps = steps or _steps_of(doc) or _steps_of(meta)
         for i, row in enumerate(doc["rows"]):
             if not isinstance(row, Mapping):
@@ -343,6 +347,10 @@ def profile_from_eval(
         arms.append(ArmQuality(n, k, quality, frechet))
 
     timing = _fit_timing(rows)
+    for key in ("handoff_bytes", "image_bytes"):  # rise-eval --bundle measures them (meta)
+        sizes = [m[key] for m in metas if isinstance(m.get(key), int) and not isinstance(m.get(key), bool) and m[key] > 0]
+        if sizes:
+            timing[key] = max(sizes)
     timing.update({k: v for k, v in (bench or {}).items() if k in _TIMING_KEYS})
     unknown = sorted(set(bench or {}) - set(_TIMING_KEYS))
     if unknown:
@@ -350,8 +358,8 @@ def profile_from_eval(
     for key in ("handoff_bytes", "image_bytes"):
         if key not in timing:
             flag = "--" + key.replace("_", "-")
-            raise ProfileError(f"{key} is not measured by rise-eval: give {flag} (rise-relay prints the handoff size) "
-                               "or put it in the --bench file")
+            raise ProfileError(f"{key} is not in the rise-eval files (rise-eval --bundle measures it): give {flag} "
+                               "(rise-relay prints the handoff size) or put it in the --bench file")
     timing.setdefault("edge_decode_s", timing["device_decode_s"])
     return Profile(levels=tuple(levels), arms=tuple(arms), timing=Timing(**timing), family=family,
                    ceilings=ceilings, sources=tuple(sources))

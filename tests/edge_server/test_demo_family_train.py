@@ -96,3 +96,73 @@ def test_a_stage_resumed_from_its_checkpoint_ends_where_an_uninterrupted_one_doe
     resumed = second.run(tmp_path / "b.ckpt.pt")["m"].weight.detach()
     assert torch.allclose(resumed, expected, atol=1e-6)
     assert second.record["loss_history"] == straight.record["loss_history"]
+
+
+def test_a_stage_resumed_with_a_smaller_budget_anneals_to_zero_over_the_new_budget(tmp_path: Path) -> None:
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from edge_server.demo_family.train import Stage, TrainConfig, TrainingError
+
+    cfg = replace(TrainConfig(), checkpoint_every_s=0.0, log_every=10)
+
+    def make(steps: int, fail_at: int | None) -> Stage:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+        groups = [{"params": list(model.parameters()), "lr": 0.1, "name": "m"}]
+        calls = {"n": 0}
+
+        def loss() -> torch.Tensor:
+            calls["n"] += 1
+            if calls["n"] == fail_at:
+                raise KeyboardInterrupt
+            return model(torch.randn(4, 3)).pow(2).mean()
+
+        return Stage("large", {"m": model}, groups, steps, 4, loss,
+                     SimpleNamespace(rng=np.random.default_rng(1)), cfg)  # type: ignore[arg-type]
+
+    with pytest.raises(KeyboardInterrupt):
+        make(400, fail_at=101).run(tmp_path / "c.ckpt.pt")
+    stage = make(200, None)
+    stage.run(tmp_path / "c.ckpt.pt")
+    assert stage.record["steps"] == 200 and stage.record["loss_history"][-1][0] == 200
+    steps, lrs = zip(*stage.record["lr_history"])
+    assert steps == tuple(range(10, 201, 10))  # the log before the kill is kept
+    assert list(lrs[10:]) == sorted(lrs[10:], reverse=True)  # steps 110..200 anneal
+    assert lrs[9] > 0.08  # at step 100 of the 400-step budget the rate was still near its peak (0.1) ...
+    assert lrs[-1] < 1e-4  # ... and the new budget anneals it to the floor at step 200, not 400
+    with pytest.raises(KeyboardInterrupt):
+        make(400, fail_at=101).run(tmp_path / "d.ckpt.pt")
+    with pytest.raises(TrainingError, match="past the new budget"):
+        make(80, None).run(tmp_path / "d.ckpt.pt")
+
+
+def test_the_work_folder_accepts_a_new_step_budget_and_records_it_but_not_another_config(tmp_path: Path) -> None:
+    import json
+    from dataclasses import replace
+
+    from edge_server.demo_family.train import TrainConfig, TrainingError, Work
+
+    Work(tmp_path, TrainConfig(), seed=0)
+    work = Work(tmp_path, replace(TrainConfig(), large_steps=10), seed=0)
+    assert [(c["key"], c["to"]) for c in work.budget_changes] == [("large_steps", 10)]
+    assert json.loads((tmp_path / "run.json").read_text())["config"]["large_steps"] == 10
+    with pytest.raises(TrainingError, match="another config or seed"):
+        Work(tmp_path, replace(TrainConfig(), large_steps=10, lr=1.0), seed=0)
+    with pytest.raises(TrainingError, match="another config or seed"):
+        Work(tmp_path, replace(TrainConfig(), large_steps=10), seed=1)
+
+
+def test_min_snr_weights_cap_only_the_low_noise_steps() -> None:
+    from diffusers import DDPMScheduler
+
+    from edge_server.demo_family.train import min_snr_weights
+    from edge_server.tiny_family import SD_SCHEDULER_CONFIG
+
+    ac = DDPMScheduler.from_config(SD_SCHEDULER_CONFIG).alphas_cumprod
+    snr = ac / (1 - ac)
+    w = min_snr_weights(ac, 5.0)
+    assert torch.all(w[snr <= 5.0] == 1.0)  # high-noise steps (they fix the layout) keep their full weight
+    assert torch.allclose(w[snr > 5.0], 5.0 / snr[snr > 5.0])  # low-noise ones are scaled down to gamma / SNR
+    assert w[0] < 0.01 and bool(torch.all(w[1:] >= w[:-1]))  # t = 0 is nearly free; weight grows with noise
+    assert torch.all(min_snr_weights(ac, 0.0) == 1.0)  # gamma 0: plain MSE

@@ -406,3 +406,16 @@ def test_core_imports_no_torch():
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_profile_takes_payload_sizes_measured_by_rise_eval(tmp_path):
+    n10, n20 = synthetic_eval(10), synthetic_eval(20)
+    n10["meta"].update(handoff_bytes=17_000, image_bytes=3_000)
+    n20["meta"].update(handoff_bytes=17_500, image_bytes=2_900)
+    t = profile_from_eval([(n10, None, "n10"), (n20, None, "n20")]).timing
+    assert (t.handoff_bytes, t.image_bytes) == (17_500, 3_000)  # the largest measured
+    t = profile_from_eval([(n10, None, "n10")], bench={"handoff_bytes": 99}).timing
+    assert (t.handoff_bytes, t.image_bytes) == (99, 3_000)  # a bench file or flag overrides
+    n10["meta"]["image_bytes"] = "big"
+    with pytest.raises(ProfileError, match="image_bytes"):
+        profile_from_eval([(n10, None, "n10")])
