@@ -95,7 +95,7 @@ class TrainConfig:
     vae_steps: int = 3000
     vae_batch: int = 16
     vae_lr: float = 1e-3
-    large_steps: int = 5000
+    large_steps: int = 4000
     large_batch: int = 32
     lr: float = 6e-4  # large UNet
     text_lr: float = 3e-4  # text encoder, trained with the large UNet
