@@ -1,11 +1,12 @@
-"""Make docs/screenshots/main.png and gallery.png: the real app, a real local edge, the tiny family.
+"""Make docs/screenshots/main.png and gallery.png: the real app, a real local edge, the demo family.
 
-    python docs/make_screenshots.py [--out docs/screenshots] [--steps 8]
+    python docs/make_screenshots.py [--out docs/screenshots] [--steps 20] [--random-family]
 
-Builds the tiny random-weights family and its bundle in a temporary folder, serves it
-with ``EdgeServer`` on 127.0.0.1 (fixed plan: N steps, half on the edge), and runs the
-app in an offscreen SDL2 window (``python -m device_app.app.screenshots``) for three
-prompts, rating the last one. The pictures are textures: the weights are random.
+Exports the trained demo family (``models/demo/family``) to a bundle in a temporary folder
+(without it, or with ``--random-family``, builds the tiny random-weights family, whose
+pictures are textures), serves it with ``EdgeServer`` on 127.0.0.1 (fixed plan: N steps,
+half on the edge), and runs the app in an offscreen SDL2 window
+(``python -m device_app.app.screenshots``) for three prompts, rating the last one.
 """
 
 from __future__ import annotations
@@ -21,18 +22,28 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-PROMPTS = ("a lighthouse on a cliff at sunset", "two cats sleeping on a blue sofa", "a red sneaker on a white table")
+#: For the random tiny family (its byte-level tokenizer reads anything).
+TINY_PROMPTS = ("a lighthouse on a cliff at sunset", "two cats sleeping on a blue sofa", "a red sneaker on a white table")
+#: For the demo family: its grammar, one to four items.
+DEMO_PROMPTS = (
+    "a red sneaker in the top left and a blue bag in the bottom right",
+    "three things: a yellow dress in the middle, a white ankle boot on the right and a green pullover at the top",
+    "a cyan t-shirt in the top left, a purple sandal in the top right, an orange bag in the bottom left "
+    "and some white trousers in the bottom right",
+)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(REPO / "docs" / "screenshots"))
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--random-family", action="store_true", help="the tiny random-weights family")
     args = parser.parse_args()
 
     import torch
 
     torch.set_num_threads(1)
+    from edge_server.demo import DEMO_FAMILY_DIR
     from edge_server.family import load_family
     from edge_server.tiny_family import build_tiny_family
     from export.cli import main as export_main
@@ -41,7 +52,10 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        family_dir = build_tiny_family(tmp / "tiny-sd")
+        trained = not args.random_family and (DEMO_FAMILY_DIR / "model_index.json").is_file()
+        family_dir = DEMO_FAMILY_DIR if trained else build_tiny_family(tmp / "tiny-sd")
+        prompts = DEMO_PROMPTS if trained else TINY_PROMPTS
+        print(f"family: {family_dir}" + ("" if trained else " (random weights: the pictures are textures)"))
         bundle = tmp / "bundle"
         if export_main(["--family", str(family_dir), "--out", str(bundle)]) != 0:
             return 1
@@ -49,7 +63,7 @@ def main() -> int:
             cmd = [sys.executable, "-m", "device_app.app.screenshots", "--bundle", str(bundle),
                    "--settings", str(tmp / "settings.json"), "--server", url, "--token-file", str(token_file),
                    "--out", str(tmp / "shots"), "--rate", "1", "--preference", "0.6"]
-            for prompt in PROMPTS:
+            for prompt in prompts:
                 cmd += ["--prompt", prompt]
             env = kivy_env(tmp)
             env["HOME"] = os.environ.get("HOME", str(tmp))

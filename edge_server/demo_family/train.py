@@ -9,9 +9,17 @@ and a model card (``README.md``) saying exactly how each part was trained.
 Stages, in order, each one's inputs being the earlier stages' outputs::
 
     vae    AutoencoderKL on real train-split scenes (L1 + MSE + tiny KL); sets scaling_factor
-    large  text encoder + large UNet, jointly, through the epsilon loss (10% empty prompts, for CFG)
+    text   the text encoder, taught to parse the grammar: a probe of one learned query per grid
+           cell attends over its hidden states (as the UNet's cross-attention will) and must read
+           back each cell's category (or emptiness) and colour; the probe is then dropped
+    large  large UNet, text encoder frozen, through the epsilon loss (10% empty prompts, for CFG)
     small  small UNet, text encoder frozen, distilled from the large one (epsilon loss + match to
            the large UNet's epsilon) with a fraction of the large stage's compute
+
+Why a parse stage: trained only through the diffusion loss (an earlier version of this
+recipe), the text encoder learnt the binding of colour, category and place so slowly that the
+large UNet's adherence stood at 0.31 from step 600 to step 1,500 of 4,000; a calibration run on
+2x2 scenes had reached 94% of the VAE ceiling with a text encoder pretrained to parse.
 
 Resumable: every stage checkpoints into the work folder (``--work``, default ``<out>.work``)
 every few minutes and when it ends, so running the same command again continues where a
@@ -49,18 +57,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from torch.nn import functional as F
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPTokenizerFast
 from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
 from edge_server.tiny_family import SD_SCHEDULER_CONFIG
 
-from .data import CANVAS, ItemBank, Scene, random_scene
+from .data import CANVAS, CATEGORIES, CATEGORY_INDEX, COLOUR_INDEX, COLOUR_NAMES, N_CELLS, ItemBank, Scene, random_scene
 from .prompts import MAX_WORDS, eval_scenes, scene_to_prompt, vocabulary
 
 #: Tokens of the longest prompt plus start and end (every grammar word is one token, except
 #: "t-shirt" = 3, which never makes a clause longer than the longest one).
 MAX_TOKENS = MAX_WORDS + 2
-STAGES = ("vae", "large", "small")
+STAGES = ("vae", "text", "large", "small")
 
 
 @dataclass(frozen=True)
@@ -95,11 +103,13 @@ class TrainConfig:
     vae_steps: int = 3000
     vae_batch: int = 16
     vae_lr: float = 1e-3
-    large_steps: int = 4000
+    large_steps: int = 2700
     large_batch: int = 32
     lr: float = 6e-4  # large UNet
-    text_lr: float = 3e-4  # text encoder, trained with the large UNet
-    small_steps: int = 1200
+    text_steps: int = 3500  # the text stage: parse pretraining of the text encoder (prompts only, no images)
+    text_batch: int = 64
+    text_lr: float = 1e-3
+    small_steps: int = 1000
     small_batch: int = 32
     small_lr: float = 6e-4
     uncond_p: float = 0.1  # prompt dropout, so classifier-free guidance has an unconditional model
@@ -119,7 +129,7 @@ QUICK = TrainConfig(
     large=UNetSpec((32, 64), 1, (False, True), attention_head_dim=8),
     small=UNetSpec((16, 32), 1, (False, True), attention_head_dim=4),
     vae_steps=150, large_steps=150, small_steps=60, large_batch=16, small_batch=16,
-    lr=1e-3, text_lr=1e-3, small_lr=1e-3, ema_decay=0.0, log_every=50, checkpoint_every_s=60.0,
+    text_steps=100, lr=1e-3, text_lr=1e-3, small_lr=1e-3, ema_decay=0.0, log_every=50, checkpoint_every_s=60.0,
 )
 
 
@@ -235,20 +245,29 @@ class SceneStream:
         self.rng = np.random.default_rng(seed)
         self.exclude = exclude if exclude is not None else eval_scenes()
 
+    def scene(self) -> Scene:
+        scene = random_scene(self.rng)
+        while scene in self.exclude:
+            scene = random_scene(self.rng)
+        return scene
+
     def batch(self, n: int) -> tuple[torch.Tensor, list[str]]:
         images = np.empty((n, CANVAS, CANVAS, 3), dtype=np.uint8)
         prompts = []
         for i in range(n):
-            scene = random_scene(self.rng)
-            while scene in self.exclude:
-                scene = random_scene(self.rng)
+            scene = self.scene()
             images[i], _ = self.bank.render(scene, self.rng)
             prompts.append(scene_to_prompt(scene, self.rng))
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         return x, prompts
 
+    def prompt_batch(self, n: int) -> tuple[list[Scene], list[str]]:
+        """``n`` scenes and their prompts, nothing rendered (the text stage reads no pixels)."""
+        scenes = [self.scene() for _ in range(n)]
+        return scenes, [scene_to_prompt(scene, self.rng) for scene in scenes]
 
-def encode(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, prompts: Sequence[str]) -> torch.Tensor:
+
+def encode(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer | CLIPTokenizerFast, prompts: Sequence[str]) -> torch.Tensor:
     """SD's conditioning: the last hidden state over max-length-padded tokens."""
     ids = tokenizer(list(prompts), padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
     return text_encoder(ids)[0]
@@ -380,6 +399,67 @@ class Stage:
         return ema.shadow
 
 
+class SceneProbe(torch.nn.Module):
+    """Reads a scene back out of the text encoder's hidden states (the text stage's probe).
+
+    One learned query per grid cell attends over all the tokens, padding included (as the
+    UNet's cross-attention does at the cell's place), and predicts the cell's category or
+    emptiness and its colour. Dropped after the text stage: only the encoder it shaped is kept.
+    """
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.queries = torch.nn.Parameter(torch.randn(N_CELLS, dim) * 0.02)
+        self.attn = torch.nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.mlp = torch.nn.Sequential(torch.nn.LayerNorm(dim), torch.nn.Linear(dim, 2 * dim), torch.nn.GELU(),
+                                       torch.nn.Linear(2 * dim, len(CATEGORIES) + 1 + len(COLOUR_NAMES)))
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, L, D)`` -> category logits ``(B, 9, categories + 1)`` (last = empty), colour logits ``(B, 9, colours)``."""
+        q = self.queries.expand(hidden.shape[0], -1, -1)
+        read, _ = self.attn(q, hidden, hidden, need_weights=False)
+        logits = self.mlp(read + q)
+        return logits[..., : len(CATEGORIES) + 1], logits[..., len(CATEGORIES) + 1 :]
+
+
+def scene_targets(scenes: Sequence[Scene]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per cell: category index (``len(CATEGORIES)`` = empty) and colour index (-100 = none, ignored)."""
+    cat = torch.full((len(scenes), N_CELLS), len(CATEGORIES), dtype=torch.long)
+    col = torch.full((len(scenes), N_CELLS), -100, dtype=torch.long)
+    for i, scene in enumerate(scenes):
+        for j, item in enumerate(scene.cells):
+            if item is not None:
+                cat[i, j], col[i, j] = CATEGORY_INDEX[item.category], COLOUR_INDEX[item.colour]
+    return cat, col
+
+
+def _text_loss(text_encoder: CLIPTextModel, probe: SceneProbe, tokenizer: CLIPTokenizer | CLIPTokenizerFast, stream: SceneStream,
+               batch: int) -> Callable[[], torch.Tensor]:
+    def loss() -> torch.Tensor:
+        scenes, prompts = stream.prompt_batch(batch)
+        cat, col = scene_targets(scenes)
+        cat_logits, col_logits = probe(encode(text_encoder, tokenizer, prompts))
+        return F.cross_entropy(cat_logits.flatten(0, 1), cat.flatten()) + \
+            F.cross_entropy(col_logits.flatten(0, 1), col.flatten(), ignore_index=-100)
+
+    return loss
+
+
+@torch.no_grad()
+def parse_accuracy(text_encoder: CLIPTextModel, probe: SceneProbe, tokenizer: CLIPTokenizer | CLIPTokenizerFast, stream: SceneStream,
+                   n: int = 2048) -> dict[str, float]:
+    """How well the probe reads scenes back: per-cell category, per-item colour, whole scenes."""
+    scenes, prompts = stream.prompt_batch(n)
+    cat, col = scene_targets(scenes)
+    cat_logits, col_logits = probe(encode(text_encoder, tokenizer, prompts))
+    cat_ok = cat_logits.argmax(-1) == cat
+    filled = col >= 0
+    col_ok = (col_logits.argmax(-1) == col) | ~filled
+    return {"cell_category": round(float(cat_ok.float().mean()), 4),
+            "item_colour": round(float(col_ok[filled].float().mean()), 4),
+            "scene": round(float((cat_ok & col_ok).all(1).float().mean()), 4)}
+
+
 def _vae_loss(vae: AutoencoderKL, stream: SceneStream, batch: int) -> Callable[[], torch.Tensor]:
     def loss() -> torch.Tensor:
         x, _ = stream.batch(batch)
@@ -406,7 +486,7 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 def _denoiser_loss(
-    unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, vae: AutoencoderKL,
+    unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer | CLIPTokenizerFast, vae: AutoencoderKL,
     stream: SceneStream, cfg: TrainConfig, batch: int, *, train_text: bool,
     teacher: UNet2DConditionModel | None = None,
 ) -> Callable[[], torch.Tensor]:
@@ -508,6 +588,8 @@ def train_family(
     bank = ItemBank.load("train", data)
     exclude = eval_scenes()
     tokenizer = build_tokenizer(work_dir / "tokenizer")
+    # The same vocabulary and merges in Rust (ids equal: tested), 3x faster on the training batches.
+    fast_tokenizer = CLIPTokenizerFast.from_pretrained(work_dir / "tokenizer")
     latent = CANVAS // 2 ** (len(cfg.vae_channels) - 1)
 
     def stream(stage: str) -> SceneStream:
@@ -528,20 +610,35 @@ def train_family(
     if stop_after == "vae":
         return None
 
-    # large: text encoder and large UNet, jointly
+    # text: the text encoder, taught to parse the grammar through a per-cell probe
+    if not w.done("text"):
+        torch.manual_seed(seed * 1000 + 4)
+        te, probe, s = build_text_encoder(cfg, tokenizer), SceneProbe(cfg.text_hidden, cfg.text_heads), stream("text")
+        groups = [{"params": list(te.parameters()) + list(probe.parameters()), "lr": cfg.text_lr, "name": "text_encoder"}]
+        stage = Stage("text", {"text_encoder": te, "probe": probe}, groups, cfg.text_steps, cfg.text_batch,
+                      _text_loss(te, probe, fast_tokenizer, s, cfg.text_batch), s, cfg)
+        result = stage.run(w.ckpt("text"))
+        accuracy = parse_accuracy(result["text_encoder"], result["probe"], fast_tokenizer, stream("text"))
+        print(f"[text] probe accuracy on fresh prompts: {accuracy}", flush=True)
+        w.finish("text", {"text_encoder": result["text_encoder"]},
+                 {**stage.record, "parse_accuracy": accuracy,
+                  "loss": "cross-entropy of a per-cell attention probe: category or empty, and colour"})
+    te = w.load("text", "text_encoder", CLIPTextModel)
+    if stop_after == "text":
+        return None
+
+    # large: the large UNet, text encoder frozen
     if not w.done("large"):
         torch.manual_seed(seed * 1000 + 2)
-        te, unet, s = build_text_encoder(cfg, tokenizer), build_unet(cfg.large, cfg.text_hidden, latent), stream("large")
-        groups = [{"params": list(unet.parameters()), "lr": cfg.lr, "name": "unet"},
-                  {"params": list(te.parameters()), "lr": cfg.text_lr, "name": "text_encoder"}]
-        stage = Stage("large", {"unet": unet, "text_encoder": te}, groups, cfg.large_steps, cfg.large_batch,
-                      _denoiser_loss(unet, te, tokenizer, vae, s, cfg, cfg.large_batch, train_text=True),
+        unet, s = build_unet(cfg.large, cfg.text_hidden, latent), stream("large")
+        stage = Stage("large", {"unet": unet}, [{"params": list(unet.parameters()), "lr": cfg.lr, "name": "unet"}],
+                      cfg.large_steps, cfg.large_batch,
+                      _denoiser_loss(unet, te, fast_tokenizer, vae, s, cfg, cfg.large_batch, train_text=False),
                       s, cfg, ema_decay=cfg.ema_decay)
         result = stage.run(w.ckpt("large"))
         w.finish("large", result, {**stage.record, "uncond_p": cfg.uncond_p,
                                     "loss": f"MSE(epsilon) on SD's scaled-linear schedule, t uniform in [0, 1000), min-SNR-{cfg.snr_gamma:g} weighted"})
     unet = w.load("large", "unet", UNet2DConditionModel)
-    te = w.load("large", "text_encoder", CLIPTextModel)
     if stop_after == "large":
         return None
 
@@ -552,7 +649,7 @@ def train_family(
         teacher = unet if cfg.distill_weight > 0 else None
         stage = Stage("small", {"unet_small": small}, [{"params": list(small.parameters()), "lr": cfg.small_lr, "name": "unet_small"}],
                       cfg.small_steps, cfg.small_batch,
-                      _denoiser_loss(small, te, tokenizer, vae, s, cfg, cfg.small_batch, train_text=False, teacher=teacher),
+                      _denoiser_loss(small, te, fast_tokenizer, vae, s, cfg, cfg.small_batch, train_text=False, teacher=teacher),
                       s, cfg, ema_decay=cfg.ema_decay)
         result = stage.run(w.ckpt("small"))
         w.finish("small", result, {**stage.record, "distill_weight": cfg.distill_weight, "uncond_p": cfg.uncond_p,
@@ -660,13 +757,16 @@ def snapshot(work: str | Path, dest: str | Path) -> dict[str, Any]:
         raise TrainingError(f"the VAE stage has not finished in {work}: nothing to look at yet")
     vae = w.load("vae", "vae", AutoencoderKL)
     state["vae"] = "done"
+    if not w.done("text"):
+        raise TrainingError(f"the text stage has not finished in {work}: nothing to look at yet")
+    te = w.load("text", "text_encoder", CLIPTextModel)
+    state["text"] = "done"
     if w.done("large"):
-        unet, te = w.load("large", "unet", UNet2DConditionModel), w.load("large", "text_encoder", CLIPTextModel)
+        unet = w.load("large", "unet", UNet2DConditionModel)
         state["large"] = "done"
     else:
         unet = from_ckpt("large", "unet", build_unet(cfg.large, cfg.text_hidden, latent))
-        te = from_ckpt("large", "text_encoder", build_text_encoder(cfg, tokenizer))
-        if unet is None or te is None:
+        if unet is None:
             raise TrainingError(f"the large stage has no checkpoint in {work} yet")
     if w.done("small"):
         small = w.load("small", "unet_small", UNet2DConditionModel)
@@ -764,12 +864,18 @@ def write_model_card(folder: str | Path, eval_json: str | Path | None = None) ->
         "| stage | trains | loss | steps | batch | peak LR | EMA | time | final loss |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    what = {"vae": "VAE", "large": "large UNet + text encoder (jointly)", "small": "small UNet (text encoder frozen)"}
+    what = {"vae": "VAE", "text": "text encoder (+ a per-cell parse probe, then dropped)",
+            "large": "large UNet (text encoder frozen)", "small": "small UNet (text encoder frozen)"}
     for name in STAGES:
         r = st[name]
         lrs = ", ".join(f"{k} {v:g}" for k, v in r["lr"].items())
         lines.append(f"| {name} | {what[name]} | {r['loss']} | {r['steps']} | {r['batch']} | {lrs} | "
                      f"{r['ema_decay'] or '-'} | {_fmt_s(r['seconds'])} | {r['final_loss']} |")
+    if "parse_accuracy" in st.get("text", {}):
+        acc = st["text"]["parse_accuracy"]
+        lines += ["", f"The text stage's probe reads fresh prompts back with per-cell category accuracy "
+                      f"{acc['cell_category']:.3f}, item colour accuracy {acc['item_colour']:.3f}, and whole scenes "
+                      f"right {acc['scene']:.3f} of the time."]
     small_share = st["small"]["seconds"] / max(st["large"]["seconds"], 1)
     lines += [
         "",

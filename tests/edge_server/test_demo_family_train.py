@@ -166,3 +166,29 @@ def test_min_snr_weights_cap_only_the_low_noise_steps() -> None:
     assert torch.allclose(w[snr > 5.0], 5.0 / snr[snr > 5.0])  # low-noise ones are scaled down to gamma / SNR
     assert w[0] < 0.01 and bool(torch.all(w[1:] >= w[:-1]))  # t = 0 is nearly free; weight grows with noise
     assert torch.all(min_snr_weights(ac, 0.0) == 1.0)  # gamma 0: plain MSE
+
+
+def test_scene_targets_mark_each_cell_and_ignore_the_colour_of_empty_ones() -> None:
+    from edge_server.demo_family.data import CATEGORIES, CATEGORY_INDEX, COLOUR_INDEX, Item, Scene
+    from edge_server.demo_family.train import scene_targets
+
+    scene = Scene((Item("sneaker", "red"),) + (None,) * 7 + (Item("bag", "white"),))
+    cat, col = scene_targets([scene, Scene((None,) * 4 + (Item("dress", "blue"),) + (None,) * 4)])
+    assert cat.shape == col.shape == (2, 9)
+    assert cat[0, 0] == CATEGORY_INDEX["sneaker"] and col[0, 0] == COLOUR_INDEX["red"]
+    assert cat[0, 8] == CATEGORY_INDEX["bag"] and col[0, 8] == COLOUR_INDEX["white"]
+    assert bool((cat[0, 1:8] == len(CATEGORIES)).all()) and bool((col[0, 1:8] == -100).all())
+    assert cat[1, 4] == CATEGORY_INDEX["dress"] and int((cat[1] == len(CATEGORIES)).sum()) == 8
+
+
+def test_the_scene_probe_reads_one_cell_per_query_from_the_text_encoders_states(tmp_path: Path) -> None:
+    from edge_server.demo_family.data import CATEGORIES, COLOUR_NAMES
+    from edge_server.demo_family.train import SceneProbe, build_text_encoder, encode
+
+    tok = build_tokenizer(tmp_path / "tokenizer")
+    te = build_text_encoder(QUICK, tok)
+    probe = SceneProbe(QUICK.text_hidden, QUICK.text_heads)
+    cat, col = probe(encode(te, tok, ["a red sneaker in the top left", ""]))
+    assert cat.shape == (2, 9, len(CATEGORIES) + 1) and col.shape == (2, 9, len(COLOUR_NAMES))
+    cat.sum().backward()  # the probe's loss reaches the text encoder: that is what the text stage trains
+    assert te.text_model.embeddings.token_embedding.weight.grad is not None
