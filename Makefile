@@ -40,17 +40,19 @@ bench: setup
 	$(PY) bench/bench_relay.py
 
 # The scheduler's profile, measured on the demo family (about 25 minutes on 2 cores): rise-eval at
-# N = 10, 20, 30 (device half on ONNX Runtime, CPU-time clock, one thread each, two at a time),
-# the edge's batched step, then shared.bandit.profile. `make sim` replays it in rise-sim.
+# N = 10, 20, 30 (device half on ONNX Runtime, CPU-time clock, one thread each, two at a time; N = 20
+# on all 225 prompts, with plots, N = 10 and 30 on the first PROFILE_PROMPTS, which interleave the
+# item counts), the edge's batched step, then shared.bandit.profile. `make sim` replays it in rise-sim.
 FAMILY  ?= models/demo/family
 PROFILE ?= bench_out/profile
+PROFILE_PROMPTS ?= 135
 BIN     := $(VENV)/bin
 profile: setup data
 	mkdir -p $(PROFILE)
 	$(BIN)/rise-export --family $(FAMILY) --out $(PROFILE)/bundle --force
-	$(BIN)/rise-eval --family $(FAMILY) --bundle $(PROFILE)/bundle --threads 1 --steps 30 \
+	$(BIN)/rise-eval --family $(FAMILY) --bundle $(PROFILE)/bundle --threads 1 --steps 30 --limit $(PROFILE_PROMPTS) \
 		--splits 0,3,6,9,12,15,20,25 --json $(PROFILE)/eval_n30.json > $(PROFILE)/eval_n30.log & \
-	$(BIN)/rise-eval --family $(FAMILY) --bundle $(PROFILE)/bundle --threads 1 --steps 10 \
+	$(BIN)/rise-eval --family $(FAMILY) --bundle $(PROFILE)/bundle --threads 1 --steps 10 --limit $(PROFILE_PROMPTS) \
 		--splits 0,1,2,3,4,5,6,8 --json $(PROFILE)/eval_n10.json > $(PROFILE)/eval_n10.log && \
 	$(BIN)/rise-eval --family $(FAMILY) --bundle $(PROFILE)/bundle --threads 1 --steps 20 \
 		--splits 0,2,4,5,6,8,10,12,16 --json $(PROFILE)/eval_n20.json --plots $(PROFILE)/eval_n20 > $(PROFILE)/eval_n20.log; \

@@ -192,3 +192,27 @@ def test_the_scene_probe_reads_one_cell_per_query_from_the_text_encoders_states(
     assert cat.shape == (2, 9, len(CATEGORIES) + 1) and col.shape == (2, 9, len(COLOUR_NAMES))
     cat.sum().backward()  # the probe's loss reaches the text encoder: that is what the text stage trains
     assert te.text_model.embeddings.token_embedding.weight.grad is not None
+
+
+def test_model_card_has_a_row_per_stage_and_the_parse_accuracy(tmp_path: Path) -> None:
+    import json
+    from dataclasses import asdict
+
+    from edge_server.demo_family.train import STAGES, build_untrained_family, write_model_card
+
+    family = build_untrained_family(tmp_path / "fam")
+    record = {"steps": 10, "batch": 4, "lr": {"m": 1e-3}, "schedule": "AdamW, one-cycle (cosine) LR, grad-norm clip 1",
+              "ema_decay": 0.0, "seconds": 60, "final_loss": 0.5, "loss": "some loss"}
+    stages = {name: dict(record) for name in STAGES}
+    stages["vae"]["scaling_factor"] = 0.5
+    stages["text"]["parse_accuracy"] = {"cell_category": 0.998, "item_colour": 0.997, "scene": 0.981}
+    info = {"seed": 0, "command": "python -m edge_server.demo_family.train --out X", "config": asdict(QUICK),
+            "stages": stages, "params": {"vae": 1, "text_encoder": 1, "unet": 4, "unet_small": 1},
+            "step_cost_ms": {"unet": 40.0, "unet_small": 8.0, "ratio": 5.0}, "versions": {"torch": "x"},
+            "budget_changes": [{"key": "text_steps", "from": 1500, "to": 3500, "at": "2026-12-01T09:20:00"}]}
+    (family / "training.json").write_text(json.dumps(info))
+    card = write_model_card(family).read_text()
+    for name in STAGES:
+        assert f"| {name} |" in card
+    assert "category accuracy 0.998" in card and "whole scenes right 0.981" in card
+    assert "text step budget was changed from 1500 to 3500" in card
