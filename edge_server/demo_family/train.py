@@ -118,7 +118,7 @@ class TrainConfig:
     # per-sample weight min(SNR, gamma) / SNR, so the many easy low-noise steps stop drowning the
     # high-noise ones that fix the layout; 0 = plain MSE.
     snr_gamma: float = 5.0
-    ema_decay: float = 0.999  # the saved denoisers and text encoder are the EMA weights
+    ema_decay: float = 0.999  # the saved denoisers are the EMA weights
     grad_clip: float = 1.0
     log_every: int = 100
     checkpoint_every_s: float = 300.0
@@ -881,7 +881,7 @@ def write_model_card(folder: str | Path, eval_json: str | Path | None = None) ->
         "",
         f"All stages: {st['vae']['schedule']}, 5% warm-up (VAE 10%); denoisers with weight decay 1e-4,",
         f"{int(cfg['uncond_p'] * 100)}% of prompts replaced by the empty prompt (the unconditional model of",
-        "classifier-free guidance)." + (" The saved denoisers and text encoder are the EMA weights." if cfg["ema_decay"] else ""),
+        "classifier-free guidance)." + (" The saved denoisers are the EMA weights." if cfg["ema_decay"] else ""),
         "The small UNet",
         f"is the compressed member: {params['unet_small'] / params['unet']:.0%} of the large one's parameters,",
         "fewer levels and blocks, cross-attention at one level only; it is distilled from the large UNet (its",
