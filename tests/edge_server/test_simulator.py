@@ -98,7 +98,7 @@ def test_without_a_profile_it_says_how_to_make_one(capsys):
 
     assert main(["--requests", "10"]) == 2
     err = capsys.readouterr().err
-    assert "python -m shared.bandit.profile" in err and "rise-eval --json" in err
+    assert "python -m shared.bandit.profile" in err and "rise-eval" in err and "--json eval_nN.json" in err
 
 
 @pytest.mark.parametrize("scenario", ["network-drop", "load-spike", "edge-overload"])
