@@ -433,12 +433,17 @@ def scene_targets(scenes: Sequence[Scene]) -> tuple[torch.Tensor, torch.Tensor]:
     return cat, col
 
 
+def _probe_batch(text_encoder: CLIPTextModel, probe: SceneProbe, tokenizer: CLIPTokenizer | CLIPTokenizerFast,
+                 stream: SceneStream, n: int) -> tuple[torch.Tensor, ...]:
+    """``n`` fresh prompts through encoder and probe: category and colour targets, then their logits."""
+    scenes, prompts = stream.prompt_batch(n)
+    return (*scene_targets(scenes), *probe(encode(text_encoder, tokenizer, prompts)))
+
+
 def _text_loss(text_encoder: CLIPTextModel, probe: SceneProbe, tokenizer: CLIPTokenizer | CLIPTokenizerFast, stream: SceneStream,
                batch: int) -> Callable[[], torch.Tensor]:
     def loss() -> torch.Tensor:
-        scenes, prompts = stream.prompt_batch(batch)
-        cat, col = scene_targets(scenes)
-        cat_logits, col_logits = probe(encode(text_encoder, tokenizer, prompts))
+        cat, col, cat_logits, col_logits = _probe_batch(text_encoder, probe, tokenizer, stream, batch)
         return F.cross_entropy(cat_logits.flatten(0, 1), cat.flatten()) + \
             F.cross_entropy(col_logits.flatten(0, 1), col.flatten(), ignore_index=-100)
 
@@ -449,9 +454,7 @@ def _text_loss(text_encoder: CLIPTextModel, probe: SceneProbe, tokenizer: CLIPTo
 def parse_accuracy(text_encoder: CLIPTextModel, probe: SceneProbe, tokenizer: CLIPTokenizer | CLIPTokenizerFast, stream: SceneStream,
                    n: int = 2048) -> dict[str, float]:
     """How well the probe reads scenes back: per-cell category, per-item colour, whole scenes."""
-    scenes, prompts = stream.prompt_batch(n)
-    cat, col = scene_targets(scenes)
-    cat_logits, col_logits = probe(encode(text_encoder, tokenizer, prompts))
+    cat, col, cat_logits, col_logits = _probe_batch(text_encoder, probe, tokenizer, stream, n)
     cat_ok = cat_logits.argmax(-1) == cat
     filled = col >= 0
     col_ok = (col_logits.argmax(-1) == col) | ~filled
@@ -487,10 +490,10 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float) -> torch.Tensor:
 
 def _denoiser_loss(
     unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer | CLIPTokenizerFast, vae: AutoencoderKL,
-    stream: SceneStream, cfg: TrainConfig, batch: int, *, train_text: bool,
+    stream: SceneStream, cfg: TrainConfig, batch: int, *,
     teacher: UNet2DConditionModel | None = None,
 ) -> Callable[[], torch.Tensor]:
-    """Epsilon-prediction loss on SD's noise schedule; plus a match to ``teacher``'s epsilon."""
+    """Epsilon-prediction loss on SD's noise schedule; plus a match to ``teacher``'s epsilon (text encoder frozen)."""
     # DDPMScheduler.from_config keeps the keys it knows (SD_SCHEDULER_CONFIG has DDIM-only ones too).
     noise_sched = DDPMScheduler.from_config(SD_SCHEDULER_CONFIG)
     weight = min_snr_weights(noise_sched.alphas_cumprod, cfg.snr_gamma)
@@ -503,7 +506,7 @@ def _denoiser_loss(
         noise = torch.randn_like(z0)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (z0.shape[0],))
         zt = noise_sched.add_noise(z0, noise, t)
-        with torch.set_grad_enabled(train_text):
+        with torch.no_grad():
             cond = encode(text_encoder, tokenizer, prompts)
         eps = unet(zt, t, cond).sample
         per_sample = F.mse_loss(eps, noise, reduction="none").mean(dim=(1, 2, 3))
@@ -633,7 +636,7 @@ def train_family(
         unet, s = build_unet(cfg.large, cfg.text_hidden, latent), stream("large")
         stage = Stage("large", {"unet": unet}, [{"params": list(unet.parameters()), "lr": cfg.lr, "name": "unet"}],
                       cfg.large_steps, cfg.large_batch,
-                      _denoiser_loss(unet, te, fast_tokenizer, vae, s, cfg, cfg.large_batch, train_text=False),
+                      _denoiser_loss(unet, te, fast_tokenizer, vae, s, cfg, cfg.large_batch),
                       s, cfg, ema_decay=cfg.ema_decay)
         result = stage.run(w.ckpt("large"))
         w.finish("large", result, {**stage.record, "uncond_p": cfg.uncond_p,
@@ -649,7 +652,7 @@ def train_family(
         teacher = unet if cfg.distill_weight > 0 else None
         stage = Stage("small", {"unet_small": small}, [{"params": list(small.parameters()), "lr": cfg.small_lr, "name": "unet_small"}],
                       cfg.small_steps, cfg.small_batch,
-                      _denoiser_loss(small, te, fast_tokenizer, vae, s, cfg, cfg.small_batch, train_text=False, teacher=teacher),
+                      _denoiser_loss(small, te, fast_tokenizer, vae, s, cfg, cfg.small_batch, teacher=teacher),
                       s, cfg, ema_decay=cfg.ema_decay)
         result = stage.run(w.ckpt("small"))
         w.finish("small", result, {**stage.record, "distill_weight": cfg.distill_weight, "uncond_p": cfg.uncond_p,
