@@ -14,7 +14,8 @@ Stages, in order, each one's inputs being the earlier stages' outputs::
            back each cell's category (or emptiness) and colour; the probe is then dropped
     large  large UNet, text encoder frozen, through the epsilon loss (10% empty prompts, for CFG)
     small  small UNet, text encoder frozen, distilled from the large one (epsilon loss + match to
-           the large UNet's epsilon) with a fraction of the large stage's compute
+           the large UNet's epsilon) with a fraction of the large stage's compute; its timesteps
+           lean towards the low-noise end, where a relay runs it
 
 Why a parse stage: trained only through the diffusion loss (an earlier version of this
 recipe), the text encoder learnt the binding of colour, category and place so slowly that the
@@ -23,10 +24,13 @@ large UNet's adherence stood at 0.31 from step 600 to step 1,500 of 4,000; a cal
 
 Resumable: every stage checkpoints into the work folder (``--work``, default ``<out>.work``)
 every few minutes and when it ends, so running the same command again continues where a
-killed run stopped (same seed, same data stream, same optimizer state).
+killed run stopped (same seed, same data stream, same optimizer state). A stage's step budget
+may change between runs, and so may any setting of a stage not started yet (``--redo`` makes a
+finished one not started); run.json and the model card keep every such change.
 
     python -m edge_server.demo_family.train --out DIR [--quick] [--threads 2] [--seed 0]
     python -m edge_server.demo_family.train --out DIR --snapshot SNAP   # a family from a run under way
+    python -m edge_server.demo_family.train --out DIR --redo small      # retrain a stage (and the later ones)
     python -m edge_server.demo_family.train --out DIR --card-only [--eval-json EVAL.json]
 
 The model card (``README.md``) is written from ``training.json`` at the end of the run; with
@@ -42,6 +46,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -109,9 +114,14 @@ class TrainConfig:
     text_steps: int = 3500  # the text stage: parse pretraining of the text encoder (prompts only, no images)
     text_batch: int = 64
     text_lr: float = 1e-3
-    small_steps: int = 1000
+    small_steps: int = 4500
     small_batch: int = 32
     small_lr: float = 6e-4
+    # In a relay the small UNet runs the late steps only (k of N = 8 of 20 hands over at t ~ 600),
+    # so its stage draws t below small_focus_t for small_focus_p of the samples (the rest uniform):
+    # 85% of its training then lands where it works instead of 70%.
+    small_focus_t: int = 700
+    small_focus_p: float = 0.5
     uncond_p: float = 0.1  # prompt dropout, so classifier-free guidance has an unconditional model
     distill_weight: float = 1.0  # small stage: weight of the match to the large UNet's epsilon
     # Min-SNR-gamma loss weighting (Hang et al. 2023, as diffusers' train_text_to_image --snr_gamma):
@@ -488,12 +498,24 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float) -> torch.Tensor:
     return torch.clamp(snr, max=gamma) / snr
 
 
+def sample_timesteps(n: int, num_train_timesteps: int, focus_t: int = 0, focus_p: float = 0.0) -> torch.Tensor:
+    """``n`` training timesteps: uniform, with a ``focus_p`` share drawn below ``focus_t`` instead."""
+    t = torch.randint(0, num_train_timesteps, (n,))
+    if focus_t > 0 and focus_p > 0:
+        focused = torch.rand(n) < focus_p
+        t = torch.where(focused, torch.randint(0, focus_t, (n,)), t)
+    return t
+
+
 def _denoiser_loss(
     unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer | CLIPTokenizerFast, vae: AutoencoderKL,
     stream: SceneStream, cfg: TrainConfig, batch: int, *,
-    teacher: UNet2DConditionModel | None = None,
+    teacher: UNet2DConditionModel | None = None, focus_t: int = 0, focus_p: float = 0.0,
 ) -> Callable[[], torch.Tensor]:
-    """Epsilon-prediction loss on SD's noise schedule; plus a match to ``teacher``'s epsilon (text encoder frozen)."""
+    """Epsilon-prediction loss on SD's noise schedule; plus a match to ``teacher``'s epsilon (text encoder frozen).
+
+    Timesteps are uniform in [0, 1000), except that a ``focus_p`` share of them is drawn in [0, ``focus_t``).
+    """
     # DDPMScheduler.from_config keeps the keys it knows (SD_SCHEDULER_CONFIG has DDIM-only ones too).
     noise_sched = DDPMScheduler.from_config(SD_SCHEDULER_CONFIG)
     weight = min_snr_weights(noise_sched.alphas_cumprod, cfg.snr_gamma)
@@ -504,7 +526,7 @@ def _denoiser_loss(
         with torch.no_grad():
             z0 = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
         noise = torch.randn_like(z0)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (z0.shape[0],))
+        t = sample_timesteps(z0.shape[0], noise_sched.config.num_train_timesteps, focus_t, focus_p)
         zt = noise_sched.add_noise(z0, noise, t)
         with torch.no_grad():
             cond = encode(text_encoder, tokenizer, prompts)
@@ -523,34 +545,62 @@ def n_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def stage_of(key: str) -> str | None:
+    """The stage a config key belongs to, by its name (``small_lr`` -> small); ``None`` for a shared one."""
+    head = key.split("_")[0]
+    return head if head in STAGES else None
+
+
 class Work:
     """The work folder: per-stage results (fp32, diffusers folders), checkpoints, records."""
 
-    def __init__(self, folder: Path, cfg: TrainConfig, seed: int) -> None:
+    def __init__(self, folder: Path, cfg: TrainConfig, seed: int, *, redo: str | None = None) -> None:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
+        # --redo drops that stage's results and every later stage's (they were trained on them), once
+        # the config is checked: until then those stages count as not started.
+        self._redo = set(STAGES[STAGES.index(redo):]) if redo is not None else set()
         meta = json.loads(json.dumps({"seed": seed, "config": asdict(cfg)}))
         meta_file = folder / "run.json"
+        changes: list[dict[str, Any]] = []
         if meta_file.is_file():
             old = json.loads(meta_file.read_text())
-            changes = old.pop("budget_changes", [])
-
-            def shape(m: dict[str, Any]) -> dict[str, Any]:  # the run without its step budgets
-                return {**m, "config": {k: v for k, v in m["config"].items() if not k.endswith("_steps")}}
-
-            if shape(old) != shape(meta):
-                raise TrainingError(
-                    f"{folder} holds a run with another config or seed; use another --work folder or delete it"
-                )
-            # A changed step budget resumes: a stage under way anneals its learning rate over the
-            # new budget from its checkpoint on; the change is kept in run.json (and the model card).
-            for key, value in meta["config"].items():
-                if key.endswith("_steps") and old["config"][key] != value:
-                    changes.append({"key": key, "from": old["config"][key], "to": value,
-                                    "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
-            meta["budget_changes"] = changes
+            changes = old.get("changes", old.get("budget_changes", []))
+            if old["seed"] != seed:
+                raise TrainingError(f"{folder} holds a run with another config or seed (seed {old['seed']}, not {seed}); "
+                                    "use another --work folder or delete it")
+            # A stage's own settings may change before it starts, and its step budget at any time:
+            # a stage under way anneals its learning rate over the new budget from its checkpoint on.
+            # Every change is kept in run.json (and the model card).
+            for key in sorted(set(old["config"]) | set(meta["config"])):
+                before, after = old["config"].get(key), meta["config"].get(key)
+                if before == after:
+                    continue
+                stage = stage_of(key)
+                state = self.stage_state(stage) if stage is not None else "shared"
+                if not (key.endswith("_steps") or state == "not started"):
+                    raise TrainingError(
+                        f"{folder} holds a run with another config or seed ({key}: {before!r} -> {after!r}, "
+                        f"{'a setting of every stage' if stage is None else f'the {stage} stage is {state}'}); "
+                        "use another --work folder, delete it, or --redo the stage"
+                    )
+                changes.append({"key": key, "from": before, "to": after, "stage_state": state,
+                                "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        for stage in STAGES:
+            if stage in self._redo:
+                (folder / f"{stage}.done.json").unlink(missing_ok=True)
+                self.ckpt(stage).unlink(missing_ok=True)
+                shutil.rmtree(folder / stage, ignore_errors=True)
+        self._redo = set()
+        meta["changes"] = changes
         meta_file.write_text(json.dumps(meta, indent=2) + "\n")
-        self.budget_changes: list[dict[str, Any]] = meta.get("budget_changes", [])
+        self.changes: list[dict[str, Any]] = changes
+
+    def stage_state(self, stage: str) -> str:
+        """"finished", "under way" (a checkpoint) or "not started"."""
+        if stage in self._redo:
+            return "not started"
+        return "finished" if self.done(stage) else "under way" if self.ckpt(stage).is_file() else "not started"
 
     def done(self, stage: str) -> bool:
         return (self.folder / f"{stage}.done.json").is_file()
@@ -583,11 +633,15 @@ def train_family(
     data: str | None = None,
     command: str = "",
     stop_after: str | None = None,
+    redo: str | None = None,
 ) -> Path | None:
-    """Run (or resume) every stage, then write the family to ``out``; ``None`` if ``stop_after`` stopped it."""
+    """Run (or resume) every stage, then write the family to ``out``; ``None`` if ``stop_after`` stopped it.
+
+    ``redo`` retrains that stage and the later ones from scratch (the earlier ones are kept).
+    """
     out = Path(out)
     work_dir = Path(work) if work is not None else out.with_name(out.name + ".work")
-    w = Work(work_dir, cfg, seed)
+    w = Work(work_dir, cfg, seed, redo=redo)
     bank = ItemBank.load("train", data)
     exclude = eval_scenes()
     tokenizer = build_tokenizer(work_dir / "tokenizer")
@@ -652,18 +706,20 @@ def train_family(
         teacher = unet if cfg.distill_weight > 0 else None
         stage = Stage("small", {"unet_small": small}, [{"params": list(small.parameters()), "lr": cfg.small_lr, "name": "unet_small"}],
                       cfg.small_steps, cfg.small_batch,
-                      _denoiser_loss(small, te, fast_tokenizer, vae, s, cfg, cfg.small_batch, teacher=teacher),
+                      _denoiser_loss(small, te, fast_tokenizer, vae, s, cfg, cfg.small_batch, teacher=teacher,
+                                     focus_t=cfg.small_focus_t, focus_p=cfg.small_focus_p),
                       s, cfg, ema_decay=cfg.ema_decay)
         result = stage.run(w.ckpt("small"))
         w.finish("small", result, {**stage.record, "distill_weight": cfg.distill_weight, "uncond_p": cfg.uncond_p,
-                                    "loss": f"MSE(epsilon, noise) + {cfg.distill_weight:g} x MSE(epsilon, large UNet's epsilon), min-SNR-{cfg.snr_gamma:g} weighted"})
+                                    "loss": f"MSE(epsilon, noise) + {cfg.distill_weight:g} x MSE(epsilon, large UNet's epsilon), min-SNR-{cfg.snr_gamma:g} weighted, "
+                                            f"{cfg.small_focus_p:.0%} of t in [0, {cfg.small_focus_t}), the rest uniform"})
     small = w.load("small", "unet_small", UNet2DConditionModel)
 
     save_family(out, vae, te, tokenizer, unet, small)
     info = {
         "seed": seed, "command": command, "config": asdict(cfg),
         "stages": {name: w.record(name) for name in STAGES},
-        "budget_changes": w.budget_changes,
+        "changes": w.changes,
         "params": {"vae": n_params(vae), "text_encoder": n_params(te), "unet": n_params(unet), "unet_small": n_params(small)},
         "step_cost_ms": step_costs(unet, small, cfg.text_hidden, latent),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
@@ -888,8 +944,8 @@ def write_model_card(folder: str | Path, eval_json: str | Path | None = None) ->
         "The small UNet",
         f"is the compressed member: {params['unet_small'] / params['unet']:.0%} of the large one's parameters,",
         "fewer levels and blocks, cross-attention at one level only; it is distilled from the large UNet (its",
-        "target mixes the true noise and the large UNet's prediction) with "
-        f"{small_share:.0%} of the large stage's training time.",
+        "target mixes the true noise and the large UNet's prediction), in a stage that took "
+        f"{small_share:.0%} of the large stage's time (each of its steps also runs the large UNet, the teacher).",
         f"Times are wall-clock on the build machine ({platform.machine()}, 2 cores shared with other jobs), "
         f"torch {info['versions']['torch']}.",
         "",
@@ -898,13 +954,10 @@ def write_model_card(folder: str | Path, eval_json: str | Path | None = None) ->
         "    " + (info.get("command") or f"python -m edge_server.demo_family.train --out DIR --seed {info['seed']} --threads 2"),
         "",
     ]
-    for change in info.get("budget_changes", []):
-        stage = change["key"].removesuffix("_steps")
-        lines.append(f"This run's {stage} step budget was changed from {change['from']} to {change['to']} at "
-                     f"{change['at']}, when resuming; a stage under way then annealed its learning rate over the "
-                     "new budget from its checkpoint on, so a fresh run with today's budget is close to these "
-                     "weights but not bit-identical.")
-    if info.get("budget_changes"):
+    changes = info.get("changes", info.get("budget_changes", []))
+    for change in changes:
+        lines.append(_change_line(change))
+    if changes:
         lines.append("")
     if eval_json is None and (folder / "eval" / "eval.json").is_file():
         eval_json = folder / "eval" / "eval.json"  # rise-eval --json folder/eval/eval.json
@@ -915,6 +968,25 @@ def write_model_card(folder: str | Path, eval_json: str | Path | None = None) ->
         lines += ["Plots (`rise-eval --plots`):", ""] + [f"![{p.stem}](eval/{p.name})" for p in plots] + [""]
     (folder / "README.md").write_text("\n".join(lines) + "\n")
     return folder / "README.md"
+
+
+def _change_line(change: dict[str, Any]) -> str:
+    """The model card's sentence for one recorded config change (see ``Work``)."""
+    key, state = change["key"], change.get("stage_state", "under way")
+    stage = stage_of(key) or "every"
+    if key.endswith("_steps"):
+        what = f"This run's {stage} step budget was changed from {change['from']} to {change['to']}"
+    elif change["from"] is None:  # a setting the recipe gained after the run began
+        what = f"This run's `{key}` (a setting added to the recipe since the run began) was set to {change['to']}"
+    else:
+        what = f"This run's `{key}` was changed from {change['from']} to {change['to']}"
+    if state == "under way":
+        return (f"{what} at {change['at']}, with the stage under way: it annealed its learning rate over the new "
+                "budget from its checkpoint on, so a fresh run with today's config is close to these weights but "
+                "not bit-identical.")
+    if state == "not started":
+        return f"{what} at {change['at']}, before the {stage} stage started: a fresh run with today's config trains it the same way."
+    return f"{what} at {change['at']}, after the {stage} stage had finished: its weights did not change."
 
 
 def evaluation_section(report: dict[str, Any]) -> list[str]:
@@ -961,6 +1033,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", default=None, help="Fashion-MNIST folder (default: $RISE_FASHION_MNIST or Debian's)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the full run: 2)")
     parser.add_argument("--stop-after", choices=STAGES[:-1], default=None, help="stop after this stage (calibration)")
+    parser.add_argument("--redo", choices=STAGES, default=None,
+                        help="retrain this stage and the later ones from scratch, keeping the earlier ones")
     parser.add_argument("--snapshot", type=Path, default=None, metavar="DIR",
                         help="write a family from the run under way in the work folder to DIR, then exit")
     parser.add_argument("--card-only", action="store_true", help="only rewrite README.md from training.json")
@@ -984,7 +1058,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         out = train_family(args.out, replace(cfg), seed=args.seed, work=args.work, data=args.data,
-                           command=command, stop_after=args.stop_after)
+                           command=command, stop_after=args.stop_after, redo=args.redo)
     except TrainingError as exc:
         parser.error(str(exc))
     if out is None:

@@ -145,12 +145,50 @@ def test_the_work_folder_accepts_a_new_step_budget_and_records_it_but_not_anothe
 
     Work(tmp_path, TrainConfig(), seed=0)
     work = Work(tmp_path, replace(TrainConfig(), large_steps=10), seed=0)
-    assert [(c["key"], c["to"]) for c in work.budget_changes] == [("large_steps", 10)]
+    assert [(c["key"], c["to"], c["stage_state"]) for c in work.changes] == [("large_steps", 10, "not started")]
     assert json.loads((tmp_path / "run.json").read_text())["config"]["large_steps"] == 10
-    with pytest.raises(TrainingError, match="another config or seed"):
+    with pytest.raises(TrainingError, match=r"another config or seed \(lr: 0.0006 -> 1.0, a setting of every stage\)"):
         Work(tmp_path, replace(TrainConfig(), large_steps=10, lr=1.0), seed=0)
     with pytest.raises(TrainingError, match="another config or seed"):
         Work(tmp_path, replace(TrainConfig(), large_steps=10), seed=1)
+
+
+def test_a_stage_not_started_may_change_its_settings_and_redo_drops_it_and_the_later_stages(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from edge_server.demo_family.train import STAGES, TrainConfig, TrainingError, Work
+
+    cfg = TrainConfig()
+    work = Work(tmp_path, cfg, seed=0)
+    for stage in STAGES:  # every stage finished, as after a full run
+        (tmp_path / stage).mkdir()
+        (tmp_path / f"{stage}.done.json").write_text("{}")
+    with pytest.raises(TrainingError, match="small_lr: 0.0006 -> 0.001, the small stage is finished"):
+        Work(tmp_path, replace(cfg, small_lr=1e-3), seed=0)
+    with pytest.raises(TrainingError, match="lr: 0.0006 -> 0.001, a setting of every stage"):
+        Work(tmp_path, replace(cfg, lr=1e-3), seed=0, redo="small")
+    assert (tmp_path / "small.done.json").is_file()  # a refused --redo deletes nothing
+    work = Work(tmp_path, replace(cfg, small_lr=1e-3, small_steps=9000), seed=0, redo="large")
+    assert [work.stage_state(s) for s in STAGES] == ["finished", "finished", "not started", "not started"]
+    assert not (tmp_path / "large").exists() and not (tmp_path / "small").exists() and (tmp_path / "text").is_dir()
+    assert {(c["key"], c["stage_state"]) for c in work.changes} == {("small_lr", "not started"), ("small_steps", "not started")}
+    work.ckpt("small").write_bytes(b"")  # the small stage under way: its settings are fixed now, its budget is not
+    with pytest.raises(TrainingError, match="the small stage is under way"):
+        Work(tmp_path, replace(cfg, small_lr=2e-3, small_steps=9000), seed=0)
+    work = Work(tmp_path, replace(cfg, small_lr=1e-3, small_steps=8000), seed=0)
+    assert [(c["key"], c["stage_state"]) for c in work.changes][-1] == ("small_steps", "under way")
+    assert len(work.changes) == 3  # the earlier changes are kept
+
+
+def test_the_small_stage_draws_its_timesteps_mostly_where_a_relay_runs_it() -> None:
+    from edge_server.demo_family.train import sample_timesteps
+
+    torch.manual_seed(0)
+    t = sample_timesteps(20_000, 1000, focus_t=700, focus_p=0.5)
+    assert int(t.min()) >= 0 and int(t.max()) == 999  # still the whole schedule ...
+    assert abs(float((t < 700).float().mean()) - 0.85) < 0.02  # ... but 0.5 + 0.5 * 0.7 of it below 700
+    uniform = sample_timesteps(20_000, 1000)
+    assert abs(float((uniform < 700).float().mean()) - 0.70) < 0.02
 
 
 def test_min_snr_weights_cap_only_the_low_noise_steps() -> None:
@@ -209,10 +247,14 @@ def test_model_card_has_a_row_per_stage_and_the_parse_accuracy(tmp_path: Path) -
     info = {"seed": 0, "command": "python -m edge_server.demo_family.train --out X", "config": asdict(QUICK),
             "stages": stages, "params": {"vae": 1, "text_encoder": 1, "unet": 4, "unet_small": 1},
             "step_cost_ms": {"unet": 40.0, "unet_small": 8.0, "ratio": 5.0}, "versions": {"torch": "x"},
-            "budget_changes": [{"key": "text_steps", "from": 1500, "to": 3500, "at": "2026-12-01T09:20:00"}]}
+            "changes": [{"key": "text_steps", "from": 1500, "to": 3500, "at": "2026-12-01T09:20:00", "stage_state": "under way"},
+                        {"key": "large_steps", "from": 3000, "to": 2700, "at": "2026-12-01T09:21:00", "stage_state": "not started"},
+                        {"key": "small_focus_t", "from": None, "to": 700, "at": "2026-12-01T11:15:00", "stage_state": "not started"}]}
     (family / "training.json").write_text(json.dumps(info))
     card = write_model_card(family).read_text()
     for name in STAGES:
         assert f"| {name} |" in card
     assert "category accuracy 0.998" in card and "whole scenes right 0.981" in card
-    assert "text step budget was changed from 1500 to 3500" in card
+    assert "text step budget was changed from 1500 to 3500 at 2026-12-01T09:20:00, with the stage under way" in card
+    assert "large step budget was changed from 3000 to 2700 at 2026-12-01T09:21:00, before the large stage started" in card
+    assert "`small_focus_t` (a setting added to the recipe since the run began) was set to 700" in card
