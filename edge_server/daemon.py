@@ -22,6 +22,7 @@ import ssl
 import sys
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -152,9 +153,9 @@ class _Client:
 
 
 class EdgeServer:
-    def __init__(self, family: Family, config: EdgeConfig, *, planner: Planner | None = None,
+    def __init__(self, family: Family | Callable[[], Family], config: EdgeConfig, *, planner: Planner | None = None,
                  metrics: EdgeMetrics | None = None) -> None:
-        self.family = family
+        """``family`` may be a loader: the engine's thread then loads it (see BatchingEngine), as ``rise-edge`` does."""
         self.config = config
         self.metrics = metrics or EdgeMetrics()
         self.planner: Planner = planner or make_planner(config)
@@ -162,7 +163,8 @@ class EdgeServer:
         self.token = config.token()
         self.engine = BatchingEngine(family, max_batch_rows=config.max_batch_rows, max_queue=config.max_queue,
                                      batching=config.batching, on_batch=self._on_batch)
-        self.default_size = family.default_latent_size * family.vae_scale_factor
+        self.family = self.engine.family
+        self.default_size = self.family.default_latent_size * self.family.vae_scale_factor
         # Read at scrape time: set only after a UNet call, they would go stale once the edge is idle.
         self.metrics.queue_depth.set_function(lambda: self.engine.stats().queued)
         self.metrics.active.set_function(lambda: self.engine.stats().active)
@@ -420,8 +422,8 @@ def main(argv: list[str] | None = None) -> int:
             if config.threads < 1:
                 raise ConfigError(f"--threads must be >= 1, got {config.threads}")
             torch.set_num_threads(config.threads)
-        family = load_family(args.family, args.small)
-        server = EdgeServer(family, config)
+        # Loaded on the engine's thread, so all of the edge's torch work shares one OpenMP pool.
+        server = EdgeServer(lambda: load_family(args.family, args.small), config)
         log.info("config: %s", config.described())
         asyncio.run(_serve_until_signalled(server))
     except RiseError as exc:

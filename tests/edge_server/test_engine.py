@@ -84,3 +84,29 @@ def test_a_bad_request_fails_alone(tiny_family):
         assert good.result(timeout=120).kind == "handoff"
     finally:
         engine.close()
+
+
+def test_a_loader_runs_on_the_engine_thread_and_its_error_reaches_the_caller(tiny_family):
+    import threading
+
+    from shared.errors import RiseError
+
+    loaded_on: list[str] = []
+
+    def load():
+        loaded_on.append(threading.current_thread().name)
+        return tiny_family
+
+    engine = BatchingEngine(load)
+    try:
+        assert engine.family is tiny_family and loaded_on == ["rise-engine"]  # loaded before the constructor returned
+        handoff = decode_handoff(engine.submit(request("r0")).result(timeout=120).payload)
+        assert handoff.request_id == "r0"
+    finally:
+        engine.close()
+
+    def broken():
+        raise RiseError("family folder /nowhere has no model_index.json")
+
+    with pytest.raises(RiseError, match="no model_index.json"):
+        BatchingEngine(broken)
