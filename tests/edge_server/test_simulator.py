@@ -163,3 +163,14 @@ def test_simulator_runs_without_torch(profile_path):
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "SYNTHETIC PROFILE" in proc.stdout and "linucb" in proc.stdout
+
+
+def test_the_table_says_how_much_the_oracle_gains_over_the_best_fixed_configuration(profile_path, tmp_path, capsys):
+    from edge_server.simulator import main
+
+    assert main(["--profile", str(profile_path), "--requests", "600", "--devices", "30", "--warmup", "100",
+                 "--policies", "linucb,oracle,fixed_k8,fixed_k12", "--json", str(tmp_path / "s.json")]) == 0
+    pol = json.loads((tmp_path / "s.json").read_text())["policies"]
+    best = max(pol["fixed_k8"]["utility"], pol["fixed_k12"]["utility"])
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "headroom" in ln)
+    assert f"{100 * (pol['oracle']['utility'] - best) / best:+.1f}%" in line
