@@ -41,7 +41,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from device_app.runtime import DeviceBundle
-    from edge_server.family import load_family
+    from edge_server.family import is_family_folder, load_family
     from edge_server.local_relay import relay_once
     from edge_server.relay import EdgeRelay
     from edge_server.tiny_family import BENCH_LARGE, BENCH_SMALL, build_tiny_family
@@ -51,7 +51,7 @@ def main() -> None:
 
     work = Path(args.workdir)
     family_dir = work / "bench-family"
-    if not (family_dir / "model_index.json").is_file():
+    if not is_family_folder(family_dir):
         build_tiny_family(family_dir, large=BENCH_LARGE, small=BENCH_SMALL)
     bundles = {}
     for label, flags in (("fp32", []), ("fp16", ["--dtype", "fp16"]), ("int8", ["--quantize", "int8"])):

@@ -91,15 +91,17 @@ def main() -> None:
     (work / "token").write_text(TOKEN)
     (work / "edge.toml").write_text(CONFIG)
 
+    from edge_server.demo import DEMO_FAMILY_DIR
+    from edge_server.family import is_family_folder
     from edge_server.tiny_family import BENCH_LARGE, BENCH_SMALL, build_tiny_family
     from export.cli import main as export_main
 
     family = args.family
-    if family is None and (REPO / "models/demo/family/model_index.json").is_file():
-        family = REPO / "models/demo/family"
+    if family is None and is_family_folder(DEMO_FAMILY_DIR):
+        family = DEMO_FAMILY_DIR
     if family is None:
         family = work / "bench-family"
-        if not (family / "model_index.json").is_file():
+        if not is_family_folder(family):
             build_tiny_family(family, large=BENCH_LARGE, small=BENCH_SMALL)
     family = family.resolve()
     bundle = args.bundle or work / f"bundle-{family.parent.name}-{family.name}"

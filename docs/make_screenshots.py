@@ -44,7 +44,7 @@ def main() -> int:
 
     torch.set_num_threads(1)
     from edge_server.demo import DEMO_FAMILY_DIR
-    from edge_server.family import load_family
+    from edge_server.family import is_family_folder, load_family
     from edge_server.tiny_family import build_tiny_family
     from export.cli import main as export_main
     from tests.device_app.test_app_controller import running_edge
@@ -52,7 +52,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        trained = not args.random_family and (DEMO_FAMILY_DIR / "model_index.json").is_file()
+        trained = not args.random_family and is_family_folder(DEMO_FAMILY_DIR)
         family_dir = DEMO_FAMILY_DIR if trained else build_tiny_family(tmp / "tiny-sd")
         prompts = DEMO_PROMPTS if trained else TINY_PROMPTS
         print(f"family: {family_dir}" + ("" if trained else " (random weights: the pictures are textures)"))

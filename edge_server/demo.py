@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from device_app.client import GenerationResult
 from device_app.runtime import DeviceBundle
-from edge_server.family import load_family
+from edge_server.family import is_family_folder, load_family
 from edge_server.loopback import generate_over_loopback
 from edge_server.tiny_family import build_tiny_family
 from shared.errors import RiseError
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     family_dir = Path(args.family) if args.family else DEMO_FAMILY_DIR
-    trained = not args.random_family and (family_dir / "model_index.json").is_file()
+    trained = not args.random_family and is_family_folder(family_dir)
     try:
         if trained:
             bundle_dir = out / "demo-bundle"
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                   "      not objects.")
             family_dir, bundle_dir = out / "tiny-family", out / "tiny-bundle"
             prompts = list(TINY_PROMPTS)
-            if not (family_dir / "model_index.json").is_file():
+            if not is_family_folder(family_dir):
                 build_tiny_family(family_dir)
                 print(f"built tiny family in {family_dir}")
         family = load_family(family_dir)

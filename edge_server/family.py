@@ -63,6 +63,11 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def is_family_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` is a pipeline folder (has ``model_index.json``); ``load_family`` checks the rest."""
+    return (Path(folder) / "model_index.json").is_file()
+
+
 def resolve_small_unet_folder(family_folder: Path, small: str | None) -> Path:
     """Where the small denoiser's UNet folder (with ``config.json``) lives."""
     name = small or DEFAULT_SMALL
@@ -70,7 +75,7 @@ def resolve_small_unet_folder(family_folder: Path, small: str | None) -> Path:
     for candidate in candidates:
         if (candidate / "config.json").is_file():
             return candidate
-        if (candidate / "model_index.json").is_file() and (candidate / "unet" / "config.json").is_file():
+        if is_family_folder(candidate) and (candidate / "unet" / "config.json").is_file():
             return candidate / "unet"
     if small is None:
         raise FamilyError(

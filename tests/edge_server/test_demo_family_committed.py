@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 
 from edge_server.demo import DEMO_FAMILY_DIR
+from edge_server.family import is_family_folder
 
 MODELS = DEMO_FAMILY_DIR.parent
 MAX_MB = 40  # the budget for the committed weights (family + scorer)
 
-pytestmark = pytest.mark.skipif(not (DEMO_FAMILY_DIR / "model_index.json").is_file(),
+pytestmark = pytest.mark.skipif(not is_family_folder(DEMO_FAMILY_DIR),
                                 reason="the trained demo family is not committed yet")
 
 
