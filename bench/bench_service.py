@@ -154,9 +154,8 @@ def handoff_encode_s(family_dir: Path, steps: int, repeats: int = 200) -> float:
     The device's report covers transfer and decode only (the edge encodes before it sends), so the
     encode is timed here, in this process, on the same family and plan.
     """
-    import statistics
-
     import torch
+    from bench_relay import median_time  # this script's folder is on sys.path
 
     from edge_server.family import load_family
     from edge_server.relay import EdgeRelay
@@ -165,12 +164,7 @@ def handoff_encode_s(family_dir: Path, steps: int, repeats: int = 200) -> float:
 
     torch.set_num_threads(1)
     handoff = EdgeRelay(load_family(family_dir)).start("a red sneaker in the top left", RelayPlan(steps, steps // 2, "dpmpp_2m", 7.5), seed=0)
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        encode_handoff(handoff)
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+    return median_time(lambda: encode_handoff(handoff), repeats)
 
 
 if __name__ == "__main__":

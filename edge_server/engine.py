@@ -107,8 +107,6 @@ class BatchingEngine:
                  batching: bool = True, on_batch: Callable[[int, int], None] | None = None) -> None:
         if max_batch_rows < 1 or max_queue < 1:
             raise ValueError("max_batch_rows and max_queue must be >= 1")
-        self.family: Family = family if isinstance(family, Family) else None  # type: ignore[assignment]
-        loader = None if isinstance(family, Family) else family
         self.max_batch_rows = max_batch_rows
         self.max_queue = max_queue
         self.batching = batching
@@ -120,26 +118,23 @@ class BatchingEngine:
         self._closing = False
         self._stats = EngineStats(0, 0, 0, 0, 0)
         self._edge_s_ewma = 0.5  # seconds per request, for retry-after estimates
-        loaded, load_error = threading.Event(), []
+        ready: Future[Family] = Future()
+        if isinstance(family, Family):
+            ready.set_result(family)
 
         def run() -> None:
-            if loader is not None:
+            if not ready.done():  # a loader: load here, on the thread that will run the model
                 try:
-                    self.family = loader()
-                except BaseException as exc:  # noqa: BLE001 - handed to the constructor's caller
-                    load_error.append(exc)
+                    ready.set_result(family())
+                except BaseException as exc:  # noqa: BLE001 - re-raised by the constructor
+                    ready.set_exception(exc)
                     return
-                finally:
-                    loaded.set()
+            self.family = ready.result()
             self._run()
 
         self._thread = threading.Thread(target=run, name="rise-engine", daemon=True)
         self._thread.start()
-        if loader is not None:
-            loaded.wait()
-            if load_error:
-                self._thread.join()
-                raise load_error[0]
+        self.family: Family = ready.result()  # the loader's error, if any, raises here
 
     # ------------------------------------------------------------------ interface
 

@@ -600,7 +600,6 @@ def format_table(sim: Simulation, results: dict[str, RunResult], summary: dict[s
             o = pol["oracle"]["utility"]
             lines.append(f"  linucb vs oracle: {100 * (lin - o) / abs(o):+.1f}% utility")
             if fixed:  # what knowing each request's context is worth here (the oracle: the per-request optimum)
-                f = pol[fixed]["utility"]
                 lines.append(f"  headroom: the oracle is {100 * (o - f) / abs(f):+.1f}% over the best fixed configuration")
         dec = results["linucb"].decision_s
         if dec is not None and len(dec):

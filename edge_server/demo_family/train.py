@@ -559,7 +559,11 @@ class Work:
         folder.mkdir(parents=True, exist_ok=True)
         # --redo drops that stage's results and every later stage's (they were trained on them), once
         # the config is checked: until then those stages count as not started.
-        self._redo = set(STAGES[STAGES.index(redo):]) if redo is not None else set()
+        redone = STAGES[STAGES.index(redo):] if redo is not None else ()
+
+        def state_of(stage: str) -> str:
+            return "not started" if stage in redone else self.stage_state(stage)
+
         meta = json.loads(json.dumps({"seed": seed, "config": asdict(cfg)}))
         meta_file = folder / "run.json"
         changes: list[dict[str, Any]] = []
@@ -577,7 +581,7 @@ class Work:
                 if before == after:
                     continue
                 stage = stage_of(key)
-                state = self.stage_state(stage) if stage is not None else "shared"
+                state = state_of(stage) if stage is not None else "shared"
                 if not (key.endswith("_steps") or state == "not started"):
                     raise TrainingError(
                         f"{folder} holds a run with another config or seed ({key}: {before!r} -> {after!r}, "
@@ -586,20 +590,16 @@ class Work:
                     )
                 changes.append({"key": key, "from": before, "to": after, "stage_state": state,
                                 "at": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        for stage in STAGES:
-            if stage in self._redo:
-                (folder / f"{stage}.done.json").unlink(missing_ok=True)
-                self.ckpt(stage).unlink(missing_ok=True)
-                shutil.rmtree(folder / stage, ignore_errors=True)
-        self._redo = set()
+        for stage in redone:
+            (folder / f"{stage}.done.json").unlink(missing_ok=True)
+            self.ckpt(stage).unlink(missing_ok=True)
+            shutil.rmtree(folder / stage, ignore_errors=True)
         meta["changes"] = changes
         meta_file.write_text(json.dumps(meta, indent=2) + "\n")
         self.changes: list[dict[str, Any]] = changes
 
     def stage_state(self, stage: str) -> str:
         """"finished", "under way" (a checkpoint) or "not started"."""
-        if stage in self._redo:
-            return "not started"
         return "finished" if self.done(stage) else "under way" if self.ckpt(stage).is_file() else "not started"
 
     def done(self, stage: str) -> bool:
