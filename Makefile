@@ -25,7 +25,7 @@ data:
 	else echo "note: run 'apt-get install dataset-fashion-mnist' as root for the demo-family data"; fi
 
 demo: setup data
-	$(PY) -m edge_server.demo
+	$(PY) -m lab.demo
 
 test: setup data
 	$(PY) -m pytest -q -m "not slow"

@@ -1,6 +1,6 @@
 """Relay-engine benchmark: prints figures, all ratios measured side by side in one run.
 
-On a tiny family whose large:small per-step cost ratio is >= 4 (edge_server.tiny_family's
+On a tiny family whose large:small per-step cost ratio is >= 4 (lab.tiny_family's
 BENCH sizes, random weights; cost does not depend on the weights' values):
   1. large vs small UNet per step in PyTorch (batch 2 = one classifier-free-guided step);
   2. the small UNet per step: PyTorch vs onnxruntime fp32, fp16, int8;
@@ -42,9 +42,9 @@ def main() -> None:
 
     from device_app.runtime import DeviceBundle
     from edge_server.family import is_family_folder, load_family
-    from edge_server.local_relay import relay_once
+    from lab.local_relay import relay_once
     from edge_server.relay import EdgeRelay
-    from edge_server.tiny_family import BENCH_LARGE, BENCH_SMALL, build_tiny_family
+    from lab.tiny_family import BENCH_LARGE, BENCH_SMALL, build_tiny_family
     from export.cli import main as export_main
     from shared.handoff import decode_handoff, encode_handoff
     from shared.relay_plan import RelayPlan

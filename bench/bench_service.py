@@ -91,9 +91,9 @@ def main() -> None:
     (work / "token").write_text(TOKEN)
     (work / "edge.toml").write_text(CONFIG)
 
-    from edge_server.demo import DEMO_FAMILY_DIR
+    from lab.demo import DEMO_FAMILY_DIR
     from edge_server.family import is_family_folder
-    from edge_server.tiny_family import BENCH_LARGE, BENCH_SMALL, build_tiny_family
+    from lab.tiny_family import BENCH_LARGE, BENCH_SMALL, build_tiny_family
     from export.cli import main as export_main
 
     family = args.family

@@ -18,7 +18,6 @@ import asyncio
 import itertools
 import json
 import math
-import stat
 import sys
 import time
 from collections import Counter
@@ -30,6 +29,7 @@ import numpy as np
 
 from device_app.client import DeviceRunError, EdgeClient, EdgeError, GenerationResult
 from device_app.runtime import DeviceBundle
+from device_app.token_file import read_token
 from shared.errors import ConfigError, RiseError
 from shared.relay_plan import RelayPlan
 from shared.samplers import SAMPLER_NAMES
@@ -96,22 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", default=None, metavar="OUT", help="write the figures to this JSON file")
     sub.add_parser("app", help="open the Kivy app (rise-device app --help for its options)")  # main() hands it over
     return parser
-
-
-def read_token(path: str | Path, warn: TextIO | None = None) -> str:
-    """The token in ``path``, stripped of surrounding whitespace; warns if other users can read the file."""
-    path = Path(path)
-    try:
-        token = path.read_text(encoding="utf-8").strip()
-        mode = path.stat().st_mode
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read token file {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    if not token:
-        raise ConfigError(f"token file {path} is empty")
-    if mode & stat.S_IROTH:
-        print(f"{PROG}: warning: token file {path} is readable by every user (chmod 600 {path})",
-              file=warn or sys.stderr)
-    return token
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from edge_server.engine import (
 )
 from edge_server.family import Family, load_family
 from edge_server.metrics import EdgeMetrics
-from edge_server.planner import FixedPlanner, PlanContext, Planner
+from shared.planning import FixedPlanner, PlanContext, Planner
 from shared.errors import ConfigError, RiseError
 from shared.protocol import Cancel, Generate, ProtocolLimits, Rating, Report, ServerConnection
 
@@ -125,7 +125,7 @@ def make_planner(config: EdgeConfig) -> Planner:
             f"--scheduler {config.scheduler} needs --profile PROFILE.json "
             "(made by: python -m shared.bandit.profile --eval EVAL.json ... --out PROFILE.json)"
         )
-    from edge_server.bandit_planner import BanditPlanner
+    from shared.bandit.planner import BanditPlanner
     from shared.bandit.profile import load_profile
 
     return BanditPlanner.from_profile(

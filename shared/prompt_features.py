@@ -17,7 +17,7 @@ denoiser keeps up with a large one on "a red bag" but not on nine items in nine 
     spatial relations and placements ("on top of", "next to", "behind", "in the top left").
 ``parsed``
     ``True`` when the prompt follows the demo family's grammar
-    (:mod:`edge_server.demo_family.prompts`), whose parser is exact: ``items`` is the number
+    (:mod:`shared.demo_grammar.prompts`), whose parser is exact: ``items`` is the number
     of items of the scene, ``attributes`` = 2 per item (category and colour), ``relations``
     = 1 per item (its cell), as the demo family's scorer counts them. Any other English
     prompt goes through the heuristics below (a word lexicon and noun-phrase rules; no
@@ -192,7 +192,7 @@ def _demo_scene(prompt: str) -> Any:
 def _demo_parser() -> Any:
     # The demo grammar is pure Python + numpy; a device install without edge_server still works.
     try:
-        from edge_server.demo_family.prompts import prompt_to_scene
+        from shared.demo_grammar.prompts import prompt_to_scene
     except ImportError:
         return None
     return prompt_to_scene

@@ -15,7 +15,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tiny_family_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from edge_server.tiny_family import build_tiny_family
+    from lab.tiny_family import build_tiny_family
 
     return build_tiny_family(tmp_path_factory.mktemp("family") / "tiny-sd")
 

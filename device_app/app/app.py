@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.server is not None:
             changes["server_url"] = args.server
         if args.token_file is not None:
-            from device_app.cli import read_token
+            from device_app.token_file import read_token
 
             changes["token"] = read_token(args.token_file)
         app = RiseApp()

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from kivy.core.window import Window
 
     from device_app.app.app import RiseApp, make_controller
-    from device_app.cli import read_token
+    from device_app.token_file import read_token
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 No torch and no I/O except the explicit persistence functions (:func:`save_state`,
 :func:`load_state`, :func:`load_profile`, :func:`save_profile`). The edge's
-:class:`edge_server.bandit_planner.BanditPlanner` and the simulator (``rise-sim``) are built
+:class:`shared.bandit.planner.BanditPlanner` and the simulator (``rise-sim``) are built
 on it.
 
 - :mod:`.arms`: arms are :class:`~shared.relay_plan.RelayPlan` s; grid builder, labels.

@@ -164,7 +164,7 @@ def test_edge_killed_mid_request_fails_fast_then_device_only_and_retry_after_res
 
 def _profile(tmp_path: Path) -> Path:
     from shared.bandit.profile import save_profile
-    from tests.edge_server.test_simulator import synthetic_profile
+    from tests.lab.test_simulator import synthetic_profile
 
     path = tmp_path / "profile.json"
     save_profile(path, synthetic_profile())

@@ -2,7 +2,7 @@
 
 The controller runs with fake backends (what it does with each report) and with the real
 backends against a real edge daemon on 127.0.0.1 (``EdgeServer`` on its own event loop in
-a thread, as ``edge_server.loopback`` runs it). Backend reports reach the controller
+a thread, as ``lab.loopback`` runs it). Backend reports reach the controller
 through ``Pump``: a queue drained by the test thread, as Kivy's Clock drains them on the UI
 thread in the app.
 """

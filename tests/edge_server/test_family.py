@@ -10,7 +10,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from edge_server.family import load_family
-from edge_server.tiny_family import build_tiny_family
+from lab.tiny_family import build_tiny_family
 from shared.errors import FamilyError, RiseError
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_server.tiny_family import build_tiny_family
+from lab.tiny_family import build_tiny_family
 from export.cli import main
 
 REPO = Path(__file__).resolve().parents[2]

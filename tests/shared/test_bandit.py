@@ -25,7 +25,7 @@ from shared.bandit import (
 from shared.bandit.persistence import STATE_VERSION, atomic_write_text
 from shared.bandit.profile import main as profile_main
 from shared.relay_plan import RelayPlan
-from tests.edge_server.test_simulator import synthetic_profile
+from tests.lab.test_simulator import synthetic_profile
 
 REPO = Path(__file__).resolve().parents[2]
 

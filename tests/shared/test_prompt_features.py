@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_server.demo_family.prompts import heldout_prompts, load_prompts, prompt_to_scene
+from shared.demo_grammar.prompts import heldout_prompts, load_prompts, prompt_to_scene
 from shared.prompt_features import MAX_LEVEL, PromptFeatures, prompt_features
 
 

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from edge_server.bandit_planner import BanditPlanner
-from edge_server.planner import PlanContext, Planner
+from shared.bandit.planner import BanditPlanner
+from shared.planning import PlanContext, Planner
 from shared.bandit import ContextBuilder, EpsilonGreedy, LinUCB, StateError, arm_label
 from shared.protocol import Generate, Plan, Report
 from shared.relay_plan import RelayPlan
-from tests.edge_server.test_simulator import synthetic_profile
+from tests.lab.test_simulator import synthetic_profile
 
 CONTEXT = PlanContext(queue_depth=2, active=3, device_load=0.4, rtt_s=0.04, bandwidth_bps=12e6)
 PROMPT = "a red sneaker in the top left and a blue bag in the middle"

@@ -1,4 +1,4 @@
-"""Train the embedded demo family from a seed: ``python -m edge_server.demo_family.train``.
+"""Train the embedded demo family from a seed: ``python -m lab.demo_family.train``.
 
 Writes a standard ``StableDiffusionPipeline`` folder: a word-level ``CLIPTokenizer`` for the
 prompt grammar, a ``CLIPTextModel``, an ``AutoencoderKL`` (48x48x3 <-> 4x12x12), SD1.x's
@@ -28,10 +28,10 @@ killed run stopped (same seed, same data stream, same optimizer state). A stage'
 may change between runs, and so may any setting of a stage not started yet (``--redo`` makes a
 finished one not started); run.json and the model card keep every such change.
 
-    python -m edge_server.demo_family.train --out DIR [--quick] [--threads 2] [--seed 0]
-    python -m edge_server.demo_family.train --out DIR --snapshot SNAP   # a family from a run under way
-    python -m edge_server.demo_family.train --out DIR --redo small      # retrain a stage (and the later ones)
-    python -m edge_server.demo_family.train --out DIR --card-only [--eval-json EVAL.json]
+    python -m lab.demo_family.train --out DIR [--quick] [--threads 2] [--seed 0]
+    python -m lab.demo_family.train --out DIR --snapshot SNAP   # a family from a run under way
+    python -m lab.demo_family.train --out DIR --redo small      # retrain a stage (and the later ones)
+    python -m lab.demo_family.train --out DIR --card-only [--eval-json EVAL.json]
 
 The model card (``README.md``) is written from ``training.json`` at the end of the run; with
 ``rise-eval --json DIR/eval/eval.json --plots DIR/eval`` beside the weights, ``--card-only``
@@ -65,10 +65,10 @@ from torch.nn import functional as F
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPTokenizerFast
 from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
-from edge_server.tiny_family import SD_SCHEDULER_CONFIG
+from lab.tiny_family import SD_SCHEDULER_CONFIG
 
 from .data import CANVAS, CATEGORIES, CATEGORY_INDEX, COLOUR_INDEX, COLOUR_NAMES, N_CELLS, ItemBank, Scene, random_scene
-from .prompts import MAX_WORDS, eval_scenes, scene_to_prompt, vocabulary
+from shared.demo_grammar.prompts import MAX_WORDS, eval_scenes, scene_to_prompt, vocabulary
 
 #: Tokens of the longest prompt plus start and end (every grammar word is one token, except
 #: "t-shirt" = 3, which never makes a clause longer than the longest one).
@@ -882,7 +882,7 @@ def write_model_card(folder: str | Path, eval_json: str | Path | None = None) ->
         "`unet/` is the large denoiser, `unet_small/` the small one; both share the VAE's latent space and the",
         "text encoder. Weights are fp16 safetensors (load them in float32 on a CPU).",
         "",
-        "Prompts follow the grammar of `edge_server/demo_family/prompts.py` (1-9 Fashion-MNIST items, each",
+        "Prompts follow the grammar of `shared/demo_grammar/prompts.py` (1-9 Fashion-MNIST items, each",
         "with a colour and a cell of a 3x3 grid, e.g. *a red sneaker in the top left and a pair of blue jeans",
         "on the right*); the scorer in `models/demo/scorer/` measures how well a picture follows its prompt.",
         "",
@@ -915,7 +915,7 @@ def write_model_card(folder: str | Path, eval_json: str | Path | None = None) ->
         "8 of its 10 categories (no coat, no shirt), each item 2x2-average-pooled to 14x14, tinted with one",
         "of 8 colours and placed in a cell of a 3x3 grid of 16-px cells; 1-9 items per scene, uniform; each",
         "scene described by a random paraphrase of the grammar. The 225 scenes of the evaluation prompts",
-        "(`edge_server/demo_family/prompts.txt`) are never drawn, and evaluation renders its reference scenes",
+        "(`shared/demo_grammar/prompts.txt`) are never drawn, and evaluation renders its reference scenes",
         "from the Fashion-MNIST **test** split, so no source image is shared either.",
         "",
         "## Training (seed %d, %s in all)" % (info["seed"], _fmt_s(total_s)),
@@ -951,7 +951,7 @@ def write_model_card(folder: str | Path, eval_json: str | Path | None = None) ->
         "",
         "Reproduce (resumable: run the same command again after an interruption):",
         "",
-        "    " + (info.get("command") or f"python -m edge_server.demo_family.train --out DIR --seed {info['seed']} --threads 2"),
+        "    " + (info.get("command") or f"python -m lab.demo_family.train --out DIR --seed {info['seed']} --threads 2"),
         "",
     ]
     changes = info.get("changes", info.get("budget_changes", []))
@@ -1053,7 +1053,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     cfg = QUICK if args.quick else TrainConfig()
-    command = "python -m edge_server.demo_family.train --out " + str(args.out) + (" --quick" if args.quick else "") + \
+    command = "python -m lab.demo_family.train --out " + str(args.out) + (" --quick" if args.quick else "") + \
         f" --seed {args.seed} --threads {args.threads}"
     t0 = time.perf_counter()
     try:

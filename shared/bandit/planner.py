@@ -1,4 +1,4 @@
-"""The contextual-bandit planner: the edge daemon's :class:`~edge_server.planner.Planner` that learns.
+"""The contextual-bandit planner: the edge daemon's :class:`~shared.planning.Planner` that learns.
 
 At every ``generate`` (:meth:`BanditPlanner.choose`):
 
@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_server.planner import PlanContext
+from shared.planning import PlanContext
 from shared.bandit import (
     DEFAULT_RATING_WEIGHT, BanditError, ContextBuilder, FixedArm, Observation, Policy, Profile, arm_label,
     check_arms, describe, load_state, make_policy, profile_prior, rated_quality, reward, save_state,
@@ -56,7 +56,7 @@ _MAX_PENDING = 4096  # requests planned and not yet reported; the oldest are for
 
 
 class BanditPlanner:
-    """A :class:`~edge_server.planner.Planner` driven by a :class:`~shared.bandit.Policy`.
+    """A :class:`~shared.planning.Planner` driven by a :class:`~shared.bandit.Policy`.
 
     ``profile`` is a :class:`~shared.bandit.Profile` (quality per arm and level, and the
     scales of the context and reward), or a bare reference latency in seconds: then quality

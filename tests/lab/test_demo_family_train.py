@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from edge_server.demo_family.data import random_scene
-from edge_server.demo_family.prompts import load_prompts, scene_to_prompt, vocabulary
-from edge_server.demo_family.train import MAX_TOKENS, QUICK, build_tokenizer, build_unet
+from lab.demo_family.data import random_scene
+from shared.demo_grammar.prompts import load_prompts, scene_to_prompt, vocabulary
+from lab.demo_family.train import MAX_TOKENS, QUICK, build_tokenizer, build_unet
 
 
 def test_tokenizer_makes_every_grammar_word_one_token(tmp_path: Path) -> None:
@@ -41,8 +41,8 @@ def test_small_unet_is_the_cheaper_member() -> None:
 
 @pytest.mark.slow
 def test_quick_training_writes_a_loadable_family(tmp_path: Path) -> None:
-    from edge_server.demo_family.data import find_fashion_mnist
-    from edge_server.demo_family.train import main
+    from lab.demo_family.data import find_fashion_mnist
+    from lab.demo_family.train import main
 
     try:
         find_fashion_mnist()
@@ -64,7 +64,7 @@ def test_a_stage_resumed_from_its_checkpoint_ends_where_an_uninterrupted_one_doe
     from dataclasses import replace
     from types import SimpleNamespace
 
-    from edge_server.demo_family.train import Stage, TrainConfig
+    from lab.demo_family.train import Stage, TrainConfig
 
     cfg = replace(TrainConfig(), checkpoint_every_s=0.0, log_every=2, ema_decay=0.9)
 
@@ -102,7 +102,7 @@ def test_a_stage_resumed_with_a_smaller_budget_anneals_to_zero_over_the_new_budg
     from dataclasses import replace
     from types import SimpleNamespace
 
-    from edge_server.demo_family.train import Stage, TrainConfig, TrainingError
+    from lab.demo_family.train import Stage, TrainConfig, TrainingError
 
     cfg = replace(TrainConfig(), checkpoint_every_s=0.0, log_every=10)
 
@@ -141,7 +141,7 @@ def test_the_work_folder_accepts_a_new_step_budget_and_records_it_but_not_anothe
     import json
     from dataclasses import replace
 
-    from edge_server.demo_family.train import TrainConfig, TrainingError, Work
+    from lab.demo_family.train import TrainConfig, TrainingError, Work
 
     Work(tmp_path, TrainConfig(), seed=0)
     work = Work(tmp_path, replace(TrainConfig(), large_steps=10), seed=0)
@@ -156,7 +156,7 @@ def test_the_work_folder_accepts_a_new_step_budget_and_records_it_but_not_anothe
 def test_a_stage_not_started_may_change_its_settings_and_redo_drops_it_and_the_later_stages(tmp_path: Path) -> None:
     from dataclasses import replace
 
-    from edge_server.demo_family.train import STAGES, TrainConfig, TrainingError, Work
+    from lab.demo_family.train import STAGES, TrainConfig, TrainingError, Work
 
     cfg = TrainConfig()
     work = Work(tmp_path, cfg, seed=0)
@@ -181,7 +181,7 @@ def test_a_stage_not_started_may_change_its_settings_and_redo_drops_it_and_the_l
 
 
 def test_the_small_stage_draws_its_timesteps_mostly_where_a_relay_runs_it() -> None:
-    from edge_server.demo_family.train import sample_timesteps
+    from lab.demo_family.train import sample_timesteps
 
     torch.manual_seed(0)
     t = sample_timesteps(20_000, 1000, focus_t=700, focus_p=0.5)
@@ -194,8 +194,8 @@ def test_the_small_stage_draws_its_timesteps_mostly_where_a_relay_runs_it() -> N
 def test_min_snr_weights_cap_only_the_low_noise_steps() -> None:
     from diffusers import DDPMScheduler
 
-    from edge_server.demo_family.train import min_snr_weights
-    from edge_server.tiny_family import SD_SCHEDULER_CONFIG
+    from lab.demo_family.train import min_snr_weights
+    from lab.tiny_family import SD_SCHEDULER_CONFIG
 
     ac = DDPMScheduler.from_config(SD_SCHEDULER_CONFIG).alphas_cumprod
     snr = ac / (1 - ac)
@@ -207,8 +207,8 @@ def test_min_snr_weights_cap_only_the_low_noise_steps() -> None:
 
 
 def test_scene_targets_mark_each_cell_and_ignore_the_colour_of_empty_ones() -> None:
-    from edge_server.demo_family.data import CATEGORIES, CATEGORY_INDEX, COLOUR_INDEX, Item, Scene
-    from edge_server.demo_family.train import scene_targets
+    from lab.demo_family.data import CATEGORIES, CATEGORY_INDEX, COLOUR_INDEX, Item, Scene
+    from lab.demo_family.train import scene_targets
 
     scene = Scene((Item("sneaker", "red"),) + (None,) * 7 + (Item("bag", "white"),))
     cat, col = scene_targets([scene, Scene((None,) * 4 + (Item("dress", "blue"),) + (None,) * 4)])
@@ -220,8 +220,8 @@ def test_scene_targets_mark_each_cell_and_ignore_the_colour_of_empty_ones() -> N
 
 
 def test_the_scene_probe_reads_one_cell_per_query_from_the_text_encoders_states(tmp_path: Path) -> None:
-    from edge_server.demo_family.data import CATEGORIES, COLOUR_NAMES
-    from edge_server.demo_family.train import SceneProbe, build_text_encoder, encode
+    from lab.demo_family.data import CATEGORIES, COLOUR_NAMES
+    from lab.demo_family.train import SceneProbe, build_text_encoder, encode
 
     tok = build_tokenizer(tmp_path / "tokenizer")
     te = build_text_encoder(QUICK, tok)
@@ -236,7 +236,7 @@ def test_model_card_has_a_row_per_stage_and_the_parse_accuracy(tmp_path: Path) -
     import json
     from dataclasses import asdict
 
-    from edge_server.demo_family.train import STAGES, build_untrained_family, write_model_card
+    from lab.demo_family.train import STAGES, build_untrained_family, write_model_card
 
     family = build_untrained_family(tmp_path / "fam")
     record = {"steps": 10, "batch": 4, "lr": {"m": 1e-3}, "schedule": "AdamW, one-cycle (cosine) LR, grad-norm clip 1",
@@ -244,7 +244,7 @@ def test_model_card_has_a_row_per_stage_and_the_parse_accuracy(tmp_path: Path) -
     stages = {name: dict(record) for name in STAGES}
     stages["vae"]["scaling_factor"] = 0.5
     stages["text"]["parse_accuracy"] = {"cell_category": 0.998, "item_colour": 0.997, "scene": 0.981}
-    info = {"seed": 0, "command": "python -m edge_server.demo_family.train --out X", "config": asdict(QUICK),
+    info = {"seed": 0, "command": "python -m lab.demo_family.train --out X", "config": asdict(QUICK),
             "stages": stages, "params": {"vae": 1, "text_encoder": 1, "unet": 4, "unet_small": 1},
             "step_cost_ms": {"unet": 40.0, "unet_small": 8.0, "ratio": 5.0}, "versions": {"torch": "x"},
             "changes": [{"key": "text_steps", "from": 1500, "to": 3500, "at": "2026-12-01T09:20:00", "stage_state": "under way"},

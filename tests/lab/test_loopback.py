@@ -4,7 +4,7 @@ import numpy as np
 
 from device_app.relay import finish_latents
 from device_app.runtime import DeviceBundle
-from edge_server.loopback import generate_over_loopback
+from lab.loopback import generate_over_loopback
 from edge_server.relay import EdgeRelay
 from shared.relay_plan import RelayPlan
 

@@ -42,7 +42,7 @@ def synthetic_profile(steps=(10, 20, 30), fractions=(0.0, 0.2, 0.4, 0.6, 0.8, 1.
     timing = Timing(edge_step_s=edge_step_s, device_step_s=device_step_s, edge_decode_s=0.04, device_decode_s=0.3,
                     handoff_bytes=300_000, image_bytes=350_000, text_encode_s=0.01)
     return Profile(levels=levels, arms=tuple(arms), timing=timing, family="synthetic", synthetic=True,
-                   sources=("tests/edge_server/test_simulator.py:synthetic_profile",))
+                   sources=("tests/lab/test_simulator.py:synthetic_profile",))
 
 
 def write_synthetic_profile(path: Path, **kw) -> Path:
@@ -57,7 +57,7 @@ def profile_path(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def mixed_run(profile_path, tmp_path_factory):
-    from edge_server.simulator import main
+    from lab.simulator import main
 
     out = tmp_path_factory.mktemp("sim")
     code = main(["--profile", str(profile_path), "--requests", "2500", "--devices", "100", "--scenario", "mixed",
@@ -94,7 +94,7 @@ def test_plots_are_written(mixed_run):
 
 
 def test_without_a_profile_it_says_how_to_make_one(capsys):
-    from edge_server.simulator import main
+    from lab.simulator import main
 
     assert main(["--requests", "10"]) == 2
     err = capsys.readouterr().err
@@ -103,7 +103,7 @@ def test_without_a_profile_it_says_how_to_make_one(capsys):
 
 @pytest.mark.parametrize("scenario", ["network-drop", "load-spike", "edge-overload"])
 def test_scenarios_run_and_linucb_adapts(profile_path, scenario):
-    from edge_server.simulator import SimConfig, Simulation, adaptation
+    from lab.simulator import SimConfig, Simulation, adaptation
 
     sim = Simulation(synthetic_profile(), SimConfig(requests=3000, devices=100, scenario=scenario, warmup=300))
     assert sim.world.change_points == [1000, 2000]
@@ -116,7 +116,7 @@ def test_scenarios_run_and_linucb_adapts(profile_path, scenario):
 
 
 def test_same_seed_same_stream(profile_path):
-    from edge_server.simulator import SimConfig, Simulation
+    from lab.simulator import SimConfig, Simulation
 
     a = Simulation(synthetic_profile(), SimConfig(requests=400, devices=20, seed=3))
     b = Simulation(synthetic_profile(), SimConfig(requests=400, devices=20, seed=3))
@@ -127,7 +127,7 @@ def test_same_seed_same_stream(profile_path):
 
 
 def test_edge_batching_model():
-    from edge_server.simulator import Edge, batch_step_times
+    from lab.simulator import Edge, batch_step_times
 
     profile = synthetic_profile()
     T = batch_step_times(profile, 4, beta=0.5)
@@ -156,7 +156,7 @@ def test_simulator_runs_without_torch(profile_path):
         "        if name.split('.')[0] in {'torch', 'diffusers', 'transformers'}:\n"
         "            raise ImportError(name)\n"
         "sys.meta_path.insert(0, NoTorch())\n"
-        "from edge_server.simulator import main\n"
+        "from lab.simulator import main\n"
         f"sys.exit(main(['--profile', {str(profile_path)!r}, '--requests', '300', '--devices', '20',"
         " '--policies', 'linucb,oracle']))\n"
     )
@@ -166,7 +166,7 @@ def test_simulator_runs_without_torch(profile_path):
 
 
 def test_the_table_says_how_much_the_oracle_gains_over_the_best_fixed_configuration(profile_path, tmp_path, capsys):
-    from edge_server.simulator import main
+    from lab.simulator import main
 
     assert main(["--profile", str(profile_path), "--requests", "600", "--devices", "30", "--warmup", "100",
                  "--policies", "linucb,oracle,fixed_k8,fixed_k12", "--json", str(tmp_path / "s.json")]) == 0

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_server.demo_family import data
-from edge_server.demo_family.data import EMPTY, N_CELLS, Item, ItemBank, Scene, SceneError, cells_of, random_scene
-from edge_server.demo_family.prompts import (
+from lab.demo_family import data
+from lab.demo_family.data import EMPTY, N_CELLS, Item, ItemBank, Scene, SceneError, cells_of, random_scene
+from shared.demo_grammar.prompts import (
     MAX_WORDS,
     PromptError,
     heldout_prompts,
@@ -177,7 +177,7 @@ def test_bad_prompts_raise(prompt: str, match: str) -> None:
 
 def test_committed_prompt_set() -> None:
     prompts = load_prompts()
-    assert prompts == heldout_prompts()  # regenerate with `python -m edge_server.demo_family.prompts --write`
+    assert prompts == heldout_prompts()  # regenerate with `python -m shared.demo_grammar.prompts --write`
     assert len(prompts) >= 200
     scenes = [prompt_to_scene(p) for p in prompts]
     assert len(set(scenes)) == len(scenes)
@@ -204,7 +204,7 @@ class Oracle:
 
 
 def test_adherence_with_an_oracle(test_bank: ItemBank) -> None:
-    from edge_server.demo_family.scorer import adherence, item_recall
+    from lab.demo_family.scorer import adherence, item_recall
 
     images, scenes, _ = test_bank.sample(40, np.random.default_rng(3), n_items=[3, 4, 5])
     oracle = Oracle(images, scenes)
@@ -228,7 +228,7 @@ def test_adherence_with_an_oracle(test_bank: ItemBank) -> None:
 
 
 def test_frechet_distance() -> None:
-    from edge_server.demo_family.scorer import frechet_distance
+    from lab.demo_family.scorer import frechet_distance
 
     rng = np.random.default_rng(0)
     a = rng.normal(size=(4000, 6))
@@ -242,7 +242,7 @@ def test_frechet_distance() -> None:
 
 
 def test_committed_scorer_reads_held_out_items_and_scenes(test_bank: ItemBank) -> None:
-    from edge_server.demo_family.scorer import Scorer, adherence, item_accuracy
+    from lab.demo_family.scorer import Scorer, adherence, item_accuracy
 
     scorer = Scorer.load()
     rng = np.random.default_rng(7)

@@ -18,7 +18,7 @@ and on the same scenes passed through the family's VAE (encode, decode).
 Without ``--bundle`` the device half runs in PyTorch (the one-process relay of
 :func:`edge_server.relay.prepare` / :func:`~edge_server.batching.batched_step`, prompts batched
 for throughput, timings taken one request at a time); with ``--bundle`` it runs on ONNX Runtime
-through the calls of :func:`edge_server.local_relay.relay_once`, the handoff serialized in between.
+through the calls of :func:`lab.local_relay.relay_once`, the handoff serialized in between.
 Compute is timed as process CPU time by default (``--clock cpu``): the machines this runs on are
 shared, and CPU time counts only the work of the request (``--clock wall`` for elapsed time).
 
@@ -50,7 +50,7 @@ from shared.relay_plan import RelayPlan
 from shared.samplers import SAMPLER_NAMES
 
 from .data import ItemBank, N_CELLS, Scene
-from .prompts import DEFAULT_PROMPTS_FILE, PromptError, load_prompts, prompt_to_scene
+from shared.demo_grammar.prompts import DEFAULT_PROMPTS_FILE, PromptError, load_prompts, prompt_to_scene
 from .scorer import Scorer, adherence, default_scorer, frechet_distance
 
 STATS = ("mean", "std", "norm")
@@ -188,7 +188,7 @@ def time_torch(family: Family, prompts: Sequence[str], steps: int, k: int, *, sa
 def generate_bundle(family: Family, bundle: Any, prompts: Sequence[str], steps: int, k: int, *,
                     sampler: str, guidance: float, seed: int, clock: str = "cpu") -> Generated:
     """All prompts through the two-sided relay, device half on ONNX Runtime: the calls of
-    :func:`~edge_server.local_relay.relay_once` (edge steps, handoff to bytes and back, device
+    :func:`~lab.local_relay.relay_once` (edge steps, handoff to bytes and back, device
     steps, decode), timed with ``clock``."""
     from device_app.relay import finish_latents
     from edge_server.relay import EdgeRelay

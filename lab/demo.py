@@ -1,14 +1,14 @@
 """The README's first command: generate a few pictures with the default relay configuration.
 
 Both halves run as the real service: an edge daemon on 127.0.0.1 and a device client talking
-to it over a websocket (edge_server/loopback.py). With the trained demo family committed (``models/demo/family/``, Fashion-MNIST scenes on a 3x3
+to it over a websocket (lab/loopback.py). With the trained demo family committed (``models/demo/family/``, Fashion-MNIST scenes on a 3x3
 grid; see its model card), this exports its device bundle on the first run, relays a handful of
 the family's evaluation prompts (large UNet on the edge for the first k steps, small UNet on
 ONNX Runtime for the rest, the handoff serialized in between), writes every picture and a
 contact sheet with the prompts as captions, and prints where they are.
 
 Without it (or with ``--random-family``) it falls back to a *tiny family with random weights*
-(edge_server/tiny_family.py): every stage runs for real, but the pictures are textures, not
+(lab/tiny_family.py): every stage runs for real, but the pictures are textures, not
 objects. It says so when it runs.
 """
 
@@ -27,8 +27,8 @@ from PIL import Image, ImageDraw, ImageFont
 from device_app.client import GenerationResult
 from device_app.runtime import DeviceBundle
 from edge_server.family import is_family_folder, load_family
-from edge_server.loopback import generate_over_loopback
-from edge_server.tiny_family import build_tiny_family
+from lab.loopback import generate_over_loopback
+from lab.tiny_family import build_tiny_family
 from shared.errors import RiseError
 from shared.relay_plan import RelayPlan
 
@@ -46,7 +46,7 @@ DEFAULT_PLAN = RelayPlan(num_inference_steps=20, split=10, sampler="dpmpp_2m", g
 
 def demo_prompts(n: int = N_DEMO_PROMPTS) -> list[str]:
     """The first ``n`` evaluation prompts of the demo family (levels interleaved: 1, 2, 3 ... items)."""
-    from edge_server.demo_family.prompts import load_prompts
+    from shared.demo_grammar.prompts import load_prompts
 
     return load_prompts()[:n]
 
@@ -96,7 +96,7 @@ def _ensure_bundle(family_dir: Path, bundle_dir: Path, family_id: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m edge_server.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m lab.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo_out", help="output folder (default demo_out/)")
     parser.add_argument("--family", default=None,
                         help=f"a family of the demo grammar (default: {DEMO_FAMILY_DIR.relative_to(DEMO_FAMILY_DIR.parents[2])})")

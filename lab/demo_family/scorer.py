@@ -4,12 +4,12 @@ The *adherence* of an image to its prompt is the fraction of the 9 grid cells wh
 category and colour (or emptiness) the scorer reads as the prompt's scene says. The scorer
 is a small CNN applied to each 16x16 cell: it predicts the category (or "empty") and the
 colour. It is trained on real Fashion-MNIST *train* items, tinted and composed into scenes
-exactly as :mod:`edge_server.demo_family.data` does, with mild degradations (shifts, blur,
+exactly as :mod:`lab.demo_family.data` does, with mild degradations (shifts, blur,
 noise, gain) so that it reads decoded latents as it reads real scenes; its held-out accuracy is
 measured on the *test* split. Its penultimate layer gives the features of
 :func:`frechet_distance` (an FID on cells, computed with this scorer instead of Inception).
 
-``python -m edge_server.demo_family.scorer --train`` trains and saves it under
+``python -m lab.demo_family.scorer --train`` trains and saves it under
 ``models/demo/scorer/``; ``--eval`` measures it (item accuracy, adherence on real held-out scenes).
 """
 
@@ -45,7 +45,7 @@ from .data import (
     COLOUR_RGB,
     cells_of,
 )
-from .prompts import prompt_to_scene
+from shared.demo_grammar.prompts import prompt_to_scene
 
 #: Where the committed scorer lives (``<repo>/models/demo/scorer``).
 DEFAULT_SCORER_DIR = Path(__file__).resolve().parents[2] / "models" / "demo" / "scorer"
@@ -119,7 +119,7 @@ class Scorer:
         weights = folder / WEIGHTS_FILE
         if not weights.is_file():
             raise ScorerError(
-                f"no scorer weights at {weights}; train them with `python -m edge_server.demo_family.scorer --train`"
+                f"no scorer weights at {weights}; train them with `python -m lab.demo_family.scorer --train`"
             )
         config = json.loads((folder / CONFIG_FILE).read_text()) if (folder / CONFIG_FILE).is_file() else {}
         net = CellNet(int(config.get("width", 32)), int(config.get("feature_dim", 128)))
@@ -158,7 +158,7 @@ class Scorer:
     def predict(self, images: np.ndarray | Sequence[object]) -> tuple[np.ndarray, np.ndarray]:
         """Per-cell ``(categories (n, 9), colours (n, 9))`` of images ``(n, 48, 48, 3)``.
 
-        Category :data:`~edge_server.demo_family.data.EMPTY` marks an empty cell (its colour
+        Category :data:`~lab.demo_family.data.EMPTY` marks an empty cell (its colour
         is meaningless). Images are uint8, or float in [0, 1].
         """
         cats, cols, _ = self._run(images)
@@ -397,7 +397,7 @@ def train_scorer(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m edge_server.demo_family.scorer (--train | --eval) [--out DIR]``."""
+    """``python -m lab.demo_family.scorer (--train | --eval) [--out DIR]``."""
     parser = argparse.ArgumentParser(description="Train or evaluate the demo family's scorer.")
     parser.add_argument("--train", action="store_true", help="train and save the scorer")
     parser.add_argument("--eval", action="store_true", help="measure a saved scorer")

@@ -1,4 +1,4 @@
-"""The README's first command (edge_server/demo.py) on a demo-grammar family: pictures and a contact sheet."""
+"""The README's first command (lab/demo.py) on a demo-grammar family: pictures and a contact sheet."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge_server.demo import DEFAULT_PLAN, contact_sheet, demo_prompts
+from lab.demo import DEFAULT_PLAN, contact_sheet, demo_prompts
 
 
 def test_demo_prompts_follow_the_grammar_and_span_complexity_levels() -> None:
-    from edge_server.demo_family.prompts import prompt_to_scene
+    from shared.demo_grammar.prompts import prompt_to_scene
 
     levels = [prompt_to_scene(p).n_items for p in demo_prompts()]
     assert levels == [1, 2, 3, 4, 5, 6]
@@ -38,8 +38,8 @@ def test_contact_sheet_tiles_every_image_with_its_caption() -> None:
 @pytest.mark.slow
 def test_demo_on_a_demo_grammar_family_writes_pictures_and_a_contact_sheet(tmp_path: Path,
                                                                           capsys: pytest.CaptureFixture[str]) -> None:
-    from edge_server.demo import main
-    from edge_server.demo_family.train import build_untrained_family
+    from lab.demo import main
+    from lab.demo_family.train import build_untrained_family
 
     family = build_untrained_family(tmp_path / "family")
     out = tmp_path / "out"
@@ -55,7 +55,7 @@ def test_demo_on_a_demo_grammar_family_writes_pictures_and_a_contact_sheet(tmp_p
 
 
 def test_demo_refuses_a_folder_that_is_not_a_family(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from edge_server.demo import main
+    from lab.demo import main
 
     assert main(["--out", str(tmp_path / "out"), "--family", str(tmp_path)]) == 2
     assert "not a family folder" in capsys.readouterr().err

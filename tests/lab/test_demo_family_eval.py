@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_server.demo_family.data import find_fashion_mnist
+from lab.demo_family.data import find_fashion_mnist
 
 ROW_KEYS = {"k", "adherence", "adherence_by_items", "frechet", "edge_s", "device_s", "compute_s", "speedup"}
 PLOTS = ("quality_vs_split.png", "quality_latency.png", "latent_intensity.png")
@@ -24,7 +24,7 @@ def fashion_mnist() -> None:
 
 @pytest.fixture(scope="module")
 def untrained_family(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from edge_server.demo_family.train import build_untrained_family
+    from lab.demo_family.train import build_untrained_family
 
     return build_untrained_family(tmp_path_factory.mktemp("fam") / "untrained")
 
@@ -48,7 +48,7 @@ def _check_report(report: dict, splits: list[int], n_steps: int) -> None:
 
 def test_rise_eval_end_to_end_on_an_untrained_family(fashion_mnist: None, untrained_family: Path, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    from edge_server.demo_family.evaluate import main
+    from lab.demo_family.evaluate import main
 
     out = tmp_path / "eval.json"
     argv = ["--family", str(untrained_family), "--limit", "4", "--steps", "4", "--splits", "0,2",
@@ -63,9 +63,9 @@ def test_rise_eval_end_to_end_on_an_untrained_family(fashion_mnist: None, untrai
 
 
 def test_relay_rows_deviate_from_large_only_only_after_the_handoff(fashion_mnist: None, untrained_family: Path) -> None:
-    from edge_server.demo_family.evaluate import generate_torch
+    from lab.demo_family.evaluate import generate_torch
     from edge_server.family import load_family
-    from edge_server.demo_family.prompts import load_prompts
+    from shared.demo_grammar.prompts import load_prompts
 
     family = load_family(untrained_family)
     prompts = load_prompts()[:3]
@@ -80,7 +80,7 @@ def test_relay_rows_deviate_from_large_only_only_after_the_handoff(fashion_mnist
 
 def test_bad_splits_and_prompts_are_refused(untrained_family: Path, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    from edge_server.demo_family.evaluate import main
+    from lab.demo_family.evaluate import main
 
     assert main(["--family", str(untrained_family), "--steps", "4", "--splits", "0,5"]) == 2
     assert "splits must be in [0, 4]" in capsys.readouterr().err
@@ -92,8 +92,8 @@ def test_bad_splits_and_prompts_are_refused(untrained_family: Path, tmp_path: Pa
 
 @pytest.mark.slow
 def test_rise_eval_on_a_quick_trained_family_with_its_bundle(fashion_mnist: None, tmp_path: Path) -> None:
-    from edge_server.demo_family.evaluate import main as eval_main
-    from edge_server.demo_family.train import main as train_main
+    from lab.demo_family.evaluate import main as eval_main
+    from lab.demo_family.train import main as train_main
     from export.cli import main as export_main
 
     assert train_main(["--out", str(tmp_path / "fam"), "--quick"]) == 0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_server.demo import DEMO_FAMILY_DIR
+from lab.demo import DEMO_FAMILY_DIR
 from edge_server.family import is_family_folder
 
 MODELS = DEMO_FAMILY_DIR.parent
@@ -30,7 +30,7 @@ def test_model_card_says_how_each_part_was_trained() -> None:
     for stage in ("vae", "large", "small"):
         assert f"| {stage} |" in card
         assert info["stages"][stage]["steps"] > 0
-    assert "python -m edge_server.demo_family.train" in card
+    assert "python -m lab.demo_family.train" in card
 
 
 def test_large_to_small_step_cost_ratio_is_at_least_4_at_the_devices_batch() -> None:

@@ -224,8 +224,8 @@ def make_world(profile: Profile, config: SimConfig, rate: float) -> World:
 def _prompt_pool(levels: Sequence[int], rng: np.random.Generator, per_level: int) -> tuple[list[list[float]], list[list[int]]]:
     """Per profile level, ``per_level`` prompts: (their complexities, their parsed levels)."""
     try:
-        from edge_server.demo_family.data import N_CELLS, random_scene
-        from edge_server.demo_family.prompts import scene_to_prompt
+        from lab.demo_family.data import N_CELLS, random_scene
+        from shared.demo_grammar.prompts import scene_to_prompt
     except ImportError:  # pragma: no cover - the demo grammar ships with the edge
         N_CELLS, random_scene, scene_to_prompt = 0, None, None
     complexity, parsed = [], []

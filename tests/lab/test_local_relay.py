@@ -12,8 +12,8 @@ from diffusers import StableDiffusionPipeline
 
 from device_app.relay import finish_latents
 from device_app.runtime import DeviceBundle
-from edge_server.local_relay import main as relay_main
-from edge_server.local_relay import relay_once
+from lab.local_relay import main as relay_main
+from lab.local_relay import relay_once
 from edge_server.relay import EdgeRelay, run_torch_relay
 from edge_server.scheduler_bridge import diffusers_scheduler
 from shared.errors import HandoffError
