@@ -42,10 +42,10 @@ def main() -> None:
 
     from device_app.runtime import DeviceBundle
     from edge_server.family import is_family_folder, load_family
-    from lab.local_relay import relay_once
     from edge_server.relay import EdgeRelay
-    from lab.tiny_family import BENCH_LARGE, BENCH_SMALL, build_tiny_family
     from export.cli import main as export_main
+    from lab.local_relay import relay_once
+    from lab.tiny_family import BENCH_LARGE, BENCH_SMALL, build_tiny_family
     from shared.handoff import decode_handoff, encode_handoff
     from shared.relay_plan import RelayPlan
 

@@ -91,10 +91,10 @@ def main() -> None:
     (work / "token").write_text(TOKEN)
     (work / "edge.toml").write_text(CONFIG)
 
-    from lab.demo import DEMO_FAMILY_DIR
     from edge_server.family import is_family_folder
-    from lab.tiny_family import BENCH_LARGE, BENCH_SMALL, build_tiny_family
     from export.cli import main as export_main
+    from lab.demo import DEMO_FAMILY_DIR
+    from lab.tiny_family import BENCH_LARGE, BENCH_SMALL, build_tiny_family
 
     family = args.family
     if family is None and is_family_folder(DEMO_FAMILY_DIR):

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, str(REPO))
     # Scale every fuzzer's example count before the test module builds its settings.
-    from tests.shared import test_fuzz as probe  # noqa: F401 - only to read the default counts
+    from tests.shared import test_fuzz as probe
 
     base = sum(probe.EXAMPLES.values())
     os.environ["RISE_FUZZ_SCALE"] = str(args.examples / base)
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         try:
             test()
-        except Exception as exc:  # noqa: BLE001 - report, keep going with the other fuzzers
+        except Exception as exc:
             failed = True
             print(f"{name}: FAILED: {type(exc).__name__}: {exc}")
         seconds = time.perf_counter() - started

@@ -384,7 +384,7 @@ class EdgeClient:
                 close_timeout=close_timeout,
                 **kwargs,
             )
-        except (OSError, InvalidURI, WebSocketException, asyncio.TimeoutError, ValueError) as exc:
+        except (TimeoutError, OSError, InvalidURI, WebSocketException, ValueError) as exc:
             detail = str(exc) or type(exc).__name__
             raise EdgeConnectionError(CONNECT_FAILED, f"cannot connect to {url}: {detail}") from exc
         try:
@@ -418,7 +418,7 @@ class EdgeClient:
         while True:
             try:
                 frame = await asyncio.wait_for(ws.recv(), max(0.0, deadline - _now()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise EdgeTimeout(TIMEOUT, f"no welcome from {url} within {timeout:g} s") from None
             except ConnectionClosed as exc:
                 raise EdgeConnectionError(
@@ -616,7 +616,7 @@ class EdgeClient:
             started = _now()
             pong = await self._ws.ping()
             await asyncio.wait_for(pong, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise EdgeTimeout(TIMEOUT, f"no pong from {self.url} within {timeout:g} s") from None
         except ConnectionClosed as exc:
             raise self._lost_error(exc) from None
@@ -638,7 +638,7 @@ class EdgeClient:
         while True:
             try:
                 item = await asyncio.wait_for(pending.queue.get(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 stage = "its plan" if plan is None else "its payload"
                 raise EdgeTimeout(
                     TIMEOUT, f"request {rid}: {self.url} sent nothing for {timeout:g} s while waiting for {stage}",

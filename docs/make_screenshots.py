@@ -43,10 +43,10 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(1)
-    from lab.demo import DEMO_FAMILY_DIR
     from edge_server.family import is_family_folder, load_family
-    from lab.tiny_family import build_tiny_family
     from export.cli import main as export_main
+    from lab.demo import DEMO_FAMILY_DIR
+    from lab.tiny_family import build_tiny_family
     from tests.device_app.test_app_controller import running_edge
     from tests.device_app.test_app_window import kivy_env
 

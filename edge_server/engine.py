@@ -126,7 +126,7 @@ class BatchingEngine:
             if not ready.done():  # a loader: load here, on the thread that will run the model
                 try:
                     ready.set_result(family())
-                except BaseException as exc:  # noqa: BLE001 - re-raised by the constructor
+                except BaseException as exc:
                     ready.set_exception(exc)
                     return
             self.family = ready.result()
@@ -228,7 +228,7 @@ class BatchingEngine:
         if batch:
             try:
                 batched_step(self.family.large_unet, batch)
-            except Exception as exc:  # noqa: BLE001 - fail the batch's requests, keep serving
+            except Exception as exc:
                 log.exception("UNet step failed")
                 for entry in ready:
                     if entry.job in batch:
@@ -258,7 +258,7 @@ class BatchingEngine:
                 payload, kind = buffer.getvalue(), "png"
             else:
                 payload, kind = encode_handoff(entry.job.to_handoff(self.family.family_id, r.plan, r.seed)), "handoff"
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self._fail(entry, exc)
             return
         now = time.perf_counter()

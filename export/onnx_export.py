@@ -23,10 +23,11 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING
 
 from shared.errors import ConfigError, ExportError, FamilyError
 from shared.manifest import (
@@ -34,10 +35,10 @@ from shared.manifest import (
     BUNDLE_FORMAT_VERSION,
     GRAPH_NAMES,
     MANIFEST_NAME,
+    UNCOND_TENSOR,
     BundleManifest,
     FileEntry,
     GraphEntry,
-    UNCOND_TENSOR,
     TokenizerInfo,
     file_entry,
     load_manifest,
@@ -344,7 +345,7 @@ def export_bundle(
             files=_listed_files(bundle),
             versions=_versions(),
             opset=max(g.opset for g in graphs.values()),
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             source=source,
         )
         (bundle / MANIFEST_NAME).write_text(manifest.to_json())

@@ -85,8 +85,20 @@ from typing import Any
 import numpy as np
 
 from shared.bandit import (
-    PROFILE_HINT, BanditError, ContextBuilder, EpsilonGreedy, FixedArm, LinUCB, Observation, Policy, Profile,
-    ProfileError, RandomPolicy, arm_label, load_profile, profile_prior,
+    PROFILE_HINT,
+    BanditError,
+    ContextBuilder,
+    EpsilonGreedy,
+    FixedArm,
+    LinUCB,
+    Observation,
+    Policy,
+    Profile,
+    ProfileError,
+    RandomPolicy,
+    arm_label,
+    load_profile,
+    profile_prior,
 )
 from shared.errors import RiseError
 from shared.prompt_features import prompt_features

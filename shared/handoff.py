@@ -63,7 +63,10 @@ import safetensors.numpy
 
 from shared.errors import HandoffError
 from shared.samplers import SAMPLER_NAMES, SamplerState
-from shared.untrusted import is_int as _is_int, loads_strict, show as _show, type_name as _type_name
+from shared.untrusted import is_int as _is_int
+from shared.untrusted import loads_strict
+from shared.untrusted import show as _show
+from shared.untrusted import type_name as _type_name
 
 __all__ = [
     "HANDOFF_VERSION",

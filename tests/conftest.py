@@ -8,7 +8,7 @@ import pytest
 
 # Two cores are shared by torch and onnxruntime in these tests; one thread each is fastest
 # overall and keeps float results independent of scheduling.
-import torch  # noqa: E402  (tests run on the edge side, which has torch)
+import torch
 
 torch.set_num_threads(1)
 

@@ -21,24 +21,24 @@ from typing import Any
 os.environ.setdefault("KIVY_NO_ARGS", "1")
 os.environ.setdefault("KIVY_LOG_MODE", "PYTHON")  # Kivy logs through logging, not its own console handler
 
-import numpy as np  # noqa: E402
-from kivy.app import App  # noqa: E402
-from kivy.clock import Clock  # noqa: E402
-from kivy.graphics.texture import Texture  # noqa: E402
-from kivy.properties import (  # noqa: E402
+import numpy as np
+from kivy.app import App
+from kivy.clock import Clock
+from kivy.event import EventDispatcher
+from kivy.graphics.texture import Texture
+from kivy.properties import (
     BooleanProperty,
     NumericProperty,
     ObjectProperty,
     StringProperty,
 )
-from kivy.event import EventDispatcher  # noqa: E402
-from kivy.uix.boxlayout import BoxLayout  # noqa: E402
-from kivy.uix.screenmanager import NoTransition, Screen, ScreenManager  # noqa: E402
+from kivy.uix.boxlayout import BoxLayout
+from kivy.uix.screenmanager import NoTransition, Screen, ScreenManager
 
-from device_app.app.backends import BundleHolder, NetworkBackend, OfflineBackend  # noqa: E402
-from device_app.app.controller import Controller, HistoryItem  # noqa: E402
-from device_app.app.settings import SETTINGS_FILE, SettingsStore  # noqa: E402
-from shared.errors import ConfigError, RiseError  # noqa: E402
+from device_app.app.backends import BundleHolder, NetworkBackend, OfflineBackend
+from device_app.app.controller import Controller, HistoryItem
+from device_app.app.settings import SETTINGS_FILE, SettingsStore
+from shared.errors import ConfigError, RiseError
 
 __all__ = ["RiseApp", "UiState", "build_parser", "image_texture", "main"]
 

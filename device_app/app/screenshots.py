@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         steps += [later(lambda p=prompt: press_generate(p)), generation_over]
     steps += [wait(0.6), later(record("finished")), later(lambda: state.__setitem__("main_png", shot("main")))]
     if args.rate is not None:
-        ids_of = lambda: app.screens.get_screen("main").ids  # noqa: E731
+        ids_of = lambda: app.screens.get_screen("main").ids
         button = "rate_up" if args.rate == 1 else "rate_down"
         steps += [later(lambda: getattr(ids_of(), button).dispatch("on_release")),
                   lambda: controller.status.startswith(("Rating sent", "Rating not sent", "Rated")),

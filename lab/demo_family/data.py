@@ -28,13 +28,12 @@ from __future__ import annotations
 import gzip
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from shared.demo_grammar.scene import (  # noqa: F401  (re-exported: the lab's one import for scenes)
+from shared.demo_grammar.scene import (
     CANVAS,
     CATEGORIES,
     CATEGORY_INDEX,

@@ -45,12 +45,12 @@ import torch
 from edge_server.batching import batched_step
 from edge_server.family import Family, load_family, uncond_embedding
 from edge_server.relay import decode_latents, prepare, run_alone
+from shared.demo_grammar.prompts import DEFAULT_PROMPTS_FILE, PromptError, load_prompts, prompt_to_scene
 from shared.errors import RiseError
 from shared.relay_plan import RelayPlan
 from shared.samplers import SAMPLER_NAMES
 
-from .data import ItemBank, N_CELLS, Scene
-from shared.demo_grammar.prompts import DEFAULT_PROMPTS_FILE, PromptError, load_prompts, prompt_to_scene
+from .data import N_CELLS, ItemBank, Scene
 from .scorer import Scorer, adherence, default_scorer, frechet_distance
 
 STATS = ("mean", "std", "norm")
@@ -220,7 +220,7 @@ def step_costs(family: Family, bundle: Any = None, repeats: int = 30, clock: str
     cond = torch.cat([uncond_embedding(family)] * 2)
     t = family.pipeline.scheduler.config.num_train_timesteps // 2
 
-    def median_ms(call) -> float:  # noqa: ANN001
+    def median_ms(call) -> float:
         for _ in range(3):
             call()
         now, times = CLOCKS[clock], []
@@ -276,7 +276,7 @@ def check_splits(steps: int, splits: Sequence[int]) -> tuple[int, ...]:
 
 
 def evaluate(family: Family, prompts: Sequence[str], cfg: EvalConfig, *, bundle: Any = None,
-             scorer: Scorer | None = None, data: str | None = None, log=print) -> dict[str, Any]:  # noqa: ANN001
+             scorer: Scorer | None = None, data: str | None = None, log=print) -> dict[str, Any]:
     """Run the harness; return the report (the ``--json`` document)."""
     scorer = scorer or default_scorer()
     splits = check_splits(cfg.steps, cfg.splits)

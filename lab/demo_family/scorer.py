@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
+from shared.demo_grammar.prompts import prompt_to_scene
 from shared.errors import RiseError
 
 from .data import (
@@ -36,16 +37,15 @@ from .data import (
     CATEGORIES,
     CELL,
     COLOUR_NAMES,
+    COLOUR_RGB,
     EMPTY,
     GRID,
     ITEM,
     N_CELLS,
     ItemBank,
     Scene,
-    COLOUR_RGB,
     cells_of,
 )
-from shared.demo_grammar.prompts import prompt_to_scene
 
 #: Where the committed scorer lives (``<repo>/models/demo/scorer``).
 DEFAULT_SCORER_DIR = Path(__file__).resolve().parents[2] / "models" / "demo" / "scorer"
@@ -268,7 +268,7 @@ def _random_cells(bank: ItemBank, n: int, rng: np.random.Generator, *, p_empty: 
 def _degrade(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Random blur, gain, per-channel gain and noise on cells ``(B, 3, 16, 16)``, as a decoder may add."""
     b = x.shape[0]
-    u = lambda lo, hi, *shape: lo + (hi - lo) * torch.rand(*shape, generator=gen)  # noqa: E731
+    u = lambda lo, hi, *shape: lo + (hi - lo) * torch.rand(*shape, generator=gen)
     blur = torch.rand(b, generator=gen) < 0.5
     if blur.any():
         sigma = u(0.3, 1.0, int(blur.sum()))

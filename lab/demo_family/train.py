@@ -59,16 +59,16 @@ import numpy as np
 # build machine under load: 2.4x the CPU time per VAE step with 2 threads); make them sleep. Read
 # when torch loads OpenMP, so it must be set before the import (running this module: it is).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import torch  # noqa: E402
+import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from torch.nn import functional as F
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPTokenizerFast
 from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
 from lab.tiny_family import SD_SCHEDULER_CONFIG
+from shared.demo_grammar.prompts import MAX_WORDS, eval_scenes, scene_to_prompt, vocabulary
 
 from .data import CANVAS, CATEGORIES, CATEGORY_INDEX, COLOUR_INDEX, COLOUR_NAMES, N_CELLS, ItemBank, Scene, random_scene
-from shared.demo_grammar.prompts import MAX_WORDS, eval_scenes, scene_to_prompt, vocabulary
 
 #: Tokens of the longest prompt plus start and end (every grammar word is one token, except
 #: "t-shirt" = 3, which never makes a clause longer than the longest one).

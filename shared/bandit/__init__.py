@@ -20,7 +20,16 @@ from .errors import BanditError, ProfileError, StateError
 from .persistence import STATE_VERSION, atomic_write_text, load_state, read_state, save_state
 from .policies import POLICY_KINDS, EpsilonGreedy, FixedArm, LinUCB, Policy, RandomPolicy, make_policy
 from .prior import profile_prior
-from .profile import PROFILE_HINT, PROFILE_VERSION, ArmQuality, Profile, Timing, load_profile, profile_from_eval, save_profile
+from .profile import (
+    PROFILE_HINT,
+    PROFILE_VERSION,
+    ArmQuality,
+    Profile,
+    Timing,
+    load_profile,
+    profile_from_eval,
+    save_profile,
+)
 from .reward import DEFAULT_RATING_WEIGHT, rated_quality, reward
 
 __all__ = [

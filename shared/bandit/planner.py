@@ -37,11 +37,25 @@ from typing import Any
 
 import numpy as np
 
-from shared.planning import PlanContext
 from shared.bandit import (
-    DEFAULT_RATING_WEIGHT, BanditError, ContextBuilder, FixedArm, Observation, Policy, Profile, arm_label,
-    check_arms, describe, load_state, make_policy, profile_prior, rated_quality, reward, save_state,
+    DEFAULT_RATING_WEIGHT,
+    BanditError,
+    ContextBuilder,
+    FixedArm,
+    Observation,
+    Policy,
+    Profile,
+    arm_label,
+    check_arms,
+    describe,
+    load_state,
+    make_policy,
+    profile_prior,
+    rated_quality,
+    reward,
+    save_state,
 )
+from shared.planning import PlanContext
 from shared.prompt_features import prompt_features
 from shared.protocol import Generate, Report
 from shared.relay_plan import RelayPlan

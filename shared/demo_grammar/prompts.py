@@ -24,9 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.errors import RiseError
-
 from shared.demo_grammar.scene import CATEGORIES, COLOUR_NAMES, N_CELLS, Item, Scene, random_scene
+from shared.errors import RiseError
 
 #: Paraphrases of each category. The first is the canonical name. Plural nouns take
 #: "a pair of" / "some" instead of "a"/"an".

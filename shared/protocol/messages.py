@@ -33,7 +33,10 @@ from typing import Any, ClassVar, Literal, NoReturn, Union, get_args
 from shared.errors import ConfigError, HandoffError, RiseError
 from shared.handoff import MAX_ID_CHARS, Handoff
 from shared.relay_plan import MAX_STEPS, RelayPlan
-from shared.untrusted import is_int as _is_int, loads_strict, show as _show, type_name as _type_name
+from shared.untrusted import is_int as _is_int
+from shared.untrusted import loads_strict
+from shared.untrusted import show as _show
+from shared.untrusted import type_name as _type_name
 
 #: Protocol versions this code speaks, oldest first; ``hello`` negotiates the highest common one.
 PROTOCOL_VERSIONS: tuple[int, ...] = (1,)

@@ -23,8 +23,8 @@ import numpy as np
 
 from shared.samplers.base import SamplerState
 from shared.samplers.schedule import (
-    SamplerError,
     TIMESTEP_SPACINGS,
+    SamplerError,
     alphas_cumprod_from_betas,
     cfg_bool,
     cfg_choice,

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from websockets.asyncio.server import Server, ServerConnection as WebSocket, serve
+from websockets.asyncio.server import Server, serve
+from websockets.asyncio.server import ServerConnection as WebSocket
 from websockets.exceptions import ConnectionClosed
 
 from edge_server.family import Family

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.device_app.test_app_controller import TOKEN, running_edge
+from tests.device_app.test_app_controller import running_edge
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -19,7 +19,14 @@ from websockets.asyncio.client import connect
 from edge_server.daemon import EdgeConfig, EdgeServer
 from edge_server.relay import EdgeRelay
 from shared.protocol import (
-    ClientConnection, Error, Generate, HandoffReceived, Plan, Progress, ResultReceived, Welcome,
+    ClientConnection,
+    Error,
+    Generate,
+    HandoffReceived,
+    Plan,
+    Progress,
+    ResultReceived,
+    Welcome,
 )
 from shared.relay_plan import RelayPlan
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lab.tiny_family import build_tiny_family
 from export.cli import main
+from lab.tiny_family import build_tiny_family
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from lab.demo import DEMO_FAMILY_DIR
 from edge_server.family import is_family_folder
+from lab.demo import DEMO_FAMILY_DIR
 
 MODELS = DEMO_FAMILY_DIR.parent
 MAX_MB = 40  # the budget for the committed weights (family + scorer)

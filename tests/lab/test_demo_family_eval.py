@@ -18,7 +18,7 @@ PLOTS = ("quality_vs_split.png", "quality_latency.png", "latent_intensity.png")
 def fashion_mnist() -> None:
     try:
         find_fashion_mnist()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         pytest.skip(str(exc))
 
 
@@ -63,8 +63,8 @@ def test_rise_eval_end_to_end_on_an_untrained_family(fashion_mnist: None, untrai
 
 
 def test_relay_rows_deviate_from_large_only_only_after_the_handoff(fashion_mnist: None, untrained_family: Path) -> None:
-    from lab.demo_family.evaluate import generate_torch
     from edge_server.family import load_family
+    from lab.demo_family.evaluate import generate_torch
     from shared.demo_grammar.prompts import load_prompts
 
     family = load_family(untrained_family)
@@ -92,9 +92,9 @@ def test_bad_splits_and_prompts_are_refused(untrained_family: Path, tmp_path: Pa
 
 @pytest.mark.slow
 def test_rise_eval_on_a_quick_trained_family_with_its_bundle(fashion_mnist: None, tmp_path: Path) -> None:
+    from export.cli import main as export_main
     from lab.demo_family.evaluate import main as eval_main
     from lab.demo_family.train import main as train_main
-    from export.cli import main as export_main
 
     assert train_main(["--out", str(tmp_path / "fam"), "--quick"]) == 0
     assert export_main(["--family", str(tmp_path / "fam"), "--out", str(tmp_path / "bundle"), "--force"]) == 0

@@ -12,10 +12,10 @@ from diffusers import StableDiffusionPipeline
 
 from device_app.relay import finish_latents
 from device_app.runtime import DeviceBundle
-from lab.local_relay import main as relay_main
-from lab.local_relay import relay_once
 from edge_server.relay import EdgeRelay, run_torch_relay
 from edge_server.scheduler_bridge import diffusers_scheduler
+from lab.local_relay import main as relay_main
+from lab.local_relay import relay_once
 from shared.errors import HandoffError
 from shared.handoff import decode_handoff, encode_handoff
 from shared.relay_plan import RelayPlan

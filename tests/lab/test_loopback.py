@@ -4,8 +4,8 @@ import numpy as np
 
 from device_app.relay import finish_latents
 from device_app.runtime import DeviceBundle
-from lab.loopback import generate_over_loopback
 from edge_server.relay import EdgeRelay
+from lab.loopback import generate_over_loopback
 from shared.relay_plan import RelayPlan
 
 

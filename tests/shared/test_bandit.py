@@ -18,9 +18,29 @@ import numpy as np
 import pytest
 
 from shared.bandit import (
-    FEATURE_NAMES, BanditError, ContextBuilder, EpsilonGreedy, FixedArm, LinUCB, Observation, ProfileError,
-    RandomPolicy, StateError, arm_grid, arm_label, check_arms, load_profile, load_state, make_policy,
-    profile_from_eval, profile_prior, rated_quality, read_state, reward, save_profile, save_state,
+    FEATURE_NAMES,
+    BanditError,
+    ContextBuilder,
+    EpsilonGreedy,
+    FixedArm,
+    LinUCB,
+    Observation,
+    ProfileError,
+    RandomPolicy,
+    StateError,
+    arm_grid,
+    arm_label,
+    check_arms,
+    load_profile,
+    load_state,
+    make_policy,
+    profile_from_eval,
+    profile_prior,
+    rated_quality,
+    read_state,
+    reward,
+    save_profile,
+    save_state,
 )
 from shared.bandit.persistence import STATE_VERSION, atomic_write_text
 from shared.bandit.profile import main as profile_main
@@ -81,7 +101,7 @@ def test_reward_and_rating():
     assert reward(0.5, 0.8, 2.0, 10.0) == pytest.approx(0.5 * 0.8 + 0.5 * 0.8)
     # the shift (1 - w) does not depend on the arm: same ranking as w q - (1 - w) L / L_ref
     a, b = (0.3, 0.9, 4.0), (0.3, 0.7, 2.0)
-    issue = lambda w, q, lat: w * q - (1 - w) * lat / 10.0  # noqa: E731
+    issue = lambda w, q, lat: w * q - (1 - w) * lat / 10.0
     assert (reward(*a, 10.0) > reward(*b, 10.0)) == (issue(*a) > issue(*b))
     assert rated_quality(0.8, None) == 0.8
     assert rated_quality(0.8, 1) == pytest.approx(0.9) and rated_quality(0.8, -1) == pytest.approx(0.4)

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from shared.bandit import ContextBuilder, EpsilonGreedy, LinUCB, StateError, arm_label
 from shared.bandit.planner import BanditPlanner
 from shared.planning import PlanContext, Planner
-from shared.bandit import ContextBuilder, EpsilonGreedy, LinUCB, StateError, arm_label
 from shared.protocol import Generate, Plan, Report
 from shared.relay_plan import RelayPlan
 from tests.lab.test_simulator import synthetic_profile

@@ -88,14 +88,14 @@ def _timed(fn: Callable[[], Any], kind: str = "decode") -> tuple[Any, float]:
     started = time.perf_counter()
     try:
         out = fn()
-    except BaseException as exc:  # noqa: BLE001 - returned for the caller to classify
+    except BaseException as exc:
         out = exc
     seconds = time.perf_counter() - started
     if seconds > 0.02 and kind in ("text", "handoff"):  # pure decoders: re-time, so a scheduler stall
         again = time.perf_counter()                     # on a shared CPU is not taken for a slow input
         try:
             fn()
-        except BaseException:  # noqa: BLE001
+        except BaseException:
             pass
         seconds = min(seconds, time.perf_counter() - again)
     SLOWEST[kind] = max(SLOWEST.get(kind, 0.0), seconds)
@@ -484,7 +484,7 @@ def test_every_truncation_of_a_valid_handoff_is_rejected() -> None:
 
 
 def _payload_for(server: ServerConnection, rid: str) -> tuple[RelayPlan, int, int, int]:
-    gen = server._requests[rid].generate  # noqa: SLF001 - the test plays the daemon
+    gen = server._requests[rid].generate
     plan = gen.pinned or RelayPlan(gen.steps or 4, min(2, gen.steps or 4), "ddim", 5.0)
     return plan, (gen.seed if gen.seed is not None else 7), gen.height or 512, gen.width or 512
 
@@ -562,7 +562,7 @@ def test_server_connection_survives_any_conversation(hello: Any, ops: list[tuple
                 assert (rid in server.in_flight) == live
         elif op == "deliver" and server.in_flight:
             rid = server.in_flight[arg % len(server.in_flight)]
-            if server._requests[rid].cancelling:  # noqa: SLF001
+            if server._requests[rid].cancelling:
                 server.send_error(rid, "cancelled", "cancelled")
                 continue
             plan, seed, h, w = _payload_for(server, rid)
