@@ -3,7 +3,7 @@ VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
 
-.PHONY: setup data demo test test-all chaos bench profile sim clean
+.PHONY: setup data demo test test-all lint chaos bench profile sim clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ demo: setup data
 
 test: setup data
 	$(PY) -m pytest -q -m "not slow"
+
+# ruff (rules in pyproject.toml), mypy (--strict on shared/ and device_app/, plain on the rest) and the import rules.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_import_rules.py
 
 test-all: setup data
 	$(PY) -m pytest -q

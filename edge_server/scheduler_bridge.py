@@ -22,7 +22,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteS
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from shared.errors import ConfigError, HandoffError
-from shared.samplers import SAMPLER_NAMES, SamplerError, SamplerState, make_sampler
+from shared.samplers import SAMPLER_NAMES, Sampler, SamplerError, SamplerState, make_sampler, resolved_config
 
 
 class StepCountingDDIMScheduler(DDIMScheduler):
@@ -97,7 +97,38 @@ def diffusers_scheduler(
     if num_inference_steps is not None:
         sampler.set_timesteps(num_inference_steps)
         scheduler.set_timesteps(num_inference_steps)
+        check_same_schedule(name, scheduler_config, scheduler, sampler)
     return scheduler
+
+
+def check_same_schedule(name: str, scheduler_config: Mapping[str, Any], scheduler: SchedulerMixin,
+                        sampler: Sampler) -> None:
+    """Refuse, before any step runs, a schedule the device's port would not reproduce.
+
+    The edge's diffusers timesteps (and sigmas, where the sampler has them) must equal the numpy
+    port's; otherwise the device would reject the handoff after the edge had spent its steps. The
+    error names the config keys whose values the two read differently.
+    """
+    ours = np.asarray(sampler.timesteps, dtype=np.float64)
+    theirs = scheduler.timesteps.detach().cpu().numpy().astype(np.float64)
+    what = ""
+    if ours.shape != theirs.shape or not np.allclose(ours, theirs, rtol=0, atol=1e-3):
+        what = "timesteps"
+    elif hasattr(sampler, "sigmas") and hasattr(scheduler, "sigmas"):
+        port_sigmas = np.asarray(sampler.sigmas, dtype=np.float64)
+        edge_sigmas = scheduler.sigmas.detach().cpu().numpy().astype(np.float64)
+        if port_sigmas.shape != edge_sigmas.shape or not np.allclose(port_sigmas, edge_sigmas, rtol=1e-5, atol=1e-6):
+            what = "sigmas"
+    if not what:
+        return
+    port = resolved_config(name, scheduler_config)
+    differ = [f"{key}: edge {scheduler.config[key]!r}, device {port[key]!r}"
+              for key in sorted(port) if key in scheduler.config and scheduler.config[key] != port[key]]
+    raise ConfigError(
+        f"{name}: the edge's {what} differ from the device port's for this family's scheduler config"
+        + (f" ({'; '.join(differ)})" if differ else "")
+        + "; refused before any step"
+    )
 
 
 def _to_f32(name: str, tensor: torch.Tensor) -> np.ndarray:

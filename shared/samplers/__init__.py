@@ -11,9 +11,10 @@ from typing import Any
 
 from shared.errors import ConfigError, SamplerError
 from shared.samplers.base import Sampler, SamplerState
-from shared.samplers.ddim import DDIMSampler
-from shared.samplers.dpmpp_2m import DPMSolverPP2MSampler
-from shared.samplers.euler import EulerSampler
+from shared.samplers.ddim import DDIM_DEFAULTS, DDIMSampler
+from shared.samplers.dpmpp_2m import DPMPP_2M_DEFAULTS, DPMSolverPP2MSampler
+from shared.samplers.euler import EULER_DEFAULTS, EulerSampler
+from shared.samplers.schedule import resolve_config
 
 # The samplers a relay configuration may name (wire names; see edge_server.scheduler_bridge
 # for the matching diffusers classes).
@@ -24,6 +25,15 @@ _SAMPLER_CLASSES: dict[str, type[DDIMSampler] | type[EulerSampler] | type[DPMSol
     "euler": EulerSampler,
     "dpmpp_2m": DPMSolverPP2MSampler,
 }
+
+_DEFAULTS: dict[str, dict[str, Any]] = {"ddim": DDIM_DEFAULTS, "euler": EULER_DEFAULTS, "dpmpp_2m": DPMPP_2M_DEFAULTS}
+
+
+def resolved_config(name: str, scheduler_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config values the port for ``name`` runs with (its class defaults under the family's config)."""
+    if name not in _DEFAULTS:
+        raise ConfigError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLER_NAMES)}")
+    return resolve_config(scheduler_config, _DEFAULTS[name])
 
 
 def make_sampler(name: str, scheduler_config: Mapping[str, Any]) -> Sampler:
@@ -46,4 +56,5 @@ __all__ = [
     "SamplerError",
     "SamplerState",
     "make_sampler",
+    "resolved_config",
 ]

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from shared.samplers.base import SamplerState
+from shared.errors import SamplerError
 from shared.samplers.schedule import (
     TIMESTEP_SPACINGS,
-    SamplerError,
     alphas_cumprod_from_betas,
     cfg_bool,
     cfg_choice,
@@ -110,12 +110,12 @@ class DDIMSampler:
         self._set = True
         self.step_index = 0
 
-    def scale_model_input(self, sample: np.ndarray, timestep: int) -> np.ndarray:
+    def scale_model_input(self, sample: np.ndarray, timestep: float) -> np.ndarray:
         """DDIM does not scale the model input."""
         check_turn(self.timesteps if self._set else None, self.step_index, timestep, self.name)
         return sample
 
-    def step(self, model_output: np.ndarray, timestep: int, sample: np.ndarray) -> np.ndarray:
+    def step(self, model_output: np.ndarray, timestep: float, sample: np.ndarray) -> np.ndarray:
         """One DDIM step from ``timestep`` to ``timestep - T // N``; returns the float32 sample."""
         check_turn(self.timesteps if self._set else None, self.step_index, timestep, self.name)
         model_output, sample = check_step_inputs(model_output, sample)
@@ -154,6 +154,7 @@ class DDIMSampler:
         """The step index (DDIM has no other state) and N."""
         if not self._set:
             raise SamplerError("ddim: call set_timesteps(num_inference_steps) before state()")
+        assert self.num_inference_steps is not None  # set with _set
         return SamplerState(step_index=self.step_index, scalars={"num_inference_steps": self.num_inference_steps})
 
     def load_state(self, state: SamplerState) -> None:

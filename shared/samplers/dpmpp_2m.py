@@ -31,11 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from shared.errors import ConfigError, HandoffError
+from shared.errors import ConfigError, HandoffError, SamplerError
 from shared.samplers.base import SamplerState
 from shared.samplers.schedule import (
     TIMESTEP_SPACINGS,
-    SamplerError,
     alphas_cumprod_from_betas,
     cfg_bool,
     cfg_choice,
@@ -217,7 +216,7 @@ class DPMSolverPP2MSampler:
         self._set = True
         self._reset()
 
-    def scale_model_input(self, sample: np.ndarray, timestep: int) -> np.ndarray:
+    def scale_model_input(self, sample: np.ndarray, timestep: float) -> np.ndarray:
         """DPM-Solver does not scale the model input."""
         check_turn(self.timesteps if self._set else None, self.step_index, timestep, self.name)
         return sample
@@ -257,11 +256,14 @@ class DPMSolverPP2MSampler:
             expm1 = exp_f32(-h) - np.float32(1.0)
             heun_coeff = alpha_t * (expm1 / h + np.float32(1.0))
         x_t = (sigma_t / sigma_s0) * sample - (alpha_t * expm1) * d0
+        out: np.ndarray
         if self.solver_type == "midpoint":
-            return x_t - (np.float32(0.5) * (alpha_t * expm1)) * d1
-        return x_t + heun_coeff * d1  # heun
+            out = x_t - (np.float32(0.5) * (alpha_t * expm1)) * d1
+        else:  # heun
+            out = x_t + heun_coeff * d1
+        return out
 
-    def step(self, model_output: np.ndarray, timestep: int, sample: np.ndarray) -> np.ndarray:
+    def step(self, model_output: np.ndarray, timestep: float, sample: np.ndarray) -> np.ndarray:
         """One DPM-Solver++(2M) step; returns the float32 sample at the next timestep."""
         check_turn(self.timesteps if self._set else None, self.step_index, timestep, self.name)
         model_output, sample = check_step_inputs(model_output, sample)

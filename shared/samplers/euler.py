@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 
 from shared.samplers.base import SamplerState
+from shared.errors import SamplerError
 from shared.samplers.schedule import (
     TIMESTEP_SPACINGS,
-    SamplerError,
     alphas_cumprod_from_betas,
     as_f32_array,
     cfg_bool,
@@ -157,7 +157,8 @@ class EulerSampler:
         self._check_turn(timestep)
         sample = as_f32_array("sample", sample)
         sigma = self.sigmas[self.step_index]
-        return sample / np.sqrt(sigma * sigma + np.float32(1.0))
+        scaled: np.ndarray = sample / np.sqrt(sigma * sigma + np.float32(1.0))
+        return scaled
 
     def step(self, model_output: np.ndarray, timestep: float, sample: np.ndarray) -> np.ndarray:
         """One Euler step from ``sigmas[i]`` to ``sigmas[i+1]``; returns the float32 sample."""
@@ -186,6 +187,7 @@ class EulerSampler:
         """The step index (Euler has no other state) and N."""
         if not self._set:
             raise SamplerError("euler: call set_timesteps(num_inference_steps) before state()")
+        assert self.num_inference_steps is not None  # set with _set
         return SamplerState(step_index=self.step_index, scalars={"num_inference_steps": self.num_inference_steps})
 
     def load_state(self, state: SamplerState) -> None:

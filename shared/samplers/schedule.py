@@ -37,13 +37,21 @@ def resolve_config(config: Mapping[str, Any] | None, defaults: Mapping[str, Any]
     """Merge ``config`` over a diffusers class's ``__init__`` defaults, as ``from_config`` does.
 
     Keys the class does not take (another scheduler's keys, ``_class_name``,
-    ``_diffusers_version``) are ignored; missing keys take the class's defaults.
+    ``_diffusers_version``) are ignored; missing keys take the class's defaults. So do the keys
+    listed in ``_use_default_values``: a loaded scheduler's config holds every key of *its* class,
+    the ones its file omitted filled with that class's defaults and listed there, and diffusers
+    drops them when another class is built from it (a hub SD1.5 ``PNDMScheduler`` config stores
+    ``timestep_spacing="leading"`` that DPM-Solver++ replaces by its own ``"linspace"``).
     """
     if config is None:
         config = {}
     if not isinstance(config, Mapping):
         raise ConfigError(f"scheduler_config must be a mapping, got {type(config).__name__}")
-    return {key: config.get(key, default) for key, default in defaults.items()}
+    used_defaults = config.get("_use_default_values", [])
+    if not isinstance(used_defaults, (list, tuple)) or not all(isinstance(k, str) for k in used_defaults):
+        raise ConfigError(f"scheduler config _use_default_values={used_defaults!r}: expected a list of key names")
+    given = {key: value for key, value in config.items() if key not in used_defaults}
+    return {key: given.get(key, default) for key, default in defaults.items()}
 
 
 def _show(key: str, value: Any) -> str:
@@ -208,7 +216,8 @@ def alphas_cumprod_from_betas(betas: np.ndarray) -> np.ndarray:
 def train_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
     """float32 ``((1 - a) / a) ** 0.5`` over the training timesteps (ascending in t)."""
     one = np.float32(1.0)
-    return np.sqrt((one - alphas_cumprod) / alphas_cumprod).astype(np.float32)
+    sigmas: np.ndarray = np.sqrt((one - alphas_cumprod) / alphas_cumprod).astype(np.float32)
+    return sigmas
 
 
 def spaced_timesteps(spacing: str, num_train_timesteps: int, num_inference_steps: int, steps_offset: int) -> np.ndarray:
@@ -252,6 +261,7 @@ def check_num_inference_steps(num_inference_steps: Any, num_train_timesteps: int
     """N must be an integer in [1, num_train_timesteps]."""
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral):
         raise ConfigError(f"num_inference_steps={num_inference_steps!r}: expected an integer")
+    num_inference_steps = int(num_inference_steps)
     if not 1 <= num_inference_steps <= num_train_timesteps:
         raise ConfigError(
             f"num_inference_steps={num_inference_steps} must be in [1, num_train_timesteps={num_train_timesteps}]"
@@ -294,7 +304,8 @@ def karras_sigmas(
     ramp = np.linspace(0, 1, num_inference_steps)
     min_inv_rho = lo ** (1 / rho)
     max_inv_rho = hi ** (1 / rho)
-    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+    sigmas: np.ndarray = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+    return sigmas
 
 
 def log_f32(x: np.float32) -> np.float32:
