@@ -5,11 +5,16 @@ from __future__ import annotations
 import argparse
 import ssl
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from shared.errors import ConfigError
+from shared.protocol import ProtocolLimits
+from shared.relay_plan import MAX_STEPS
+from shared.samplers import SAMPLER_NAMES
+from shared.validation import check_bool, check_choice, check_float, check_int, check_mapping, check_str
 
 
 @dataclass
@@ -53,7 +58,10 @@ class EdgeConfig:
             for key, value in items:
                 if key not in known:
                     raise ConfigError(f"{path}: unknown setting {key!r}; known: {', '.join(sorted(known))}")
-                flat[key] = value
+                try:
+                    flat[key] = _TOML_CHECKS[key](key, value)
+                except ConfigError as exc:
+                    raise ConfigError(f"{path}: {exc}") from None
         return cls(**flat)
 
     def token(self) -> str | None:
@@ -83,6 +91,55 @@ class EdgeConfig:
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
         shown["token_file"] = "(set)" if self.token_file else None
         return ", ".join(f"{k}={v}" for k, v in shown.items())
+
+
+def _int(lo: int, hi: int | None = None) -> Callable[[str, Any], int]:
+    return lambda key, value: check_int(key, value, lo=lo, hi=hi, error=ConfigError)
+
+
+def _float(lo: float, hi: float | None = None, *, lo_open: bool = False) -> Callable[[str, Any], float]:
+    return lambda key, value: check_float(key, value, lo=lo, hi=hi, lo_open=lo_open, error=ConfigError)
+
+
+def _str(key: str, value: Any) -> str:
+    return check_str(key, value, min_len=1, max_len=4096, error=ConfigError)
+
+
+def _limits(key: str, value: Any) -> dict[str, Any]:
+    table = check_mapping(key, value, error=ConfigError)
+    try:
+        ProtocolLimits.from_dict(table)  # checked now, so a bad limit is named before anything loads
+    except ConfigError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    return table
+
+
+#: How ``from_toml`` checks each setting's value (TOML has no null: an optional setting is left out).
+_TOML_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "host": _str,
+    "port": _int(0, 65535),
+    "token_file": _str,
+    "tls_cert": _str,
+    "tls_key": _str,
+    "metrics_port": _int(0, 65535),
+    "max_batch_rows": _int(1),
+    "max_queue": _int(1),
+    "batching": lambda key, value: check_bool(key, value, error=ConfigError),
+    "threads": _int(1),
+    "request_timeout_s": _float(0.0, lo_open=True),
+    "shutdown_grace_s": _float(0.0),
+    "ping_interval_s": _float(0.0, lo_open=True),
+    "ping_timeout_s": _float(0.0, lo_open=True),
+    "steps": _int(1, MAX_STEPS),
+    "split_fraction": _float(0.0, 1.0),
+    "sampler": lambda key, value: check_choice(key, value, SAMPLER_NAMES, error=ConfigError),
+    "guidance": _float(0.0, 50.0),
+    "scheduler": _str,
+    "profile": _str,
+    "bandit_state": _str,
+    "alpha": _float(0.0),
+    "limits": _limits,
+}
 
 
 def config_from_args(args: argparse.Namespace) -> EdgeConfig:

@@ -38,10 +38,21 @@ batches.
 (edge-decode arms) + payload / bandwidth + device steps and decode (slowed by class and
 load), each part with log-normal noise (sigma 0.1, mean 1). *Quality* = the profile's
 value for the arm and the prompt's level, plus N(0, 0.05) noise, clipped to [0, 1].
-*Utility* = ``w q + (1 - w)(1 - L / L_ref)``, the scheduler's reward (:mod:`shared.bandit.reward`).
+*Utility* = ``w q + (1 - w)(1 - L / L_ref)``, the scheduler's reward: computed by
+:func:`shared.bandit.reward.reward` (a request's realized utility) and
+:func:`shared.bandit.reward.rewards` (every arm's expected utility, for the oracle and regret),
+both the one formula :func:`shared.bandit.reward.utility`.
 
-*Learning*: a policy learns from each request when its report arrives (its finish time),
-with reward computed as on the edge: the profile's quality and the measured latency.
+*The scheduler is the edge's*: every policy but the oracle is a
+:class:`shared.bandit.planner.BanditPlanner` built by ``BanditPlanner.from_profile``, as the
+daemon builds it, and driven through the same steps its ``choose`` and ``feedback`` take
+(:meth:`~shared.bandit.planner.BanditPlanner.context_vector`: the reported link, load and
+device speed and the edge's queue and batch, as a :class:`shared.planning.PlanContext`, to
+features; :meth:`~shared.bandit.planner.BanditPlanner.select`: features to arm;
+:meth:`~shared.bandit.planner.BanditPlanner.learn`: the report to reward to policy update).
+The simulator has the prompts' features, not their text, and no wire messages: that is all
+it skips. A policy learns from each request when its report arrives (its finish time), with
+the reward computed as on the edge: the profile's quality and the measured latency.
 ``linucb`` starts from the profile's prediction (:mod:`shared.bandit.prior`; ``--no-prior``
 starts from zero) with ``--alpha`` 0.1.
 
@@ -88,19 +99,18 @@ from shared.bandit import (
     PROFILE_HINT,
     BanditError,
     ContextBuilder,
-    EpsilonGreedy,
-    FixedArm,
-    LinUCB,
-    Observation,
-    Policy,
     Profile,
     ProfileError,
-    RandomPolicy,
     arm_label,
     load_profile,
-    profile_prior,
+    reward,
+    rewards,
 )
+from shared.bandit.planner import BanditPlanner
+from shared.demo_grammar.prompts import scene_to_prompt
+from shared.demo_grammar.scene import N_CELLS, random_scene
 from shared.errors import RiseError
+from shared.planning import PlanContext
 from shared.prompt_features import prompt_features
 from shared.relay_plan import RelayPlan
 
@@ -164,7 +174,8 @@ class World:
 
     t: list[float]
     w: list[float]
-    level_idx: list[int]
+    level: list[int]  # the prompt's complexity level (as the edge parses it)
+    level_idx: list[int]  # index of the profiled level nearest it
     complexity: list[float]
     rtt: list[float]  # true
     bandwidth: list[float]
@@ -214,13 +225,14 @@ def make_world(profile: Profile, config: SimConfig, rate: float) -> World:
     level_idx = rng.integers(len(levels), size=n)
     complexity, pool_level = _prompt_pool(levels, rng, per_level=max(8, min(400, n // len(levels) + 1)))
     pick = rng.integers(len(pool_level[0]), size=n)
-    comp = np.asarray([complexity[li][j] for li, j in zip(level_idx, pick)])
-    lev = np.asarray([pool_level[li][j] for li, j in zip(level_idx, pick)])
+    comp = np.asarray([complexity[li][j] for li, j in zip(level_idx, pick, strict=True)])
+    lev = np.asarray([pool_level[li][j] for li, j in zip(level_idx, pick, strict=True)])
 
     sigma = LATENCY_NOISE
     noise = rng.lognormal(-sigma**2 / 2, sigma, size=(n, 4))  # mean 1
     world = World(
-        t=t.tolist(), w=w.tolist(), level_idx=[profile.level_index(int(x)) for x in lev], complexity=comp.tolist(),
+        t=t.tolist(), w=w.tolist(), level=[int(x) for x in lev], level_idx=[profile.level_index(int(x)) for x in lev],
+        complexity=comp.tolist(),
         rtt=rtt.tolist(), bandwidth=bandwidth.tolist(), slow=slow.tolist(),
         rtt_seen=(rtt * rng.lognormal(0.0, 0.1, size=n)).tolist(),
         bandwidth_seen=(bandwidth * rng.lognormal(0.0, 0.15, size=n)).tolist(),
@@ -233,18 +245,15 @@ def make_world(profile: Profile, config: SimConfig, rate: float) -> World:
     return world
 
 
-def _prompt_pool(levels: Sequence[int], rng: np.random.Generator, per_level: int) -> tuple[list[list[float]], list[list[int]]]:
+def _prompt_pool(levels: Sequence[int], rng: np.random.Generator,
+                 per_level: int) -> tuple[list[list[float]], list[list[int]]]:
     """Per profile level, ``per_level`` prompts: (their complexities, their parsed levels)."""
-    try:
-        from lab.demo_family.data import N_CELLS, random_scene
-        from shared.demo_grammar.prompts import scene_to_prompt
-    except ImportError:  # pragma: no cover - the demo grammar ships with the edge
-        N_CELLS, random_scene, scene_to_prompt = 0, None, None
     complexity, parsed = [], []
     for level in levels:
-        comps, lvls = [], []
+        comps: list[float] = []
+        lvls: list[int] = []
         for _ in range(per_level):
-            if random_scene is not None and 1 <= level <= N_CELLS:
+            if 1 <= level <= N_CELLS:
                 features = prompt_features(scene_to_prompt(random_scene(rng, level), rng))
                 comps.append(features.complexity)
                 lvls.append(features.level)
@@ -420,11 +429,12 @@ class Simulation:
                                        (tm.device_decode_s if a.decode_on == "device" else 0.0) for a in self.arms])
         self.Q = profile.quality_table(self.arms)  # (arms, levels)
         self.middle_steps = middle
-        # expected utility of every arm for every request, but for the edge's part (added per request)
+        # expected quality and latency of every arm for every request, but for the edge's wait and
+        # steps (added per request): the oracle's and the regret's expected utility
         wd = self.world
-        w, rtt, bw, slow = (np.asarray(v)[:, None] for v in (wd.w, wd.rtt, wd.bandwidth, wd.slow))
-        lat = rtt + tm.text_encode_s + self.edge_decode + self.bits / bw + self.device_work * slow
-        self.static_eu = w * self.Q[:, wd.level_idx].T + (1.0 - w) * (1.0 - lat / self.latency_ref)
+        rtt, bw, slow = (np.asarray(v)[:, None] for v in (wd.rtt, wd.bandwidth, wd.slow))
+        self.static_latency = rtt + tm.text_encode_s + self.edge_decode + self.bits / bw + self.device_work * slow
+        self.expected_quality = np.ascontiguousarray(self.Q[:, wd.level_idx].T)  # (requests, arms)
         # the arm a "busy" edge leaves: the same N, device-only (-1: none profiled, so never turned away)
         where = {(a.num_inference_steps, a.split, a.decode_on): i for i, a in enumerate(self.arms)}
         self.fallback = np.asarray([where.get((a.num_inference_steps, 0, "device"), -1) for a in self.arms])
@@ -449,30 +459,40 @@ class Simulation:
             out[name + suffix] = i
         return out
 
-    def prior(self) -> np.ndarray | None:
-        """LinUCB's prior mean from the profile (:mod:`shared.bandit.prior`), unless ``--no-prior``."""
-        return profile_prior(self.profile, self.arms, self.builder) if self.config.prior else None
+    def planner(self, policy: str) -> BanditPlanner:
+        """The edge's planner for ``policy`` (a name ``BanditPlanner.from_profile`` knows, or an arm's
+        label), over this simulation's arms, with its ``--alpha``, ``--no-prior``, ``--epsilon``,
+        ``--max-batch`` (the edge's capacity) and ``--seed``."""
+        cfg = self.config
+        options: dict[str, Any] = {}
+        if policy == "linucb":
+            options["prior"] = cfg.prior
+        elif policy == "epsilon_greedy":
+            options["epsilon"] = cfg.epsilon
+        planner = BanditPlanner.from_profile(self.profile, policy, arms=self.arms, edge_capacity=cfg.max_batch,
+                                             alpha=cfg.alpha, seed=cfg.seed, **options)
+        if planner.builder != self.builder or planner.latency_ref_s != self.latency_ref:  # pragma: no cover
+            raise BanditError("the planner's context scales or reference latency are not the simulation's")
+        return planner
 
-    def make_policies(self, names: Sequence[str] | None = None) -> dict[str, Policy | None]:
-        """Policies by output name (``oracle`` is ``None``: the simulation plays it itself)."""
-        k, d, seed = len(self.arms), self.builder.dim, self.config.seed
-        policies: dict[str, Policy | None] = {
-            "linucb": LinUCB(k, d, alpha=self.config.alpha, seed=seed, prior_mean=self.prior()),
-            "oracle": None,
-            "random": RandomPolicy(k, d, seed=seed),
-            "epsilon_greedy": EpsilonGreedy(k, d, epsilon=self.config.epsilon, seed=seed),
-        }
-        for name, arm in self.baselines().items():
-            policies[name] = FixedArm(k, d, arm, seed=seed, name=name)
+    def make_policies(self, names: Sequence[str] | None = None) -> dict[str, BanditPlanner | None]:
+        """Planners by output name (``oracle`` is ``None``: the simulation plays it itself)."""
+        known = ["linucb", "oracle", "random", "epsilon_greedy", *self.baselines()]
         if names is not None:
-            unknown = [n for n in names if n not in policies]
+            unknown = [n for n in names if n not in known]
             if unknown:
-                raise BanditError(f"unknown policies {', '.join(unknown)}; known: {', '.join(policies)}")
-            policies = {n: policies[n] for n in names}
+                raise BanditError(f"unknown policies {', '.join(unknown)}; known: {', '.join(known)}")
+        baselines = self.baselines()
+        policies: dict[str, BanditPlanner | None] = {}
+        for name in known if names is None else names:
+            if name == "oracle":
+                policies[name] = None
+            else:
+                policies[name] = self.planner(self.labels[baselines[name]] if name in baselines else name)
         return policies
 
-    def run(self, name: str, policy: Policy | None) -> RunResult:
-        """Replay the request stream with ``policy`` (``None`` = the oracle)."""
+    def run(self, name: str, planner: BanditPlanner | None) -> RunResult:
+        """Replay the request stream with ``planner`` (``None`` = the oracle)."""
         wd, n = self.world, self.config.requests
         tm = self.profile.timing
         enc, ref = tm.text_encode_s, self.latency_ref
@@ -482,16 +502,13 @@ class Simulation:
         max_queue = self.config.max_queue
         noise = wd.noise.tolist()
         edge = Edge(self.T, self.config.max_batch)
-        learns = isinstance(policy, (LinUCB, EpsilonGreedy))
-        contextual = isinstance(policy, LinUCB)
-        dummy = np.zeros(self.builder.dim)
-        static_eu = self.static_eu
+        static_latency, expected_quality = self.static_latency, self.expected_quality
         k_mean = float(self.k.mean())  # this run's recent mean edge steps per request (the prediction's others)
 
         arm_of = np.zeros(n, dtype=np.int64)  # the arm that served the request
         utility, quality, latency, regret = (np.zeros(n) for _ in range(4))
         busy = np.zeros(n, dtype=bool)
-        decision = np.zeros(n) if contextual else None
+        decision = np.zeros(n)  # the planner's selection time
         contexts: dict[int, np.ndarray] = {}
         reports: list[tuple[float, int]] = []  # (report time, request)
 
@@ -504,43 +521,44 @@ class Simulation:
             latency[i] = lat
             q = min(max(Q[a, wd.level_idx[i]] + wd.quality_noise[i], 0.0), 1.0)
             quality[i] = q
-            utility[i] = wd.w[i] * q + (1.0 - wd.w[i]) * (1.0 - lat / ref)
-            if learns and not busy[i]:  # a busy answer carries no plan, so no report
+            utility[i] = reward(wd.w[i], q, lat, ref)
+            if planner is not None and not busy[i]:  # a busy answer carries no plan, so no report
                 heapq.heappush(reports, (wd.t[i] + lat, i))
 
         for i in range(n):
             now = wd.t[i]
             edge.advance(now, finish)
-            while reports and reports[0][0] <= now:
-                _, j = heapq.heappop(reports)
-                a, wj = int(arm_of[j]), wd.w[j]
-                r = wj * Q[a, wd.level_idx[j]] + (1.0 - wj) * (1.0 - latency[j] / ref)
-                policy.update(a, contexts.pop(j, dummy), r)  # type: ignore[union-attr]
+            if planner is not None:
+                while reports and reports[0][0] <= now:  # a report arrives: the planner's feedback step
+                    _, j = heapq.heappop(reports)
+                    planner.learn(int(arm_of[j]), contexts.pop(j), wd.level[j], wd.w[j], float(latency[j]))
             # true expected utility of every arm in this state (oracle, regret)
             f = edge.predict(now, kmax, wd.t[i + 1:i + 1 + LOOKAHEAD], round(k_mean))
             f[0] = now  # k = 0: no edge steps
             w = wd.w[i]
-            eu = static_eu[i] - ((1.0 - w) / ref) * (np.asarray(f)[k] - now)
+            lat_i = static_latency[i] + (np.asarray(f)[k] - now)
+            q_i = expected_quality[i]
             full = len(edge.active) + len(edge.queue) >= max_queue
             if full:  # edge arms get "busy": the device runs the same N device-only, one round trip later
-                eu = eu.copy()
-                eu[can_fall_back] = eu[fallback[can_fall_back]] - (1.0 - w) * wd.rtt[i] / ref
-            if policy is None:
+                q_i = q_i.copy()
+                q_i[can_fall_back] = q_i[fallback[can_fall_back]]
+                lat_i[can_fall_back] = lat_i[fallback[can_fall_back]] + wd.rtt[i]
+            eu = rewards(w, q_i, lat_i, ref)
+            if planner is None:
                 a = int(np.argmax(eu))
-            elif contextual:
-                obs = Observation(wd.complexity[i], w, wd.rtt_seen[i], wd.bandwidth_seen[i], wd.load_seen[i],
-                                  wd.step_seen[i], len(edge.queue), len(edge.active))
-                x = self.builder.build(obs)
-                started = time.perf_counter()
-                a = policy.select(x)
-                decision[i] = time.perf_counter() - started  # type: ignore[index]
+            else:  # what the edge knows: the device's reports and hello, its own queue and batch
+                seen = PlanContext(queue_depth=len(edge.queue), active=len(edge.active), device_load=wd.load_seen[i],
+                                   rtt_s=wd.rtt_seen[i], bandwidth_bps=wd.bandwidth_seen[i],
+                                   device_step_s=wd.step_seen[i])
+                _, x = planner.context_vector(wd.complexity[i], w, seen)
+                a = planner.select(x)
+                decision[i] = planner.decision_s[-1]
                 contexts[i] = x
-            else:
-                a = policy.select(dummy)
             regret[i] = eu.max() - eu[a]
             if full and k[a] > 0 and can_fall_back[a]:
                 busy[i] = True
                 a = int(fallback[a])
+                contexts.pop(i, None)  # no plan went out, so no report will come
             arm_of[i] = a
             k_mean += (k[a] - k_mean) / KMEAN_REQUESTS
             if k[a] > 0:
@@ -548,7 +566,7 @@ class Simulation:
             else:
                 finish(i, now)
         edge.advance(math.inf, finish)
-        return RunResult(name, arm_of, utility, quality, latency, regret, decision, busy)
+        return RunResult(name, arm_of, utility, quality, latency, regret, None if planner is None else decision, busy)
 
 
 # ---------------------------------------------------------------------- reporting
@@ -567,7 +585,8 @@ def best_fixed(summary: dict[str, Any]) -> str | None:
     return max(fixed, key=lambda n: summary["policies"][n]["utility"]) if fixed else None
 
 
-def adaptation(result: RunResult, change_points: Sequence[int], window: int = 500) -> list[tuple[int, float, float, float]]:
+def adaptation(result: RunResult, change_points: Sequence[int],
+               window: int = 500) -> list[tuple[int, float, float, float]]:
     """Per change point: mean regret per request in the window before, the first and the second window after."""
     out = []
     r = result.regret
@@ -576,7 +595,8 @@ def adaptation(result: RunResult, change_points: Sequence[int], window: int = 50
         first = r[c:c + window]
         second = r[c + window:c + 2 * window]
         if len(before) and len(first):
-            out.append((c, float(before.mean()), float(first.mean()), float(second.mean()) if len(second) else math.nan))
+            after = float(second.mean()) if len(second) else math.nan
+            out.append((c, float(before.mean()), float(first.mean()), after))
     return out
 
 
@@ -612,11 +632,13 @@ def format_table(sim: Simulation, results: dict[str, RunResult], summary: dict[s
             o = pol["oracle"]["utility"]
             lines.append(f"  linucb vs oracle: {100 * (lin - o) / abs(o):+.1f}% utility")
             if fixed:  # what knowing each request's context is worth here (the oracle: the per-request optimum)
-                lines.append(f"  headroom: the oracle is {100 * (o - f) / abs(f):+.1f}% over the best fixed configuration")
+                lines.append(f"  headroom: the oracle is {100 * (o - f) / abs(f):+.1f}% "
+                             "over the best fixed configuration")
         dec = results["linucb"].decision_s
         if dec is not None and len(dec):
             ms = dec * 1e3
-            lines.append(f"  linucb decision time: p50 {np.percentile(ms, 50):.3f} ms, p99 {np.percentile(ms, 99):.3f} ms "
+            lines.append(f"  linucb decision time: p50 {np.percentile(ms, 50):.3f} ms, "
+                         f"p99 {np.percentile(ms, 99):.3f} ms "
                          f"({len(sim.arms)} arms, {sim.builder.dim} features)")
         for c, before, first, second in adaptation(results["linucb"], sim.world.change_points):
             lines.append(f"  linucb around request {c}: regret/request {before:.4f} in the 500 before, "
@@ -654,7 +676,7 @@ def plot(sim: Simulation, results: dict[str, RunResult], summary: dict[str, Any]
             rolling = np.maximum(np.convolve(r, kernel, mode="valid"), 1e-5)
             ax2.plot(np.arange(window - 1, len(r)), rolling, label=label)
     for ax in (ax1, ax2):
-        for c, text in zip(sim.world.change_points, sim.world.change_labels):
+        for c, text in zip(sim.world.change_points, sim.world.change_labels, strict=True):
             ax.axvline(c, color="k", ls="--", lw=1)
             ax.text(c, ax.get_ylim()[1] * 0.95, f" {text}", fontsize=8, va="top")
     ax1.set_ylabel("cumulative regret")

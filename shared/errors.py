@@ -7,9 +7,19 @@ Those that are also ``ValueError`` keep the diffusers convention for bad argumen
 
 from __future__ import annotations
 
+from typing import Literal
+
+#: How a field failed a check of :mod:`shared.validation`: its type, its form, or its range.
+FieldFailure = Literal["type", "format", "range"]
+
 
 class RiseError(Exception):
     """Base class of every error RISE raises on purpose."""
+
+    @classmethod
+    def for_field(cls, message: str, *, field: str, kind: FieldFailure) -> RiseError:
+        """The error :mod:`shared.validation` raises when ``field`` fails a check; subclasses may use ``kind``."""
+        return cls(message)
 
 
 class ConfigError(RiseError, ValueError):

@@ -61,12 +61,11 @@ from typing import Any, ClassVar, NoReturn
 import numpy as np
 import safetensors.numpy
 
-from shared.errors import HandoffError
+from shared.errors import FieldFailure, HandoffError
 from shared.samplers import SAMPLER_NAMES, SamplerState
-from shared.untrusted import is_int as _is_int
-from shared.untrusted import loads_strict
-from shared.untrusted import show as _show
-from shared.untrusted import type_name as _type_name
+from shared.validation import MAX_ID_CHARS, check_family_id, check_float, check_int, check_str, is_int, loads_strict
+from shared.validation import show as _show
+from shared.validation import type_name as _type_name
 
 __all__ = [
     "HANDOFF_VERSION",
@@ -91,7 +90,6 @@ COND_EMBEDDINGS = "cond_embeddings"
 TIMESTEPS = "timesteps"
 STATE_PREFIX = "state."
 
-MAX_ID_CHARS = 128  # family_id, request_id
 _MAX_SEED = 2**64  # exclusive; diffusers/numpy generators take 64-bit seeds
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _STATE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}", re.ASCII)
@@ -131,6 +129,10 @@ class _CodedHandoffError(HandoffError):
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
         self.field = field
+
+    @classmethod
+    def for_field(cls, message: str, *, field: str, kind: FieldFailure) -> _CodedHandoffError:
+        return cls(message, field=field)
 
 
 class HandoffTooLarge(_CodedHandoffError):
@@ -477,9 +479,9 @@ def _check_entries(
         want = _F32
         if dtype != want:
             _fail(HandoffMalformed, name, f"dtype {want}", _show(dtype))
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
             _fail(HandoffMalformed, name, "a shape of non-negative ints", _show(shape))
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)):
             _fail(HandoffMalformed, name, "data_offsets [begin, end]", _show(offsets))
         begin, end = offsets
         nbytes = math.prod(shape) * _ITEMSIZE[want]
@@ -521,50 +523,27 @@ def _check_fields(
     _check_family_id(family_id)
     if not isinstance(sampler, str) or sampler not in SAMPLER_NAMES:
         _fail(HandoffInvalid, "sampler", f"one of {list(SAMPLER_NAMES)}", _show(sampler))
-    if not _is_int(num_inference_steps):
-        _fail(HandoffInvalid, "num_inference_steps", "an int", _type_name(num_inference_steps))
-    if num_inference_steps < 1:
-        _fail(HandoffInvalid, "num_inference_steps", ">= 1", str(num_inference_steps))
-    if num_inference_steps > limits.max_steps:
-        _fail(HandoffTooLarge, "num_inference_steps", f"<= {limits.max_steps}", str(num_inference_steps))
-    if not _is_int(split):
-        _fail(HandoffInvalid, "split", "an int", _type_name(split))
-    if not 0 <= split <= num_inference_steps:
-        _fail(HandoffInvalid, "split", f"0 <= split <= num_inference_steps={num_inference_steps}", str(split))
-    if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool):
-        _fail(HandoffInvalid, "guidance_scale", "a float", _type_name(guidance_scale))
-    if not math.isfinite(guidance_scale) or guidance_scale < 0:
-        _fail(HandoffInvalid, "guidance_scale", "a finite float >= 0", _show(guidance_scale))
-    if not _is_int(seed):
-        _fail(HandoffInvalid, "seed", "an int", _type_name(seed))
-    if not 0 <= seed < _MAX_SEED:
+    steps = check_int("num_inference_steps", num_inference_steps, lo=1, error=HandoffInvalid)
+    check_int("num_inference_steps", steps, hi=limits.max_steps, error=HandoffTooLarge)
+    k = check_int("split", split, error=HandoffInvalid)
+    if not 0 <= k <= steps:
+        _fail(HandoffInvalid, "split", f"0 <= split <= num_inference_steps={steps}", str(k))
+    check_float("guidance_scale", guidance_scale, lo=0.0, error=HandoffInvalid)
+    if not 0 <= check_int("seed", seed, error=HandoffInvalid) < _MAX_SEED:
         _fail(HandoffInvalid, "seed", "an int in [0, 2**64)", _show(seed))
-    if not isinstance(request_id, str):
-        _fail(HandoffInvalid, "request_id", "a str", _type_name(request_id))
-    if len(request_id) > MAX_ID_CHARS or not request_id.isprintable():
+    rid = check_str("request_id", request_id, error=HandoffInvalid)
+    if len(rid) > MAX_ID_CHARS or not rid.isprintable():
         expected = f"a printable string of at most {MAX_ID_CHARS} characters"
-        _fail(HandoffInvalid, "request_id", expected, _show(request_id))
+        _fail(HandoffInvalid, "request_id", expected, _show(rid))
 
 
 def _check_family_id(family_id: object) -> None:
-    if not isinstance(family_id, str):
-        _fail(HandoffInvalid, "family_id", "a str", _type_name(family_id))
-    if not (
-        0 < len(family_id) <= MAX_ID_CHARS and family_id.isprintable() and family_id.strip() == family_id
-    ):
-        _fail(
-            HandoffInvalid,
-            "family_id",
-            f"a non-empty printable string of at most {MAX_ID_CHARS} characters, no outer spaces",
-            _show(family_id),
-        )
+    check_family_id("family_id", family_id, error=HandoffInvalid)
 
 
 def _check_state_scalars(step_index: object, scalars: object, split: int, limits: HandoffLimits) -> None:
     """Check ``sampler_state.step_index`` (== split) and the state scalars (finite ints/floats)."""
-    if not _is_int(step_index):
-        _fail(HandoffInvalid, "sampler_state.step_index", "an int", _type_name(step_index))
-    if step_index != split:
+    if check_int("sampler_state.step_index", step_index, error=HandoffInvalid) != split:
         _fail(HandoffInvalid, "sampler_state.step_index", f"split={split}", str(step_index))
     if not isinstance(scalars, dict):
         _fail(HandoffInvalid, "sampler_state.scalars", "a dict", _type_name(scalars))
@@ -575,7 +554,7 @@ def _check_state_scalars(step_index: object, scalars: object, split: int, limits
         if not isinstance(name, str) or not _STATE_NAME.fullmatch(name):
             _fail(HandoffInvalid, "sampler_state.scalars", "names matching " + _STATE_NAME.pattern, _show(name))
         where = f"sampler_state.scalars[{name!r}]"
-        if _is_int(value):
+        if is_int(value):
             if not _INT64_MIN <= value <= _INT64_MAX:
                 _fail(HandoffInvalid, where, "an int within int64", _show(value))
         elif isinstance(value, float):
@@ -642,7 +621,7 @@ def _check_specs(specs: Mapping[str, tuple[str, tuple[int, ...]]], steps: int, l
 
 
 def _check_dims(name: str, shape: tuple[int, ...], bounds: tuple[tuple[str, int], ...]) -> None:
-    for size, (axis, bound) in zip(shape, bounds):
+    for size, (axis, bound) in zip(shape, bounds, strict=True):  # ndim checked by the caller
         if size < 1:
             _fail(HandoffInvalid, name, f"{axis} >= 1", f"shape {shape}")
         if size > bound:

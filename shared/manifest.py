@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Union
 
 from shared.errors import BundleError, IntegrityError
+from shared.validation import check_bool, check_family_id, check_float, check_int, check_str, loads_strict
 
 MANIFEST_NAME = "manifest.json"
 BUNDLE_FORMAT = "rise-device-bundle"
@@ -141,8 +142,8 @@ class BundleManifest:
     def from_json(cls, text: str | bytes) -> BundleManifest:
         """Parse JSON text; BundleError if it is not JSON or does not fit the schema."""
         try:
-            data = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            data = loads_strict(text)  # no NaN, no duplicate keys: a device must read what the exporter wrote
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, duplicates, deep nesting
             raise BundleError(f"manifest is not valid JSON: {exc}") from exc
         return cls.from_dict(data)
 
@@ -150,6 +151,7 @@ class BundleManifest:
         """Checks across keys: values in range and every referenced file listed."""
         if self.format != BUNDLE_FORMAT:
             raise BundleError(f"manifest key 'format' is {self.format!r}, expected {BUNDLE_FORMAT!r}")
+        check_family_id("manifest key 'family_id'", self.family_id, error=BundleError)
         if self.format_version > BUNDLE_FORMAT_VERSION:
             raise BundleError(
                 f"bundle format_version {self.format_version} is newer than this reader's "
@@ -251,18 +253,15 @@ def _build(tp: Any, value: Any, key: str) -> Any:
         return {str(k): _build(item, v, f"{key}.{k}") for k, v in value.items()}
     if tp is Any:
         return value
+    field = f"manifest key {key!r}"
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise BundleError(f"manifest key {key!r} must be a number, got {type(value).__name__}")
-        return float(value)
+        return check_float(field, value, error=BundleError)
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise BundleError(f"manifest key {key!r} must be an integer, got {type(value).__name__}")
-        return value
-    if tp in (str, bool):
-        if not isinstance(value, tp):
-            raise BundleError(f"manifest key {key!r} must be a {tp.__name__}, got {type(value).__name__}")
-        return value
+        return check_int(field, value, error=BundleError)
+    if tp is str:
+        return check_str(field, value, error=BundleError)
+    if tp is bool:
+        return check_bool(field, value, error=BundleError)
     raise TypeError(f"unsupported manifest type {tp!r} at {key}")  # a bug in this module, not in the bundle
 
 

@@ -13,6 +13,7 @@ from typing import Literal
 
 from shared.errors import ConfigError
 from shared.samplers import SAMPLER_NAMES
+from shared.validation import is_int, is_number
 
 DecodeSite = Literal["device", "edge"]
 MAX_STEPS = 1000
@@ -28,14 +29,14 @@ class RelayPlan:
 
     def __post_init__(self) -> None:
         n, k = self.num_inference_steps, self.split
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_STEPS:
+        if not is_int(n) or not 1 <= n <= MAX_STEPS:
             raise ConfigError(f"steps must be an integer in [1, {MAX_STEPS}], got {n!r}")
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
+        if not is_int(k) or not 0 <= k <= n:
             raise ConfigError(f"split must be an integer in [0, steps={n}], got {k!r}")
         if self.sampler not in SAMPLER_NAMES:
             raise ConfigError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}")
         g = self.guidance_scale
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0.0 <= g <= 50.0:
+        if not is_number(g) or not 0.0 <= g <= 50.0:  # NaN fails the comparison
             raise ConfigError(f"guidance must be a number in [0, 50], got {g!r}")
         if self.decode_on not in ("device", "edge"):
             raise ConfigError(f"decode_on must be 'device' or 'edge', got {self.decode_on!r}")

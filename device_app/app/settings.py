@@ -9,15 +9,13 @@ naming the file and the field.
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from shared.errors import ConfigError
+from shared.validation import check_float, check_int, check_str, loads_strict, write_json_atomic
 
 __all__ = ["SETTINGS_FILE", "Settings", "SettingsStore"]
 
@@ -48,15 +46,14 @@ class Settings:
         if not isinstance(url, str) or (url and not url.startswith(("ws://", "wss://"))):
             raise ConfigError(f"server_url must be empty or start with ws:// or wss://, got {url!r}")
         if not isinstance(self.token, str) or any(c.isspace() for c in self.token):
-            raise ConfigError("token must be a string without whitespace")
-        p = self.preference
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (math.isfinite(p) and 0.0 <= p <= 1.0):
-            raise ConfigError(f"preference must be a number in [0, 1], got {p!r}")
+            raise ConfigError("token must be a string without whitespace")  # never echo a token
+        object.__setattr__(self, "preference", check_float("preference", self.preference, lo=0.0, hi=1.0,
+                                                           error=ConfigError))
         for name in ("bundle", "save_dir"):
-            if not isinstance(getattr(self, name), str):
-                raise ConfigError(f"{name} must be a string, got {getattr(self, name)!r}")
-        lo, hi = self.offline_min_steps, self.offline_max_steps
-        if any(isinstance(v, bool) or not isinstance(v, int) for v in (lo, hi)) or not 1 <= lo <= hi <= 1000:
+            check_str(name, getattr(self, name), error=ConfigError)
+        lo = check_int("offline_min_steps", self.offline_min_steps, lo=1, hi=1000, error=ConfigError)
+        hi = check_int("offline_max_steps", self.offline_max_steps, lo=1, hi=1000, error=ConfigError)
+        if lo > hi:
             raise ConfigError(f"offline steps must be integers with 1 <= min <= max <= 1000, got {lo!r} and {hi!r}")
 
     def with_changes(self, **changes: Any) -> Settings:
@@ -99,8 +96,8 @@ class SettingsStore:
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read settings {self.path}: {getattr(exc, 'strerror', None) or exc}") from None
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
+            data = loads_strict(text)
+        except ValueError as exc:
             raise ConfigError(f"settings {self.path} is not valid JSON: {exc}") from None
         settings = Settings.from_dict(data, str(self.path))
         with contextlib.suppress(OSError):
@@ -109,21 +106,8 @@ class SettingsStore:
         return settings
 
     def save(self, settings: Settings) -> None:
-        """Write atomically (a temporary file in the same folder, then a rename), mode 0600."""
+        """Write atomically (a temporary file in the same folder, fsynced, then a rename), mode 0600."""
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".settings-", suffix=".json", dir=self.path.parent)  # mode 0600
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump(settings.to_dict(), f, indent=2, sort_keys=True)
-                    f.write("\n")
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.chmod(tmp, _MODE)
-                os.replace(tmp, self.path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            write_json_atomic(self.path, settings.to_dict(), indent=2, sort_keys=True, mode=_MODE)
         except OSError as exc:
             raise ConfigError(f"cannot save settings to {self.path}: {exc.strerror or exc}") from None

@@ -7,7 +7,8 @@ on it.
 
 - :mod:`.arms`: arms are :class:`~shared.relay_plan.RelayPlan` s; grid builder, labels.
 - :mod:`.context`: :class:`Observation` -> context vector (features, scales, defaults).
-- :mod:`.reward`: ``w * q + (1 - w) * (1 - L / L_ref)``, and how a rating enters.
+- :mod:`.reward`: ``w * q + (1 - w) * (1 - L / L_ref)`` (:func:`utility`, the one copy), and how a
+  rating enters.
 - :mod:`.policies`: :class:`LinUCB` (Sherman-Morrison) and the baselines; why not MABWiser.
 - :mod:`.prior`: LinUCB's prior mean from the profile (what it predicts before any data).
 - :mod:`.profile`: the measured quality/timing profile format and its builder from rise-eval.
@@ -30,12 +31,13 @@ from .profile import (
     profile_from_eval,
     save_profile,
 )
-from .reward import DEFAULT_RATING_WEIGHT, rated_quality, reward
+from .reward import DEFAULT_RATING_WEIGHT, rated_quality, reward, rewards, utility
 
 __all__ = [
     "DEFAULT_RATING_WEIGHT", "DEFAULT_SPLITS", "FEATURE_NAMES", "POLICY_KINDS", "PROFILE_HINT", "PROFILE_VERSION",
     "STATE_VERSION", "ArmQuality", "BanditError", "ContextBuilder", "EpsilonGreedy", "FixedArm", "LinUCB",
     "Observation", "Policy", "Profile", "ProfileError", "RandomPolicy", "StateError", "Timing", "arm_grid",
     "arm_label", "atomic_write_text", "check_arms", "describe", "load_profile", "load_state", "make_policy",
-    "profile_from_eval", "profile_prior", "read_state", "rated_quality", "reward", "save_profile", "save_state",
+    "profile_from_eval", "profile_prior", "read_state", "rated_quality", "reward", "rewards", "save_profile",
+    "save_state", "utility",
 ]

@@ -10,7 +10,8 @@ At every ``generate`` (:meth:`BanditPlanner.choose`):
    that N; if no arm has it, the chosen arm's split fraction is applied to the requested
    N and that request is not learned from);
 4. the plan goes out with a one-line ``why``, e.g.
-   ``linucb: N20k10 (edge 10/20 steps, decode on device); ucb 0.71 (est 0.62 + 1 x 0.09), best of 24 arms; preference 0.80, rtt 40 ms``.
+   ``linucb: N20k10 (edge 10/20 steps, decode on device); ucb 0.71 (est 0.62 + 1 x 0.09), best of 24 arms;
+   preference 0.80, rtt 40 ms``.
 
 At every report (:meth:`BanditPlanner.feedback`) the reward ``w * q + (1 - w) * (1 - L / L_ref)``
 (:mod:`shared.bandit.reward`) is computed from the report's ``total_latency_s`` and the
@@ -20,6 +21,12 @@ context it was chosen in. Reports of **pinned** plans are learned from too when 
 plan is one of the arms: the outcome of an arm in a context is unbiased evidence for that
 arm's model whoever chose it (disjoint LinUCB keeps one regression per arm); a pinned plan
 that is not an arm is not learned from.
+
+The same path serves and simulates: :meth:`choose` and :meth:`feedback` are thin wrappers
+around :meth:`context_vector` (request and :class:`PlanContext` -> :class:`Observation` ->
+features), :meth:`select` (features -> arm) and :meth:`learn` (outcome -> reward -> policy
+update). The simulator (``rise-sim``) has no prompts or wire messages, only their features, so it
+calls those three directly: what it judges is the policy the daemon runs.
 
 Persistence: :meth:`save` writes the policy's state atomically (:mod:`shared.bandit.persistence`);
 it is also called every ``save_every`` updates, so a ``kill -9`` loses at most that many.
@@ -36,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from shared.bandit import (
     DEFAULT_RATING_WEIGHT,
@@ -67,6 +75,9 @@ UNPROFILED_QUALITY = 0.5
 #: LinUCB's exploration weight with the profile prior (rise-sim's grid on a synthetic profile).
 DEFAULT_ALPHA = 0.1
 _MAX_PENDING = 4096  # requests planned and not yet reported; the oldest are forgotten
+
+FloatArray = NDArray[np.float64]
+BoolArray = NDArray[np.bool_]
 
 
 class BanditPlanner:
@@ -117,9 +128,10 @@ class BanditPlanner:
         self._index = {arm: i for i, arm in enumerate(self.arms)}
         self._steps = np.asarray([a.num_inference_steps for a in self.arms])
         self.rating_weight = rating_weight
+        self._quality: dict[tuple[int, int], float] = {}  # (arm, level) -> the profile's quality (immutable)
         self.save_every = save_every
         self.state_path = Path(state_path) if state_path is not None else None
-        self._pending: collections.OrderedDict[int, tuple[Generate, int | None, np.ndarray, int]] = (
+        self._pending: collections.OrderedDict[int, tuple[Generate, int | None, FloatArray, int]] = (
             collections.OrderedDict())
         self._unsaved = 0
         self.decision_s: collections.deque[float] = collections.deque(maxlen=10_000)
@@ -136,6 +148,7 @@ class BanditPlanner:
         policy: str = "linucb",
         state_path: str | Path | None = None,
         *,
+        arms: Sequence[RelayPlan] | None = None,
         sampler: str = "dpmpp_2m",
         guidance_scale: float = 7.5,
         edge_decode: bool = True,
@@ -151,8 +164,14 @@ class BanditPlanner:
         ``random``, ``epsilon_greedy`` (``epsilon``), ``edge_only`` (VAE decode on the edge too),
         ``device_only`` (both at the largest N),
         or a fixed arm by label, ``N20k10`` / ``N20k20e``. ``alpha`` is ignored by all but LinUCB;
-        ``edge_capacity`` is the edge's batch in requests (``max_batch_rows // 2`` with guidance)."""
-        arms = profile.plans(sampler=sampler, guidance_scale=guidance_scale, edge_decode=edge_decode)
+        ``edge_capacity`` is the edge's batch in requests (``max_batch_rows // 2`` with guidance).
+        ``arms`` replaces the profile's plans (``sampler``, ``guidance_scale`` and ``edge_decode`` then
+        play no part), e.g. a subset of them."""
+        if arms is None:
+            arms = profile.plans(sampler=sampler, guidance_scale=guidance_scale, edge_decode=edge_decode)
+        else:
+            arms = check_arms(arms)
+            edge_decode = any(a.decode_on == "edge" for a in arms)
         labels = [arm_label(a) for a in arms]
         builder = ContextBuilder.from_profile(profile, active_ref=float(edge_capacity))
         dim = builder.dim
@@ -177,13 +196,7 @@ class BanditPlanner:
 
     def choose(self, request: Generate, context: PlanContext) -> tuple[RelayPlan, str]:
         features = prompt_features(request.prompt)
-        obs = Observation(
-            complexity=features.complexity, preference=request.preference, rtt_s=context.rtt_s,
-            bandwidth_bps=context.bandwidth_bps, device_load=context.device_load,
-            device_step_s=context.device_step_s,
-            queue_depth=context.queue_depth, active=context.active,
-        )
-        x = self.builder.build(obs)
+        obs, x = self.context_vector(features.complexity, request.preference, context)
         if request.pinned is not None:
             arm = self._index.get(request.pinned)
             self._remember(request, arm, x, features.level)
@@ -194,14 +207,12 @@ class BanditPlanner:
             mask = self._steps == request.steps
             if not mask.any():
                 mask, rescale = None, True
-        started = time.perf_counter()
-        arm = self.policy.select(x, mask)
-        self.decision_s.append(time.perf_counter() - started)
+        arm = self.select(x, mask)
         plan = self.arms[arm]
         allowed = len(self.arms) if mask is None else int(mask.sum())
         score = self.policy.explain(x, arm)
         head = f"{self.name}: {self.labels[arm]}"
-        if rescale:
+        if rescale and request.steps is not None:
             plan = _rescaled(plan, request.steps)
             head += f" scaled to {arm_label(plan)} (no arm has {request.steps} steps; not learned from)"
         where = "edge" if plan.decode_on == "edge" else "device"
@@ -218,19 +229,13 @@ class BanditPlanner:
                 arm = self._index.get(plan)
         else:  # planned before a restart (or forgotten): rebuild the context from the report
             features = prompt_features(request.prompt)
-            obs = Observation(features.complexity, request.preference, report.rtt_s, report.bandwidth_bps,
-                              report.device_load)
-            arm, x, level = self._index.get(plan), self.builder.build(obs), features.level
+            seen = PlanContext(queue_depth=0, active=0, device_load=report.device_load, rtt_s=report.rtt_s,
+                               bandwidth_bps=report.bandwidth_bps)
+            _, x = self.context_vector(features.complexity, request.preference, seen)
+            arm, level = self._index.get(plan), features.level
         if arm is None:
             return
-        quality = self.quality(self.arms[arm], level)
-        q = rated_quality(quality, report.rating, self.rating_weight)
-        r = reward(request.preference, q, report.total_latency_s, self.latency_ref_s)
-        self.policy.update(arm, x, r)
-        self.learned += 1
-        self._unsaved += 1
-        if self.state_path is not None and self._unsaved >= self.save_every:
-            self.save()
+        self.learn(arm, x, level, request.preference, report.total_latency_s, report.rating)
 
     def save(self) -> None:
         if self.state_path is None:
@@ -238,6 +243,46 @@ class BanditPlanner:
         save_state(self.state_path, self.policy, self.labels, self.builder.feature_spec(),
                    meta={"learned": self.learned, "policy": self.name})
         self._unsaved = 0
+
+    # ------------------------------------------------------------------ the steps (the simulator's entry)
+
+    def context_vector(self, complexity: float, preference: float,
+                       context: PlanContext) -> tuple[Observation, FloatArray]:
+        """A request's :class:`Observation` and feature vector: its prompt's ``complexity``
+        (:func:`~shared.prompt_features.prompt_features`), the user's ``preference`` and what
+        the edge knows (``context``)."""
+        obs = Observation(
+            complexity=complexity, preference=preference, rtt_s=context.rtt_s,
+            bandwidth_bps=context.bandwidth_bps, device_load=context.device_load,
+            device_step_s=context.device_step_s,
+            queue_depth=context.queue_depth, active=context.active,
+        )
+        return obs, self.builder.build(obs)
+
+    def select(self, x: FloatArray, mask: BoolArray | None = None) -> int:
+        """The policy's arm (an index into :attr:`arms`) for features ``x``, among ``mask`` if given;
+        the time it took goes to :attr:`decision_s`."""
+        started = time.perf_counter()
+        arm = self.policy.select(x, mask)
+        self.decision_s.append(time.perf_counter() - started)
+        return arm
+
+    def learn(self, arm: int, x: FloatArray, level: int, preference: float, latency_s: float,
+              rating: int | None = None) -> float:
+        """Learn one outcome of ``arm`` chosen for features ``x``: the reward of the profile's quality
+        at the prompt's complexity ``level`` (moved towards ``rating``, if any) and the measured
+        end-to-end ``latency_s``; returns that reward. Saves every :attr:`save_every` updates."""
+        profiled = self._quality.get((arm, level))
+        if profiled is None:
+            profiled = self._quality[arm, level] = self.quality(self.arms[arm], level)
+        quality = rated_quality(profiled, rating, self.rating_weight)
+        r = reward(preference, quality, latency_s, self.latency_ref_s)
+        self.policy.update(arm, x, r)
+        self.learned += 1
+        self._unsaved += 1
+        if self.state_path is not None and self._unsaved >= self.save_every:
+            self.save()
+        return r
 
     # ------------------------------------------------------------------ helpers
 
@@ -253,7 +298,7 @@ class BanditPlanner:
             return None
         return float(np.percentile(np.asarray(self.decision_s), q) * 1e3)
 
-    def _remember(self, request: Generate, arm: int | None, x: np.ndarray, level: int) -> None:
+    def _remember(self, request: Generate, arm: int | None, x: FloatArray, level: int) -> None:
         # Keyed by identity: request ids are unique per connection only, and the daemon hands
         # feedback the very Generate it planned (the entry keeps it alive, so ids are not reused).
         self._pending[id(request)] = (request, arm, x, level)

@@ -36,7 +36,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ._checks import finite_array, finite_number, integer
+from shared.validation import check_float, check_int, finite_array, read_float, read_int
+
 from .errors import BanditError, StateError
 
 
@@ -46,12 +47,8 @@ class Policy(ABC):
     kind: ClassVar[str] = "policy"
 
     def __init__(self, n_arms: int, dim: int, *, seed: int = 0, name: str | None = None) -> None:
-        if isinstance(n_arms, bool) or not isinstance(n_arms, int) or n_arms < 1:
-            raise BanditError(f"n_arms must be a positive integer, got {n_arms!r}")
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise BanditError(f"dim must be a positive integer, got {dim!r}")
-        self.n_arms = n_arms
-        self.dim = dim
+        self.n_arms = check_int("n_arms", n_arms, lo=1, error=BanditError)
+        self.dim = check_int("dim", dim, lo=1, error=BanditError)
         self.name = name or self.kind
         self.rng = np.random.default_rng(seed)
         self.updates = 0
@@ -81,7 +78,7 @@ class Policy(ABC):
         for key, want in (("n_arms", self.n_arms), ("dim", self.dim)):
             if state.get(key) != want:
                 raise StateError(f"policy state has {key}={state.get(key)!r}, this policy has {want}")
-        self.updates = integer("updates", state.get("updates"), 0, 2**62, StateError)
+        self.updates = read_int(state, "updates", lo=0, hi=2**62, error=StateError)
         rng_state = state.get("rng")
         try:
             bit_generator = np.random.PCG64()
@@ -109,8 +106,8 @@ class Policy(ABC):
         return x
 
     def _check_update(self, arm: int, x: np.ndarray, reward: float) -> np.ndarray:
-        if isinstance(arm, bool) or not isinstance(arm, (int, np.integer)) or not 0 <= arm < self.n_arms:
-            raise BanditError(f"arm must be an index in [0, {self.n_arms}), got {arm!r}")
+        # numpy ints are fine here (an argmax), but never a bool.
+        check_int("arm", int(arm) if isinstance(arm, np.integer) else arm, lo=0, hi=self.n_arms - 1, error=BanditError)
         if not np.isfinite(reward):
             raise BanditError(f"reward must be finite, got {reward!r}")
         x = self._context(x)
@@ -144,14 +141,15 @@ class LinUCB(Policy):
                  prior_mean: np.ndarray | None = None, refresh_every: int = 1000, seed: int = 0,
                  name: str | None = None) -> None:
         super().__init__(n_arms, dim, seed=seed, name=name)
-        self.alpha = finite_number("alpha", alpha, 0.0)
-        self.ridge = finite_number("ridge", ridge, 1e-9)
-        self.refresh_every = integer("refresh_every", refresh_every, 1, 2**31)
+        self.alpha = check_float("alpha", alpha, lo=0.0, error=BanditError)
+        self.ridge = check_float("ridge", ridge, lo=1e-9, error=BanditError)
+        self.refresh_every = check_int("refresh_every", refresh_every, lo=1, hi=2**31, error=BanditError)
         eye = np.eye(dim)
         self.A = np.repeat(eye[None] * self.ridge, n_arms, axis=0)
         self.A_inv = np.repeat(eye[None] / self.ridge, n_arms, axis=0)
         # A prior mean theta_0 makes the ridge pull towards it instead of 0: b_0 = ridge * theta_0.
-        prior = np.zeros((n_arms, dim)) if prior_mean is None else finite_array("prior_mean", prior_mean, (n_arms, dim))
+        prior = (np.zeros((n_arms, dim)) if prior_mean is None
+                 else finite_array("prior_mean", prior_mean, (n_arms, dim), error=BanditError))
         self.b = self.ridge * prior
         self.theta = prior.copy()
         self.counts = np.zeros(n_arms, dtype=np.int64)
@@ -182,7 +180,8 @@ class LinUCB(Policy):
 
     def explain(self, x: np.ndarray, arm: int) -> str:
         mean, width = self.ucb(x)
-        return f"ucb {mean[arm] + self.alpha * width[arm]:.2f} (est {mean[arm]:.2f} + {self.alpha:g} x {width[arm]:.2f})"
+        score = mean[arm] + self.alpha * width[arm]
+        return f"ucb {score:.2f} (est {mean[arm]:.2f} + {self.alpha:g} x {width[arm]:.2f})"
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "alpha": self.alpha, "ridge": self.ridge,
@@ -192,12 +191,12 @@ class LinUCB(Policy):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         k, d = self.n_arms, self.dim
-        self.alpha = finite_number("alpha", state.get("alpha"), 0.0, error=StateError)
-        self.ridge = finite_number("ridge", state.get("ridge"), 1e-9, error=StateError)
-        self.refresh_every = integer("refresh_every", state.get("refresh_every"), 1, 2**31, StateError)
-        A = finite_array("A", state.get("A"), (k, d, d), StateError)
-        b = finite_array("b", state.get("b"), (k, d), StateError)
-        counts = finite_array("counts", state.get("counts"), (k,), StateError)
+        self.alpha = read_float(state, "alpha", lo=0.0, error=StateError)
+        self.ridge = read_float(state, "ridge", lo=1e-9, error=StateError)
+        self.refresh_every = read_int(state, "refresh_every", lo=1, hi=2**31, error=StateError)
+        A = finite_array("A", state.get("A"), (k, d, d), error=StateError)
+        b = finite_array("b", state.get("b"), (k, d), error=StateError)
+        counts = finite_array("counts", state.get("counts"), (k,), error=StateError)
         if np.any(counts < 0) or np.any(counts != np.round(counts)):
             raise StateError("counts: expected non-negative integers")
         try:
@@ -219,7 +218,7 @@ class FixedArm(Policy):
 
     def __init__(self, n_arms: int, dim: int, arm: int, *, seed: int = 0, name: str | None = None) -> None:
         super().__init__(n_arms, dim, seed=seed, name=name)
-        self.arm = integer("arm", arm, 0, n_arms - 1)
+        self.arm = check_int("arm", arm, lo=0, hi=n_arms - 1, error=BanditError)
 
     def select(self, x: np.ndarray, allowed: np.ndarray | None = None) -> int:
         mask = self._mask(allowed)
@@ -263,7 +262,7 @@ class EpsilonGreedy(Policy):
 
     def __init__(self, n_arms: int, dim: int, *, epsilon: float = 0.1, seed: int = 0, name: str | None = None) -> None:
         super().__init__(n_arms, dim, seed=seed, name=name)
-        self.epsilon = finite_number("epsilon", epsilon, 0.0, 1.0)
+        self.epsilon = check_float("epsilon", epsilon, lo=0.0, hi=1.0, error=BanditError)
         self.counts = np.zeros(n_arms, dtype=np.int64)
         self.sums = np.zeros(n_arms)
 
@@ -292,12 +291,12 @@ class EpsilonGreedy(Policy):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.epsilon = finite_number("epsilon", state.get("epsilon"), 0.0, 1.0, StateError)
-        counts = finite_array("counts", state.get("counts"), (self.n_arms,), StateError)
+        self.epsilon = read_float(state, "epsilon", lo=0.0, hi=1.0, error=StateError)
+        counts = finite_array("counts", state.get("counts"), (self.n_arms,), error=StateError)
         if np.any(counts < 0) or np.any(counts != np.round(counts)):
             raise StateError("counts: expected non-negative integers")
         self.counts = counts.astype(np.int64)
-        self.sums = finite_array("sums", state.get("sums"), (self.n_arms,), StateError)
+        self.sums = finite_array("sums", state.get("sums"), (self.n_arms,), error=StateError)
 
 
 POLICY_KINDS: dict[str, type[Policy]] = {

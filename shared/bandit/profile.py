@@ -36,15 +36,17 @@ Building one: ``python -m shared.bandit.profile --eval EVAL.json[:N] [...] --out
 reads ``rise-eval --json`` files (``{"ceilings": {...}, "rows": [{"k", "adherence",
 "adherence_by_items": {items: adherence}, "frechet", "edge_s", "device_s", ...}], "meta":
 {"steps", "family_id", ...}}``, one file per step count N: N from the ``:N`` suffix, else
-the file's ``meta.steps`` (or a top-level or row ``steps``/``num_inference_steps``)). Per-step times are least-squares fits over all rows: ``edge_s =
-text_encode_s + k * edge_step_s`` and ``device_s = device_decode_s + (N - k) * device_step_s``.
+the file's ``meta.steps`` (or a top-level or row ``steps``/``num_inference_steps``)).
+Per-step times are least-squares fits over all rows: ``edge_s = text_encode_s + k * edge_step_s``
+and ``device_s = device_decode_s + (N - k) * device_step_s``.
 A level missing from a row's ``adherence_by_items`` takes the row's overall adherence.
 ``--bench FILE`` (a JSON object with any of the ``timing`` keys) overrides fitted times,
 e.g. with a benchmark's step times on the real edge GPU; ``handoff_bytes`` and
 ``image_bytes`` come from the eval files' ``meta`` (``rise-eval --bundle`` measures both: the
 largest handoff payload and the median PNG size), else from the bench file or
-``--handoff-bytes``/``--image-bytes`` (``rise-relay`` prints the handoff size). Without a measured ``edge_decode_s`` the edge
-decode takes the device's decode time: the harness measures both halves on one machine.
+``--handoff-bytes``/``--image-bytes`` (``rise-relay`` prints the handoff size). Without a
+measured ``edge_decode_s`` the edge decode takes the device's decode time: the harness measures
+both halves on one machine.
 """
 
 from __future__ import annotations
@@ -60,11 +62,19 @@ from typing import Any
 import numpy as np
 
 from shared.relay_plan import RelayPlan
+from shared.validation import (
+    check_float,
+    check_int,
+    check_versioned,
+    is_int,
+    load_json,
+    read_list,
+    read_mapping,
+    write_json_atomic,
+)
 
-from ._checks import finite_number, integer
 from .arms import check_arms
 from .errors import ProfileError
-from .persistence import atomic_write_text
 
 PROFILE_FORMAT = "rise-profile"
 PROFILE_VERSION = 1
@@ -93,11 +103,11 @@ class Timing:
 
     def __post_init__(self) -> None:
         for name in ("edge_step_s", "device_step_s"):
-            finite_number(f"timing.{name}", getattr(self, name), 1e-9, 3600.0, ProfileError)
+            check_float(f"timing.{name}", getattr(self, name), lo=1e-9, hi=3600.0, error=ProfileError)
         for name in ("edge_decode_s", "device_decode_s", "text_encode_s"):
-            finite_number(f"timing.{name}", getattr(self, name), 0.0, 3600.0, ProfileError)
+            check_float(f"timing.{name}", getattr(self, name), lo=0.0, hi=3600.0, error=ProfileError)
         for name in ("handoff_bytes", "image_bytes"):
-            integer(f"timing.{name}", getattr(self, name), 1, 2**40, ProfileError)
+            check_int(f"timing.{name}", getattr(self, name), lo=1, hi=2**40, error=ProfileError)
         if self.edge_batch_step_s is not None:
             table = {}
             for key, value in dict(self.edge_batch_step_s).items():
@@ -105,8 +115,9 @@ class Timing:
                     size = int(key)
                 except (TypeError, ValueError):
                     raise ProfileError(f"timing.edge_batch_step_s: key {key!r} is not a batch size") from None
-                integer("timing.edge_batch_step_s key", size, 1, 4096, ProfileError)
-                table[size] = finite_number(f"timing.edge_batch_step_s[{size}]", value, 1e-9, 3600.0, ProfileError)
+                check_int("timing.edge_batch_step_s key", size, lo=1, hi=4096, error=ProfileError)
+                table[size] = check_float(f"timing.edge_batch_step_s[{size}]", value, lo=1e-9, hi=3600.0,
+                                          error=ProfileError)
             if not table:
                 raise ProfileError("timing.edge_batch_step_s: empty (use null for no measurement)")
             object.__setattr__(self, "edge_batch_step_s", dict(sorted(table.items())))
@@ -144,7 +155,7 @@ class Profile:
         if not levels:
             raise ProfileError("a profile needs at least one complexity level")
         for level in levels:
-            integer("levels[]", level, 1, 10_000, ProfileError)
+            check_int("levels[]", level, lo=1, hi=10_000, error=ProfileError)
         if list(levels) != sorted(set(levels)):
             raise ProfileError(f"levels must be strictly increasing, got {list(levels)}")
         if not self.arms:
@@ -162,9 +173,9 @@ class Profile:
             if len(arm.quality) != len(levels):
                 raise ProfileError(f"{where}: {len(arm.quality)} quality values for {len(levels)} levels")
             for q in arm.quality:
-                finite_number(f"{where} quality", q, 0.0, 1.0, ProfileError)
+                check_float(f"{where} quality", q, lo=0.0, hi=1.0, error=ProfileError)
             if arm.frechet is not None:
-                finite_number(f"{where} frechet", arm.frechet, 0.0, error=ProfileError)
+                check_float(f"{where} frechet", arm.frechet, lo=0.0, error=ProfileError)
         object.__setattr__(self, "levels", levels)
         index = {(a.steps, a.split): i for i, a in enumerate(self.arms)}
         object.__setattr__(self, "_index", index)  # a cache, not a field
@@ -235,63 +246,45 @@ class Profile:
 
     @classmethod
     def from_dict(cls, doc: Any, where: str = "profile") -> Profile:
-        if not isinstance(doc, dict) or doc.get("format") != PROFILE_FORMAT:
-            raise ProfileError(f"{where} is not a RISE profile (expected \"format\": \"{PROFILE_FORMAT}\")")
-        if doc.get("version") != PROFILE_VERSION:
-            raise ProfileError(f"{where}: profile version {doc.get('version')!r}, this code reads {PROFILE_VERSION}")
+        """Build from a parsed profile document; any problem is a ProfileError naming ``where`` and the field."""
+        check_versioned(doc, PROFILE_FORMAT, PROFILE_VERSION, where=where, what="RISE profile", error=ProfileError)
         known = {"format", "version", "family", "synthetic", "quality_metric", "levels", "ceilings", "timing",
                  "arms", "sources"}
         unknown = sorted(set(doc) - known)
         if unknown:
             raise ProfileError(f"{where}: unknown field(s) {', '.join(unknown)}")
-        timing = doc.get("timing")
-        if not isinstance(timing, dict):
-            raise ProfileError(f"{where}: \"timing\" must be an object")
-        missing = [k for k in _TIMING_KEYS if k not in timing and k not in ("text_encode_s", "edge_batch_step_s")]
-        extra = sorted(set(timing) - set(_TIMING_KEYS))
-        if missing or extra:
-            raise ProfileError(f"{where}: timing " + (f"misses {', '.join(missing)}" if missing else
-                                                      f"has unknown {', '.join(extra)}"))
-        arms = doc.get("arms")
-        if not isinstance(arms, list):
-            raise ProfileError(f"{where}: \"arms\" must be a list")
-        parsed = []
-        for i, arm in enumerate(arms):
-            if not isinstance(arm, dict) or not {"steps", "split", "quality"} <= set(arm):
-                raise ProfileError(f"{where}: arms[{i}] needs steps, split and quality")
-            quality = arm["quality"]
-            if not isinstance(quality, list):
-                raise ProfileError(f"{where}: arms[{i}].quality must be a list")
-            parsed.append(ArmQuality(arm["steps"], arm["split"], tuple(quality), arm.get("frechet")))
-        levels = doc.get("levels")
-        if not isinstance(levels, list):
-            raise ProfileError(f"{where}: \"levels\" must be a list")
         try:
+            timing = read_mapping(doc, "timing", error=ProfileError)
+            missing = [k for k in _TIMING_KEYS if k not in timing and k not in ("text_encode_s", "edge_batch_step_s")]
+            extra = sorted(set(timing) - set(_TIMING_KEYS))
+            if missing or extra:
+                raise ProfileError("timing " + (f"misses {', '.join(missing)}" if missing else
+                                                f"has unknown {', '.join(extra)}"))
+            parsed = []
+            for i, arm in enumerate(read_list(doc, "arms", error=ProfileError)):
+                if not isinstance(arm, dict) or not {"steps", "split", "quality"} <= set(arm):
+                    raise ProfileError(f"arms[{i}] needs steps, split and quality")
+                quality = read_list(arm, "quality", where=f"arms[{i}]", error=ProfileError)
+                parsed.append(ArmQuality(arm["steps"], arm["split"], tuple(quality), arm.get("frechet")))
+            levels = read_list(doc, "levels", error=ProfileError)
             return cls(
                 levels=tuple(levels), arms=tuple(parsed), timing=Timing(**timing),
                 family=doc.get("family"), synthetic=bool(doc.get("synthetic", False)),
                 quality_metric=str(doc.get("quality_metric", "adherence")),
                 ceilings=dict(doc.get("ceilings") or {}), sources=tuple(map(str, doc.get("sources") or ())),
             )
-        except ProfileError as exc:
-            raise ProfileError(f"{where}: {exc}") from None
-        except TypeError as exc:
+        except (ProfileError, TypeError) as exc:  # TypeError: Timing(**timing) with an odd key set
             raise ProfileError(f"{where}: {exc}") from None
 
 
 def load_profile(path: str | Path) -> Profile:
     """Read and validate a profile file."""
-    try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ProfileError(f"cannot read profile {path}: {exc}; {PROFILE_HINT}") from exc
-    except ValueError as exc:
-        raise ProfileError(f"profile {path} is not valid JSON: {exc}") from exc
+    doc = load_json(path, what="profile", hint=PROFILE_HINT, error=ProfileError)
     return Profile.from_dict(doc, where=str(path))
 
 
 def save_profile(path: str | Path, profile: Profile) -> None:
-    atomic_write_text(path, json.dumps(profile.to_dict(), indent=1, allow_nan=False) + "\n")
+    write_json_atomic(path, profile.to_dict(), indent=1)
 
 
 # ---------------------------------------------------------------------- from rise-eval output
@@ -323,9 +316,7 @@ def profile_from_eval(
             n = file_steps or _steps_of(row)
             if n is None:
                 raise ProfileError(f"{source}: which step count N? add \":N\" to the file name (e.g. {source}:20)")
-            k = row.get("k")
-            if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
-                raise ProfileError(f"{source}: rows[{i}].k must be an integer in [0, {n}], got {k!r}")
+            k = check_int(f"{source}: rows[{i}].k", row.get("k"), lo=0, hi=n, error=ProfileError)
             rows.append((int(n), k, dict(row), source))
         if isinstance(doc.get("ceilings"), Mapping) and not ceilings:
             ceilings = dict(doc["ceilings"])
@@ -338,17 +329,17 @@ def profile_from_eval(
         raise ProfileError("no row has adherence_by_items: the profile needs quality per complexity level")
     arms = []
     for n, k, row, src in sorted(rows, key=lambda r: (r[0], r[1])):
-        overall = finite_number(f"{src} N={n} k={k} adherence", row.get("adherence"), 0.0, 1.0, ProfileError)
+        overall = check_float(f"{src} N={n} k={k} adherence", row.get("adherence"), lo=0.0, hi=1.0, error=ProfileError)
         by_level = {_level(key, src): v for key, v in (row.get("adherence_by_items") or {}).items()}
-        quality = tuple(finite_number(f"{src} N={n} k={k} adherence_by_items[{lv}]", by_level.get(lv, overall),
-                                      0.0, 1.0, ProfileError) for lv in levels)
+        quality = tuple(check_float(f"{src} N={n} k={k} adherence_by_items[{lv}]", by_level.get(lv, overall),
+                                    lo=0.0, hi=1.0, error=ProfileError) for lv in levels)
         frechet = row.get("frechet")
-        frechet = None if frechet is None else finite_number(f"{src} frechet", frechet, 0.0, error=ProfileError)
+        frechet = None if frechet is None else check_float(f"{src} frechet", frechet, lo=0.0, error=ProfileError)
         arms.append(ArmQuality(n, k, quality, frechet))
 
     timing = _fit_timing(rows)
     for key in ("handoff_bytes", "image_bytes"):  # rise-eval --bundle measures them (meta)
-        sizes = [m[key] for m in metas if isinstance(m.get(key), int) and not isinstance(m.get(key), bool) and m[key] > 0]
+        sizes = [m[key] for m in metas if is_int(m.get(key)) and m[key] > 0]
         if sizes:
             timing[key] = max(sizes)
     timing.update({k: v for k, v in (bench or {}).items() if k in _TIMING_KEYS})
@@ -368,7 +359,7 @@ def profile_from_eval(
 def _steps_of(obj: Mapping[str, Any]) -> int | None:
     for key in ("steps", "num_inference_steps", "N"):
         value = obj.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        if is_int(value) and value > 0:
             return value
     return None
 
@@ -400,9 +391,9 @@ def _fit_timing(rows: Sequence[tuple[int, int, Mapping[str, Any], str]]) -> dict
             if key not in row:
                 raise ProfileError(f"{src}: N={n} k={k} has no {key!r} (per-image seconds)")
         ek.append(k)
-        es.append(finite_number(f"{src} edge_s", row["edge_s"], 0.0, error=ProfileError))
+        es.append(check_float(f"{src} edge_s", row["edge_s"], lo=0.0, error=ProfileError))
         dk.append(n - k)
-        ds.append(finite_number(f"{src} device_s", row["device_s"], 0.0, error=ProfileError))
+        ds.append(check_float(f"{src} device_s", row["device_s"], lo=0.0, error=ProfileError))
     text_encode_s, edge_step_s = fit(ek, es, "the edge step time (edge_s against k)")
     device_decode_s, device_step_s = fit(dk, ds, "the device step time (device_s against N - k)")
     return {"edge_step_s": edge_step_s, "device_step_s": device_step_s, "device_decode_s": device_decode_s,

@@ -24,19 +24,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, NoReturn, Union, get_args
+from typing import Any, ClassVar, Literal, NoReturn, get_args
 
-from shared.errors import ConfigError, HandoffError, RiseError
-from shared.handoff import MAX_ID_CHARS, Handoff
+from shared.errors import ConfigError, FieldFailure, HandoffError, RiseError
+from shared.handoff import Handoff
 from shared.relay_plan import MAX_STEPS, RelayPlan
-from shared.untrusted import is_int as _is_int
-from shared.untrusted import loads_strict
-from shared.untrusted import show as _show
-from shared.untrusted import type_name as _type_name
+from shared.validation import (
+    check_choice,
+    check_family_id,
+    check_float,
+    check_identifier,
+    check_int,
+    check_str,
+    is_int,
+    loads_strict,
+)
+from shared.validation import show as _show
+from shared.validation import type_name as _type_name
 
 #: Protocol versions this code speaks, oldest first; ``hello`` negotiates the highest common one.
 PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
@@ -73,7 +80,6 @@ _MAX_BANDWIDTH_BPS = 1e13
 _MAX_PAYLOAD_BYTES = 2**31
 _MAX_VERSION = 65535
 
-_IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,63}", re.ASCII)  # request ids, scheduler, device class
 _TOKEN = re.compile(r"[\x21-\x7e]{1,512}", re.ASCII)  # printable ASCII, no spaces
 # C0/C1 control characters other than tab, newline, carriage return; format chars (emoji ZWJ) are fine.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
@@ -106,6 +112,11 @@ class ProtocolError(RiseError, ValueError):
         self.field = field
         self.request_id = request_id
         self.retry_after_s = retry_after_s
+
+    @classmethod
+    def for_field(cls, message: str, *, field: str, kind: FieldFailure) -> ProtocolError:
+        """A failed field check: out of range is the input's fault (``invalid_request``), the rest the peer's."""
+        return cls(message, code="invalid_request" if kind == "range" else "bad_message", field=field)
 
     def to_error(self) -> Error:
         """The :class:`Error` message that reports this failure to the peer."""
@@ -167,19 +178,16 @@ class ProtocolLimits:
             ("burst", 1, 10**6),
             ("max_violations", 1, 10**6),
         ):
-            value = getattr(self, name)
-            if not _is_int(value) or not lo <= value <= hi:
-                raise ConfigError(f"{name} must be an integer in [{lo}, {hi}], got {_show(value)}")
-        rate = self.requests_per_minute
-        if not _is_number(rate) or not 0 < rate <= 1e6:  # int/float comparisons are exact: no overflow, NaN fails
-            raise ConfigError(f"requests_per_minute must be a number in (0, 1e6], got {_show(rate)}")
-        object.__setattr__(self, "requests_per_minute", float(rate))
+            check_int(name, getattr(self, name), lo=lo, hi=hi, error=ConfigError)
+        rate = check_float("requests_per_minute", self.requests_per_minute, lo=0.0, hi=1e6, lo_open=True,
+                           error=ConfigError)
+        object.__setattr__(self, "requests_per_minute", rate)
         sizes = self.allowed_sizes
         if not isinstance(sizes, (tuple, list)) or len(sizes) > 64:
             raise ConfigError(f"allowed_sizes must be a list of at most 64 [height, width] pairs, got {_show(sizes)}")
         pairs = []
         for pair in sizes:
-            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(_is_int(s) for s in pair)) or not all(
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(is_int(s) for s in pair)) or not all(
                 8 <= s <= _MAX_SIDE and s % 8 == 0 for s in pair
             ):
                 raise ConfigError(
@@ -335,7 +343,8 @@ class Generate(_Message):
                 _fail("invalid_request", "steps", expected, str(self.steps))
         self._set("device_load", _opt(_float, "device_load", self.device_load, 0.0, 1.0))
         self._set("rtt_s", _opt(_float, "rtt_s", self.rtt_s, 0.0, _MAX_RTT_S))
-        self._set("bandwidth_bps", _opt(_float, "bandwidth_bps", self.bandwidth_bps, 0.0, _MAX_BANDWIDTH_BPS, lo_open=True))
+        bandwidth = _opt(_float, "bandwidth_bps", self.bandwidth_bps, 0.0, _MAX_BANDWIDTH_BPS, lo_open=True)
+        self._set("bandwidth_bps", bandwidth)
 
 
 @dataclass(frozen=True)
@@ -458,7 +467,8 @@ class Report(_Message):
             self._set(name, _float(name, getattr(self, name), 0.0, _MAX_SECONDS))
         self._set("device_load", _opt(_float, "device_load", self.device_load, 0.0, 1.0))
         self._set("rtt_s", _opt(_float, "rtt_s", self.rtt_s, 0.0, _MAX_RTT_S))
-        self._set("bandwidth_bps", _opt(_float, "bandwidth_bps", self.bandwidth_bps, 0.0, _MAX_BANDWIDTH_BPS, lo_open=True))
+        bandwidth = _opt(_float, "bandwidth_bps", self.bandwidth_bps, 0.0, _MAX_BANDWIDTH_BPS, lo_open=True)
+        self._set("bandwidth_bps", bandwidth)
         _opt(_int, "rating", self.rating, -1, 1)
 
 
@@ -519,21 +529,21 @@ class Error(_Message):
             _fail("bad_message", "retry_after_s", f"null for code {self.code!r}", _show(self.retry_after_s))
 
 
-Message = Union[
-    Hello,
-    Welcome,
-    Generate,
-    Plan,
-    Progress,
-    HandoffAnnouncement,
-    ResultAnnouncement,
-    Report,
-    Rating,
-    Cancel,
-    Error,
-]
+Message = (
+    Hello
+    | Welcome
+    | Generate
+    | Plan
+    | Progress
+    | HandoffAnnouncement
+    | ResultAnnouncement
+    | Report
+    | Rating
+    | Cancel
+    | Error
+)
 MESSAGE_TYPES: dict[str, type[_Message]] = {
-    cls.TYPE: cls for cls in get_args(Message)  # type: ignore[attr-defined]
+    cls.TYPE: cls for cls in get_args(Message)
 }
 
 
@@ -745,24 +755,11 @@ def _fail(code: str, field: str, expected: str, got: str) -> NoReturn:
 
 
 def _int(name: str, value: Any, lo: int, hi: int) -> int:
-    if not _is_int(value):
-        _fail("bad_message", name, "an integer", _type_name(value))
-    if not lo <= value <= hi:
-        _fail("invalid_request", name, f"an integer in [{lo}, {hi}]", _show(value))
-    return value
+    return check_int(name, value, lo=lo, hi=hi, error=ProtocolError)
 
 
 def _float(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False) -> float:
-    if not _is_number(value):
-        _fail("bad_message", name, "a number", _type_name(value))
-    try:
-        number = float(value)
-    except OverflowError:  # an int beyond float range
-        number = math.inf
-    above_lo = number > lo if lo_open else number >= lo
-    if not (math.isfinite(number) and above_lo and number <= hi):
-        _fail("invalid_request", name, f"a finite number in {'(' if lo_open else '['}{lo:g}, {hi:g}]", _show(value))
-    return number
+    return check_float(name, value, lo=lo, hi=hi, lo_open=lo_open, error=ProtocolError)
 
 
 def _opt(check: Callable[..., Any], name: str, value: Any, *args: Any, **kwargs: Any) -> Any:
@@ -770,60 +767,41 @@ def _opt(check: Callable[..., Any], name: str, value: Any, *args: Any, **kwargs:
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        _fail("bad_message", name, f"one of {list(choices)}", _show(value))
-    return value
+    return check_choice(name, value, choices, error=ProtocolError)
 
 
 def _identifier(name: str, value: Any) -> str:
-    if not isinstance(value, str):
-        _fail("bad_message", name, "a string", _type_name(value))
-    if not _IDENTIFIER.fullmatch(value):
-        _fail("bad_message", name, "1-64 characters of [A-Za-z0-9._:-], starting alphanumeric", _show(value))
-    return value
+    return check_identifier(name, value, error=ProtocolError)
 
 
 def _family_id(name: str, value: Any) -> str:
-    # The same rule as shared.handoff's family_id, so a family id valid here is valid there.
-    if not isinstance(value, str):
-        _fail("bad_message", name, "a string", _type_name(value))
-    if not (0 < len(value) <= MAX_ID_CHARS and value.isprintable() and value.strip() == value):
-        _fail("bad_message", name, f"1-{MAX_ID_CHARS} printable characters, no outer spaces", _show(value))
-    return value
+    # The rule shared.handoff and the bundle manifest use too: a family id valid here is valid there.
+    return check_family_id(name, value, error=ProtocolError)
 
 
 def _name(name: str, value: Any) -> str:
-    if not isinstance(value, str):
-        _fail("bad_message", name, "a string", _type_name(value))
-    if not (0 < len(value) <= 128 and value.isprintable()):
-        _fail("bad_message", name, "1-128 printable characters", _show(value))
-    return value
+    return check_str(name, value, min_len=1, max_len=128, printable=True, error=ProtocolError)
 
 
 def _field_name(name: str, value: Any) -> str:
-    if not isinstance(value, str):
-        _fail("bad_message", name, "a string", _type_name(value))
-    if not (0 < len(value) <= _MAX_FIELD_CHARS and value.isprintable()):
-        _fail("bad_message", name, f"1-{_MAX_FIELD_CHARS} printable characters", _show(value))
-    return value
+    return check_str(name, value, min_len=1, max_len=_MAX_FIELD_CHARS, printable=True, error=ProtocolError)
 
 
 def _text(name: str, value: Any, *, max_chars: int | None, allow_empty: bool) -> str:
     """Free text (prompt, why, error message): no control characters but tab/newline, valid Unicode."""
-    if not isinstance(value, str):
-        _fail("bad_message", name, "a string", _type_name(value))
-    if not value and not allow_empty:
+    text = check_str(name, value, error=ProtocolError)
+    if not text and not allow_empty:
         _fail("bad_message", name, "a non-empty string", "''")
-    if max_chars is not None and len(value) > max_chars:
-        _fail("invalid_request", name, f"at most {max_chars} characters", str(len(value)))
-    bad = _CONTROL.search(value)
+    if max_chars is not None and len(text) > max_chars:
+        _fail("invalid_request", name, f"at most {max_chars} characters", str(len(text)))
+    bad = _CONTROL.search(text)
     if bad:
         _fail("invalid_request", name, "no control characters", f"{ascii(bad.group())} at {bad.start()}")
     try:
-        value.encode("utf-8")
+        text.encode("utf-8")
     except UnicodeEncodeError as exc:  # JSON's "\ud800" escapes decode to lone surrogates
         _fail("invalid_request", name, "valid Unicode", f"a lone surrogate at {exc.start}")
-    return value
+    return text
 
 
 def _relay_plan(name: str, value: Any) -> RelayPlan:
@@ -848,10 +826,6 @@ def _valid(check: Callable[[str, Any], Any], name: str, value: Any) -> bool:
 
 # --------------------------------------------------------------------------- helpers
 
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _utf8_len(text: str) -> int:

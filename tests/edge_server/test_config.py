@@ -1,0 +1,78 @@
+"""EdgeConfig.from_toml: every value of edge.toml is type-checked and named when wrong."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from edge_server.config import _TOML_CHECKS, EdgeConfig
+from shared.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "edge.toml"
+    path.write_text(text)
+    return path
+
+
+def test_every_setting_has_a_check() -> None:
+    assert set(_TOML_CHECKS) == {f.name for f in fields(EdgeConfig)}
+
+
+def test_a_valid_file_loads(tmp_path: Path) -> None:
+    config = EdgeConfig.from_toml(write(tmp_path, (
+        '[server]\nhost = "0.0.0.0"\nport = 9000\nmetrics_port = 9100\nping_interval_s = 5\n'
+        '[engine]\nmax_batch_rows = 4\nbatching = false\nthreads = 2\n'
+        '[scheduler]\nsteps = 12\nsplit_fraction = 0.25\nsampler = "euler"\nguidance = 5\nscheduler = "linucb"\n'
+        'alpha = 0.2\n'
+        '[limits]\nmax_steps = 50\nallowed_sizes = [[64, 64]]\n'
+    )))
+    assert (config.host, config.port, config.metrics_port, config.max_batch_rows, config.batching) == (
+        "0.0.0.0", 9000, 9100, 4, False)
+    assert (config.steps, config.split_fraction, config.sampler, config.scheduler) == (12, 0.25, "euler", "linucb")
+    assert config.guidance == 5.0 and isinstance(config.guidance, float)
+    assert config.ping_interval_s == 5.0 and config.limits == {"max_steps": 50, "allowed_sizes": [[64, 64]]}
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ('[server]\nport = "9000"\n', "port: expected an integer, got str"),
+        ("[server]\nport = 70000\n", "port: expected an integer in [0, 65535], got 70000"),
+        ('[server]\nhost = 1\n', "host: expected a string, got int"),
+        ('[server]\nhost = ""\n', "host: expected 1-4096 characters"),
+        ("[engine]\nmax_batch_rows = true\n", "max_batch_rows: expected an integer, got bool"),
+        ("[engine]\nmax_batch_rows = 0\n", "max_batch_rows: expected an integer >= 1, got 0"),
+        ("[engine]\nmax_queue = 1.5\n", "max_queue: expected an integer, got float"),
+        ('[engine]\nbatching = "yes"\n', "batching: expected true or false, got str"),
+        ("[engine]\nbatching = 1\n", "batching: expected true or false, got int"),
+        ("[scheduler]\nsteps = 0\n", "steps: expected an integer in [1, 1000], got 0"),
+        ("[scheduler]\nsplit_fraction = 1.5\n", "split_fraction: expected a finite number in [0, 1], got 1.5"),
+        ("[scheduler]\nsplit_fraction = nan\n", "split_fraction: expected a finite number in [0, 1], got nan"),
+        ("[scheduler]\nguidance = inf\n", "guidance: expected a finite number"),
+        ('[scheduler]\nsampler = "pndm"\n', "sampler: expected one of"),
+        ("[scheduler]\nalpha = [0.1]\n", "alpha: expected a number, got list"),
+        ("[server]\nrequest_timeout_s = 0\n", "request_timeout_s: expected a finite number > 0, got 0"),
+        ("[server]\ntoken_file = 1979-05-27\n", "token_file: expected a string, got datetime.date"),
+        ("limits = 3\n", "limits: expected an object, got int"),
+        ("[limits]\nmax_steps = true\n", "limits: max_steps: expected an integer, got bool"),
+        ("[limits]\nmax_stepz = 5\n", "limits: unknown limit 'max_stepz'"),
+    ],
+)
+def test_a_wrong_value_is_a_config_error_naming_the_file_and_key(tmp_path: Path, text: str, fragment: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        EdgeConfig.from_toml(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and fragment in message, message
+
+
+def test_unknown_settings_and_unreadable_files_are_still_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown setting 'max_btach_rows'"):
+        EdgeConfig.from_toml(write(tmp_path, "[engine]\nmax_btach_rows = 4\n"))
+    with pytest.raises(ConfigError, match="cannot read config"):
+        EdgeConfig.from_toml(write(tmp_path, "port = \n"))
+    with pytest.raises(ConfigError, match="cannot read config"):
+        EdgeConfig.from_toml(tmp_path / "missing.toml")
