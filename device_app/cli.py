@@ -27,7 +27,9 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from device_app.client import DeviceRunError, EdgeClient, EdgeError, GenerationResult
+from device_app.client import EdgeClient
+from device_app.errors import DeviceRunError, EdgeError
+from device_app.results import GenerationResult
 from device_app.runtime import DeviceBundle
 from device_app.token_file import read_token
 from shared.errors import ConfigError, RiseError
@@ -75,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--retries", type=int, default=None,
                        help="retries of a request the server answers busy/rate_limited")
 
-    gen = sub.add_parser("generate", help="generate one image", description="Generate one image through an edge daemon.")
+    gen = sub.add_parser("generate", help="generate one image",
+                         description="Generate one image through an edge daemon.")
     connection(gen, threads_default=None, threads_help="ORT intra-op threads (default: ORT's choice)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--seed", type=int, default=None, help="seed (default: the server picks one)")
@@ -349,6 +352,7 @@ def summarize(run: BenchRun, *, server: str, clients: int, requests: int, config
         return float(np.mean(values)) if values else None
 
     latencies = np.array([r["total_latency_s"] for r in run.records], dtype=np.float64)
+    latency: dict[str, float | None]
     if latencies.size:
         p50, p95, p99 = (float(v) for v in np.percentile(latencies, [50, 95, 99]))
         latency = {"p50": p50, "p95": p95, "p99": p99, "mean": float(latencies.mean()),

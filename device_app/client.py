@@ -14,10 +14,12 @@ more wait locally for a slot). Inside a client:
   to the per-request queue of the :meth:`EdgeClient.generate` call that owns them;
 * **one writer path** (:meth:`EdgeClient._flush`, under a lock) drains
   ``conn.data_to_send()`` and sends the frames in order;
-* the **device half** (``finish_latents`` + VAE decode) runs in a worker thread, so the
-  event loop keeps reading frames, answering pings and serving other requests; its
-  progress comes back to the loop with ``call_soon_threadsafe``. One request at a time
-  runs on the device by default (``device_workers=1``): it is one device.
+* the **device half** (:func:`device_app.finish.finish_handoff`: steps + VAE decode) runs
+  in a worker thread, so the event loop keeps reading frames, answering pings and serving
+  other requests; its progress comes back to the loop with ``call_soon_threadsafe``. One
+  request at a time runs on the device by default (``device_workers=1``): it is one device.
+
+Errors live in :mod:`device_app.errors` (re-exported here), results in :mod:`device_app.results`.
 
 Every wait has a timeout; a lost connection fails every request in flight with
 :class:`EdgeConnectionError`; a server :class:`~shared.protocol.Error` raises
@@ -45,14 +47,23 @@ from websockets.asyncio.client import ClientConnection as WebSocket
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidURI, WebSocketException
 
-from device_app.relay import finish_latents
+from device_app.errors import (
+    CONNECT_FAILED,
+    CONNECTION_LOST,
+    PLAN_CONFLICT,
+    TIMEOUT,
+    DeviceRunError,
+    EdgeConnectionError,
+    EdgeError,
+    EdgeTimeout,
+)
+from device_app.finish import finish_handoff
+from device_app.results import Finished, GenerationResult, Timings
 from device_app.runtime import DeviceBundle
 from device_app.telemetry import DeviceLoad, LinkEstimator
-from shared.errors import RiseError
 from shared.handoff import HandoffLimits
 from shared.protocol import (
     FATAL_CLOSE_CODES,
-    RETRY_CODES,
     ClientConnection,
     Error,
     FrameRejected,
@@ -70,175 +81,20 @@ from shared.protocol import (
 from shared.relay_plan import RelayPlan
 
 __all__ = [
+    # The errors generate() raises live in device_app.errors; they stay importable from here.
     "DeviceRunError",
     "EdgeClient",
     "EdgeConnectionError",
     "EdgeError",
     "EdgeTimeout",
-    "GenerationResult",
     "PlanCallback",
     "ProgressCallback",
-    "Timings",
 ]
 
 log = logging.getLogger("rise.device.client")
 
 ProgressCallback = Callable[[str, int, int], None]  # (stage "edge" | "device", step, total)
 PlanCallback = Callable[[RelayPlan, str], None]  # (the chosen configuration, why)
-
-# Codes of errors raised here without a server Error behind them.
-CONNECT_FAILED = "connect_failed"
-CONNECTION_LOST = "connection_lost"
-TIMEOUT = "timeout"
-PLAN_CONFLICT = "plan_conflict"
-DEVICE_FAILED = "device_failed"
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class EdgeError(RiseError):
-    """The edge refused or failed a request (or the whole connection).
-
-    ``code`` is the server's error code (:data:`shared.protocol.ERROR_CODES`:
-    ``unauthorized``, ``wrong_family``, ``invalid_request``, ``busy``...) or, for failures
-    seen only on this side, ``connect_failed`` / ``connection_lost`` / ``timeout`` /
-    ``plan_conflict``. ``local`` is true when the request never left the device (it
-    failed the server's limits here). ``retry_after_s`` is set for ``busy`` and
-    ``rate_limited``.
-    """
-
-    def __init__(
-        self,
-        code: str,
-        message: str,
-        *,
-        request_id: str | None = None,
-        retry_after_s: float | None = None,
-        field: str | None = None,
-        local: bool = False,
-    ) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.request_id = request_id
-        self.retry_after_s = retry_after_s
-        self.field = field
-        self.local = local
-
-    def copy(self, request_id: str | None = None) -> EdgeError:
-        """A new exception like this one (to raise in another task), optionally for ``request_id``."""
-        return type(self)(
-            self.code, self.message, request_id=request_id or self.request_id, retry_after_s=self.retry_after_s,
-            field=self.field, local=self.local,
-        )
-
-    @property
-    def retryable(self) -> bool:
-        """Whether the same request may succeed later (the server was busy or rate limiting)."""
-        return self.code in RETRY_CODES or self.code == "too_many_in_flight"
-
-    @classmethod
-    def from_error(cls, error: Error, what: str = "") -> EdgeError:
-        """The exception for a server :class:`Error` message."""
-        kind = EdgeConnectionError if error.request_id is None and error.code in FATAL_CLOSE_CODES else EdgeError
-        return kind(
-            error.code,
-            f"{what}{error.message}",
-            request_id=error.request_id,
-            retry_after_s=error.retry_after_s,
-            field=error.field,
-        )
-
-
-class EdgeConnectionError(EdgeError):
-    """The connection could not be opened, was refused at the hello, or was lost."""
-
-
-class EdgeTimeout(EdgeError, TimeoutError):
-    """The edge sent nothing for a request (or the hello) within the timeout."""
-
-
-class DeviceRunError(RiseError):
-    """The device half failed (ORT, the sampler or the decode); the edge was told (code ``internal``)."""
-
-    code = DEVICE_FAILED
-
-    def __init__(self, message: str, *, request_id: str | None = None) -> None:
-        super().__init__(message)
-        self.request_id = request_id
-
-
-# --------------------------------------------------------------------------- results
-
-
-@dataclass(frozen=True)
-class Timings:
-    """Where a request's time went, in seconds.
-
-    ``queue_s`` / ``edge_compute_s`` are the edge's own figures from the handoff
-    announcement (``None`` if it did not say). The rest are measured here:
-    ``plan_s`` = generate sent -> plan received; ``edge_wait_s`` = generate sent ->
-    payload announced (queue + edge steps + network); ``transfer_s`` = the payload's
-    frame (announcement -> binary frame); ``handoff_decode_s`` = parsing and checking
-    the payload; ``device_compute_s`` = the small model's ORT steps; ``decode_s`` = the
-    VAE decode (or, for an edge-decoded result, the PNG decode); ``device_wait_s`` =
-    waiting for this device's compute slot; ``total_latency_s`` = generate sent -> image
-    ready. The :class:`Report` sent to the edge carries ``device_compute_s + decode_s``
-    as its ``device_compute_s`` (the protocol's "ORT steps + decode").
-    """
-
-    total_latency_s: float
-    plan_s: float | None
-    edge_wait_s: float
-    transfer_s: float
-    handoff_decode_s: float
-    device_compute_s: float
-    decode_s: float
-    device_wait_s: float = 0.0
-    queue_s: float | None = None
-    edge_compute_s: float | None = None
-
-    @property
-    def handoff_overhead_s(self) -> float:
-        """What the handoff costs this side: its transfer plus its decoding (the edge's encode is not visible here)."""
-        return self.transfer_s + self.handoff_decode_s
-
-    def as_dict(self) -> dict[str, float | None]:
-        data = {name: getattr(self, name) for name in self.__dataclass_fields__}
-        data["handoff_overhead_s"] = self.handoff_overhead_s
-        return data
-
-
-@dataclass(frozen=True, eq=False)  # eq=False: numpy arrays have no truth value
-class GenerationResult:
-    """One finished generation.
-
-    ``image`` is uint8 (H, W, 3). ``latents`` is the final latent (1, C, h, w) float32
-    for a device-finished request, ``None`` for an edge-decoded one (then ``png`` holds
-    the bytes the edge sent). ``payload_bytes`` is the size of the binary frame (the
-    safetensors handoff or the PNG). ``report`` is what was sent back to the edge
-    (``None`` if the connection was gone by then).
-    """
-
-    request_id: str
-    image: np.ndarray = field(repr=False)
-    latents: np.ndarray | None = field(repr=False)
-    plan: Plan
-    timings: Timings
-    payload_bytes: int
-    png: bytes | None = field(default=None, repr=False)
-    report: Report | None = None
-
-    @property
-    def decode_on(self) -> str:
-        return self.plan.plan.decode_on
-
-    @property
-    def handoff_bytes(self) -> int:
-        """The safetensors handoff's size (0 for an edge-decoded result, whose payload is a PNG)."""
-        return self.payload_bytes if self.png is None else 0
-
 
 # --------------------------------------------------------------------------- client
 
@@ -546,10 +402,12 @@ class EdgeClient:
             timings["device_wait_s"] = _now() - waited
             try:
                 if isinstance(event, HandoffReceived):
-                    latents, image, compute_s, decode_s = await asyncio.to_thread(
-                        self._finish_on_device, event, self._threadsafe_progress(on_progress)
+                    finished: Finished = await asyncio.to_thread(
+                        finish_handoff, self.bundle, event.handoff, on_step=self._threadsafe_progress(on_progress)
                     )
-                    png = None
+                    assert finished.image is not None  # decoded: finish_handoff's default
+                    latents, image, png = finished.latents, finished.image, None
+                    compute_s, decode_s = finished.steps_s, finished.decode_s
                 else:
                     latents, png = None, event.png
                     image, decode_s = await asyncio.to_thread(_decode_png, event.png)
@@ -668,16 +526,6 @@ class EdgeClient:
                     error.code, f"request {rid}: the server's frame was refused here: {error.message}",
                     request_id=rid, field=error.field,
                 )
-
-    def _finish_on_device(
-        self, event: HandoffReceived, on_step: Callable[[int, int], None] | None
-    ) -> tuple[np.ndarray, np.ndarray, float, float]:
-        """Worker thread: the small model's remaining steps, then the VAE decode."""
-        started = _now()
-        latents = finish_latents(self.bundle, event.handoff, on_step)
-        decoded = _now()
-        image = self.bundle.decode(latents)[0]
-        return latents, image, decoded - started, _now() - decoded
 
     def _threadsafe_progress(self, on_progress: ProgressCallback | None) -> Callable[[int, int], None] | None:
         if on_progress is None:
@@ -798,7 +646,7 @@ class EdgeClient:
         if pending is not None:
             pending.queue.put_nowait(item)
             return
-        if isinstance(event, (HandoffReceived, ResultReceived)):
+        if isinstance(event, (HandoffReceived, ResultReceived)) and rid is not None:
             self._abandon(rid)  # delivered after this side gave up: the server would await a report
         elif isinstance(event, Error) and rid is None:
             if event.code in FATAL_CLOSE_CODES:
@@ -809,7 +657,9 @@ class EdgeClient:
         elif isinstance(event, FrameRejected) and rid is None:
             log.warning("refused a frame from %s: %s", self.url, event.error.message)
             if event.fatal:
-                self._fatal = EdgeConnectionError(event.error.code, f"{self.url} broke the protocol: {event.error.message}")
+                self._fatal = EdgeConnectionError(
+                    event.error.code, f"{self.url} broke the protocol: {event.error.message}"
+                )
         # Anything else is for a request this side already gave up on: nothing to do.
 
     def _lost_error(self, exc: ConnectionClosed | None = None) -> EdgeConnectionError:

@@ -42,7 +42,8 @@ class OnnxGraph:
 
     def run(self, **inputs: np.ndarray) -> list[np.ndarray]:
         feed = {name: np.asarray(value).astype(self.input_types[name], copy=False) for name, value in inputs.items()}
-        return self.session.run(None, feed)
+        outputs: list[np.ndarray] = self.session.run(None, feed)
+        return outputs
 
 
 class DeviceBundle:
@@ -99,5 +100,5 @@ class DeviceBundle:
         """VAE-decode latents to uint8 images (B, H, W, 3), with diffusers' scaling and rounding."""
         scaled = latents / np.float32(self.manifest.vae_scaling_factor) + np.float32(self.manifest.vae_shift_factor)
         image = self.graph("vae_decoder").run(latent_sample=scaled.astype(np.float32))[0].astype(np.float32)
-        image = np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
-        return (image * 255).round().astype(np.uint8)
+        pixels = np.clip(image / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+        return (pixels * 255).round().astype(np.uint8)

@@ -23,7 +23,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 #: For the random tiny family (its byte-level tokenizer reads anything).
-TINY_PROMPTS = ("a lighthouse on a cliff at sunset", "two cats sleeping on a blue sofa", "a red sneaker on a white table")
+TINY_PROMPTS = (
+    "a lighthouse on a cliff at sunset",
+    "two cats sleeping on a blue sofa",
+    "a red sneaker on a white table",
+)
 #: For the demo family: its grammar, one to four items.
 DEMO_PROMPTS = (
     "a red sneaker in the top left and a blue bag in the bottom right",

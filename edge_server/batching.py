@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ class DenoiseJob:
     stop_at: int  # run steps [next_step, stop_at)
     next_step: int = 0
     request_id: str = ""
-    meta: dict = field(default_factory=dict)  # the adapter's own bookkeeping (plan, seed, timings)
+    meta: dict[str, Any] = field(default_factory=dict)  # the adapter's own bookkeeping (plan, seed, timings)
 
     @property
     def guided(self) -> bool:
@@ -49,7 +50,7 @@ class DenoiseJob:
         """Rows this job adds to a UNet batch (2 under classifier-free guidance)."""
         return 2 if self.guided else 1
 
-    def batch_key(self) -> tuple:
+    def batch_key(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Jobs can share a UNet call only with equal latent and embedding shapes."""
         return (tuple(self.latents.shape[1:]), tuple(self.cond.shape[1:]))
 
@@ -86,7 +87,7 @@ def batched_step(unet: UNet2DConditionModel, jobs: Sequence[DenoiseJob]) -> None
     noise = unet(
         torch.cat(inputs), torch.cat(timesteps), encoder_hidden_states=torch.cat(embeds), return_dict=False
     )[0]
-    for job, job_noise in zip(jobs, noise.split([job.unet_rows for job in jobs])):
+    for job, job_noise in zip(jobs, noise.split([job.unet_rows for job in jobs]), strict=True):
         if job.guided:
             noise_uncond, noise_cond = job_noise.chunk(2)
             job_noise = noise_uncond + job.guidance_scale * (noise_cond - noise_uncond)

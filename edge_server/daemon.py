@@ -1,12 +1,14 @@
 """``rise-edge serve``: the edge daemon, a thin asyncio adapter around the pure parts.
 
 Per websocket connection a :class:`shared.protocol.ServerConnection` turns frames into
-events and queues the answers; one writer task per connection sends them in order. Each
-``generate`` becomes a task: the planner chooses the configuration, the
-:class:`~edge_server.engine.BatchingEngine` runs the large model's steps (batched with
-everyone else's, off the event loop), and the handoff goes back. SIGTERM stops taking new
-work, lets in-flight requests finish (or fails them cleanly after a grace period),
-closes every connection with ``shutting_down`` and saves the planner's state.
+events and queues the answers; one writer task per connection sends them in order. The
+events go to the :class:`~edge_server.service.RequestService`, which plans, applies
+defaults, submits to the :class:`~edge_server.engine.Engine` the server is given (by
+default a :class:`~edge_server.engine.BatchingEngine`, batching everyone's large-model
+steps off the event loop) and keeps the bookkeeping and metrics. Each ``generate`` becomes
+a task that awaits its outcome and sends the handoff (or the PNG, encoded here). SIGTERM
+stops taking new work, lets in-flight requests finish (or fails them cleanly after a grace
+period), closes every connection with ``shutting_down`` and saves the planner's state.
 """
 
 from __future__ import annotations
@@ -14,14 +16,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import itertools
 import logging
-import secrets
 import signal
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from websockets.asyncio.server import Server, serve
@@ -29,77 +28,90 @@ from websockets.asyncio.server import ServerConnection as WebSocket
 from websockets.exceptions import ConnectionClosed
 
 from edge_server.config import EdgeConfig, config_from_args
-from edge_server.engine import (
-    BatchingEngine,
-    EdgeRequest,
-    EngineBusy,
-    EngineClosed,
-    RequestCancelled,
-)
+from edge_server.engine import Engine
 from edge_server.family import Family, load_family
 from edge_server.metrics import EdgeMetrics
+from edge_server.png import encode_png
+from edge_server.service import RequestService, Session, make_engine, make_planner
 from shared.errors import ConfigError, RiseError
-from shared.planning import FixedPlanner, PlanContext, Planner
-from shared.protocol import Cancel, Generate, ProtocolLimits, Rating, Report, ServerConnection
+from shared.planning import Planner
+from shared.protocol import (
+    Cancel,
+    FrameRejected,
+    Generate,
+    ProtocolLimits,
+    Rating,
+    Report,
+    ServerConnection,
+    ServerEvent,
+)
+
+__all__ = ["EdgeConfig", "EdgeServer", "build_parser", "config_from_args", "encode_png", "main", "make_planner"]
 
 log = logging.getLogger("rise.edge")
 
 
-def make_planner(config: EdgeConfig) -> Planner:
-    """The scheduler the config names: the fixed policy, or a bandit/baseline over a measured profile."""
-    if config.scheduler == "fixed":
-        return FixedPlanner(config.steps, config.split_fraction, config.sampler, config.guidance)
-    if config.profile is None:
-        raise ConfigError(
-            f"--scheduler {config.scheduler} needs --profile PROFILE.json "
-            "(made by: python -m shared.bandit.profile --eval EVAL.json ... --out PROFILE.json)"
-        )
-    from shared.bandit.planner import BanditPlanner
-    from shared.bandit.profile import load_profile
-
-    return BanditPlanner.from_profile(
-        load_profile(config.profile), config.scheduler, config.bandit_state,
-        sampler=config.sampler, guidance_scale=config.guidance,
-        edge_capacity=max(1, config.max_batch_rows // 2), alpha=config.alpha,
-    )
-
-
 class _Client:
-    """One websocket connection: its protocol state, writer wake-up, and request tasks."""
+    """One websocket connection: its protocol state, writer wake-up, request tasks and service session."""
 
-    ids = itertools.count(1)
-
-    def __init__(self, ws: WebSocket, conn: ServerConnection) -> None:
-        self.id = next(self.ids)
+    def __init__(self, ws: WebSocket, conn: ServerConnection, session: Session) -> None:
         self.ws = ws
         self.conn = conn
+        self.session = session
         self.wake = asyncio.Event()
-        self.tasks: dict[str, asyncio.Task] = {}
-        self.delivered: dict[str, tuple[Any, Generate]] = {}  # request id -> (plan, request) awaiting a report
-
-    def key(self, request_id: str) -> str:
-        return f"{self.id}:{request_id}"
+        self.tasks: dict[str, asyncio.Task[None]] = {}
 
 
 class EdgeServer:
-    def __init__(self, family: Family | Callable[[], Family], config: EdgeConfig, *, planner: Planner | None = None,
+    """The websocket daemon around a :class:`RequestService` on the engine it is given.
+
+    The server owns the engine: :meth:`stop` closes it. :meth:`with_batching_engine` builds the
+    default engine from a family (or a loader, which then runs on the engine's thread).
+    """
+
+    def __init__(self, engine: Engine, config: EdgeConfig, *, planner: Planner | None = None,
                  metrics: EdgeMetrics | None = None) -> None:
-        """``family`` may be a loader: the engine's thread then loads it (see BatchingEngine), as ``rise-edge`` does."""
         self.config = config
-        self.metrics = metrics or EdgeMetrics()
-        self.planner: Planner = planner or make_planner(config)
-        self.limits = ProtocolLimits.from_dict({"allowed_sizes": (), **config.limits})
+        self.service = RequestService(engine, config, planner=planner, metrics=metrics)
         self.token = config.token()
-        self.engine = BatchingEngine(family, max_batch_rows=config.max_batch_rows, max_queue=config.max_queue,
-                                     batching=config.batching, on_batch=self._on_batch)
-        self.family = self.engine.family
-        self.default_size = self.family.default_latent_size * self.family.vae_scale_factor
-        # Read at scrape time: set only after a UNet call, they would go stale once the edge is idle.
-        self.metrics.queue_depth.set_function(lambda: self.engine.stats().queued)
-        self.metrics.active.set_function(lambda: self.engine.stats().active)
         self.clients: set[_Client] = set()
-        self.draining = False
         self._server: Server | None = None
+
+    @classmethod
+    def with_batching_engine(cls, family: Family | Callable[[], Family], config: EdgeConfig, *,
+                             planner: Planner | None = None, metrics: EdgeMetrics | None = None) -> EdgeServer:
+        """A server on a :class:`~edge_server.engine.BatchingEngine` configured by ``config``.
+
+        ``family`` may be a loader: the engine's thread then loads it (see BatchingEngine), as ``rise-edge`` does.
+        """
+        metrics = metrics or EdgeMetrics()
+        planner = planner or make_planner(config)  # a config error surfaces before any weights load
+        engine = make_engine(family, config, on_batch=metrics.observe_batch)
+        try:
+            return cls(engine, config, planner=planner, metrics=metrics)
+        except BaseException:
+            engine.close(drain=False, timeout=10.0)
+            raise
+
+    @property
+    def engine(self) -> Engine:
+        return self.service.engine
+
+    @property
+    def planner(self) -> Planner:
+        return self.service.planner
+
+    @property
+    def metrics(self) -> EdgeMetrics:
+        return self.service.metrics
+
+    @property
+    def limits(self) -> ProtocolLimits:
+        return self.service.limits
+
+    @property
+    def draining(self) -> bool:
+        return self.service.draining
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -115,17 +127,17 @@ class EdgeServer:
         port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self.config.port
         if self.config.metrics_port is not None:
             self.metrics.serve(self.config.metrics_port, self.config.host)
-        log.info("rise-edge serving family %s on %s:%s", self.family.family_id, self.config.host, port)
-        return port
+        log.info("rise-edge serving family %s on %s:%s", self.service.family_id, self.config.host, port)
+        return int(port)
 
     async def stop(self) -> None:
         """Graceful stop: no new work, in-flight requests finish (or fail after the grace), state saved."""
-        self.draining = True
+        self.service.draining = True
         tasks = [t for c in self.clients for t in c.tasks.values()]
         if tasks:
             log.info("draining %d in-flight requests (grace %.0f s)", len(tasks), self.config.shutdown_grace_s)
             await asyncio.wait(tasks, timeout=self.config.shutdown_grace_s)
-        await asyncio.to_thread(self.engine.close, drain=False, timeout=10.0)
+        await asyncio.to_thread(self.service.close, drain=False, timeout=10.0)
         for client in list(self.clients):
             client.conn.send_error(None, "shutting_down", "the edge server is shutting down")
             client.wake.set()
@@ -133,16 +145,15 @@ class EdgeServer:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
-        self.planner.save()
+        self.service.save()
         log.info("rise-edge stopped")
 
     # ------------------------------------------------------------------ connections
 
     async def _handle(self, ws: WebSocket) -> None:
-        conn = ServerConnection(family_id=self.family.family_id, token=self.token, limits=self.limits)
-        client = _Client(ws, conn)
+        conn = ServerConnection(family_id=self.service.family_id, token=self.token, limits=self.limits)
+        client = _Client(ws, conn, self.service.open_session())
         self.clients.add(client)
-        self.metrics.connections.inc()
         writer = asyncio.create_task(self._writer(client))
         try:
             async for frame in ws:
@@ -156,8 +167,7 @@ class EdgeServer:
         except ConnectionClosed:
             pass
         finally:
-            for request_id in conn.connection_closed():
-                self.engine.cancel(client.key(request_id))
+            self.service.close_session(client.session, conn.connection_closed())
             for task in client.tasks.values():
                 task.cancel()
             client.wake.set()
@@ -167,7 +177,6 @@ class EdgeServer:
             with contextlib.suppress(asyncio.CancelledError, TimeoutError, ConnectionClosed):
                 await asyncio.wait_for(writer, 5)
             self.clients.discard(client)
-            self.metrics.connections.dec()
 
     async def _writer(self, client: _Client) -> None:
         """The one task that sends a connection's frames, in the order they were queued."""
@@ -183,102 +192,61 @@ class EdgeServer:
         except ConnectionClosed:
             return
 
-    def _dispatch(self, client: _Client, event: Any) -> None:
+    def _dispatch(self, client: _Client, event: ServerEvent) -> None:
         if isinstance(event, Generate):
-            if self.draining:
-                client.conn.send_error(event.request_id, "shutting_down", "the edge server is shutting down")
-                self.metrics.errors.labels("shutting_down").inc()
+            refusal = self.service.refusal()
+            if refusal is not None:
+                client.conn.send_error(event.request_id, refusal.code, refusal.message)
                 return
+            rid = event.request_id
             task = asyncio.create_task(self._serve_request(client, event))
-            client.tasks[event.request_id] = task
-            task.add_done_callback(lambda _t, rid=event.request_id: client.tasks.pop(rid, None))
+            client.tasks[rid] = task
+            task.add_done_callback(lambda _task: client.tasks.pop(rid, None))
         elif isinstance(event, Cancel):
-            self.engine.cancel(client.key(event.request_id))
+            self.service.cancel(client.session, event.request_id)
         elif isinstance(event, Report):
-            self.metrics.reports.inc()
-            if event.rating is not None:
-                self.metrics.ratings.labels(str(event.rating)).inc()
-            for stage, value in (("device", event.device_compute_s), ("transfer", event.transfer_s),
-                                 ("total", event.total_latency_s)):
-                self.metrics.stage_seconds.labels(stage).observe(value)
-            delivered = client.delivered.pop(event.request_id, None)
-            if delivered is not None:
-                plan, request = delivered
-                self.planner.feedback(plan, request, event)
+            self.service.report(client.session, event)
         elif isinstance(event, Rating):
-            # A rating after the report is counted, not learned from: the scheduler's update for that
-            # request already happened with the report (ratings inside a report do feed it).
-            self.metrics.ratings.labels(str(event.rating)).inc()
-        elif hasattr(event, "error"):  # FrameRejected: its Error is already queued
-            self.metrics.errors.labels(event.error.code).inc()
+            self.service.rating(event.rating)
+        elif isinstance(event, FrameRejected):  # its Error is already queued
+            self.service.rejected(event.error.code)
 
     # ------------------------------------------------------------------ one request
 
     async def _serve_request(self, client: _Client, request: Generate) -> None:
-        rid, conn = request.request_id, client.conn
+        rid, conn, session = request.request_id, client.conn, client.session
         loop = asyncio.get_running_loop()
-        started = time.perf_counter()
-
-        def error(code: str, message: str, **kw: Any) -> None:
-            conn.send_error(rid, code, message, **kw)
-            self.metrics.errors.labels(code).inc()
-
         try:
-            stats = self.engine.stats()
             hello = conn.hello
-            context = PlanContext(stats.queued, stats.active, request.device_load, request.rtt_s, request.bandwidth_bps,
-                                  hello.device_step_s if hello is not None else None)
-            plan, why = self.planner.choose(request, context)
-            seed = request.seed if request.seed is not None else secrets.randbelow(2**63)
-            height = request.height or self.default_size
-            width = request.width or self.default_size
-            conn.send_plan(rid, plan, seed=seed, height=height, width=width, scheduler=self.planner.name, why=why)
+            ticket = self.service.plan(session, request, device_step_s=hello.device_step_s if hello else None)
+            conn.send_plan(rid, ticket.plan, seed=ticket.seed, height=ticket.height, width=ticket.width,
+                           scheduler=ticket.scheduler, why=ticket.why)
             client.wake.set()
 
-            def on_progress(step: int, total: int) -> None:  # worker thread -> event loop
+            def on_progress(step: int, total: int) -> None:  # engine thread -> event loop
                 loop.call_soon_threadsafe(self._progress, client, rid, step, total)
 
-            future = self.engine.submit(EdgeRequest(client.key(rid), rid, request.prompt, plan, seed,
-                                                    height, width, on_progress))
+            future = self.service.submit(ticket, on_progress)
             outcome = await asyncio.wait_for(asyncio.wrap_future(future), self.config.request_timeout_s)
-            if outcome.kind == "png":
-                conn.send_result(rid, outcome.payload, edge_compute_s=outcome.edge_compute_s, queue_s=outcome.queue_s)
+            if outcome.image is not None:
+                conn.send_result(rid, encode_png(outcome.image), edge_compute_s=outcome.edge_compute_s,
+                                 queue_s=outcome.queue_s)
             else:
-                conn.send_handoff(rid, outcome.payload, edge_compute_s=outcome.edge_compute_s, queue_s=outcome.queue_s)
-            client.delivered[rid] = (plan, request)
-            while len(client.delivered) > 256:  # devices that never report are forgotten
-                client.delivered.pop(next(iter(client.delivered)))
-            self.metrics.requests.labels(plan.num_inference_steps, plan.split, plan.sampler, plan.decode_on).inc()
-            self.metrics.stage_seconds.labels("queue").observe(outcome.queue_s)
-            self.metrics.stage_seconds.labels("edge").observe(outcome.edge_compute_s)
-            self.metrics.stage_seconds.labels("edge_total").observe(time.perf_counter() - started)
-        except EngineBusy as exc:
-            error("busy", str(exc), retry_after_s=exc.retry_after_s)
-        except EngineClosed as exc:
-            error("shutting_down", str(exc))
-        except RequestCancelled as exc:
-            error("cancelled", str(exc))
-        except TimeoutError:
-            self.engine.cancel(client.key(rid))
-            error("internal", f"the edge did not finish within {self.config.request_timeout_s:.0f} s")
-        except RiseError as exc:  # a request the edge cannot serve as asked (size, steps, config)
-            error("invalid_request", str(exc))
+                assert outcome.handoff is not None
+                conn.send_handoff(rid, outcome.handoff, edge_compute_s=outcome.edge_compute_s, queue_s=outcome.queue_s)
+            self.service.delivered(session, ticket, outcome)
         except asyncio.CancelledError:
-            self.engine.cancel(client.key(rid))
+            self.service.cancel(session, rid)
             raise
-        except Exception:
-            log.exception("request %s failed", rid)
-            error("internal", "internal error on the edge (logged)")
+        except Exception as exc:
+            failure = self.service.failed(session, rid, exc)
+            conn.send_error(rid, failure.code, failure.message, retry_after_s=failure.retry_after_s)
         finally:
             client.wake.set()
 
     def _progress(self, client: _Client, rid: str, step: int, total: int) -> None:
         client.conn.send_progress(rid, step, total, stage="edge")
         client.wake.set()
-
-    def _on_batch(self, requests: int, rows: int) -> None:  # worker thread; prometheus is thread-safe
-        self.metrics.batch_requests.observe(requests)
-        self.metrics.batch_rows.observe(rows)
 
 
 # ---------------------------------------------------------------------- command line
@@ -339,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--threads must be >= 1, got {config.threads}")
             torch.set_num_threads(config.threads)
         # Loaded on the engine's thread, so all of the edge's torch work shares one OpenMP pool.
-        server = EdgeServer(lambda: load_family(args.family, args.small), config)
+        server = EdgeServer.with_batching_engine(lambda: load_family(args.family, args.small), config)
         log.info("config: %s", config.described())
         asyncio.run(_serve_until_signalled(server))
     except RiseError as exc:

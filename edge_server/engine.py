@@ -1,29 +1,33 @@
-"""The edge's serving engine: a bounded queue and one worker thread doing step-level batching.
+"""The edge's serving engine: the :class:`Engine` interface and its one-process implementation.
 
-The asyncio daemon talks to it through a small interface (``submit`` returning a
-``concurrent.futures.Future``, ``cancel``, ``stats``, ``close``), in the spirit of LitServe:
-another engine (a Ray Serve deployment, a multi-GPU pool) is a swap, not a rewrite.
+The request service (``edge_server.service``) is given an :class:`Engine` and talks to it only
+through ``submit`` (returning a ``concurrent.futures.Future``), ``cancel``, ``stats`` and
+``close``, in the spirit of LitServe and vLLM: another engine (a Ray Serve deployment, a
+multi-GPU pool) is a swap, not a rewrite. An engine hands back the encoded handoff or, for
+``decode_on="edge"`` plans, the decoded uint8 image; turning that into PNG bytes is the API
+layer's job.
 
-The worker loop: admit queued requests (text encoding + initial noise), pick the oldest
-jobs that fit one UNet call (``edge_server.batching.pick_batch``), advance them one step,
-and hand back every job that reached its split as an encoded handoff (or, for
-``decode_on="edge"`` plans, a PNG). ``batching=False`` runs one request at a time, the
-baseline the benchmark compares against.
+:class:`BatchingEngine` is a bounded queue and one worker thread doing step-level batching:
+admit queued requests (text encoding + initial noise), pick the oldest jobs that fit one UNet
+call (``edge_server.batching.pick_batch``), advance them one step, and hand back every job that
+reached its split. ``batching=False`` runs one request at a time, the baseline the benchmark
+compares against.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
+import numpy as np
 import torch
-from PIL import Image
+from numpy.typing import NDArray
 
 from edge_server.batching import DenoiseJob, batched_step, pick_batch
 from edge_server.family import Family
@@ -34,7 +38,8 @@ from shared.relay_plan import RelayPlan
 
 log = logging.getLogger("rise.engine")
 
-ProgressCallback = Callable[[int, int], None]  # (steps done, split); called on the worker thread
+ProgressCallback = Callable[[int, int], None]  # (steps done, split); called on the engine's thread
+BatchCallback = Callable[[int, int], None]  # (requests, rows) per UNet call; called on the engine's thread
 
 
 class EngineBusy(RiseError):
@@ -55,7 +60,7 @@ class RequestCancelled(RiseError):
 
 @dataclass
 class EdgeRequest:
-    key: str  # unique in the engine (the daemon prefixes the client's id with its connection)
+    key: str  # unique in the engine (the service prefixes the client's id with its connection)
     request_id: str  # the client's id, carried in the handoff
     prompt: str
     plan: RelayPlan
@@ -65,35 +70,68 @@ class EdgeRequest:
     on_progress: ProgressCallback | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class EdgeOutcome:
-    payload: bytes  # handoff (safetensors) or PNG (decode_on="edge")
-    kind: str  # "handoff" | "png"
+    """What the engine hands back for one request: the handoff, or the image it decoded itself."""
+
+    kind: Literal["handoff", "image"]
     queue_s: float  # submit -> admitted
-    edge_compute_s: float  # admitted -> payload ready (shared with co-batched requests)
+    edge_compute_s: float  # admitted -> outcome ready (shared with co-batched requests)
+    handoff: bytes | None = None  # kind "handoff": the encoded handoff (shared.handoff, safetensors)
+    image: NDArray[np.uint8] | None = None  # kind "image" (decode_on="edge"): (H, W, 3) uint8
 
 
-@dataclass
+@dataclass(frozen=True)
 class EngineStats:
+    """A snapshot of an engine's counters, taken under its lock: later work never changes it."""
+
     queued: int
     active: int
     unet_calls: int
     rows_total: int
     completed: int
-    batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=256))
+    batch_sizes: tuple[int, ...] = ()  # requests per UNet call, the most recent last (bounded)
+
+
+class Engine(Protocol):
+    """What the request service needs from an engine; ``BatchingEngine`` is the one-process one.
+
+    ``submit`` raises :class:`EngineBusy` (with a retry-after) when full and :class:`EngineClosed`
+    once closing; its future fails with :class:`RequestCancelled` after ``cancel``, with
+    :class:`EngineClosed` if the engine shuts down first, or with the request's own error
+    (a :class:`~shared.errors.RiseError` for a request the edge cannot serve as asked).
+    """
+
+    @property
+    def family_id(self) -> str:
+        """The family the engine serves (the protocol's hello checks it)."""
+        ...
+
+    @property
+    def default_size(self) -> int:
+        """Image side in pixels when a request names none (the UNet's sample size)."""
+        ...
+
+    def submit(self, request: EdgeRequest) -> Future[EdgeOutcome]: ...
+
+    def cancel(self, key: str) -> None: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def close(self, *, drain: bool = True, timeout: float = 30.0) -> None: ...
 
 
 @dataclass
 class _Entry:
     request: EdgeRequest
-    future: Future
+    future: Future[EdgeOutcome]
     submitted: float
     job: DenoiseJob | None = None
     admitted: float = 0.0
 
 
 class BatchingEngine:
-    """Large-model steps for many requests, batched per step, on one worker thread.
+    """Large-model steps for many requests, batched per step, on one worker thread (an :class:`Engine`).
 
     ``family`` may be a loader (``lambda: load_family(folder)``): the worker thread then loads it
     before it serves, and the constructor waits for that (re-raising the loader's error), so every
@@ -104,7 +142,7 @@ class BatchingEngine:
     """
 
     def __init__(self, family: Family | Callable[[], Family], *, max_batch_rows: int = 16, max_queue: int = 64,
-                 batching: bool = True, on_batch: Callable[[int, int], None] | None = None) -> None:
+                 batching: bool = True, on_batch: BatchCallback | None = None) -> None:
         if max_batch_rows < 1 or max_queue < 1:
             raise ValueError("max_batch_rows and max_queue must be >= 1")
         self.max_batch_rows = max_batch_rows
@@ -116,21 +154,22 @@ class BatchingEngine:
         self._active: list[_Entry] = []
         self._cancelled: dict[str, RiseError] = {}  # key -> the error its future fails with
         self._closing = False
-        self._stats = EngineStats(0, 0, 0, 0, 0)
+        self._unet_calls = self._rows_total = self._completed = 0  # guarded by _lock, copied by stats()
+        self._batch_sizes: deque[int] = deque(maxlen=256)
         self._edge_s_ewma = 0.5  # seconds per request, for retry-after estimates
         ready: Future[Family] = Future()
+        loader = None if isinstance(family, Family) else family
         if isinstance(family, Family):
             ready.set_result(family)
 
         def run() -> None:
-            if not ready.done():  # a loader: load here, on the thread that will run the model
+            if loader is not None:  # load here, on the thread that will run the model
                 try:
-                    ready.set_result(family())
+                    ready.set_result(loader())
                 except BaseException as exc:
                     ready.set_exception(exc)
                     return
-            self.family = ready.result()
-            self._run()
+            self._run(ready.result())
 
         self._thread = threading.Thread(target=run, name="rise-engine", daemon=True)
         self._thread.start()
@@ -138,7 +177,15 @@ class BatchingEngine:
 
     # ------------------------------------------------------------------ interface
 
-    def submit(self, request: EdgeRequest) -> Future:
+    @property
+    def family_id(self) -> str:
+        return self.family.family_id
+
+    @property
+    def default_size(self) -> int:
+        return self.family.default_latent_size * self.family.vae_scale_factor
+
+    def submit(self, request: EdgeRequest) -> Future[EdgeOutcome]:
         """Queue a request; its future resolves to an EdgeOutcome. Raises EngineBusy when full."""
         with self._lock:
             if self._closing:
@@ -148,7 +195,7 @@ class BatchingEngine:
                 per_round = max(1, self.max_batch_rows // 2) if self.batching else 1
                 retry = max(0.1, self._edge_s_ewma * (waiting - self.max_queue + 1) / per_round)
                 raise EngineBusy(f"edge queue is full ({waiting} requests)", round(retry, 2))
-            entry = _Entry(request, Future(), time.perf_counter())
+            entry = _Entry(request, Future[EdgeOutcome](), time.perf_counter())
             self._queued.append(entry)
             self._lock.notify()
             return entry.future
@@ -160,9 +207,10 @@ class BatchingEngine:
             self._lock.notify()
 
     def stats(self) -> EngineStats:
+        """A snapshot (copied under the lock), safe to keep and read from any thread."""
         with self._lock:
-            self._stats.queued, self._stats.active = len(self._queued), len(self._active)
-            return self._stats
+            return EngineStats(len(self._queued), len(self._active), self._unet_calls, self._rows_total,
+                               self._completed, tuple(self._batch_sizes))
 
     def close(self, *, drain: bool = True, timeout: float = 30.0) -> None:
         """Stop taking work; finish what is queued and running (drain) or fail it; join the worker."""
@@ -182,7 +230,8 @@ class BatchingEngine:
 
     # ------------------------------------------------------------------ worker
 
-    def _run(self) -> None:
+    def _run(self, family: Family) -> None:
+        self.family = family  # the constructor set it too (from the same future); this is the worker's copy
         torch.set_grad_enabled(False)
         while True:
             with self._lock:
@@ -193,7 +242,7 @@ class BatchingEngine:
                 if self._closing and not self._queued and not self._active:
                     return
                 capacity = self.max_batch_rows if self.batching else 1
-                to_admit = []
+                to_admit: list[_Entry] = []
                 while self._queued and len(self._active) + len(to_admit) < capacity:
                     to_admit.append(self._queued.popleft())
                 self._active.extend(to_admit)
@@ -223,7 +272,7 @@ class BatchingEngine:
     def _advance(self) -> None:
         with self._lock:
             ready = [e for e in self._active if e.job is not None]
-        jobs = [e.job for e in ready]
+        jobs = [e.job for e in ready if e.job is not None]
         batch = pick_batch(jobs, self.max_batch_rows if self.batching else 1)
         if batch:
             try:
@@ -236,9 +285,9 @@ class BatchingEngine:
                 return
             rows = sum(job.unet_rows for job in batch)
             with self._lock:
-                self._stats.unet_calls += 1
-                self._stats.rows_total += rows
-                self._stats.batch_sizes.append(len(batch))
+                self._unet_calls += 1
+                self._rows_total += rows
+                self._batch_sizes.append(len(batch))
             if self._on_batch is not None:
                 self._on_batch(len(batch), rows)
             for entry in ready:
@@ -249,25 +298,26 @@ class BatchingEngine:
                 self._finish(entry)
 
     def _finish(self, entry: _Entry) -> None:
-        r = entry.request
+        r, job = entry.request, entry.job
+        assert job is not None
+        handoff: bytes | None = None
+        image: NDArray[np.uint8] | None = None
         try:
             if r.plan.decode_on == "edge":
-                image = decode_latents(self.family, entry.job.latents)[0]
-                buffer = io.BytesIO()
-                Image.fromarray(image).save(buffer, format="PNG")
-                payload, kind = buffer.getvalue(), "png"
+                image = decode_latents(self.family, job.latents)[0]
             else:
-                payload, kind = encode_handoff(entry.job.to_handoff(self.family.family_id, r.plan, r.seed)), "handoff"
+                handoff = encode_handoff(job.to_handoff(self.family.family_id, r.plan, r.seed))
         except Exception as exc:
             self._fail(entry, exc)
             return
-        now = time.perf_counter()
-        edge_s = now - entry.admitted
+        edge_s = time.perf_counter() - entry.admitted
         with self._lock:
             self._active.remove(entry)
-            self._stats.completed += 1
+            self._completed += 1
             self._edge_s_ewma = 0.8 * self._edge_s_ewma + 0.2 * edge_s
-        entry.future.set_result(EdgeOutcome(payload, kind, entry.admitted - entry.submitted, edge_s))
+        queue_s = entry.admitted - entry.submitted
+        entry.future.set_result(EdgeOutcome("image" if image is not None else "handoff", queue_s, edge_s,
+                                            handoff=handoff, image=image))
 
     def _fail(self, entry: _Entry, exc: BaseException) -> None:
         with self._lock:

@@ -27,6 +27,11 @@ class EdgeMetrics:
         self.ratings = Counter("rise_edge_ratings", "User ratings received (in reports or later)", ["rating"],
                                registry=r)
 
+    def observe_batch(self, requests: int, rows: int) -> None:
+        """One UNet call of ``requests`` requests and ``rows`` rows (an engine's ``on_batch``; thread-safe)."""
+        self.batch_requests.observe(requests)
+        self.batch_rows.observe(rows)
+
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         """Expose /metrics over HTTP on a background thread."""
         start_http_server(port, addr=host, registry=self.registry)

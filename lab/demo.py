@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from device_app.client import GenerationResult
+from device_app.results import GenerationResult
 from device_app.runtime import DeviceBundle
 from edge_server.family import is_family_folder, load_family
 from lab.loopback import generate_over_loopback

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from device_app.relay import finish_latents
+from device_app.finish import finish_handoff
 from device_app.runtime import DeviceBundle
 from edge_server.family import Family, load_family
 from edge_server.relay import EdgeRelay
@@ -28,6 +28,12 @@ from shared.samplers import SAMPLER_NAMES
 
 @dataclass
 class RelayResult:
+    """One request relayed in one process: the image, the final latent, the handoff's size, each stage's time.
+
+    ``timings`` (seconds) has ``edge_s``, ``handoff_encode_s``, ``handoff_decode_s``,
+    ``device_s`` (the small model's steps), ``decode_s`` (the VAE) and ``total_s``.
+    """
+
     image: np.ndarray  # uint8 (H, W, 3)
     latents: np.ndarray  # final latent (1, C, h, w) float32
     handoff_bytes: int
@@ -50,13 +56,13 @@ def relay_once(family: Family, bundle: DeviceBundle, prompt: str, plan: RelayPla
     payload = encode_handoff(handoff)
     t = lap("handoff_encode_s", t)
     received = decode_handoff(payload, expected_family=bundle.family_id)
-    t = lap("handoff_decode_s", t)
-    latents = finish_latents(bundle, received)
-    t = lap("device_s", t)
-    image = bundle.decode(latents)[0]
-    lap("decode_s", t)
+    lap("handoff_decode_s", t)
+    finished = finish_handoff(bundle, received)
+    assert finished.image is not None  # decoded: finish_handoff's default
+    timings["device_s"] = finished.steps_s
+    timings["decode_s"] = finished.decode_s
     timings["total_s"] = time.perf_counter() - t0
-    return RelayResult(image=image, latents=latents, handoff_bytes=len(payload), timings=timings)
+    return RelayResult(image=finished.image, latents=finished.latents, handoff_bytes=len(payload), timings=timings)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(PyTorch) for the first K of N steps, small model on ONNX Runtime for the rest.",
     )
     parser.add_argument("--family", required=True, help="family folder (the large model's pipeline folder)")
-    parser.add_argument("--small", default=None, help="small denoiser: subfolder of the family (default unet_small) or a path")
+    parser.add_argument("--small", default=None,
+                        help="small denoiser: subfolder of the family (default unet_small) or a path")
     parser.add_argument("--bundle", required=True, help="device bundle made by rise-export from the same family")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--steps", type=int, default=20, help="total denoising steps N (default 20)")
@@ -103,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rise-relay: error: {exc}", file=sys.stderr)
         return 2
     print(f"family {family.family_id}: loaded in {t1 - t0:.2f} s; bundle verified and loaded in {t2 - t1:.2f} s")
-    print(f"plan: N={plan.num_inference_steps} K={plan.split} sampler={plan.sampler} guidance={plan.guidance_scale} seed={args.seed}")
+    print(f"plan: N={plan.num_inference_steps} K={plan.split} sampler={plan.sampler} "
+          f"guidance={plan.guidance_scale} seed={args.seed}")
     labels = {
         "edge_s": f"edge: text encoding + {plan.edge_steps} large-model steps (PyTorch)",
         "handoff_encode_s": "handoff encode",

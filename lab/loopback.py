@@ -14,7 +14,8 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from device_app.client import EdgeClient, GenerationResult
+from device_app.client import EdgeClient
+from device_app.results import GenerationResult
 from device_app.runtime import DeviceBundle
 from edge_server.daemon import EdgeConfig, EdgeServer
 from edge_server.family import Family
@@ -29,7 +30,8 @@ async def _generate(family: Family, bundle: DeviceBundle, prompts: Sequence[str]
     with tempfile.TemporaryDirectory() as tmp:
         token_file = Path(tmp) / "token"
         token_file.write_text(token)
-        server = EdgeServer(family, EdgeConfig(host="127.0.0.1", port=0, token_file=str(token_file)))
+        config = EdgeConfig(host="127.0.0.1", port=0, token_file=str(token_file))
+        server = EdgeServer.with_batching_engine(family, config)
     port = await server.start()
     results: list[GenerationResult] = []
     try:

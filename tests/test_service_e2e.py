@@ -22,7 +22,7 @@ def test_eight_device_clients_against_the_batching_daemon(tiny_family, fp32_bund
     (tmp_path / "token").write_text(token)
 
     async def main():
-        server = EdgeServer(tiny_family, EdgeConfig(port=0, token_file=str(tmp_path / "token")))
+        server = EdgeServer.with_batching_engine(tiny_family, EdgeConfig(port=0, token_file=str(tmp_path / "token")))
         port = await server.start()
         try:
             async def one(i: int):

@@ -197,8 +197,9 @@ class RiseApp(App):
         self._save_preference()  # debounced: one write when the slider stops
 
     def _persist_preference(self, _dt: float) -> None:
-        if self._pending_preference is not None and abs(self._pending_preference - self.controller.settings.preference) > 1e-6:
-            self.controller.set_preference(self._pending_preference)
+        pending = self._pending_preference
+        if pending is not None and abs(pending - self.controller.settings.preference) > 1e-6:
+            self.controller.set_preference(pending)
         self._pending_preference = None
 
     def save_settings(self, server_url: str, token: str, save_dir: str) -> None:

@@ -28,8 +28,10 @@ from typing import Protocol
 
 import numpy as np
 
-from device_app.app.offline import generate_offline, offline_plan
-from device_app.client import CONNECT_FAILED, EdgeClient, EdgeConnectionError, EdgeTimeout, GenerationResult
+from device_app.app.offline import OFFLINE_WHY, generate_offline, offline_plan
+from device_app.client import EdgeClient
+from device_app.errors import CONNECT_FAILED, EdgeConnectionError, EdgeTimeout
+from device_app.results import GenerationResult
 from device_app.runtime import DeviceBundle
 from device_app.telemetry import LinkSnapshot
 from shared.errors import ConfigError
@@ -66,8 +68,9 @@ class Outcome:
     """A finished image and what was chosen for it.
 
     ``edge_s`` is the edge's compute (its own figure, or the wait for the handoff when
-    it did not say; ``None`` offline); ``device_s`` the device's steps plus decode;
-    ``total_s`` prompt sent -> image ready. ``offline``: made on the device alone.
+    it did not say; ``None`` offline); ``device_s`` the device's steps plus decode (and,
+    offline, the text encoding); ``total_s`` prompt sent -> image ready. ``offline``: made
+    on the device alone.
     """
 
     request_id: str
@@ -83,12 +86,16 @@ class Outcome:
 
     @classmethod
     def from_result(cls, result: GenerationResult) -> Outcome:
+        """The outcome of a relayed or a device-only (``result.offline``) generation."""
         t = result.timings
+        if result.offline:
+            edge_s = None
+        else:
+            edge_s = t.edge_compute_s if t.edge_compute_s is not None else t.edge_wait_s
         return cls(
             request_id=result.request_id, image=result.image, plan=result.plan.plan, seed=result.plan.seed,
-            scheduler=result.plan.scheduler, why=result.plan.why,
-            edge_s=t.edge_compute_s if t.edge_compute_s is not None else t.edge_wait_s,
-            device_s=t.device_compute_s + t.decode_s, total_s=t.total_latency_s, offline=False,
+            scheduler=result.plan.scheduler, why=result.plan.why, edge_s=edge_s, device_s=t.device_s,
+            total_s=t.total_latency_s, offline=result.offline,
         )
 
 
@@ -262,7 +269,7 @@ class OfflineBackend:
         try:
             plan = offline_plan(job.preference, min_steps=job.offline_min_steps, max_steps=job.offline_max_steps)
             seed = job.seed if job.seed is not None else secrets.randbits(63)
-            sink.plan(plan, "the edge is unreachable: every step on this device")
+            sink.plan(plan, OFFLINE_WHY)
             rid = f"offline-{next(self._ids)}"
             bundle = self.bundles.get()
             result = generate_offline(bundle, job.prompt, plan, seed, request_id=rid,
@@ -270,9 +277,4 @@ class OfflineBackend:
         except Exception as exc:
             sink.failed(exc)
             return
-        sink.done(Outcome(
-            request_id=rid, image=result.image, plan=plan, seed=seed, scheduler="offline",
-            why="the edge is unreachable: every step on this device", edge_s=None,
-            device_s=result.device_compute_s + result.decode_s + result.encode_s, total_s=result.total_s,
-            offline=True,
-        ))
+        sink.done(Outcome.from_result(result))

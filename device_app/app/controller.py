@@ -24,7 +24,7 @@ import numpy as np
 
 from device_app.app.backends import Backend, Job, LinkStatus, Outcome
 from device_app.app.settings import Settings, SettingsStore
-from device_app.client import CONNECT_FAILED, CONNECTION_LOST, EdgeConnectionError
+from device_app.errors import CONNECT_FAILED, CONNECTION_LOST, EdgeConnectionError
 from device_app.telemetry import DeviceLoad
 from shared.errors import ConfigError, RiseError
 from shared.relay_plan import RelayPlan
@@ -341,7 +341,8 @@ class Controller:
             done = min(max(step - self.plan.split, 0), self.plan.device_steps)
             self.edge_progress = (self.plan.edge_steps, self.plan.edge_steps)
             self.device_progress = (done, self.plan.device_steps)
-            self.status = ("Offline: device" if self.offline else "Device") + f" step {done} of {self.plan.device_steps}"
+            where = "Offline: device" if self.offline else "Device"
+            self.status = f"{where} step {done} of {self.plan.device_steps}"
         self._changed()
 
     def _on_done(self, job: Job, outcome: Outcome) -> None:

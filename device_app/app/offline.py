@@ -1,9 +1,10 @@
 """Device-only generation: what the app does when the edge cannot be reached.
 
 The device encodes the prompt with the bundle's text encoder, draws the initial noise in
-numpy and runs every step with the small model. It reuses the relay's device loop
-(:func:`device_app.relay.finish_latents`) by building a ``k = 0`` handoff locally, so
-there is one denoising loop on the device, not two.
+numpy and runs every step with the small model. It builds a ``k = 0`` handoff locally and
+finishes it with :func:`device_app.finish.finish_handoff`, as the relay does, so there is
+one way to finish on the device, not two; the answer is the same
+:class:`~device_app.results.GenerationResult` a relayed generation gets (``offline=True``).
 
 Seeds: the initial noise comes from ``np.random.default_rng(seed)``, so an offline image
 is reproducible on the device but is not the image the edge would make for that seed
@@ -13,21 +14,23 @@ is reproducible on the device but is not the image the edge would make for that 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from device_app.relay import finish_latents
+from device_app.finish import StepCallback, finish_handoff
+from device_app.results import GenerationResult, Timings
 from device_app.runtime import DeviceBundle
 from shared.errors import ConfigError
 from shared.handoff import Handoff
+from shared.protocol import Plan
 from shared.relay_plan import RelayPlan
 from shared.samplers import make_sampler
 
-__all__ = ["OfflineResult", "device_only_handoff", "generate_offline", "offline_plan"]
+__all__ = ["OFFLINE_SCHEDULER", "OFFLINE_WHY", "device_only_handoff", "generate_offline", "offline_plan"]
 
-StepCallback = Callable[[int, int], None]  # (steps done, total steps)
+#: Who chose a device-only configuration, and why (the ``Plan`` of an offline result says so).
+OFFLINE_SCHEDULER = "offline"
+OFFLINE_WHY = "the edge is unreachable: every step on this device"
 
 
 def offline_plan(preference: float, *, min_steps: int = 8, max_steps: int = 25, sampler: str = "dpmpp_2m",
@@ -77,33 +80,29 @@ def device_only_handoff(bundle: DeviceBundle, prompt: str, plan: RelayPlan, seed
     return handoff
 
 
-@dataclass(frozen=True, eq=False)  # eq=False: numpy arrays have no truth value
-class OfflineResult:
-    """One device-only image (uint8 (H, W, 3)) and where its time went, in seconds."""
-
-    image: np.ndarray = field(repr=False)
-    latents: np.ndarray = field(repr=False)
-    plan: RelayPlan
-    seed: int
-    encode_s: float
-    device_compute_s: float
-    decode_s: float
-
-    @property
-    def total_s(self) -> float:
-        return self.encode_s + self.device_compute_s + self.decode_s
-
-
 def generate_offline(bundle: DeviceBundle, prompt: str, plan: RelayPlan, seed: int, *,
-                     on_step: StepCallback | None = None, request_id: str = "") -> OfflineResult:
-    """Generate ``prompt`` on the device alone (blocking: call it from a worker thread)."""
+                     on_step: StepCallback | None = None, request_id: str = "offline") -> GenerationResult:
+    """Generate ``prompt`` on the device alone (blocking: call it from a worker thread).
+
+    The result's timings: ``text_encode_s`` (prompt encoding and initial noise),
+    ``device_compute_s`` (every step), ``decode_s``; ``total_latency_s`` is their sum.
+    """
     started = time.perf_counter()
     handoff = device_only_handoff(bundle, prompt, plan, seed, request_id=request_id)
-    encoded = time.perf_counter()
-    latents = finish_latents(bundle, handoff, on_step)
-    stepped = time.perf_counter()
-    image = bundle.decode(latents)[0]
-    return OfflineResult(
-        image=image, latents=latents, plan=plan, seed=seed, encode_s=encoded - started,
-        device_compute_s=stepped - encoded, decode_s=time.perf_counter() - stepped,
+    encode_s = time.perf_counter() - started
+    finished = finish_handoff(bundle, handoff, on_step=on_step)
+    assert finished.image is not None  # decoded: finish_handoff's default
+    factor = bundle.manifest.vae_scale_factor
+    announced = Plan(
+        request_id=request_id, plan=plan, seed=seed, height=handoff.latents.shape[2] * factor,
+        width=handoff.latents.shape[3] * factor, scheduler=OFFLINE_SCHEDULER, why=OFFLINE_WHY,
+    )
+    timings = Timings(
+        total_latency_s=encode_s + finished.steps_s + finished.decode_s, plan_s=None, edge_wait_s=0.0,
+        transfer_s=0.0, handoff_decode_s=0.0, device_compute_s=finished.steps_s, decode_s=finished.decode_s,
+        text_encode_s=encode_s,
+    )
+    return GenerationResult(
+        request_id=request_id, image=finished.image, latents=finished.latents, plan=announced, timings=timings,
+        payload_bytes=0, offline=True,
     )

@@ -188,9 +188,9 @@ def time_torch(family: Family, prompts: Sequence[str], steps: int, k: int, *, sa
 def generate_bundle(family: Family, bundle: Any, prompts: Sequence[str], steps: int, k: int, *,
                     sampler: str, guidance: float, seed: int, clock: str = "cpu") -> Generated:
     """All prompts through the two-sided relay, device half on ONNX Runtime: the calls of
-    :func:`~lab.local_relay.relay_once` (edge steps, handoff to bytes and back, device
-    steps, decode), timed with ``clock``."""
-    from device_app.relay import finish_latents
+    :func:`~lab.local_relay.relay_once` (edge steps, handoff to bytes and back, then
+    :func:`device_app.finish.finish_handoff`: device steps and decode), timed with ``clock``."""
+    from device_app.finish import finish_handoff
     from edge_server.relay import EdgeRelay
     from shared.handoff import decode_handoff, encode_handoff
 
@@ -205,9 +205,10 @@ def generate_bundle(family: Family, bundle: Any, prompts: Sequence[str], steps: 
         payload = encode_handoff(handoff)
         received = decode_handoff(payload, expected_family=bundle.family_id)
         t2 = now()
-        images.append(bundle.decode(finish_latents(bundle, received))[0])
-        t3 = now()
-        timings.append({"edge_s": t1 - t0, "device_s": t3 - t2, "handoff_s": t2 - t1, "handoff_bytes": len(payload)})
+        finished = finish_handoff(bundle, received, clock=now)
+        images.append(finished.image)
+        device_s = finished.steps_s + finished.decode_s
+        timings.append({"edge_s": t1 - t0, "device_s": device_s, "handoff_s": t2 - t1, "handoff_bytes": len(payload)})
     return Generated(np.stack(images), None, timings)
 
 

@@ -94,7 +94,7 @@ def test_missing_wrong_and_empty_tokens_are_refused(tiny_family, device_bundle, 
         EdgeConfig(token_file=str(tmp_path / "empty")).token()
 
     async def main():
-        server = EdgeServer(tiny_family, EdgeConfig(port=0, token_file=str(token_file)))
+        server = EdgeServer.with_batching_engine(tiny_family, EdgeConfig(port=0, token_file=str(token_file)))
         port = await server.start()
         url = f"ws://127.0.0.1:{port}"
         try:
@@ -136,7 +136,7 @@ def test_limits_answer_specific_codes_and_others_keep_being_served(tiny_family, 
     long = {"num_inference_steps": 100, "split": 100, "sampler": "ddim", "guidance_scale": 5.0, "decode_on": "device"}
 
     async def main():
-        server = EdgeServer(tiny_family, config)
+        server = EdgeServer.with_batching_engine(tiny_family, config)
         port = await server.start()
         url = f"ws://127.0.0.1:{port}"
         try:

@@ -27,8 +27,8 @@ from device_app.app.backends import BundleHolder, Job, LinkStatus, NetworkBacken
 from device_app.app.controller import NO_SERVER, OFFLINE_NOTE, UNREACHABLE, Controller, is_unreachable
 from device_app.app.offline import device_only_handoff, generate_offline, offline_plan
 from device_app.app.settings import Settings, SettingsStore
-from device_app.client import EdgeConnectionError, EdgeError
-from device_app.relay import finish_latents
+from device_app.errors import EdgeConnectionError, EdgeError
+from device_app.finish import finish_latents
 from device_app.runtime import DeviceBundle
 from shared.errors import ConfigError
 from shared.relay_plan import RelayPlan
@@ -69,8 +69,9 @@ def running_edge(family: Any, tmp_path: Path, *, steps: int = 4) -> Iterator[tup
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    server = EdgeServer(family, EdgeConfig(host="127.0.0.1", port=0, token_file=str(token_file), steps=steps,
-                                           split_fraction=0.5, guidance=5.0, shutdown_grace_s=2.0))
+    server = EdgeServer.with_batching_engine(family, EdgeConfig(
+        host="127.0.0.1", port=0, token_file=str(token_file), steps=steps, split_fraction=0.5, guidance=5.0,
+        shutdown_grace_s=2.0))
     try:
         port = asyncio.run_coroutine_threadsafe(server.start(), loop).result(60)
         yield f"ws://127.0.0.1:{port}", token_file

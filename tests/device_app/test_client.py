@@ -24,15 +24,10 @@ import pytest
 from PIL import Image
 
 from device_app.cli import main
-from device_app.client import (
-    DeviceRunError,
-    EdgeClient,
-    EdgeConnectionError,
-    EdgeError,
-    EdgeTimeout,
-    GenerationResult,
-)
-from device_app.relay import finish_latents
+from device_app.client import EdgeClient
+from device_app.errors import DeviceRunError, EdgeConnectionError, EdgeError, EdgeTimeout
+from device_app.finish import finish_latents
+from device_app.results import GenerationResult
 from device_app.runtime import DeviceBundle
 from device_app.telemetry import DeviceLoad, Ewma, LinkEstimator, busy_fraction
 from edge_server.relay import EdgeRelay
@@ -240,7 +235,7 @@ def test_a_silent_server_times_out_and_the_request_is_cancelled(tiny_family, bun
 
 
 def test_a_device_failure_is_raised_and_reported_to_the_edge(tiny_family, bundle, monkeypatch):
-    import device_app.client as client_module
+    import device_app.finish as client_module  # where the client's device half runs the steps
 
     calls = []
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from device_app.relay import finish_latents
+from device_app.finish import finish_latents
 from device_app.runtime import DeviceBundle
 from edge_server.relay import EdgeRelay
 from shared.handoff import decode_handoff, encode_handoff

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from device_app.relay import finish_latents
+from device_app.finish import finish_latents
 from device_app.runtime import DeviceBundle
 from edge_server.family import encode_prompts
 from edge_server.relay import EdgeRelay

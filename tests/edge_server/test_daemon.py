@@ -81,7 +81,7 @@ def run(coro):
 
 
 async def _with_server(family, body, **config):
-    server = EdgeServer(family, EdgeConfig(port=0, **config))
+    server = EdgeServer.with_batching_engine(family, EdgeConfig(port=0, **config))
     server.token = config.pop("token", TOKEN)
     port = await server.start()
     try:
@@ -327,4 +327,4 @@ def test_bandit_scheduler_without_profile_is_a_clear_config_error(tiny_family):
     from shared.errors import ConfigError
 
     with pytest.raises(ConfigError, match="needs --profile"):
-        EdgeServer(tiny_family, EdgeConfig(port=0, scheduler="linucb"))
+        EdgeServer.with_batching_engine(tiny_family, EdgeConfig(port=0, scheduler="linucb"))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from edge_server.engine import BatchingEngine, EdgeRequest, EngineBusy, EngineClosed, RequestCancelled
+from edge_server.png import encode_png
 from edge_server.relay import EdgeRelay
 from shared.errors import ConfigError
 from shared.handoff import decode_handoff
@@ -29,20 +30,22 @@ def test_results_match_single_request_path_and_progress_is_reported(tiny_family)
         engine.close()
     for i, outcome in enumerate(outcomes):
         assert outcome.kind == "handoff" and outcome.edge_compute_s > 0 and outcome.queue_s >= 0
-        handoff = decode_handoff(outcome.payload)
+        handoff = decode_handoff(outcome.handoff)
         expected = EdgeRelay(tiny_family).start(f"prompt r{i}", PLAN, i)
         assert handoff.request_id == f"r{i}"
         assert np.abs(handoff.latents - expected.latents).max() <= 1e-5 * max(1, np.abs(expected.latents).max())
         assert progress[f"r{i}"] == [1, 2, 3, 4]
 
 
-def test_edge_decode_returns_a_png(tiny_family):
+def test_edge_decode_returns_an_image_the_api_layer_encodes(tiny_family):
     engine = BatchingEngine(tiny_family)
     try:
         outcome = engine.submit(request("png", plan=RelayPlan(3, 3, "ddim", 5.0, decode_on="edge"))).result(120)
     finally:
         engine.close()
-    assert outcome.kind == "png" and outcome.payload.startswith(b"\x89PNG")
+    assert outcome.kind == "image" and outcome.handoff is None
+    assert outcome.image is not None and outcome.image.dtype == np.uint8 and outcome.image.shape[2:] == (3,)
+    assert encode_png(outcome.image).startswith(b"\x89PNG")
 
 
 def test_queue_bound_gives_busy_with_retry_after(tiny_family):
@@ -100,7 +103,7 @@ def test_a_loader_runs_on_the_engine_thread_and_its_error_reaches_the_caller(tin
     engine = BatchingEngine(load)
     try:
         assert engine.family is tiny_family and loaded_on == ["rise-engine"]  # loaded before the constructor returned
-        handoff = decode_handoff(engine.submit(request("r0")).result(timeout=120).payload)
+        handoff = decode_handoff(engine.submit(request("r0")).result(timeout=120).handoff)
         assert handoff.request_id == "r0"
     finally:
         engine.close()

@@ -1,0 +1,272 @@
+"""The request service: everything between the wire protocol and the engine, without sockets.
+
+Given a :class:`~shared.protocol.Generate` and the connection it came on (a :class:`Session`),
+the service plans it (a :class:`~shared.planning.Planner` over the engine's live load), fills in
+the defaults (seed, image size), submits it to the :class:`~edge_server.engine.Engine`, and keeps
+the per-request bookkeeping: what is in flight, which delivered plans await the device's report,
+the planner's feedback when that report arrives, ratings, and the Prometheus metrics. The asyncio
+daemon (``edge_server.daemon``) only moves frames: websocket <-> protocol events <-> these calls.
+Every call here is synchronous and runs on the caller's thread (the daemon's event loop), so
+tests drive it with a fake engine and no sockets, sleeps or event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from edge_server.config import EdgeConfig
+from edge_server.engine import (
+    BatchCallback,
+    BatchingEngine,
+    EdgeOutcome,
+    EdgeRequest,
+    Engine,
+    EngineBusy,
+    EngineClosed,
+    EngineStats,
+    ProgressCallback,
+    RequestCancelled,
+)
+from edge_server.family import Family
+from edge_server.metrics import EdgeMetrics
+from shared.errors import ConfigError, RiseError
+from shared.planning import FixedPlanner, PlanContext, Planner
+from shared.protocol import Generate, ProtocolLimits, Report
+from shared.relay_plan import RelayPlan
+
+log = logging.getLogger("rise.edge")
+
+#: Delivered requests remembered per connection for their report; devices that never report are forgotten.
+MAX_AWAITING_REPORT = 256
+
+
+def make_planner(config: EdgeConfig) -> Planner:
+    """The scheduler the config names: the fixed policy, or a bandit/baseline over a measured profile."""
+    if config.scheduler == "fixed":
+        return FixedPlanner(config.steps, config.split_fraction, config.sampler, config.guidance)
+    if config.profile is None:
+        raise ConfigError(
+            f"--scheduler {config.scheduler} needs --profile PROFILE.json "
+            "(made by: python -m shared.bandit.profile --eval EVAL.json ... --out PROFILE.json)"
+        )
+    from shared.bandit.planner import BanditPlanner
+    from shared.bandit.profile import load_profile
+
+    return BanditPlanner.from_profile(
+        load_profile(config.profile), config.scheduler, config.bandit_state,
+        sampler=config.sampler, guidance_scale=config.guidance,
+        edge_capacity=max(1, config.max_batch_rows // 2), alpha=config.alpha,
+    )
+
+
+def make_engine(family: Family | Callable[[], Family], config: EdgeConfig, *,
+                on_batch: BatchCallback | None = None) -> BatchingEngine:
+    """The default engine for a config. ``family`` may be a loader: the engine's own thread then loads it."""
+    return BatchingEngine(family, max_batch_rows=config.max_batch_rows, max_queue=config.max_queue,
+                          batching=config.batching, on_batch=on_batch)
+
+
+class RequestFailed(RiseError):
+    """A request ends with a protocol ``error``: ``code`` (``busy``, ``cancelled``...) and the message."""
+
+    def __init__(self, code: str, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """A planned request: what the ``plan`` frame announces and the engine is asked to run."""
+
+    key: str  # the engine's key: unique across connections
+    request: Generate
+    plan: RelayPlan
+    why: str
+    scheduler: str
+    seed: int
+    height: int
+    width: int
+    started: float  # perf_counter when planning began (the edge_total stage)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+
+@dataclass
+class Session:
+    """One connection's bookkeeping: its requests in flight and the delivered ones awaiting a report."""
+
+    id: int
+    in_flight: dict[str, Ticket] = field(default_factory=dict)  # planned, not yet ended
+    awaiting_report: OrderedDict[str, Ticket] = field(default_factory=OrderedDict)  # oldest first
+
+    def key(self, request_id: str) -> str:
+        return f"{self.id}:{request_id}"
+
+
+class RequestService:
+    """Plans, submits and accounts for requests on one :class:`~edge_server.engine.Engine`.
+
+    The service owns the engine it is given (``close`` closes it) and the planner (``save``
+    persists it). ``draining`` refuses new requests with ``shutting_down``.
+    """
+
+    def __init__(self, engine: Engine, config: EdgeConfig, *, planner: Planner | None = None,
+                 metrics: EdgeMetrics | None = None) -> None:
+        self.engine = engine
+        self.config = config
+        self.metrics = metrics or EdgeMetrics()
+        self.planner: Planner = planner or make_planner(config)
+        self.limits = ProtocolLimits.from_dict({"allowed_sizes": (), **config.limits})
+        self.draining = False
+        self._sessions = 0
+        # Read at scrape time: set only after a UNet call, they would go stale once the edge is idle.
+        self.metrics.queue_depth.set_function(lambda: self.engine.stats().queued)
+        self.metrics.active.set_function(lambda: self.engine.stats().active)
+
+    @property
+    def family_id(self) -> str:
+        return self.engine.family_id
+
+    @property
+    def default_size(self) -> int:
+        return self.engine.default_size
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    # ------------------------------------------------------------------ connections
+
+    def open_session(self) -> Session:
+        self._sessions += 1
+        self.metrics.connections.inc()
+        return Session(self._sessions)
+
+    def close_session(self, session: Session, request_ids: Iterable[str] = ()) -> None:
+        """The connection is gone: drop its requests in the engine (``request_ids``: those the protocol had)."""
+        for request_id in {*session.in_flight, *request_ids}:
+            self.engine.cancel(session.key(request_id))
+        session.in_flight.clear()
+        session.awaiting_report.clear()
+        self.metrics.connections.dec()
+
+    # ------------------------------------------------------------------ one request
+
+    def refusal(self) -> RequestFailed | None:
+        """The error a new request gets right away (the edge is draining), counted; ``None`` = accept it."""
+        if not self.draining:
+            return None
+        self.metrics.errors.labels("shutting_down").inc()
+        return RequestFailed("shutting_down", "the edge server is shutting down")
+
+    def plan(self, session: Session, request: Generate, *, device_step_s: float | None = None) -> Ticket:
+        """Choose the configuration over the engine's current load and fill in seed and size.
+
+        ``device_step_s`` is the device's small-model step time from its hello. A request the
+        planner cannot serve as asked raises (see :meth:`failed` for the error it becomes).
+        """
+        started = time.perf_counter()
+        stats = self.engine.stats()
+        context = PlanContext(stats.queued, stats.active, request.device_load, request.rtt_s, request.bandwidth_bps,
+                              device_step_s)
+        plan, why = self.planner.choose(request, context)
+        ticket = Ticket(
+            key=session.key(request.request_id), request=request, plan=plan, why=why, scheduler=self.planner.name,
+            seed=request.seed if request.seed is not None else secrets.randbelow(2**63),
+            height=request.height or self.default_size, width=request.width or self.default_size, started=started,
+        )
+        session.in_flight[request.request_id] = ticket
+        return ticket
+
+    def submit(self, ticket: Ticket, on_progress: ProgressCallback | None = None) -> Future[EdgeOutcome]:
+        """Hand the planned request to the engine. Raises EngineBusy / EngineClosed (see :meth:`failed`).
+
+        ``on_progress(step, split)`` is called on the engine's thread.
+        """
+        return self.engine.submit(EdgeRequest(ticket.key, ticket.request_id, ticket.request.prompt, ticket.plan,
+                                              ticket.seed, ticket.height, ticket.width, on_progress))
+
+    def delivered(self, session: Session, ticket: Ticket, outcome: EdgeOutcome) -> None:
+        """The outcome went out: the request now awaits its report; its stages go to the metrics."""
+        session.in_flight.pop(ticket.request_id, None)
+        session.awaiting_report[ticket.request_id] = ticket
+        while len(session.awaiting_report) > MAX_AWAITING_REPORT:
+            session.awaiting_report.popitem(last=False)
+        plan = ticket.plan
+        self.metrics.requests.labels(plan.num_inference_steps, plan.split, plan.sampler, plan.decode_on).inc()
+        self.metrics.stage_seconds.labels("queue").observe(outcome.queue_s)
+        self.metrics.stage_seconds.labels("edge").observe(outcome.edge_compute_s)
+        self.metrics.stage_seconds.labels("edge_total").observe(time.perf_counter() - ticket.started)
+
+    def failed(self, session: Session, request_id: str, exc: BaseException) -> RequestFailed:
+        """The request ended with ``exc``: the protocol error to send (counted). A timeout also cancels it."""
+        session.in_flight.pop(request_id, None)
+        failure = self._as_failure(session, request_id, exc)
+        self.metrics.errors.labels(failure.code).inc()
+        return failure
+
+    def _as_failure(self, session: Session, request_id: str, exc: BaseException) -> RequestFailed:
+        if isinstance(exc, RequestFailed):
+            return exc
+        if isinstance(exc, EngineBusy):
+            return RequestFailed("busy", str(exc), retry_after_s=exc.retry_after_s)
+        if isinstance(exc, EngineClosed):
+            return RequestFailed("shutting_down", str(exc))
+        if isinstance(exc, RequestCancelled):
+            return RequestFailed("cancelled", str(exc))
+        if isinstance(exc, TimeoutError):
+            self.engine.cancel(session.key(request_id))
+            return RequestFailed("internal", f"the edge did not finish within {self.config.request_timeout_s:.0f} s")
+        if isinstance(exc, RiseError):  # a request the edge cannot serve as asked (size, steps, config)
+            return RequestFailed("invalid_request", str(exc))
+        log.error("request %s failed", request_id, exc_info=exc)
+        return RequestFailed("internal", "internal error on the edge (logged)")
+
+    def cancel(self, session: Session, request_id: str) -> None:
+        """Drop a request in the engine (the client asked, or its task was cancelled); its future fails."""
+        self.engine.cancel(session.key(request_id))
+
+    # ------------------------------------------------------------------ what the device tells us
+
+    def report(self, session: Session, report: Report) -> bool:
+        """Count a device's report; if its request awaits one, the planner learns from it. True if it did."""
+        self.metrics.reports.inc()
+        if report.rating is not None:
+            self.metrics.ratings.labels(str(report.rating)).inc()
+        for stage, value in (("device", report.device_compute_s), ("transfer", report.transfer_s),
+                             ("total", report.total_latency_s)):
+            self.metrics.stage_seconds.labels(stage).observe(value)
+        ticket = session.awaiting_report.pop(report.request_id, None)
+        if ticket is None:
+            return False
+        self.planner.feedback(ticket.plan, ticket.request, report)
+        return True
+
+    def rating(self, rating: int) -> None:
+        # A rating after the report is counted, not learned from: the scheduler's update for that
+        # request already happened with the report (ratings inside a report do feed it).
+        self.metrics.ratings.labels(str(rating)).inc()
+
+    def rejected(self, code: str) -> None:
+        """The protocol refused a frame and queued an error with ``code``: count it."""
+        self.metrics.errors.labels(code).inc()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self, *, drain: bool = True, timeout: float = 30.0) -> None:
+        """Stop taking requests and close the engine (finishing or failing what it holds)."""
+        self.draining = True
+        self.engine.close(drain=drain, timeout=timeout)
+
+    def save(self) -> None:
+        """Persist the planner's learned state (atomic; a no-op for the fixed policy)."""
+        self.planner.save()
