@@ -19,7 +19,7 @@ more wait locally for a slot). Inside a client:
   other requests; its progress comes back to the loop with ``call_soon_threadsafe``. One
   request at a time runs on the device by default (``device_workers=1``): it is one device.
 
-Errors live in :mod:`device_app.errors` (re-exported here), results in :mod:`device_app.results`.
+Errors live in :mod:`device_app.errors`, results in :mod:`device_app.results`.
 
 Every wait has a timeout; a lost connection fails every request in flight with
 :class:`EdgeConnectionError`; a server :class:`~shared.protocol.Error` raises
@@ -80,16 +80,7 @@ from shared.protocol import (
 )
 from shared.relay_plan import RelayPlan
 
-__all__ = [
-    # The errors generate() raises live in device_app.errors; they stay importable from here.
-    "DeviceRunError",
-    "EdgeClient",
-    "EdgeConnectionError",
-    "EdgeError",
-    "EdgeTimeout",
-    "PlanCallback",
-    "ProgressCallback",
-]
+__all__ = ["EdgeClient", "PlanCallback", "ProgressCallback"]
 
 log = logging.getLogger("rise.device.client")
 

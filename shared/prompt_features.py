@@ -118,7 +118,9 @@ _PLACEMENT = r"(?:in|at|on) the (?:upper |lower |top |bottom |middle |center |ce
 _PLACE_FIRST = r"(?:(?:upper|lower|top|bottom|middle|center|centre) )?(?:top|bottom|left|right|center|centre|middle)" \
                r"(?: corner)?(?=:)"
 _RELATION_RE = re.compile(
-    r"\b(?:" + _PLACEMENT + "|" + _PLACE_FIRST + "|" + "|".join(re.escape(r) for r in sorted(_RELATIONS, key=len, reverse=True)) + r")\b"
+    r"\b(?:" + _PLACEMENT + "|" + _PLACE_FIRST + "|"
+    + "|".join(re.escape(r) for r in sorted(_RELATIONS, key=len, reverse=True))
+    + r")\b"
 )
 _GROUPS = {"pair": 1, "couple": 2, "set": 1, "group": 1, "bunch": 1, "pile": 1, "stack": 1, "row": 1}
 # Separators that may start a new item without a determiner ("a cat and dog", "cat, dog").

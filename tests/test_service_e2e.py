@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 
 from device_app.client import EdgeClient
-from device_app.relay import finish_latents
+from device_app.finish import finish_latents
 from device_app.runtime import DeviceBundle
 from edge_server.daemon import EdgeConfig, EdgeServer
 from edge_server.relay import EdgeRelay

@@ -56,6 +56,39 @@ from shared.demo_grammar.scene import (
 )
 from shared.errors import RiseError
 
+# The scene tables and helpers are re-exported: the lab imports them from here.
+__all__ = [
+    "CANVAS",
+    "CATEGORIES",
+    "CATEGORY_INDEX",
+    "CELL",
+    "COLOUR_INDEX",
+    "COLOUR_NAMES",
+    "COLOUR_RGB",
+    "COLOURS",
+    "DEFAULT_DIR",
+    "EMPTY",
+    "ENV_VAR",
+    "FASHION_LABELS",
+    "GRID",
+    "INSTALL_HINT",
+    "ITEM",
+    "N_CELLS",
+    "DatasetMissingError",
+    "Item",
+    "ItemBank",
+    "Scene",
+    "SceneError",
+    "Split",
+    "cell_origin",
+    "cells_of",
+    "find_fashion_mnist",
+    "load_split",
+    "random_scene",
+    "tint",
+    "to_uint8",
+]
+
 #: Where Debian's ``dataset-fashion-mnist`` package puts the idx files.
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
 #: Environment variable overriding :data:`DEFAULT_DIR` (a folder holding the four idx files).
@@ -128,7 +161,8 @@ def load_split(split: Split, path: str | os.PathLike[str] | None = None) -> tupl
 
 def tint(item: np.ndarray, colour: str) -> np.ndarray:
     """Tint a grayscale item (float in [0, 1], shape (h, w)) -> float RGB (h, w, 3)."""
-    return item[..., None] * COLOUR_RGB[COLOUR_INDEX[colour]]
+    rgb: np.ndarray = item[..., None] * COLOUR_RGB[COLOUR_INDEX[colour]]
+    return rgb
 
 
 class ItemBank:

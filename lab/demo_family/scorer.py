@@ -60,7 +60,7 @@ class ScorerError(RiseError):
 class CellPredictor(Protocol):
     """Anything that reads the cells of images: the scorer, or an oracle in tests."""
 
-    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def predict(self, images: np.ndarray | Sequence[object]) -> tuple[np.ndarray, np.ndarray]:
         """``(categories (n, 9), colours (n, 9))``; category :data:`EMPTY` = empty cell."""
         ...
 
@@ -90,7 +90,8 @@ class CellNet(nn.Module):
 
     def features(self, cells: torch.Tensor) -> torch.Tensor:
         """Penultimate features ``(B, feature_dim)`` of cells ``(B, 3, 16, 16)`` in [0, 1]."""
-        return self.body(cells)
+        feats: torch.Tensor = self.body(cells)
+        return feats
 
     def forward(self, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.dropout(self.features(cells))
@@ -109,7 +110,8 @@ class Scorer:
     """A trained :class:`CellNet` with numpy in, numpy out."""
 
     def __init__(self, net: CellNet, config: dict[str, object] | None = None) -> None:
-        self.net = net.eval().to(memory_format=torch.channels_last)
+        # torch's stubs for Module.to lack the memory_format keyword (accepted at runtime).
+        self.net = net.eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.config = dict(config or {})
 
     @classmethod
@@ -178,8 +180,11 @@ def default_scorer() -> Scorer:
 def _targets(scenes: Sequence[Scene | str]) -> tuple[np.ndarray, np.ndarray]:
     # Prompts are accepted too: their parse is the target.
     parsed = [prompt_to_scene(s) if isinstance(s, str) else s for s in scenes]
-    cats, cols = zip(*(s.targets() for s in parsed)) if parsed else ((), ())
-    return np.asarray(cats, dtype=np.int64).reshape(-1, N_CELLS), np.asarray(cols, dtype=np.int64).reshape(-1, N_CELLS)
+    cats, cols = zip(*(s.targets() for s in parsed), strict=True) if parsed else ((), ())
+    return (
+        np.asarray(cats, dtype=np.int64).reshape(-1, N_CELLS),
+        np.asarray(cols, dtype=np.int64).reshape(-1, N_CELLS),
+    )
 
 
 def cell_matches(
@@ -191,14 +196,16 @@ def cell_matches(
     pred_cat, pred_col = (scorer or default_scorer()).predict(images)
     cats, cols = _targets(scenes)
     empty = cats == EMPTY
-    return np.where(empty, pred_cat == EMPTY, (pred_cat == cats) & (pred_col == cols))
+    matches: np.ndarray = np.where(empty, pred_cat == EMPTY, (pred_cat == cats) & (pred_col == cols))
+    return matches
 
 
 def adherence(
     images: np.ndarray | Sequence[object], scenes: Sequence[Scene | str], scorer: CellPredictor | None = None
 ) -> np.ndarray:
     """Per-image adherence ``(n,)``: the fraction of cells matching the scene (or prompt)."""
-    return cell_matches(images, scenes, scorer).mean(axis=1)
+    adh: np.ndarray = cell_matches(images, scenes, scorer).mean(axis=1)
+    return adh
 
 
 def item_recall(
@@ -207,7 +214,8 @@ def item_recall(
     """Per-image fraction of the prompt's *items* drawn right (empty cells ignored)."""
     matches = cell_matches(images, scenes, scorer)
     filled = _targets(scenes)[0] != EMPTY
-    return (matches & filled).sum(axis=1) / filled.sum(axis=1)
+    recall: np.ndarray = (matches & filled).sum(axis=1) / filled.sum(axis=1)
+    return recall
 
 
 def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
@@ -238,7 +246,9 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
 # --------------------------------------------------------------------------- training
 
 
-def _random_cells(bank: ItemBank, n: int, rng: np.random.Generator, *, p_empty: float, max_shift: int) -> tuple[np.ndarray, ...]:
+def _random_cells(
+    bank: ItemBank, n: int, rng: np.random.Generator, *, p_empty: float, max_shift: int
+) -> tuple[np.ndarray, ...]:
     """``n`` cells cropped from random scenes, with labels: ``(cells (n,16,16,3), cats, cols)``.
 
     Each cell is cropped from a 3x3 neighbourhood of random items, shifted by up to
@@ -254,7 +264,9 @@ def _random_cells(bank: ItemBank, n: int, rng: np.random.Generator, *, p_empty: 
     for c in range(9):
         y, x = pad + (c // 3) * CELL + m, pad + (c % 3) * CELL + m
         sel = filled[:, c]
-        canvas[sel, y : y + ITEM, x : x + ITEM] = bank.items[rows[sel, c]][..., None] * COLOUR_RGB[colours[sel, c]][:, None, None, :]
+        canvas[sel, y : y + ITEM, x : x + ITEM] = (
+            bank.items[rows[sel, c]][..., None] * COLOUR_RGB[colours[sel, c]][:, None, None, :]
+        )
     dy, dx = rng.integers(-max_shift, max_shift + 1, size=(2, n))
     idx = np.arange(n)[:, None, None]
     ys = (pad + CELL + dy)[:, None, None] + np.arange(CELL)[None, :, None]
@@ -268,7 +280,10 @@ def _random_cells(bank: ItemBank, n: int, rng: np.random.Generator, *, p_empty: 
 def _degrade(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Random blur, gain, per-channel gain and noise on cells ``(B, 3, 16, 16)``, as a decoder may add."""
     b = x.shape[0]
-    u = lambda lo, hi, *shape: lo + (hi - lo) * torch.rand(*shape, generator=gen)
+
+    def u(lo: float, hi: float, *shape: int) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(*shape, generator=gen)
+
     blur = torch.rand(b, generator=gen) < 0.5
     if blur.any():
         sigma = u(0.3, 1.0, int(blur.sum()))
@@ -367,7 +382,7 @@ def train_scorer(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
-    net = CellNet(width).to(memory_format=torch.channels_last)
+    net = CellNet(width).to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stub lacks memory_format
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     t0 = time.perf_counter()
@@ -382,12 +397,16 @@ def train_scorer(
         loss = F.cross_entropy(cat_logits, cats_t, label_smoothing=0.05)
         loss = loss + F.cross_entropy(col_logits, cols_t, ignore_index=-1)  # no colour for empty cells
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call, unused-ignore]  # torch: Tensor.backward is unannotated
         opt.step()
         sched.step()
         if log_every and step % log_every == 0:
             acc = (cat_logits.argmax(1) == cats_t).float().mean().item()
-            print(f"step {step}/{steps} loss {loss.item():.3f} batch category acc {acc:.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+            print(
+                f"step {step}/{steps} loss {loss.item():.3f} batch category acc {acc:.3f} "
+                f"({time.perf_counter() - t0:.0f}s)",
+                flush=True,
+            )
     config = {
         "architecture": "CellNet", "width": width, "feature_dim": 128, "cell": CELL, "grid": GRID,
         "canvas": CANVAS, "categories": list(CATEGORIES), "colours": list(COLOUR_NAMES),
@@ -401,7 +420,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Train or evaluate the demo family's scorer.")
     parser.add_argument("--train", action="store_true", help="train and save the scorer")
     parser.add_argument("--eval", action="store_true", help="measure a saved scorer")
-    parser.add_argument("--out", type=Path, default=DEFAULT_SCORER_DIR, help="scorer folder (written by --train, read by --eval)")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_SCORER_DIR, help="scorer folder (written by --train, read by --eval)"
+    )
     parser.add_argument("--data", default=None, help="Fashion-MNIST folder (default: $RISE_FASHION_MNIST or Debian's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=4000)

@@ -51,7 +51,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -60,6 +60,10 @@ import numpy as np
 # when torch loads OpenMP, so it must be set before the import (running this module: it is).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
+
+# mypy reads diffusers' top-level names as its torch-less placeholders (diffusers/utils/dummy_pt_objects.py:
+# classes without the models' methods or an nn.Module base), so uses of the real models below carry a
+# `type: ignore[...]  # diffusers placeholder`.
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from torch.nn import functional as F
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPTokenizerFast
@@ -68,7 +72,17 @@ from transformers.models.clip.tokenization_clip import bytes_to_unicode
 from lab.tiny_family import SD_SCHEDULER_CONFIG
 from shared.demo_grammar.prompts import MAX_WORDS, eval_scenes, scene_to_prompt, vocabulary
 
-from .data import CANVAS, CATEGORIES, CATEGORY_INDEX, COLOUR_INDEX, COLOUR_NAMES, N_CELLS, ItemBank, Scene, random_scene
+from .data import (
+    CANVAS,
+    CATEGORIES,
+    CATEGORY_INDEX,
+    COLOUR_INDEX,
+    COLOUR_NAMES,
+    N_CELLS,
+    ItemBank,
+    Scene,
+    random_scene,
+)
 
 #: Tokens of the longest prompt plus start and end (every grammar word is one token, except
 #: "t-shirt" = 3, which never makes a clause longer than the longest one).
@@ -93,7 +107,8 @@ class TrainConfig:
     Sizes and budgets calibrated on the 2-core build machine (see the model card for the
     measured times): a 16-channel full-resolution VAE because full-resolution convolutions
     dominate its cost (32 channels cost 3-10x more per step), 64 channels at 24x24 and 12x12 (a
-    (16, 32, 64) VAE kept only 94% of the real-scene adherence after 1,200 steps); cross-attention at the 6x6 and 3x3 levels of the large UNet, not at 12x12 (a
+    (16, 32, 64) VAE kept only 94% of the real-scene adherence after 1,200 steps); cross-attention
+    at the 6x6 and 3x3 levels of the large UNet, not at 12x12 (a
     3x3 token is one grid cell, and 12x12 attention cost +65% per training step); the small
     UNet is two levels, one layer each, cross-attention at 6x6 only.
     """
@@ -162,7 +177,7 @@ def _bpe_merges(pieces: Sequence[str]) -> list[tuple[str, str]]:
     while True:
         counts: dict[tuple[str, str], int] = {}
         for w in words:
-            for pair in zip(w, w[1:]):
+            for pair in zip(w, w[1:], strict=False):  # adjacent pairs: w[1:] is one shorter
                 counts[pair] = counts.get(pair, 0) + 1
         if not counts:
             return merges
@@ -194,7 +209,7 @@ def build_tokenizer(folder: str | Path) -> CLIPTokenizer:
     tokens.update(dict.fromkeys(["<|startoftext|>", "<|endoftext|>"]))
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    tok = CLIPTokenizer(
+    tok = CLIPTokenizer(  # type: ignore[no-untyped-call, unused-ignore]  # transformers: unannotated __init__
         vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"),
         model_max_length=MAX_TOKENS, pad_token="<|endoftext|>",
     )
@@ -208,7 +223,7 @@ def build_tokenizer(folder: str | Path) -> CLIPTokenizer:
 def build_vae(cfg: TrainConfig) -> AutoencoderKL:
     """The family's VAE: 48x48 RGB <-> 4 x 12 x 12 latents (SD's layout at toy size)."""
     n = len(cfg.vae_channels)
-    return AutoencoderKL(
+    return AutoencoderKL(  # type: ignore[no-untyped-call, unused-ignore]  # diffusers placeholder
         in_channels=3, out_channels=3, latent_channels=4,
         block_out_channels=cfg.vae_channels, layers_per_block=cfg.vae_layers,
         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
@@ -218,7 +233,7 @@ def build_vae(cfg: TrainConfig) -> AutoencoderKL:
 
 def build_text_encoder(cfg: TrainConfig, tokenizer: CLIPTokenizer) -> CLIPTextModel:
     """A small CLIP text transformer over the grammar's vocabulary."""
-    config = CLIPTextConfig(
+    config = CLIPTextConfig(  # type: ignore[no-untyped-call, unused-ignore]  # transformers: unannotated __init__
         vocab_size=len(tokenizer), hidden_size=cfg.text_hidden, intermediate_size=4 * cfg.text_hidden,
         num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
         max_position_embeddings=MAX_TOKENS, bos_token_id=tokenizer.bos_token_id,
@@ -231,7 +246,7 @@ def build_unet(spec: UNetSpec, cross_attention_dim: int, latent_size: int) -> UN
     """An SD-shaped UNet; cross-attention only at the levels ``spec.attention_levels`` marks."""
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in spec.attention_levels)
     up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(spec.attention_levels))
-    return UNet2DConditionModel(
+    return UNet2DConditionModel(  # type: ignore[no-untyped-call, unused-ignore]  # diffusers placeholder
         sample_size=latent_size, in_channels=4, out_channels=4,
         block_out_channels=spec.block_out_channels, layers_per_block=spec.layers_per_block,
         down_block_types=down, up_block_types=up, cross_attention_dim=cross_attention_dim,
@@ -277,10 +292,15 @@ class SceneStream:
         return scenes, [scene_to_prompt(scene, self.rng) for scene in scenes]
 
 
-def encode(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer | CLIPTokenizerFast, prompts: Sequence[str]) -> torch.Tensor:
+def encode(
+    text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer | CLIPTokenizerFast, prompts: Sequence[str]
+) -> torch.Tensor:
     """SD's conditioning: the last hidden state over max-length-padded tokens."""
-    ids = tokenizer(list(prompts), padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
-    return text_encoder(ids)[0]
+    ids = tokenizer(
+        list(prompts), padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
+    ).input_ids
+    hidden: torch.Tensor = text_encoder(ids)[0]
+    return hidden
 
 
 # --------------------------------------------------------------------------- resumable stages
@@ -305,10 +325,10 @@ class Ema:
         d = min(self.decay, (1 + step) / (10 + step))
         for name, module in self.live.items():
             shadow = self.shadow[name]
-            for e, p in zip(shadow.parameters(), module.parameters()):
+            for e, p in zip(shadow.parameters(), module.parameters(), strict=True):
                 e.lerp_(p, 1.0 - d)
-            for e, b in zip(shadow.buffers(), module.buffers()):
-                e.copy_(b)
+            for eb, b in zip(shadow.buffers(), module.buffers(), strict=True):
+                eb.copy_(b)
 
 
 @dataclass
@@ -332,7 +352,10 @@ class Stage:
         peak_lr = {g.get("name", "params"): g["lr"] for g in self.groups}  # the scheduler rewrites g["lr"]
         opt = torch.optim.AdamW(self.groups, weight_decay=1e-4 if self.name != "vae" else 0.0)
         sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=[g["lr"] for g in self.groups], total_steps=self.steps, pct_start=0.05 if self.name != "vae" else 0.1
+            opt,
+            max_lr=[g["lr"] for g in self.groups],
+            total_steps=self.steps,
+            pct_start=0.05 if self.name != "vae" else 0.1,
         )
         ema = Ema(self.modules, self.ema_decay)
         start, elapsed, history, running, count = 0, 0.0, [], 0.0, 0
@@ -366,7 +389,8 @@ class Stage:
                 "ema": {k: m.state_dict() for k, m in ema.shadow.items()} if self.ema_decay > 0 else {},
                 "opt": opt.state_dict(), "sched": sched.state_dict(),
                 "stream_rng": self.stream.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-                "step": step, "elapsed": elapsed + (time.perf_counter() - t0), "history": history, "lr_history": lr_history,
+                "step": step, "elapsed": elapsed + (time.perf_counter() - t0), "history": history,
+                "lr_history": lr_history,
                 "running": (running, count),
             }
             tmp = ckpt.with_suffix(".tmp")
@@ -380,7 +404,7 @@ class Stage:
         for step in range(start + 1, self.steps + 1):
             loss = self.loss()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call, unused-ignore]  # torch: Tensor.backward is unannotated
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
@@ -402,7 +426,7 @@ class Stage:
             m.eval()
         self.record.update({
             "steps": self.steps, "batch": self.batch, "lr": peak_lr,
-            "schedule": "AdamW, one-cycle (cosine) LR, grad-norm clip %g" % cfg.grad_clip,
+            "schedule": f"AdamW, one-cycle (cosine) LR, grad-norm clip {cfg.grad_clip:g}",
             "ema_decay": self.ema_decay, "seconds": round(elapsed), "loss_history": history, "lr_history": lr_history,
             "final_loss": history[-1][1] if history else None,
         })
@@ -425,7 +449,8 @@ class SceneProbe(torch.nn.Module):
                                        torch.nn.Linear(2 * dim, len(CATEGORIES) + 1 + len(COLOUR_NAMES)))
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, L, D)`` -> category logits ``(B, 9, categories + 1)`` (last = empty), colour logits ``(B, 9, colours)``."""
+        """``(B, L, D)`` -> category logits ``(B, 9, categories + 1)`` (last = empty), colour logits
+        ``(B, 9, colours)``."""
         q = self.queries.expand(hidden.shape[0], -1, -1)
         read, _ = self.attn(q, hidden, hidden, need_weights=False)
         logits = self.mlp(read + q)
@@ -450,8 +475,8 @@ def _probe_batch(text_encoder: CLIPTextModel, probe: SceneProbe, tokenizer: CLIP
     return (*scene_targets(scenes), *probe(encode(text_encoder, tokenizer, prompts)))
 
 
-def _text_loss(text_encoder: CLIPTextModel, probe: SceneProbe, tokenizer: CLIPTokenizer | CLIPTokenizerFast, stream: SceneStream,
-               batch: int) -> Callable[[], torch.Tensor]:
+def _text_loss(text_encoder: CLIPTextModel, probe: SceneProbe, tokenizer: CLIPTokenizer | CLIPTokenizerFast,
+               stream: SceneStream, batch: int) -> Callable[[], torch.Tensor]:
     def loss() -> torch.Tensor:
         cat, col, cat_logits, col_logits = _probe_batch(text_encoder, probe, tokenizer, stream, batch)
         return F.cross_entropy(cat_logits.flatten(0, 1), cat.flatten()) + \
@@ -461,8 +486,8 @@ def _text_loss(text_encoder: CLIPTextModel, probe: SceneProbe, tokenizer: CLIPTo
 
 
 @torch.no_grad()
-def parse_accuracy(text_encoder: CLIPTextModel, probe: SceneProbe, tokenizer: CLIPTokenizer | CLIPTokenizerFast, stream: SceneStream,
-                   n: int = 2048) -> dict[str, float]:
+def parse_accuracy(text_encoder: CLIPTextModel, probe: SceneProbe, tokenizer: CLIPTokenizer | CLIPTokenizerFast,
+                   stream: SceneStream, n: int = 2048) -> dict[str, float]:
     """How well the probe reads scenes back: per-cell category, per-item colour, whole scenes."""
     cat, col, cat_logits, col_logits = _probe_batch(text_encoder, probe, tokenizer, stream, n)
     cat_ok = cat_logits.argmax(-1) == cat
@@ -476,9 +501,10 @@ def parse_accuracy(text_encoder: CLIPTextModel, probe: SceneProbe, tokenizer: CL
 def _vae_loss(vae: AutoencoderKL, stream: SceneStream, batch: int) -> Callable[[], torch.Tensor]:
     def loss() -> torch.Tensor:
         x, _ = stream.batch(batch)
-        post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample()).sample
-        return F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        post = vae.encode(x).latent_dist  # type: ignore[attr-defined]  # diffusers placeholder
+        rec: torch.Tensor = vae.decode(post.sample()).sample  # type: ignore[attr-defined]  # diffusers placeholder
+        total: torch.Tensor = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        return total
 
     return loss
 
@@ -487,7 +513,8 @@ def _vae_loss(vae: AutoencoderKL, stream: SceneStream, batch: int) -> Callable[[
 def latent_scaling_factor(vae: AutoencoderKL, stream: SceneStream, n: int = 256) -> float:
     """1 / std of the VAE's latents on ``n`` scenes (SD's convention for ``scaling_factor``)."""
     x, _ = stream.batch(n)
-    return float(1.0 / vae.encode(x).latent_dist.sample().std().item())
+    latents = vae.encode(x).latent_dist.sample()  # type: ignore[attr-defined]  # diffusers placeholder
+    return float(1.0 / latents.std().item())
 
 
 def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -508,7 +535,8 @@ def sample_timesteps(n: int, num_train_timesteps: int, focus_t: int = 0, focus_p
 
 
 def _denoiser_loss(
-    unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer | CLIPTokenizerFast, vae: AutoencoderKL,
+    unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer | CLIPTokenizerFast,
+    vae: AutoencoderKL,
     stream: SceneStream, cfg: TrainConfig, batch: int, *,
     teacher: UNet2DConditionModel | None = None, focus_t: int = 0, focus_p: float = 0.0,
 ) -> Callable[[], torch.Tensor]:
@@ -517,24 +545,29 @@ def _denoiser_loss(
     Timesteps are uniform in [0, 1000), except that a ``focus_p`` share of them is drawn in [0, ``focus_t``).
     """
     # DDPMScheduler.from_config keeps the keys it knows (SD_SCHEDULER_CONFIG has DDIM-only ones too).
-    noise_sched = DDPMScheduler.from_config(SD_SCHEDULER_CONFIG)
+    noise_sched = DDPMScheduler.from_config(  # type: ignore[no-untyped-call, unused-ignore]  # diffusers placeholder
+        SD_SCHEDULER_CONFIG
+    )
     weight = min_snr_weights(noise_sched.alphas_cumprod, cfg.snr_gamma)
 
     def loss() -> torch.Tensor:
         x, prompts = stream.batch(batch)
         prompts = ["" if stream.rng.random() < cfg.uncond_p else p for p in prompts]
         with torch.no_grad():
-            z0 = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
+            z0 = (
+                vae.encode(x).latent_dist.sample()  # type: ignore[attr-defined]  # diffusers placeholder
+                * vae.config.scaling_factor  # type: ignore[attr-defined]  # diffusers placeholder
+            )
         noise = torch.randn_like(z0)
         t = sample_timesteps(z0.shape[0], noise_sched.config.num_train_timesteps, focus_t, focus_p)
         zt = noise_sched.add_noise(z0, noise, t)
         with torch.no_grad():
             cond = encode(text_encoder, tokenizer, prompts)
-        eps = unet(zt, t, cond).sample
+        eps = unet(zt, t, cond).sample  # type: ignore[operator]  # diffusers placeholder
         per_sample = F.mse_loss(eps, noise, reduction="none").mean(dim=(1, 2, 3))
         if teacher is not None:
             with torch.no_grad():
-                target = teacher(zt, t, cond).sample
+                target = teacher(zt, t, cond).sample  # type: ignore[operator]  # diffusers placeholder
             per_sample = per_sample + cfg.distill_weight * F.mse_loss(eps, target, reduction="none").mean(dim=(1, 2, 3))
         return (per_sample * weight[t]).mean()
 
@@ -571,8 +604,8 @@ class Work:
             old = json.loads(meta_file.read_text())
             changes = old.get("changes", old.get("budget_changes", []))
             if old["seed"] != seed:
-                raise TrainingError(f"{folder} holds a run with another config or seed (seed {old['seed']}, not {seed}); "
-                                    "use another --work folder or delete it")
+                raise TrainingError(f"{folder} holds a run with another config or seed (seed {old['seed']}, "
+                                    f"not {seed}); use another --work folder or delete it")
             # A stage's own settings may change before it starts, and its step budget at any time:
             # a stage under way anneals its learning rate over the new budget from its checkpoint on.
             # Every change is kept in run.json (and the model card).
@@ -609,7 +642,8 @@ class Work:
         return self.folder / f"{stage}.ckpt.pt"
 
     def record(self, stage: str) -> dict[str, Any]:
-        return json.loads((self.folder / f"{stage}.done.json").read_text())
+        record: dict[str, Any] = json.loads((self.folder / f"{stage}.done.json").read_text())
+        return record
 
     def finish(self, stage: str, modules: dict[str, Any], record: dict[str, Any]) -> None:
         for name, module in modules.items():
@@ -617,7 +651,7 @@ class Work:
         (self.folder / f"{stage}.done.json").write_text(json.dumps(record, indent=2) + "\n")
         self.ckpt(stage).unlink(missing_ok=True)
 
-    def load(self, stage: str, name: str, cls: type) -> Any:
+    def load(self, stage: str, name: str, cls: type[Any]) -> Any:
         if not self.done(stage):
             raise TrainingError(f"stage {stage!r} has not finished in {self.folder}")
         module = cls.from_pretrained(self.folder / stage / name, torch_dtype=torch.float32)
@@ -656,11 +690,15 @@ def train_family(
     if not w.done("vae"):
         torch.manual_seed(seed * 1000 + 1)
         vae, s = build_vae(cfg), stream("vae")
-        stage = Stage("vae", {"vae": vae}, [{"params": list(vae.parameters()), "lr": cfg.vae_lr, "name": "vae"}],
+        groups = [{
+            "params": list(vae.parameters()),  # type: ignore[attr-defined]  # diffusers placeholder
+            "lr": cfg.vae_lr, "name": "vae",
+        }]
+        stage = Stage("vae", {"vae": vae}, groups,  # type: ignore[dict-item]  # diffusers placeholder
                       cfg.vae_steps, cfg.vae_batch, _vae_loss(vae, s, cfg.vae_batch), s, cfg)
-        vae = stage.run(w.ckpt("vae"))["vae"]
+        vae = cast(AutoencoderKL, stage.run(w.ckpt("vae"))["vae"])  # run() returns the modules it was given
         sf = latent_scaling_factor(vae, s)
-        vae.register_to_config(scaling_factor=sf)
+        vae.register_to_config(scaling_factor=sf)  # type: ignore[attr-defined]  # diffusers placeholder
         w.finish("vae", {"vae": vae}, {**stage.record, "scaling_factor": sf,
                                           "loss": "L1 + MSE on pixels in [-1, 1] + 1e-6 KL"})
     vae = w.load("vae", "vae", AutoencoderKL)
@@ -671,11 +709,15 @@ def train_family(
     if not w.done("text"):
         torch.manual_seed(seed * 1000 + 4)
         te, probe, s = build_text_encoder(cfg, tokenizer), SceneProbe(cfg.text_hidden, cfg.text_heads), stream("text")
-        groups = [{"params": list(te.parameters()) + list(probe.parameters()), "lr": cfg.text_lr, "name": "text_encoder"}]
+        groups = [
+            {"params": list(te.parameters()) + list(probe.parameters()), "lr": cfg.text_lr, "name": "text_encoder"}
+        ]
         stage = Stage("text", {"text_encoder": te, "probe": probe}, groups, cfg.text_steps, cfg.text_batch,
                       _text_loss(te, probe, fast_tokenizer, s, cfg.text_batch), s, cfg)
         result = stage.run(w.ckpt("text"))
-        accuracy = parse_accuracy(result["text_encoder"], result["probe"], fast_tokenizer, stream("text"))
+        # run() returns the modules it was given (as nn.Module): the encoder and the probe built above.
+        te_trained, probe_trained = cast(CLIPTextModel, result["text_encoder"]), cast(SceneProbe, result["probe"])
+        accuracy = parse_accuracy(te_trained, probe_trained, fast_tokenizer, stream("text"))
         print(f"[text] probe accuracy on fresh prompts: {accuracy}", flush=True)
         w.finish("text", {"text_encoder": result["text_encoder"]},
                  {**stage.record, "parse_accuracy": accuracy,
@@ -688,13 +730,18 @@ def train_family(
     if not w.done("large"):
         torch.manual_seed(seed * 1000 + 2)
         unet, s = build_unet(cfg.large, cfg.text_hidden, latent), stream("large")
-        stage = Stage("large", {"unet": unet}, [{"params": list(unet.parameters()), "lr": cfg.lr, "name": "unet"}],
+        groups = [{
+            "params": list(unet.parameters()),  # type: ignore[attr-defined]  # diffusers placeholder
+            "lr": cfg.lr, "name": "unet",
+        }]
+        stage = Stage("large", {"unet": unet}, groups,  # type: ignore[dict-item]  # diffusers placeholder
                       cfg.large_steps, cfg.large_batch,
                       _denoiser_loss(unet, te, fast_tokenizer, vae, s, cfg, cfg.large_batch),
                       s, cfg, ema_decay=cfg.ema_decay)
         result = stage.run(w.ckpt("large"))
         w.finish("large", result, {**stage.record, "uncond_p": cfg.uncond_p,
-                                    "loss": f"MSE(epsilon) on SD's scaled-linear schedule, t uniform in [0, 1000), min-SNR-{cfg.snr_gamma:g} weighted"})
+                                    "loss": "MSE(epsilon) on SD's scaled-linear schedule, t uniform in [0, 1000), "
+                                            f"min-SNR-{cfg.snr_gamma:g} weighted"})
     unet = w.load("large", "unet", UNet2DConditionModel)
     if stop_after == "large":
         return None
@@ -704,15 +751,21 @@ def train_family(
         torch.manual_seed(seed * 1000 + 3)
         small, s = build_unet(cfg.small, cfg.text_hidden, latent), stream("small")
         teacher = unet if cfg.distill_weight > 0 else None
-        stage = Stage("small", {"unet_small": small}, [{"params": list(small.parameters()), "lr": cfg.small_lr, "name": "unet_small"}],
+        groups = [{
+            "params": list(small.parameters()),  # type: ignore[attr-defined]  # diffusers placeholder
+            "lr": cfg.small_lr, "name": "unet_small",
+        }]
+        stage = Stage("small", {"unet_small": small}, groups,  # type: ignore[dict-item]  # diffusers placeholder
                       cfg.small_steps, cfg.small_batch,
                       _denoiser_loss(small, te, fast_tokenizer, vae, s, cfg, cfg.small_batch, teacher=teacher,
                                      focus_t=cfg.small_focus_t, focus_p=cfg.small_focus_p),
                       s, cfg, ema_decay=cfg.ema_decay)
         result = stage.run(w.ckpt("small"))
         w.finish("small", result, {**stage.record, "distill_weight": cfg.distill_weight, "uncond_p": cfg.uncond_p,
-                                    "loss": f"MSE(epsilon, noise) + {cfg.distill_weight:g} x MSE(epsilon, large UNet's epsilon), min-SNR-{cfg.snr_gamma:g} weighted, "
-                                            f"{cfg.small_focus_p:.0%} of t in [0, {cfg.small_focus_t}), the rest uniform"})
+                                    "loss": f"MSE(epsilon, noise) + {cfg.distill_weight:g} x MSE(epsilon, large UNet's "
+                                            f"epsilon), min-SNR-{cfg.snr_gamma:g} weighted, "
+                                            f"{cfg.small_focus_p:.0%} of t in [0, {cfg.small_focus_t}), "
+                                            "the rest uniform"})
     small = w.load("small", "unet_small", UNet2DConditionModel)
 
     save_family(out, vae, te, tokenizer, unet, small)
@@ -720,7 +773,9 @@ def train_family(
         "seed": seed, "command": command, "config": asdict(cfg),
         "stages": {name: w.record(name) for name in STAGES},
         "changes": w.changes,
-        "params": {"vae": n_params(vae), "text_encoder": n_params(te), "unet": n_params(unet), "unet_small": n_params(small)},
+        "params": {
+            "vae": n_params(vae), "text_encoder": n_params(te), "unet": n_params(unet), "unet_small": n_params(small)
+        },
         "step_cost_ms": step_costs(unet, small, cfg.text_hidden, latent),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
@@ -742,11 +797,11 @@ def step_costs(large: UNet2DConditionModel, small: UNet2DConditionModel, dim: in
     out: dict[str, float] = {}
     for name, unet in (("unet", large), ("unet_small", small)):
         for _ in range(3):
-            unet(z, t, c)
+            unet(z, t, c)  # type: ignore[operator]  # diffusers placeholder
         times = []
         for _ in range(repeats):
             t0 = time.process_time()
-            unet(z, t, c)
+            unet(z, t, c)  # type: ignore[operator]  # diffusers placeholder
             times.append(time.process_time() - t0)
         out[name] = round(1000 * sorted(times)[len(times) // 2], 2)
     torch.set_num_threads(threads)
@@ -764,15 +819,20 @@ def save_family(
 ) -> Path:
     """Write the pipeline folder (fp16 safetensors) with the small UNet in ``unet_small/``."""
     out.mkdir(parents=True, exist_ok=True)
-    pipe = StableDiffusionPipeline(
+    pipe = StableDiffusionPipeline(  # type: ignore[no-untyped-call, unused-ignore]  # diffusers placeholder
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+        scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG),  # type: ignore[no-untyped-call, unused-ignore]  # diffusers
+        safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
-    small.to(torch.float16).save_pretrained(out / "unet_small", safe_serialization=True)
-    pipe.to(torch.float32)
-    small.to(torch.float32)
+    pipe.to(torch.float16).save_pretrained(  # type: ignore[attr-defined]  # diffusers placeholder
+        out, safe_serialization=True
+    )
+    small.to(torch.float16).save_pretrained(  # type: ignore[attr-defined]  # diffusers placeholder
+        out / "unet_small", safe_serialization=True
+    )
+    pipe.to(torch.float32)  # type: ignore[attr-defined]  # diffusers placeholder
+    small.to(torch.float32)  # type: ignore[attr-defined]  # diffusers placeholder
     return out
 
 
@@ -824,16 +884,19 @@ def snapshot(work: str | Path, dest: str | Path) -> dict[str, Any]:
         unet = w.load("large", "unet", UNet2DConditionModel)
         state["large"] = "done"
     else:
-        unet = from_ckpt("large", "unet", build_unet(cfg.large, cfg.text_hidden, latent))
+        fresh = build_unet(cfg.large, cfg.text_hidden, latent)
+        unet = from_ckpt("large", "unet", fresh)  # type: ignore[arg-type]  # diffusers placeholder
         if unet is None:
             raise TrainingError(f"the large stage has no checkpoint in {work} yet")
     if w.done("small"):
         small = w.load("small", "unet_small", UNet2DConditionModel)
         state["small"] = "done"
     else:
-        small = from_ckpt("small", "unet_small", build_unet(cfg.small, cfg.text_hidden, latent))
+        fresh = build_unet(cfg.small, cfg.text_hidden, latent)
+        small = from_ckpt("small", "unet_small", fresh)  # type: ignore[arg-type]  # diffusers placeholder
         if small is None:
-            small = build_unet(cfg.small, cfg.text_hidden, latent).eval()
+            untrained = build_unet(cfg.small, cfg.text_hidden, latent)
+            small = untrained.eval()  # type: ignore[attr-defined]  # diffusers placeholder
             state["small"] = "not started (untrained weights)"
     save_family(Path(dest), vae, te, tokenizer, unet, small)
     (Path(dest) / "SNAPSHOT.json").write_text(json.dumps(state, indent=2) + "\n")
@@ -855,7 +918,8 @@ def build_untrained_family(out: str | Path, cfg: TrainConfig = QUICK, seed: int 
 
 def _unet_line(spec: dict[str, Any], params: int) -> str:
     levels = ", ".join(
-        f"{c} ch{' + cross-attn' if a else ''}" for c, a in zip(spec["block_out_channels"], spec["attention_levels"])
+        f"{c} ch{' + cross-attn' if a else ''}"
+        for c, a in zip(spec["block_out_channels"], spec["attention_levels"], strict=True)
     )
     return (f"`UNet2DConditionModel`, {len(spec['block_out_channels'])} levels ({levels}), "
             f"{spec['layers_per_block']} layer(s) per level, mid block with cross-attention, "
@@ -896,7 +960,8 @@ def write_model_card(folder: str | Path, eval_json: str | Path | None = None) ->
         f"{sizes.get('text_encoder/model.safetensors', 0) / 1e6:.1f} MB |",
         f"| `vae/` | `AutoencoderKL` 48x48x3 <-> 4x12x12, channels {tuple(cfg['vae_channels'])}, "
         f"{cfg['vae_layers']} resnet layer(s) per level, scaling_factor {st['vae']['scaling_factor']:.4f}; "
-        f"{params['vae'] / 1e6:.2f} M parameters | {sizes.get('vae/diffusion_pytorch_model.safetensors', 0) / 1e6:.1f} MB |",
+        f"{params['vae'] / 1e6:.2f} M parameters | "
+        f"{sizes.get('vae/diffusion_pytorch_model.safetensors', 0) / 1e6:.1f} MB |",
         f"| `unet/` (large) | {_unet_line(cfg['large'], params['unet'])} | "
         f"{sizes.get('unet/diffusion_pytorch_model.safetensors', 0) / 1e6:.1f} MB |",
         f"| `unet_small/` (small) | {_unet_line(cfg['small'], params['unet_small'])} | "
@@ -904,8 +969,10 @@ def write_model_card(folder: str | Path, eval_json: str | Path | None = None) ->
         "| `scheduler/` | Stable Diffusion 1.x's (scaled-linear betas 0.00085-0.012, 1000 steps, epsilon) | - |",
         "",
         f"Total weights: {sum(sizes.values()) / 1e6:.1f} MB. Per-step cost of one UNet call at batch 2 (one image",
-        f"with classifier-free guidance), both in PyTorch, one thread, measured after training: large {cost['unet']:.1f} ms,",
-        f"small {cost['unet_small']:.1f} ms, ratio {cost['ratio']:.1f}. On the device the small UNet runs on ONNX Runtime,",
+        "with classifier-free guidance), both in PyTorch, one thread, measured after training: "
+        f"large {cost['unet']:.1f} ms,",
+        f"small {cost['unet_small']:.1f} ms, ratio {cost['ratio']:.1f}. "
+        "On the device the small UNet runs on ONNX Runtime,",
         "where it costs less (PyTorch's per-module overhead dominates at this size): `rise-eval --bundle` measures",
         "that pair, the one the relay uses (see Evaluation below when present).",
         "",
@@ -918,7 +985,7 @@ def write_model_card(folder: str | Path, eval_json: str | Path | None = None) ->
         "(`shared/demo_grammar/prompts.txt`) are never drawn, and evaluation renders its reference scenes",
         "from the Fashion-MNIST **test** split, so no source image is shared either.",
         "",
-        "## Training (seed %d, %s in all)" % (info["seed"], _fmt_s(total_s)),
+        f"## Training (seed {info['seed']:d}, {_fmt_s(total_s)} in all)",
         "",
         "| stage | trains | loss | steps | batch | peak LR | EMA | time | final loss |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -951,7 +1018,8 @@ def write_model_card(folder: str | Path, eval_json: str | Path | None = None) ->
         "",
         "Reproduce (resumable: run the same command again after an interruption):",
         "",
-        "    " + (info.get("command") or f"python -m lab.demo_family.train --out DIR --seed {info['seed']} --threads 2"),
+        "    "
+        + (info.get("command") or f"python -m lab.demo_family.train --out DIR --seed {info['seed']} --threads 2"),
         "",
     ]
     changes = info.get("changes", info.get("budget_changes", []))
@@ -985,7 +1053,8 @@ def _change_line(change: dict[str, Any]) -> str:
                 "budget from its checkpoint on, so a fresh run with today's config is close to these weights but "
                 "not bit-identical.")
     if state == "not started":
-        return f"{what} at {change['at']}, before the {stage} stage started: a fresh run with today's config trains it the same way."
+        return (f"{what} at {change['at']}, before the {stage} stage started: a fresh run with today's config "
+                "trains it the same way.")
     return f"{what} at {change['at']}, after the {stage} stage had finished: its weights did not change."
 
 
@@ -1014,7 +1083,8 @@ def evaluation_section(report: dict[str, Any]) -> list[str]:
         return f"{np.mean(vals):.3f}" if vals else "-"
 
     for row in report["rows"]:
-        lines.append(f"| {row['k']} | {row['adherence']:.3f} | {row.get('relative_adherence', float('nan')):.1%} | {level_mean(row, (1, 2))} | {level_mean(row, (3, 4))} | "
+        lines.append(f"| {row['k']} | {row['adherence']:.3f} | {row.get('relative_adherence', float('nan')):.1%} | "
+                     f"{level_mean(row, (1, 2))} | {level_mean(row, (3, 4))} | "
                      f"{level_mean(row, range(5, 10))} | {row['frechet']:.2f} | {row['edge_s']:.3f} | "
                      f"{row['device_s']:.3f} | {row['speedup']:.2f}x |")
     return lines + [""]

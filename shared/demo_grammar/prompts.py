@@ -248,7 +248,9 @@ def eval_scenes(path: str | Path | None = None) -> set[Scene]:
     return {prompt_to_scene(p) for p in load_prompts(path)}
 
 
-def write_prompts_file(path: str | Path = DEFAULT_PROMPTS_FILE, seed: int = EVAL_SEED, per_level: int = EVAL_PER_LEVEL) -> Path:
+def write_prompts_file(
+    path: str | Path = DEFAULT_PROMPTS_FILE, seed: int = EVAL_SEED, per_level: int = EVAL_PER_LEVEL
+) -> Path:
     """Write :func:`heldout_prompts` to ``path`` with a header saying how it was made."""
     prompts = heldout_prompts(seed, per_level)
     header = (

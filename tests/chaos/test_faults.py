@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.client import connect
 
-from device_app.client import EdgeClient, EdgeConnectionError, EdgeError, EdgeTimeout
+from device_app.client import EdgeClient
+from device_app.errors import EdgeConnectionError, EdgeError, EdgeTimeout
 from shared.protocol import ClientConnection, Error, Generate, Progress, Welcome
 from shared.relay_plan import RelayPlan
 from tests.chaos.helpers import TOKEN, EdgeProcess, LinkProxy
@@ -164,7 +165,7 @@ def test_edge_killed_mid_request_fails_fast_then_device_only_and_retry_after_res
 
 def _profile(tmp_path: Path) -> Path:
     from shared.bandit.profile import save_profile
-    from tests.lab.test_simulator import synthetic_profile
+    from tests.helpers import synthetic_profile
 
     path = tmp_path / "profile.json"
     save_profile(path, synthetic_profile())

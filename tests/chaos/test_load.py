@@ -22,7 +22,8 @@ from collections import Counter
 
 import pytest
 
-from device_app.client import EdgeClient, EdgeError
+from device_app.client import EdgeClient
+from device_app.errors import EdgeError
 from shared.relay_plan import RelayPlan
 from tests.chaos.helpers import TOKEN, EdgeProcess
 

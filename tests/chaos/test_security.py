@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.client import connect
 
-from device_app.client import EdgeClient, EdgeConnectionError, EdgeError
+from device_app.client import EdgeClient
+from device_app.errors import EdgeConnectionError, EdgeError
 from edge_server.daemon import EdgeConfig, EdgeServer
 from shared.errors import ConfigError
 from shared.protocol import ClientConnection, Hello, ServerConnection, encode

@@ -25,21 +25,15 @@ import pytest
 from PIL import Image
 
 from tests.device_app.test_app_controller import running_edge
+from tests.helpers import NO_TORCH_PRELUDE
 
 REPO = Path(__file__).resolve().parents[2]
 
 # Runs the driver with torch & co. blocked, like the no-torch device test.
-LAUNCHER = textwrap.dedent(
+LAUNCHER = NO_TORCH_PRELUDE + textwrap.dedent(
     """
-    import importlib.abc, runpy, sys
+    import runpy, sys
 
-    class NoTorch(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in {"torch", "diffusers", "transformers", "optimum"}:
-                raise ImportError(f"{name} is not installed on the device")
-            return None
-
-    sys.meta_path.insert(0, NoTorch())
     sys.argv = ["screenshots", *sys.argv[1:]]
     runpy.run_module("device_app.app.screenshots", run_name="__main__")
     """

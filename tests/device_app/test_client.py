@@ -34,6 +34,7 @@ from edge_server.relay import EdgeRelay
 from shared.errors import RiseError
 from shared.relay_plan import RelayPlan
 from tests.device_app.fake_edge import FakeEdge
+from tests.helpers import NO_TORCH_PRELUDE
 
 TOKEN = "s3cret-token"
 REPO = Path(__file__).resolve().parents[2]
@@ -390,17 +391,8 @@ def test_busy_fraction_and_device_load():
 
 
 def test_device_client_imports_without_torch():
-    script = textwrap.dedent(
+    script = NO_TORCH_PRELUDE + textwrap.dedent(
         """
-        import importlib.abc, sys
-
-        class NoTorch(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in {"torch", "diffusers", "transformers", "optimum"}:
-                    raise ImportError(f"{name} is not installed on the device")
-                return None
-
-        sys.meta_path.insert(0, NoTorch())
         import device_app.cli, device_app.client, device_app.telemetry
         print("ok")
         """

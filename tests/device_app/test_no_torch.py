@@ -14,22 +14,15 @@ from device_app.runtime import DeviceBundle
 from edge_server.relay import EdgeRelay
 from shared.handoff import decode_handoff, encode_handoff
 from shared.relay_plan import RelayPlan
+from tests.helpers import NO_TORCH_PRELUDE
 
 REPO = Path(__file__).resolve().parents[2]
 
-DEVICE_SCRIPT = textwrap.dedent(
+DEVICE_SCRIPT = NO_TORCH_PRELUDE + textwrap.dedent(
     """
-    import importlib.abc, sys
-
-    class NoTorch(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in {"torch", "diffusers", "transformers", "optimum"}:
-                raise ImportError(f"{name} is not installed on the device")
-            return None
-
-    sys.meta_path.insert(0, NoTorch())
+    import sys
     import numpy as np
-    from device_app.relay import finish_latents
+    from device_app.finish import finish_latents
     from device_app.runtime import DeviceBundle
     from shared.handoff import decode_handoff
 

@@ -26,7 +26,7 @@ def test_batched_requests_match_one_at_a_time(tiny_family):
         calls += 1
     # 6 + 3 + 4 + 2 + 0 = 15 job-steps took max(k) = 6 UNet calls.
     assert calls == 6
-    for job, (prompt, plan, seed) in zip(jobs, REQUESTS):
+    for job, (prompt, plan, seed) in zip(jobs, REQUESTS, strict=False):
         batched = job.to_handoff(tiny_family.family_id, plan, seed)
         alone = EdgeRelay(tiny_family).start(prompt, plan, seed)
         assert batched.split == plan.split

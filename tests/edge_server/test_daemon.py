@@ -297,7 +297,7 @@ def test_metrics_endpoint_reports_requests_and_batches(tiny_family):
 def test_bandit_scheduler_plans_learns_from_reports_and_persists(tiny_family, tmp_path):
     from shared.bandit.profile import save_profile
     from shared.protocol import Report
-    from tests.lab.test_simulator import synthetic_profile
+    from tests.helpers import synthetic_profile
 
     profile_path, state_path = tmp_path / "profile.json", tmp_path / "state" / "bandit.json"
     save_profile(profile_path, synthetic_profile())

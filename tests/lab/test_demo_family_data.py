@@ -102,7 +102,7 @@ def test_scenes_are_deterministic_per_seed(test_bank: ItemBank) -> None:
 def test_rendering_matches_scene(test_bank: ItemBank) -> None:
     images, scenes, sources = test_bank.sample(30, np.random.default_rng(0))
     cells = cells_of(images)
-    for img_cells, scene, src in zip(cells, scenes, sources):
+    for img_cells, scene, src in zip(cells, scenes, sources, strict=False):
         assert len(src) == scene.n_items
         for cell, item in enumerate(scene.cells):
             patch = img_cells[cell].astype(np.float32) / 255
@@ -194,8 +194,8 @@ class Oracle:
 
     def __init__(self, images: np.ndarray, scenes: list[Scene]) -> None:
         self.table: dict[bytes, tuple[int, int]] = {}
-        for cells, scene in zip(cells_of(images), scenes):
-            for patch, cat, col in zip(cells, *scene.targets()):
+        for cells, scene in zip(cells_of(images), scenes, strict=False):
+            for patch, cat, col in zip(cells, *scene.targets(), strict=False):
                 self.table[patch.tobytes()] = (int(cat), int(col))
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -213,7 +213,7 @@ def test_adherence_with_an_oracle(test_bank: ItemBank) -> None:
     np.testing.assert_array_equal(adherence(images, prompts, oracle), 1.0)  # prompts are parsed
     # Swap a filled cell with an empty one in every image: exactly those two cells go wrong.
     swapped = images.copy()
-    for img, scene in zip(swapped, scenes):
+    for img, scene in zip(swapped, scenes, strict=False):
         filled = next(i for i, c in enumerate(scene.cells) if c is not None)
         empty = next(i for i, c in enumerate(scene.cells) if c is None)
         (fy, fx), (ey, ex) = data.cell_origin(filled), data.cell_origin(empty)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from device_app.relay import finish_latents
+from device_app.finish import finish_latents
 from device_app.runtime import DeviceBundle
 from edge_server.relay import EdgeRelay, run_torch_relay
 from edge_server.scheduler_bridge import diffusers_scheduler

@@ -4,45 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from shared.bandit import ArmQuality, Profile, Timing, save_profile
+from shared.bandit import save_profile
+from tests.helpers import run_without_torch, synthetic_profile
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def synthetic_profile(steps=(10, 20, 30), fractions=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0), levels=range(1, 10), *,
-                      small_slope: float = 0.06, step_penalty: float = 0.25, edge_step_s: float = 0.05,
-                      device_step_s: float = 0.25) -> Profile:
-    """A SYNTHETIC profile with the shape the paper reports, for tests and for trying the simulator.
-
-    Quality (made up): the large model degrades slowly with the number of items, the small
-    one fast (``small_slope`` per item); a relay that gives the edge the fraction f = k/N of the steps gets
-    ``small + (large - small) * (1 - (1 - f)^2.5)`` (the early steps matter most); fewer
-    steps cost quality (``step_penalty``). Times: an SD-sized family on an edge GPU and a phone.
-    """
-    levels = tuple(levels)
-    arms = []
-    for n in steps:
-        step_factor = 1.0 - step_penalty * math.exp(-(n - 4) / 6.0)
-        for f in fractions:
-            k = round(f * n)
-            quality = []
-            for level in levels:
-                large = 0.97 - 0.025 * (level - 1)
-                small = max(0.95 - small_slope * (level - 1), 0.0)
-                frac = k / n
-                quality.append(round(step_factor * (small + (large - small) * (1 - (1 - frac) ** 2.5)), 4))
-            arms.append(ArmQuality(n, k, tuple(quality)))
-    timing = Timing(edge_step_s=edge_step_s, device_step_s=device_step_s, edge_decode_s=0.04, device_decode_s=0.3,
-                    handoff_bytes=300_000, image_bytes=350_000, text_encode_s=0.01)
-    return Profile(levels=levels, arms=tuple(arms), timing=timing, family="synthetic", synthetic=True,
-                   sources=("tests/lab/test_simulator.py:synthetic_profile",))
 
 
 def write_synthetic_profile(path: Path, **kw) -> Path:
@@ -150,17 +120,11 @@ def test_edge_batching_model():
 
 def test_simulator_runs_without_torch(profile_path):
     script = (
-        "import importlib.abc, sys\n"
-        "class NoTorch(importlib.abc.MetaPathFinder):\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in {'torch', 'diffusers', 'transformers'}:\n"
-        "            raise ImportError(name)\n"
-        "sys.meta_path.insert(0, NoTorch())\n"
         "from lab.simulator import main\n"
         f"sys.exit(main(['--profile', {str(profile_path)!r}, '--requests', '300', '--devices', '20',"
         " '--policies', 'linucb,oracle']))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = run_without_torch(script, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "SYNTHETIC PROFILE" in proc.stdout and "linucb" in proc.stdout
 

@@ -17,7 +17,7 @@ from shared.bandit.planner import BanditPlanner
 from shared.planning import PlanContext
 from shared.prompt_features import prompt_features
 from shared.protocol import Generate, Report
-from tests.lab.test_simulator import synthetic_profile
+from tests.helpers import synthetic_profile
 
 # the module, not the function of the same name that shared.bandit exports
 reward_module = importlib.import_module("shared.bandit.reward")

@@ -45,7 +45,7 @@ from shared.bandit import (
 from shared.bandit.persistence import STATE_VERSION, atomic_write_text
 from shared.bandit.profile import main as profile_main
 from shared.relay_plan import RelayPlan
-from tests.lab.test_simulator import synthetic_profile
+from tests.helpers import synthetic_profile
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -79,7 +79,7 @@ def test_context_vector():
     x = b.build(Observation(complexity=0.5, preference=0.8, rtt_s=0.05, bandwidth_bps=20e6, device_load=0.5,
                             device_step_s=1.0, queue_depth=4, active=2))
     assert x.shape == (b.dim,) == (len(FEATURE_NAMES),)
-    named = dict(zip(FEATURE_NAMES, x))
+    named = dict(zip(FEATURE_NAMES, x, strict=False))
     assert named["w"] + named["1-w"] == pytest.approx(1.0)  # the implicit bias
     assert named["w*c"] == pytest.approx(0.4) and named["w*c^2"] == pytest.approx(0.2)
     assert named["(1-w)*rtt"] == pytest.approx(0.2 * 0.05 / 10)
@@ -88,7 +88,7 @@ def test_context_vector():
     assert named["(1-w)*queue"] == pytest.approx(0.2 * 4 / 8)
     # missing values take the documented defaults; absurd ones are clipped
     default = b.build(Observation(0.5, 0.0))
-    assert dict(zip(FEATURE_NAMES, default))["(1-w)*dev"] == 1.0
+    assert dict(zip(FEATURE_NAMES, default, strict=False))["(1-w)*dev"] == 1.0
     assert b.build(Observation(0.5, 0.0, bandwidth_bps=1.0)).max() == b.clip
     with pytest.raises(BanditError):
         b.build(Observation(0.5, 1.5))
@@ -177,7 +177,7 @@ def test_decision_time_p99_with_36_arms():
     policy = LinUCB(len(arms), b.dim, alpha=0.1)
     rng = np.random.default_rng(0)
     times = []
-    for i in range(3000):
+    for _i in range(3000):
         x = b.build(Observation(rng.random(), rng.random(), rtt_s=rng.random() * 0.2, bandwidth_bps=1e6 + rng.random() * 1e8,
                                 device_load=rng.random(), queue_depth=int(rng.integers(10)), active=int(rng.integers(8))))
         started = time.perf_counter()
@@ -302,7 +302,7 @@ def test_state_survives_kill_9(tmp_path):
     labels, features = [f"arm{i}" for i in range(40)], [f"f{i}" for i in range(11)]
     rng = np.random.default_rng(0)
     last, reads = 0, 0
-    for round_ in range(6):
+    for _round in range(6):
         proc = subprocess.Popen([sys.executable, str(script), str(path), str(last)], cwd=REPO,
                                 stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
         assert proc.stdout is not None

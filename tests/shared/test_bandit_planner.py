@@ -13,7 +13,7 @@ from shared.bandit.planner import BanditPlanner
 from shared.planning import PlanContext, Planner
 from shared.protocol import Generate, Plan, Report
 from shared.relay_plan import RelayPlan
-from tests.lab.test_simulator import synthetic_profile
+from tests.helpers import synthetic_profile
 
 CONTEXT = PlanContext(queue_depth=2, active=3, device_load=0.4, rtt_s=0.04, bandwidth_bps=12e6)
 PROMPT = "a red sneaker in the top left and a blue bag in the middle"

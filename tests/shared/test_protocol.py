@@ -50,6 +50,7 @@ from shared.protocol import (
 )
 from shared.relay_plan import RelayPlan
 from shared.samplers import SamplerState
+from tests.helpers import pump
 
 FAMILY = "tiny-sd"
 TOKEN = "s3cret-Token_42"
@@ -96,14 +97,6 @@ def make_client(**kwargs: Any) -> ClientConnection:
     kwargs.setdefault("token", TOKEN)
     kwargs.setdefault("client_name", "test-device/1.0")
     return ClientConnection(**kwargs)
-
-
-def pump(src: ServerConnection | ClientConnection, dst: ServerConnection | ClientConnection, now: float = 0.0) -> list[Any]:
-    """Deliver every frame ``src`` queued to ``dst``, in order; return ``dst``'s events."""
-    events: list[Any] = []
-    for frame in src.data_to_send():
-        events += dst.receive_text(frame, now) if isinstance(frame, str) else dst.receive_bytes(frame, now)
-    return events
 
 
 def connected(
@@ -400,7 +393,7 @@ def test_full_happy_path_relay():
     kinds = [json.loads(f)["type"] if isinstance(f, str) else "binary" for f in frames]
     assert kinds == ["plan"] + ["progress"] * PLAN.split + ["handoff", "binary"]
     events = []
-    for i, f in enumerate(frames):  # the binary frame arrives 0.25 s after its announcement
+    for _i, f in enumerate(frames):  # the binary frame arrives 0.25 s after its announcement
         now = 2.0 + (0.25 if isinstance(f, bytes) else 0.0)
         events += client.receive_text(f, now) if isinstance(f, str) else client.receive_bytes(f, now)
     plan, *progress, received = events
