@@ -34,7 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from edge_server.batching import batched_step
+    from edge_server.batching import DenoiseJob, batched_step
     from edge_server.family import load_family
     from edge_server.relay import prepare
     from shared.relay_plan import RelayPlan
@@ -42,10 +42,11 @@ def main() -> None:
     family = load_family(args.family)
     plan = RelayPlan(num_inference_steps=args.steps, split=args.steps, sampler="dpmpp_2m", guidance_scale=7.5)
     sizes = [int(b) for b in args.batches.split(",")]
-    print(f"family {args.family}: large UNet {sum(p.numel() for p in family.large_unet.parameters()) / 1e6:.1f} M params, "
+    params = sum(p.numel() for p in family.large_unet.parameters())  # type: ignore[attr-defined]  # diffusers placeholder
+    print(f"family {args.family}: large UNet {params / 1e6:.1f} M params, "
           f"torch threads {args.threads}, dpmpp_2m with guidance (2 UNet rows per request)")
 
-    def fresh(b: int) -> list:
+    def fresh(b: int) -> list[DenoiseJob]:
         jobs = [prepare(family, f"a red sneaker in the middle {i}", plan, seed=i) for i in range(b)]
         for i, job in enumerate(jobs):  # requests at different steps, as in the service
             job.next_step = (3 * i) % (args.steps // 2)
@@ -65,9 +66,10 @@ def main() -> None:
     base = median[sizes[0]] / sizes[0]
     print(f"{'requests':>8} {'rows':>5} {'ms/call':>9} {'ms/request':>11} {'speed-up/request':>17}")
     for b in sizes:
-        print(f"{b:>8} {2 * b:>5} {median[b] * 1e3:>9.1f} {median[b] / b * 1e3:>11.2f} {base / (median[b] / b):>16.2f}x")
+        print(f"{b:>8} {2 * b:>5} {median[b] * 1e3:>9.1f} {median[b] / b * 1e3:>11.2f} "
+              f"{base / (median[b] / b):>16.2f}x")
     if args.json:
-        out = {"edge_batch_step_s": {str(b): round(median[b], 6) for b in sizes}}
+        out: dict[str, float | dict[str, float]] = {"edge_batch_step_s": {str(b): round(median[b], 6) for b in sizes}}
         if 1 in median:
             out["edge_step_s"] = round(median[1], 6)
         args.json.write_text(json.dumps(out, indent=2) + "\n")

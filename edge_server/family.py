@@ -25,6 +25,8 @@ DEFAULT_SMALL = "unet_small"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
+# For mypy, diffusers' top-level names are its torch-less placeholder classes (its __init__ imports
+# dummy_pt_objects first under TYPE_CHECKING): their modules, configs and loaders are untyped.
 @dataclass
 class Family:
     """A loaded family: the large pipeline plus the small denoiser, in float32, eval mode."""
@@ -42,15 +44,16 @@ class Family:
 
     @property
     def large_unet(self) -> UNet2DConditionModel:
-        return self.pipeline.unet
+        unet: UNet2DConditionModel = self.pipeline.unet  # type: ignore[attr-defined]  # a module set at runtime
+        return unet
 
     @property
     def vae_scaling_factor(self) -> float:
-        return float(self.pipeline.vae.config.scaling_factor)
+        return float(self.pipeline.vae.config.scaling_factor)  # type: ignore[attr-defined]  # set at runtime
 
     @property
     def default_latent_size(self) -> int:
-        return int(self.large_unet.config.sample_size)
+        return int(self.large_unet.config.sample_size)  # type: ignore[attr-defined]  # diffusers' runtime config
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -139,11 +142,11 @@ def load_family(folder: str | Path, small: str | None = None) -> Family:
     check_compatible(large_cfg, small_cfg, vae_cfg)
     diffusers_logging.disable_progress_bar()  # a daemon's log is no place for loading bars
     try:
-        pipeline = StableDiffusionPipeline.from_pretrained(
+        pipeline = StableDiffusionPipeline.from_pretrained(  # type: ignore[no-untyped-call]  # diffusers, untyped
             folder, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False,
             local_files_only=True,
         )
-        small_unet = UNet2DConditionModel.from_pretrained(
+        small_unet = UNet2DConditionModel.from_pretrained(  # type: ignore[no-untyped-call]  # diffusers, untyped
             small_folder, torch_dtype=torch.float32, local_files_only=True
         )
     except (OSError, ValueError, KeyError) as exc:
@@ -168,12 +171,14 @@ def load_family(folder: str | Path, small: str | None = None) -> Family:
 @torch.no_grad()
 def encode_prompts(family: Family, prompts: list[str]) -> torch.Tensor:
     """Text encoder output (B, L, D) for prompts padded to the tokenizer's max length, as SD does."""
-    tokenizer = family.pipeline.tokenizer
+    pipeline: Any = family.pipeline  # diffusers sets a pipeline's modules at runtime: untyped for mypy
+    tokenizer = pipeline.tokenizer
     ids = tokenizer(
         prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
         return_tensors="pt",
     ).input_ids
-    return family.pipeline.text_encoder(ids)[0]
+    hidden: torch.Tensor = pipeline.text_encoder(ids)[0]
+    return hidden
 
 
 def uncond_embedding(family: Family) -> torch.Tensor:

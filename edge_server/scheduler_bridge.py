@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from shared.errors import ConfigError, HandoffError
@@ -35,6 +36,9 @@ class StepCountingDDIMScheduler(DDIMScheduler):
     """
 
     _step_index: int | None = None
+    # Set by DDIMScheduler; mypy sees diffusers' torch-less placeholder class, which declares neither.
+    num_inference_steps: int | None
+    timesteps: torch.Tensor
 
     @property
     def step_index(self) -> int | None:
@@ -42,10 +46,12 @@ class StepCountingDDIMScheduler(DDIMScheduler):
         return self._step_index
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        super().set_timesteps(num_inference_steps, device)
+        super().set_timesteps(num_inference_steps, device)  # type: ignore[misc]  # placeholder base class for mypy
         self._step_index = None
 
-    def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor, *args: Any, **kwargs: Any):  # type: ignore[override]
+    def step(
+        self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> DDIMSchedulerOutput | tuple[torch.Tensor, ...]:
         eta = args[0] if args else kwargs.get("eta", 0.0)
         if eta != 0.0:
             raise ConfigError(f"ddim: eta={eta!r} is not supported (the device's numpy DDIM is deterministic)")
@@ -60,15 +66,17 @@ class StepCountingDDIMScheduler(DDIMScheduler):
         expected = int(self.timesteps[index])
         if int(timestep) != expected:
             raise SamplerError(f"ddim: got timestep {int(timestep)} but step {index} is at {expected}")
-        out = super().step(model_output, timestep, sample, *args, **kwargs)
+        out: DDIMSchedulerOutput | tuple[torch.Tensor, ...] = super().step(  # type: ignore[misc]  # placeholder base
+            model_output, timestep, sample, *args, **kwargs
+        )
         self._step_index = index + 1
         return out
 
 
 _CLASSES: dict[str, type[SchedulerMixin]] = {
-    "ddim": StepCountingDDIMScheduler,
-    "euler": EulerDiscreteScheduler,
-    "dpmpp_2m": DPMSolverMultistepScheduler,
+    "ddim": StepCountingDDIMScheduler,  # type: ignore[dict-item]  # mypy sees diffusers' placeholder classes
+    "euler": EulerDiscreteScheduler,  # type: ignore[dict-item]  # (idem)
+    "dpmpp_2m": DPMSolverMultistepScheduler,  # type: ignore[dict-item]  # (idem)
 }
 # Keys a wire name fixes, whatever the family's config says (the numpy port rejects others).
 _OVERRIDES: dict[str, dict[str, Any]] = {
@@ -93,12 +101,14 @@ def diffusers_scheduler(
     """
     _check_name(name)
     sampler = make_sampler(name, scheduler_config)  # same ConfigError the device would raise
-    scheduler = _CLASSES[name].from_config(dict(scheduler_config), **_OVERRIDES.get(name, {}))
+    scheduler = _CLASSES[name].from_config(  # type: ignore[attr-defined]  # ConfigMixin's, not SchedulerMixin's
+        dict(scheduler_config), **_OVERRIDES.get(name, {})
+    )
     if num_inference_steps is not None:
         sampler.set_timesteps(num_inference_steps)
         scheduler.set_timesteps(num_inference_steps)
         check_same_schedule(name, scheduler_config, scheduler, sampler)
-    return scheduler
+    return cast(SchedulerMixin, scheduler)  # from_config is untyped: it returns an instance of the class
 
 
 def check_same_schedule(name: str, scheduler_config: Mapping[str, Any], scheduler: SchedulerMixin,
@@ -110,7 +120,7 @@ def check_same_schedule(name: str, scheduler_config: Mapping[str, Any], schedule
     error names the config keys whose values the two read differently.
     """
     ours = np.asarray(sampler.timesteps, dtype=np.float64)
-    theirs = scheduler.timesteps.detach().cpu().numpy().astype(np.float64)
+    theirs = scheduler.timesteps.detach().cpu().numpy().astype(np.float64)  # type: ignore[attr-defined]  # per class
     what = ""
     if ours.shape != theirs.shape or not np.allclose(ours, theirs, rtol=0, atol=1e-3):
         what = "timesteps"
@@ -122,8 +132,9 @@ def check_same_schedule(name: str, scheduler_config: Mapping[str, Any], schedule
     if not what:
         return
     port = resolved_config(name, scheduler_config)
-    differ = [f"{key}: edge {scheduler.config[key]!r}, device {port[key]!r}"
-              for key in sorted(port) if key in scheduler.config and scheduler.config[key] != port[key]]
+    edge = scheduler.config  # type: ignore[attr-defined]  # ConfigMixin's, not SchedulerMixin's
+    differ = [f"{key}: edge {edge[key]!r}, device {port[key]!r}"
+              for key in sorted(port) if key in edge and edge[key] != port[key]]
     raise ConfigError(
         f"{name}: the edge's {what} differ from the device port's for this family's scheduler config"
         + (f" ({'; '.join(differ)})" if differ else "")
@@ -158,6 +169,7 @@ def _next_index(scheduler: SchedulerMixin, name: str, steps_taken: int | None) -
             f"{name}: {type(scheduler).__name__} does not count its steps; pass steps_taken= "
             "or build it with diffusers_scheduler()"
         )
+    assert index is not None  # a counting scheduler's index defaults to 0; else steps_taken was given
     return int(index)
 
 
@@ -173,9 +185,9 @@ def export_state(scheduler: SchedulerMixin, name: str, *, steps_taken: int | Non
     base = DDIMScheduler if name == "ddim" else _CLASSES[name]
     if not isinstance(scheduler, base):
         raise ConfigError(f"sampler {name!r} is exported from a {base.__name__}, got {type(scheduler).__name__}")
-    if scheduler.num_inference_steps is None:
+    if scheduler.num_inference_steps is None:  # type: ignore[attr-defined]  # per-class state, as below
         raise HandoffError(f"{name}: call set_timesteps on the diffusers scheduler before export_state")
-    n = len(scheduler.timesteps)
+    n = len(scheduler.timesteps)  # type: ignore[attr-defined]  # (idem)
     index = _next_index(scheduler, name, steps_taken)
     if not 0 <= index <= n:
         raise HandoffError(f"{name}: step index {index} is not in [0, {n}]")
@@ -183,17 +195,17 @@ def export_state(scheduler: SchedulerMixin, name: str, *, steps_taken: int | Non
     tensors: dict[str, np.ndarray] = {}
 
     if name == "dpmpp_2m":
-        config = scheduler.config
+        config = scheduler.config  # type: ignore[attr-defined]  # ConfigMixin's
         if config.algorithm_type != "dpmsolver++" or config.solver_order != 2:
             raise ConfigError(
                 f"dpmpp_2m needs algorithm_type='dpmsolver++' and solver_order=2, the scheduler has "
                 f"algorithm_type={config.algorithm_type!r}, solver_order={config.solver_order!r}"
             )
-        outputs = list(scheduler.model_outputs)
+        outputs = list(scheduler.model_outputs)  # type: ignore[attr-defined]  # DPM-Solver's state
         if len(outputs) != 2:
             raise HandoffError(f"dpmpp_2m: expected 2 model_outputs slots, the scheduler has {len(outputs)}")
         for j, output in enumerate(outputs):
             if output is not None:
                 tensors[f"model_outputs.{j}"] = _to_f32(f"model_outputs.{j}", output)
-        scalars["lower_order_nums"] = int(scheduler.lower_order_nums)
+        scalars["lower_order_nums"] = int(scheduler.lower_order_nums)  # type: ignore[attr-defined]  # (idem)
     return SamplerState(step_index=index, tensors=tensors, scalars=scalars)

@@ -14,9 +14,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from shared.errors import RiseError
+
+if TYPE_CHECKING:
+    from export.onnx_export import ExportResult
 
 PROG = "rise-export"
 EXIT_USAGE = 2
@@ -53,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _summary(result) -> str:
+def _summary(result: ExportResult) -> str:
     """A plain table: one row per graph with its size and its max-abs error against PyTorch."""
     manifest = result.manifest
     rows = [("graph", "dtype", "size MB", "max-abs err", "worst check: err / tol", "shapes checked")]
@@ -66,7 +69,7 @@ def _summary(result) -> str:
             f"{worst.max_abs_error:.2e} / {worst.tolerance:.2e}", str(len(graph.checks)),
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     timing = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
     notes = [f"note: {name}: {g.note}" for name, g in manifest.graphs.items() if g.note]
     return "\n".join([*lines, *notes, f"time: {timing}"])

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from shared.errors import ConfigError, ExportError, FamilyError
 from shared.manifest import (
@@ -46,6 +46,8 @@ from shared.manifest import (
 )
 
 if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+
     from edge_server.family import Family
 
 UNCOND_FILE = "uncond_embedding.safetensors"
@@ -119,16 +121,16 @@ def _quiet_tracing() -> Iterator[None]:
     import torch
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # type: ignore[attr-defined]  # not re-exported
         warnings.filterwarnings("ignore", message=".*[Cc]onstant folding.*")
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx.*")
         yield
 
 
-def small_pipeline(family: Family):
+def small_pipeline(family: Family) -> StableDiffusionPipeline:
     """A new pipeline object sharing the family's modules, with the small UNet as its ``unet``."""
     pipeline = family.pipeline
-    components = {**pipeline.components, "unet": family.small_unet}
+    components = {**pipeline.components, "unet": family.small_unet}  # type: ignore[attr-defined]  # diffusers, untyped
     if "requires_safety_checker" in inspect.signature(type(pipeline).__init__).parameters:
         components["requires_safety_checker"] = False
     return type(pipeline)(**components)
@@ -195,12 +197,13 @@ def _listed_files(root: Path) -> dict[str, FileEntry]:
     }
 
 
-def _json_safe(config: dict) -> dict:
+def _json_safe(config: dict[str, Any]) -> dict[str, Any]:
     """A scheduler config as plain JSON values (diffusers configs may hold tuples)."""
     import json
 
     try:
-        return json.loads(json.dumps(config, default=list))
+        safe: dict[str, Any] = json.loads(json.dumps(config, default=list))
+        return safe
     except (TypeError, ValueError) as exc:
         raise ExportError(f"scheduler config is not JSON-serializable: {exc}") from exc
 
@@ -260,11 +263,11 @@ def export_bundle(
         timings["export"] = time.perf_counter() - phase
 
         phase = time.perf_counter()
-        graph_info: dict[str, dict] = {}
+        graph_info: dict[str, dict[str, Any]] = {}
         for name in GRAPH_NAMES:  # optimum's vae_encoder is not copied: the device never encodes images
             src, dst = raw / name / ONNX_MODEL_NAME, bundle / name / ONNX_MODEL_NAME
             dst.parent.mkdir(parents=True)
-            info: dict = {"quantization": None, "quantized_op_types": [], "note": None}
+            info: dict[str, Any] = {"quantization": None, "quantized_op_types": [], "note": None}
             if options.quantize == "int8":
                 log(f"quantizing {name} to int8")
                 q = quantize_int8(src, dst)
@@ -281,14 +284,15 @@ def export_bundle(
         timings["convert"] = time.perf_counter() - phase
 
         log("writing scheduler, tokenizer and unconditional embedding")
-        pipeline = family.pipeline
+        pipeline: Any = family.pipeline  # diffusers sets a pipeline's modules at runtime: untyped for mypy
         pipeline.scheduler.save_pretrained(bundle / "scheduler")
         tok = write_bundle_tokenizer(pipeline.tokenizer, Path(family.folder) / "tokenizer", bundle / "tokenizer")
         uncond = uncond_embedding(family).detach().to(torch.float32).contiguous().numpy()
         save_file({UNCOND_TENSOR: uncond}, str(bundle / UNCOND_FILE))
 
         phase = time.perf_counter()
-        up_factor = 2 ** (len(family.small_unet.config.block_out_channels) - 1)
+        unet_config = family.small_unet.config  # type: ignore[attr-defined]  # diffusers' runtime config
+        up_factor = 2 ** (len(unet_config.block_out_channels) - 1)
         shapes = default_shapes(family.default_latent_size, up_factor, tok.max_length)
         modules = {"unet": family.small_unet, "vae_decoder": pipeline.vae, "text_encoder": pipeline.text_encoder}
         graphs: dict[str, GraphEntry] = {}

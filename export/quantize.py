@@ -84,7 +84,9 @@ def convert_to_fp16(src: Path, dst: Path) -> None:
             # In-memory shape inference fails past 2 GiB; the path-based one streams from disk.
             inferred = Path(tmp) / ONNX_MODEL_NAME
             onnx.shape_inference.infer_shapes_path(str(src), str(inferred))
-            model = onnx.load(str(inferred), base_dir=str(src.parent))
+            # The inferred copy keeps the external data references, relative to the source graph's folder.
+            model = onnx.load(str(inferred), load_external_data=False)
+            onnx.load_external_data_for_model(model, str(src.parent))
         else:
             model = onnx.load(str(src))
         try:

@@ -13,8 +13,12 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shared.errors import ExportError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 TOKENIZER_JSON = "tokenizer.json"
 # Prompts the conversion is checked on: empty, plain, case/punctuation/whitespace, over-long.
@@ -37,11 +41,13 @@ class TokenizerSummary:
     eos_token_id: int
 
 
-def _ids(tokenizer, prompt: str, max_length: int) -> list[int]:
+def _ids(tokenizer: PreTrainedTokenizerBase, prompt: str, max_length: int) -> list[int]:
     return list(tokenizer(prompt, padding="max_length", max_length=max_length, truncation=True).input_ids)
 
 
-def write_bundle_tokenizer(tokenizer, source_folder: Path | None, dst: Path) -> TokenizerSummary:
+def write_bundle_tokenizer(
+    tokenizer: PreTrainedTokenizerBase, source_folder: Path | None, dst: Path
+) -> TokenizerSummary:
     """Write ``dst/tokenizer.json`` (+ the original files from ``source_folder``) and check it.
 
     ``tokenizer`` is the family's loaded (slow or fast) CLIP tokenizer: the reference.
@@ -63,7 +69,9 @@ def write_bundle_tokenizer(tokenizer, source_folder: Path | None, dst: Path) -> 
         from transformers import AutoTokenizer
 
         try:  # converts vocab.json + merges.txt with transformers' slow->fast converter, offline
-            fast = AutoTokenizer.from_pretrained(dst, use_fast=True, from_slow=True, local_files_only=True)
+            fast = AutoTokenizer.from_pretrained(  # type: ignore[no-untyped-call]  # transformers leaves it untyped
+                dst, use_fast=True, from_slow=True, local_files_only=True
+            )
         except Exception as exc:
             raise ExportError(f"cannot convert the tokenizer to a fast (tokenizers) one: {exc}") from exc
     backend = Tokenizer.from_str(fast.backend_tokenizer.to_str())  # a copy: don't change the family's

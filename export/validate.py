@@ -48,6 +48,8 @@ REQUIRED_INPUTS = {
     "text_encoder": ("input_ids",),
 }
 PRIMARY_OUTPUT = {"unet": "out_sample", "vae_decoder": "sample", "text_encoder": "last_hidden_state"}
+# One check: the graph's feeds, and the PyTorch run that gives the reference outputs.
+_Case = tuple[dict[str, np.ndarray], Callable[[], dict[str, torch.Tensor]]]
 
 
 @dataclass
@@ -119,28 +121,30 @@ def check_io_contract(name: str, sess: ort.InferenceSession) -> None:
 
 
 def _unet_cases(sess: ort.InferenceSession, unet: torch.nn.Module, shapes: ValidationShapes,
-                rng: np.random.Generator) -> list[tuple[dict[str, np.ndarray], Callable[[], dict[str, torch.Tensor]]]]:
-    cfg = unet.config
+                rng: np.random.Generator) -> list[_Case]:
+    cfg: Any = unet.config  # diffusers' config object; nn.Module.__getattr__ types it Tensor | Module
     spec = {a.name: a for a in sess.get_inputs()}
     unknown = [n for n in spec if n not in ("sample", "timestep", "encoder_hidden_states", "timestep_cond")]
     if unknown:
         raise ExportError(f"graph unet has input(s) {', '.join(unknown)} this exporter cannot validate")
-    cases = []
-    for batch, size in zip((1, 2), shapes.latent_sizes):
+    cases: list[_Case] = []
+    for batch, size in zip((1, 2), shapes.latent_sizes, strict=True):
         sample = rng.standard_normal((batch, cfg.in_channels, size, size), dtype=np.float32)
         hidden = rng.standard_normal((batch, shapes.text_length, cfg.cross_attention_dim), dtype=np.float32)
         t = float(rng.integers(1, 1000))
         t_spec = spec["timestep"]
         t_dtype = np.dtype(_ORT_TO_NUMPY.get(t_spec.type, "float32"))
         timestep = np.array(t, dtype=t_dtype) if len(t_spec.shape) == 0 else np.full((batch,), t, dtype=t_dtype)
-        feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": hidden}
+        feeds: dict[str, np.ndarray] = {"sample": sample, "timestep": timestep, "encoder_hidden_states": hidden}
         kwargs: dict[str, torch.Tensor] = {}
         if "timestep_cond" in spec:  # LCM-distilled UNets embed the guidance scale here
             cond = rng.standard_normal((batch, cfg.time_cond_proj_dim), dtype=np.float32)
             feeds["timestep_cond"] = cond
             kwargs["timestep_cond"] = torch.from_numpy(cond)
 
-        def run(feeds=feeds, kwargs=kwargs) -> dict[str, torch.Tensor]:
+        def run(
+            feeds: dict[str, np.ndarray] = feeds, kwargs: dict[str, torch.Tensor] = kwargs
+        ) -> dict[str, torch.Tensor]:
             out = unet(
                 torch.from_numpy(feeds["sample"]), torch.from_numpy(np.asarray(feeds["timestep"])),
                 torch.from_numpy(feeds["encoder_hidden_states"]), **kwargs,
@@ -151,19 +155,24 @@ def _unet_cases(sess: ort.InferenceSession, unet: torch.nn.Module, shapes: Valid
     return cases
 
 
-def _vae_decoder_cases(sess, vae, shapes: ValidationShapes, rng):
-    cases = []
-    for batch, size in zip((1, 2), shapes.latent_sizes):
-        latent = rng.standard_normal((batch, vae.config.latent_channels, size, size), dtype=np.float32)
+def _vae_decoder_cases(sess: ort.InferenceSession, vae: torch.nn.Module, shapes: ValidationShapes,
+                       rng: np.random.Generator) -> list[_Case]:
+    cfg: Any = vae.config  # diffusers' config object; nn.Module.__getattr__ types it Tensor | Module
+    cases: list[_Case] = []
+    for batch, size in zip((1, 2), shapes.latent_sizes, strict=True):
+        latent = rng.standard_normal((batch, cfg.latent_channels, size, size), dtype=np.float32)
 
-        def run(latent=latent) -> dict[str, torch.Tensor]:
-            return {"sample": vae.decode(torch.from_numpy(latent)).sample}
+        def run(latent: np.ndarray = latent) -> dict[str, torch.Tensor]:
+            decoded = vae.decode(torch.from_numpy(latent))  # type: ignore[operator]  # AutoencoderKL's, untyped
+            return {"sample": decoded.sample}
 
         cases.append(({"latent_sample": latent}, run))
     return cases
 
 
-def _text_encoder_cases(sess, text_encoder, shapes: ValidationShapes, rng, tokenizer=None):
+def _text_encoder_cases(sess: ort.InferenceSession, text_encoder: torch.nn.Module, shapes: ValidationShapes,
+                        rng: np.random.Generator, tokenizer: Any = None) -> list[_Case]:
+    cfg: Any = text_encoder.config  # transformers' config object; nn.Module.__getattr__ types it Tensor | Module
     length = shapes.text_length
     if tokenizer is not None:
         first = np.asarray(
@@ -171,14 +180,14 @@ def _text_encoder_cases(sess, text_encoder, shapes: ValidationShapes, rng, token
             dtype=np.int64,
         )
     else:
-        first = rng.integers(0, text_encoder.config.vocab_size, (1, length), dtype=np.int64)
-    second = rng.integers(0, text_encoder.config.vocab_size, (2, length), dtype=np.int64)
+        first = rng.integers(0, cfg.vocab_size, (1, length), dtype=np.int64)
+    second = rng.integers(0, cfg.vocab_size, (2, length), dtype=np.int64)
     ids_type = {a.name: a.type for a in sess.get_inputs()}["input_ids"]
     ids_dtype = np.dtype(_ORT_TO_NUMPY.get(ids_type, "int64"))  # optimum may export int32 ids
-    cases = []
+    cases: list[_Case] = []
     for ids in (first.astype(ids_dtype), second.astype(ids_dtype)):
 
-        def run(ids=ids) -> dict[str, torch.Tensor]:
+        def run(ids: np.ndarray = ids) -> dict[str, torch.Tensor]:
             out = text_encoder(torch.from_numpy(ids.astype(np.int64)))
             return {"last_hidden_state": out.last_hidden_state, "pooler_output": out.pooler_output}
 
@@ -222,7 +231,7 @@ def validate_graph(
     for feeds, run in cases:
         shape_text = ", ".join(f"{k}={tuple(v.shape)}" for k, v in feeds.items() if v.ndim)
         try:
-            got = dict(zip(output_names, sess.run(None, feeds)))
+            got = dict(zip(output_names, sess.run(None, feeds), strict=True))
         except Exception as exc:
             raise ExportError(f"graph {name} fails to run at {shape_text}: {exc}") from exc
         reference = {k: v.float().numpy() for k, v in run().items()}

@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
+# For mypy, diffusers' top-level classes are its torch-less placeholders (its __init__ imports dummy_pt_objects
+# first under TYPE_CHECKING): untyped constructors and no methods; "diffusers placeholder" below marks those uses.
 SD_SCHEDULER_CONFIG = {
     # Stable Diffusion 1.x's scheduler config (the keys every sampler port honours).
     "num_train_timesteps": 1000,
@@ -55,7 +58,7 @@ def _write_byte_level_clip_tokenizer(folder: Path) -> CLIPTokenizer:
     vocab_tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab_tokens)}))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(
+    return CLIPTokenizer(  # type: ignore[no-untyped-call]  # untyped in transformers
         vocab_file=str(folder / "vocab.json"),
         merges_file=str(folder / "merges.txt"),
         model_max_length=32,
@@ -65,7 +68,7 @@ def _write_byte_level_clip_tokenizer(folder: Path) -> CLIPTokenizer:
 
 def _unet(size: UNetSize, sample_size: int, cross_attention_dim: int) -> UNet2DConditionModel:
     levels = len(size.block_out_channels)
-    return UNet2DConditionModel(
+    return UNet2DConditionModel(  # type: ignore[no-untyped-call]  # diffusers placeholder
         sample_size=sample_size,
         in_channels=4,
         out_channels=4,
@@ -96,13 +99,13 @@ def build_tiny_family(
     """
     folder = Path(folder)
     torch.manual_seed(seed)
-    text_config = CLIPTextConfig(
+    text_config = CLIPTextConfig(  # type: ignore[no-untyped-call]  # untyped in transformers
         bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-05,
         num_attention_heads=4, num_hidden_layers=2, pad_token_id=1, vocab_size=1000,
         max_position_embeddings=32,
     )
-    text_encoder = CLIPTextModel(text_config).eval()
-    vae = AutoencoderKL(
+    text_encoder = CLIPTextModel(text_config).eval()  # type: ignore[no-untyped-call]  # untyped in transformers
+    vae = AutoencoderKL(  # type: ignore[no-untyped-call]  # diffusers placeholder
         block_out_channels=(16, 32),
         in_channels=3,
         out_channels=3,
@@ -111,19 +114,20 @@ def build_tiny_family(
         latent_channels=4,
         norm_num_groups=16,
         sample_size=image_size,
-    ).eval()
+    ).eval()  # type: ignore[attr-defined]  # diffusers placeholder
     latent_size = image_size // 2  # two VAE levels: one 2x downsampling
-    unet = _unet(large, latent_size, text_config.hidden_size).eval()
+    unet = _unet(large, latent_size, text_config.hidden_size).eval()  # type: ignore[attr-defined]  # diffusers placeholder
     tokenizer = _write_byte_level_clip_tokenizer(folder / "tokenizer")
-    scheduler = DDIMScheduler(**SD_SCHEDULER_CONFIG)
-    pipe = StableDiffusionPipeline(
+    scheduler = DDIMScheduler(**SD_SCHEDULER_CONFIG)  # type: ignore[no-untyped-call]  # diffusers placeholder
+    pipe = StableDiffusionPipeline(  # type: ignore[no-untyped-call]  # diffusers placeholder
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    pipe.save_pretrained(folder, safe_serialization=True)
-    small_unet = _unet(small, latent_size, small_cross_attention_dim or text_config.hidden_size)
+    pipe.save_pretrained(folder, safe_serialization=True)  # type: ignore[attr-defined]  # diffusers placeholder
+    # Any: the diffusers placeholder has no config, eval or save_pretrained for mypy.
+    small_unet: Any = _unet(small, latent_size, small_cross_attention_dim or text_config.hidden_size)
     if small_latent_channels is not None:
-        small_unet = UNet2DConditionModel.from_config(
+        small_unet = UNet2DConditionModel.from_config(  # type: ignore[no-untyped-call]  # diffusers placeholder
             {**small_unet.config, "in_channels": small_latent_channels, "out_channels": small_latent_channels}
         )
     small_unet.eval().save_pretrained(folder / "unet_small", safe_serialization=True)
