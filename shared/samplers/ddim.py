@@ -21,10 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from shared.samplers.base import SamplerState
-from shared.errors import SamplerError
 from shared.samplers.schedule import (
     TIMESTEP_SPACINGS,
+    StepIndexState,
     alphas_cumprod_from_betas,
     cfg_bool,
     cfg_choice,
@@ -33,7 +32,6 @@ from shared.samplers.schedule import (
     cfg_require_false,
     check_num_inference_steps,
     check_result,
-    check_state_common,
     check_step_inputs,
     check_timesteps,
     check_turn,
@@ -63,7 +61,7 @@ DDIM_DEFAULTS: dict[str, Any] = {
 }
 
 
-class DDIMSampler:
+class DDIMSampler(StepIndexState):
     """Deterministic DDIM in numpy; ``step`` matches ``DDIMScheduler.step(eta=0)``."""
 
     name = "ddim"
@@ -149,21 +147,3 @@ class DDIMSampler:
         prev_sample = check_result(self.name, prev_sample, self.step_index)
         self.step_index += 1
         return prev_sample
-
-    def state(self) -> SamplerState:
-        """The step index (DDIM has no other state) and N."""
-        if not self._set:
-            raise SamplerError("ddim: call set_timesteps(num_inference_steps) before state()")
-        assert self.num_inference_steps is not None  # set with _set
-        return SamplerState(step_index=self.step_index, scalars={"num_inference_steps": self.num_inference_steps})
-
-    def load_state(self, state: SamplerState) -> None:
-        """Continue from an exported state (after ``set_timesteps`` with the same N)."""
-        check_state_common(
-            state,
-            sampler=self.name,
-            num_inference_steps=self.num_inference_steps if self._set else None,
-            tensor_names=(),
-            scalar_names=("num_inference_steps",),
-        )
-        self.step_index = int(state.step_index)

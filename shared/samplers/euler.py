@@ -23,10 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from shared.samplers.base import SamplerState
-from shared.errors import SamplerError
 from shared.samplers.schedule import (
     TIMESTEP_SPACINGS,
+    StepIndexState,
     alphas_cumprod_from_betas,
     as_f32_array,
     cfg_bool,
@@ -37,7 +36,6 @@ from shared.samplers.schedule import (
     cfg_require_false,
     check_num_inference_steps,
     check_result,
-    check_state_common,
     check_step_inputs,
     check_timesteps,
     check_turn,
@@ -72,7 +70,7 @@ EULER_DEFAULTS: dict[str, Any] = {
 }
 
 
-class EulerSampler:
+class EulerSampler(StepIndexState):
     """Euler in numpy; ``scale_model_input``/``step`` match ``EulerDiscreteScheduler``."""
 
     name = "euler"
@@ -182,21 +180,3 @@ class EulerSampler:
         prev_sample = check_result(self.name, prev_sample, self.step_index)
         self.step_index += 1
         return prev_sample
-
-    def state(self) -> SamplerState:
-        """The step index (Euler has no other state) and N."""
-        if not self._set:
-            raise SamplerError("euler: call set_timesteps(num_inference_steps) before state()")
-        assert self.num_inference_steps is not None  # set with _set
-        return SamplerState(step_index=self.step_index, scalars={"num_inference_steps": self.num_inference_steps})
-
-    def load_state(self, state: SamplerState) -> None:
-        """Continue from an exported state (after ``set_timesteps`` with the same N)."""
-        check_state_common(
-            state,
-            sampler=self.name,
-            num_inference_steps=self.num_inference_steps if self._set else None,
-            tensor_names=(),
-            scalar_names=("num_inference_steps",),
-        )
-        self.step_index = int(state.step_index)

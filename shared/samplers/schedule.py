@@ -408,3 +408,32 @@ def check_state_common(
         raise HandoffError(
             f"{sampler}: state is for num_inference_steps={steps!r}, this sampler was set to {num_inference_steps}"
         )
+
+
+class StepIndexState:
+    """``state`` / ``load_state`` for a sampler whose only state is the step index (DDIM, Euler).
+
+    Mixed into the sampler class, which sets ``name``, ``_set``, ``step_index`` and ``num_inference_steps``.
+    """
+
+    name: str
+    _set: bool
+    step_index: int
+    num_inference_steps: int | None
+
+    def state(self) -> SamplerState:
+        """The step index (the sampler has no other state) and N."""
+        if not self._set or self.num_inference_steps is None:
+            raise SamplerError(f"{self.name}: call set_timesteps(num_inference_steps) before state()")
+        return SamplerState(step_index=self.step_index, scalars={"num_inference_steps": self.num_inference_steps})
+
+    def load_state(self, state: SamplerState) -> None:
+        """Continue from an exported state (after ``set_timesteps`` with the same N)."""
+        check_state_common(
+            state,
+            sampler=self.name,
+            num_inference_steps=self.num_inference_steps if self._set else None,
+            tensor_names=(),
+            scalar_names=("num_inference_steps",),
+        )
+        self.step_index = int(state.step_index)
