@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 
-def median_time(fn, repeats: int, warmup: int = 3) -> float:
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()
     samples = []
@@ -43,6 +44,7 @@ def main() -> None:
     from device_app.runtime import DeviceBundle
     from edge_server.family import is_family_folder, load_family
     from edge_server.relay import EdgeRelay
+    from edge_server.torch_types import as_unet
     from export.cli import main as export_main
     from lab.local_relay import relay_once
     from lab.tiny_family import BENCH_LARGE, BENCH_SMALL, build_tiny_family
@@ -53,15 +55,16 @@ def main() -> None:
     family_dir = work / "bench-family"
     if not is_family_folder(family_dir):
         build_tiny_family(family_dir, large=BENCH_LARGE, small=BENCH_SMALL)
-    bundles = {}
+    bundles: dict[str, DeviceBundle] = {}
     for label, flags in (("fp32", []), ("fp16", ["--dtype", "fp16"]), ("int8", ["--quantize", "int8"])):
         bundle_dir = work / f"bundle-{label}"
         if not (bundle_dir / "manifest.json").is_file():
             assert export_main(["--family", str(family_dir), "--out", str(bundle_dir), "--force", *flags]) == 0
         bundles[label] = DeviceBundle(bundle_dir, threads=args.threads)
     family = load_family(family_dir)
-    n_large = sum(p.numel() for p in family.large_unet.parameters())
-    n_small = sum(p.numel() for p in family.small_unet.parameters())
+    large_unet, small_unet = as_unet(family.large_unet), as_unet(family.small_unet)
+    n_large = sum(p.numel() for p in large_unet.parameters())
+    n_small = sum(p.numel() for p in small_unet.parameters())
     print(f"machine: {torch.get_num_threads()} torch threads, ORT intra-op threads {args.threads}, "
           f"median of {args.repeats}")
     print(f"family: large UNet {n_large / 1e6:.2f} M params, small UNet {n_small / 1e6:.2f} M params")
@@ -73,13 +76,16 @@ def main() -> None:
     emb = rng.standard_normal((2, 32, family.cross_attention_dim), dtype=np.float32)
     xt, et = torch.from_numpy(x), torch.from_numpy(emb)
     with torch.no_grad():
-        t_large = median_time(lambda: family.large_unet(xt, 500, encoder_hidden_states=et), args.repeats)
-        t_small = median_time(lambda: family.small_unet(xt, 500, encoder_hidden_states=et), args.repeats)
-    print("\n== UNet per step, batch 2, latent %dx%d ==" % (side, side))
+        t_large = median_time(lambda: large_unet(xt, 500, encoder_hidden_states=et), args.repeats)
+        t_small = median_time(lambda: small_unet(xt, 500, encoder_hidden_states=et), args.repeats)
+    print(f"\n== UNet per step, batch 2, latent {side}x{side} ==")
     print(f"  large, PyTorch            {t_large * 1000:8.2f} ms")
     print(f"  small, PyTorch            {t_small * 1000:8.2f} ms   large:small = {t_large / t_small:.2f}x")
     for label, bundle in bundles.items():
-        t_ort = median_time(lambda b=bundle: b.unet(x, 500, emb), args.repeats)
+        def ort_step(b: DeviceBundle = bundle) -> object:  # bound now, not at the loop's end
+            return b.unet(x, 500, emb)
+
+        t_ort = median_time(ort_step, args.repeats)
         print(f"  small, onnxruntime {label:<6} {t_ort * 1000:8.2f} ms   PyTorch/ORT = {t_small / t_ort:.2f}x")
 
     # 3: handoff codec
@@ -96,14 +102,14 @@ def main() -> None:
     # 4: end-to-end relay, fp32 bundle
     print(f"\n== end-to-end relay, N={n}, dpmpp_2m, fp32 bundle (edge PyTorch + device ORT) ==")
     splits = sorted({0, n // 4, n // 2, 3 * n // 4, n})
-    totals = {}
+    totals: dict[int, tuple[float, float, float]] = {}  # k -> median (total, edge, device) seconds
     for k in splits:
         runs = [relay_once(family, bundles["fp32"], "a red sneaker top left", RelayPlan(n, k, "dpmpp_2m", 7.5), 0)
                 for _ in range(max(3, args.repeats // 10))]
-        totals[k] = statistics.median(r.timings["total_s"] for r in runs)
+        total = statistics.median(r.timings["total_s"] for r in runs)
         edge = statistics.median(r.timings["edge_s"] for r in runs)
         device = statistics.median(r.timings["device_s"] for r in runs)
-        totals[k] = (totals[k], edge, device)
+        totals[k] = (total, edge, device)
     large_only = totals[n][0]
     for k, (total, edge, device) in totals.items():
         print(f"  k={k:>3}: total {total * 1000:8.1f} ms (edge {edge * 1000:7.1f}, device {device * 1000:7.1f})"

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "bench-token"
@@ -34,7 +35,7 @@ max_in_flight = 8
 """
 
 
-def start_edge(family: Path, workdir: Path, *, batching: bool, threads: int) -> tuple[subprocess.Popen, int]:
+def start_edge(family: Path, workdir: Path, *, batching: bool, threads: int) -> tuple[subprocess.Popen[str], int]:
     cmd = [sys.executable, "-m", "edge_server.daemon", "serve", "--family", str(family), "--port", "0",
            "--token-file", str(workdir / "token"), "--config", str(workdir / "edge.toml"), "--max-queue", "256",
            "--threads", str(threads)]
@@ -42,6 +43,7 @@ def start_edge(family: Path, workdir: Path, *, batching: bool, threads: int) -> 
         cmd.append("--no-batching")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout is not None  # stdout=PIPE
     port = None
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -56,7 +58,7 @@ def start_edge(family: Path, workdir: Path, *, batching: bool, threads: int) -> 
     raise RuntimeError("rise-edge did not start")
 
 
-def stop_edge(proc: subprocess.Popen) -> None:
+def stop_edge(proc: subprocess.Popen[str]) -> None:
     proc.send_signal(signal.SIGTERM)
     try:
         proc.communicate(timeout=60)
@@ -64,7 +66,7 @@ def stop_edge(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def device_bench(port: int, bundle: Path, workdir: Path, clients: int, requests: int, *extra: str) -> dict:
+def device_bench(port: int, bundle: Path, workdir: Path, clients: int, requests: int, *extra: str) -> dict[str, Any]:
     out = workdir / f"device-bench-{clients}-{requests}-{time.monotonic_ns()}.json"
     cmd = [sys.executable, "-m", "device_app", "bench", "--server", f"ws://127.0.0.1:{port}", "--bundle", str(bundle),
            "--token-file", str(workdir / "token"), "--clients", str(clients), "--requests", str(requests),
@@ -72,7 +74,8 @@ def device_bench(port: int, bundle: Path, workdir: Path, clients: int, requests:
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     if proc.returncode not in (0, 1):
         raise RuntimeError(f"rise-device bench failed: {proc.stderr.strip()}")
-    return json.loads(out.read_text())
+    report: dict[str, Any] = json.loads(out.read_text())
+    return report
 
 
 def main() -> None:
@@ -81,8 +84,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--workdir", default="bench_out")
     parser.add_argument("--family", type=Path, default=None,
-                        help="family folder (default: models/demo/family if present, else the bench tiny family)")
-    parser.add_argument("--bundle", type=Path, default=None, help="its device bundle (default: exported into --workdir)")
+                        help="family folder (default: models/demo/family if present, "
+                             "else the bench tiny family)")
+    parser.add_argument("--bundle", type=Path, default=None,
+                        help="its device bundle (default: exported into --workdir)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="the edge daemon's torch threads, both modes (default: one per core, as rise-edge)")
     args = parser.parse_args()
@@ -141,8 +146,10 @@ def main() -> None:
                 overhead = r["handoff_overhead_s_mean"]
                 device = r["device_compute_s_mean"]
                 encode = handoff_encode_s(family, n)
-                print(f"     handoff: {r.get('payload_bytes_mean', 0):.0f} B; edge encode {encode * 1000:.2f} ms (in-process) "
-                      f"+ transfer + device decode {overhead * 1000:.2f} ms = {100 * (encode + overhead) / device:.1f}% "
+                print(f"     handoff: {r.get('payload_bytes_mean', 0):.0f} B; "
+                      f"edge encode {encode * 1000:.2f} ms (in-process) "
+                      f"+ transfer + device decode {overhead * 1000:.2f} ms "
+                      f"= {100 * (encode + overhead) / device:.1f}% "
                       f"of device compute ({device * 1000:.1f} ms)")
     finally:
         stop_edge(proc)
@@ -163,7 +170,8 @@ def handoff_encode_s(family_dir: Path, steps: int, repeats: int = 200) -> float:
     from shared.relay_plan import RelayPlan
 
     torch.set_num_threads(1)
-    handoff = EdgeRelay(load_family(family_dir)).start("a red sneaker in the top left", RelayPlan(steps, steps // 2, "dpmpp_2m", 7.5), seed=0)
+    plan = RelayPlan(steps, steps // 2, "dpmpp_2m", 7.5)
+    handoff = EdgeRelay(load_family(family_dir)).start("a red sneaker in the top left", plan, seed=0)
     return median_time(lambda: encode_handoff(handoff), repeats)
 
 

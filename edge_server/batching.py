@@ -19,6 +19,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from edge_server.scheduler_bridge import export_state
+from edge_server.torch_types import SchedulerLike, as_scheduler, as_unet
 from shared.handoff import Handoff
 from shared.relay_plan import RelayPlan
 
@@ -36,6 +37,11 @@ class DenoiseJob:
     next_step: int = 0
     request_id: str = ""
     meta: dict[str, Any] = field(default_factory=dict)  # the adapter's own bookkeeping (plan, seed, timings)
+
+    @property
+    def sched(self) -> SchedulerLike:
+        """``scheduler`` typed as the calls we make on it (see :mod:`edge_server.torch_types`)."""
+        return as_scheduler(self.scheduler)
 
     @property
     def guided(self) -> bool:
@@ -62,7 +68,7 @@ class DenoiseJob:
             split=self.next_step,
             guidance_scale=float(plan.guidance_scale),
             seed=seed,
-            timesteps=self.scheduler.timesteps.numpy().astype(np.float32),
+            timesteps=self.sched.timesteps.numpy().astype(np.float32),
             latents=self.latents.numpy().astype(np.float32),
             cond_embeddings=self.cond.numpy().astype(np.float32),
             sampler_state=export_state(self.scheduler, plan.sampler),
@@ -77,22 +83,24 @@ def batched_step(unet: UNet2DConditionModel, jobs: Sequence[DenoiseJob]) -> None
         return
     if len({job.batch_key() for job in jobs}) != 1:
         raise ValueError("batched_step needs jobs of one latent and embedding shape")
-    inputs, timesteps, embeds = [], [], []
+    inputs: list[torch.Tensor] = []
+    timesteps: list[torch.Tensor] = []
+    embeds: list[torch.Tensor] = []
     for job in jobs:
-        t = job.scheduler.timesteps[job.next_step]
+        t = job.sched.timesteps[job.next_step]
         model_in = torch.cat([job.latents] * 2) if job.guided else job.latents
-        inputs.append(job.scheduler.scale_model_input(model_in, t))
+        inputs.append(job.sched.scale_model_input(model_in, t))
         timesteps.append(t.reshape(1).expand(job.unet_rows))
         embeds.append(torch.cat([job.uncond, job.cond]) if job.guided else job.cond)
-    noise = unet(
+    noise = as_unet(unet)(
         torch.cat(inputs), torch.cat(timesteps), encoder_hidden_states=torch.cat(embeds), return_dict=False
     )[0]
-    for job, job_noise in zip(jobs, noise.split([job.unet_rows for job in jobs]), strict=True):
+    for job, job_noise in zip(jobs, torch.split(noise, [job.unet_rows for job in jobs]), strict=True):
         if job.guided:
             noise_uncond, noise_cond = job_noise.chunk(2)
             job_noise = noise_uncond + job.guidance_scale * (noise_cond - noise_uncond)
-        t = job.scheduler.timesteps[job.next_step]
-        job.latents = job.scheduler.step(job_noise, t, job.latents, return_dict=False)[0]
+        t = job.sched.timesteps[job.next_step]
+        job.latents = job.sched.step(job_noise, t, job.latents, return_dict=False)[0]
         job.next_step += 1
 
 

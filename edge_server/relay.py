@@ -18,6 +18,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from edge_server.batching import DenoiseJob, batched_step
 from edge_server.family import Family, encode_prompts, uncond_embedding
 from edge_server.scheduler_bridge import diffusers_scheduler
+from edge_server.torch_types import as_pipeline, as_scheduler
 from shared.errors import ConfigError
 from shared.handoff import Handoff
 from shared.relay_plan import RelayPlan
@@ -49,7 +50,7 @@ def prepare(family: Family, prompt: str, plan: RelayPlan, seed: int, *,
     latents = randn_tensor(latent_shape(family, height, width), generator=generator, dtype=torch.float32)
     return DenoiseJob(
         scheduler=scheduler,
-        latents=latents * scheduler.init_noise_sigma,
+        latents=latents * as_scheduler(scheduler).init_noise_sigma,
         cond=encode_prompts(family, [prompt]),
         uncond=uncond_embedding(family),
         guidance_scale=float(plan.guidance_scale),
@@ -60,7 +61,7 @@ def prepare(family: Family, prompt: str, plan: RelayPlan, seed: int, *,
 
 def run_alone(unet: UNet2DConditionModel, job: DenoiseJob, on_step: StepCallback | None = None) -> DenoiseJob:
     """Run a job's remaining steps on its own (the batch of one)."""
-    total = len(job.scheduler.timesteps)
+    total = len(job.sched.timesteps)
     while not job.done:
         batched_step(unet, [job])
         if on_step is not None:
@@ -94,8 +95,8 @@ def run_torch_relay(family: Family, prompt: str, plan: RelayPlan, seed: int, *,
 @torch.no_grad()
 def decode_latents(family: Family, latents: torch.Tensor) -> np.ndarray:
     """VAE-decode on the edge to uint8 (B, H, W, 3), the same maths as the device's decode."""
-    vae = family.pipeline.vae
+    vae = as_pipeline(family.pipeline).vae
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    image = vae.decode(latents / vae.config.scaling_factor + shift, return_dict=False)[0]
-    image = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    decoded = vae.decode(latents / vae.config.scaling_factor + shift, return_dict=False)[0]
+    image = (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     return (image * 255).round().astype(np.uint8)

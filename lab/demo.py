@@ -1,11 +1,12 @@
 """The README's first command: generate a few pictures with the default relay configuration.
 
-Both halves run as the real service: an edge daemon on 127.0.0.1 and a device client talking
-to it over a websocket (lab/loopback.py). With the trained demo family committed (``models/demo/family/``, Fashion-MNIST scenes on a 3x3
-grid; see its model card), this exports its device bundle on the first run, relays a handful of
-the family's evaluation prompts (large UNet on the edge for the first k steps, small UNet on
-ONNX Runtime for the rest, the handoff serialized in between), writes every picture and a
-contact sheet with the prompts as captions, and prints where they are.
+Both halves run as the real service: an edge daemon on 127.0.0.1 and a device client talking to
+it over a websocket (lab/loopback.py). With the trained demo family committed
+(``models/demo/family/``, Fashion-MNIST scenes on a 3x3 grid; see its model card), this exports
+its device bundle on the first run, relays a handful of the family's evaluation prompts (large
+UNet on the edge for the first k steps, small UNet on ONNX Runtime for the rest, the handoff
+serialized in between), writes every picture and a contact sheet with the prompts as captions,
+and prints where they are.
 
 Without it (or with ``--random-family``) it falls back to a *tiny family with random weights*
 (lab/tiny_family.py): every stage runs for real, but the pictures are textures, not
@@ -70,10 +71,11 @@ def contact_sheet(images: Sequence[np.ndarray], captions: Sequence[str], *, tile
     pad = 8
     sheet = Image.new("RGB", (columns * (tile + pad) + pad, rows * (tile + cap_h + pad) + pad), "white")
     draw = ImageDraw.Draw(sheet)
-    for i, (image, lines) in enumerate(zip(images, wrapped)):
+    for i, (image, lines) in enumerate(zip(images, wrapped, strict=True)):
         x = pad + (i % columns) * (tile + pad)
         y = pad + (i // columns) * (tile + cap_h + pad)
-        sheet.paste(Image.fromarray(np.asarray(image, dtype=np.uint8)).resize((tile, tile), Image.NEAREST), (x, y))
+        sheet.paste(Image.fromarray(np.asarray(image, dtype=np.uint8)).resize((tile, tile), Image.Resampling.NEAREST),
+                    (x, y))
         for j, line in enumerate(lines):
             draw.text((x, y + tile + 4 + j * line_h), line, fill="black", font=font)
     return sheet
@@ -98,9 +100,10 @@ def _ensure_bundle(family_dir: Path, bundle_dir: Path, family_id: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lab.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo_out", help="output folder (default demo_out/)")
-    parser.add_argument("--family", default=None,
-                        help=f"a family of the demo grammar (default: {DEMO_FAMILY_DIR.relative_to(DEMO_FAMILY_DIR.parents[2])})")
-    parser.add_argument("--random-family", action="store_true", help="use the random tiny family even if the trained one exists")
+    default_family = DEMO_FAMILY_DIR.relative_to(DEMO_FAMILY_DIR.parents[2])
+    parser.add_argument("--family", default=None, help=f"a family of the demo grammar (default: {default_family})")
+    parser.add_argument("--random-family", action="store_true",
+                        help="use the random tiny family even if the trained one exists")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

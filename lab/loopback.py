@@ -37,7 +37,8 @@ async def _generate(family: Family, bundle: DeviceBundle, prompts: Sequence[str]
     try:
         async with EdgeClient.connect(f"ws://127.0.0.1:{port}", bundle, token=token, client_name="rise-demo") as client:
             for i, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
-                result = await client.generate(prompt, seed=seed, pinned=plan)
+                # The edge's per-connection rate limit (burst 5) holds for the demo too: wait as it advises.
+                result = await client.generate_with_retry(prompt, seed=seed, pinned=plan)
                 results.append(result)
                 if on_result is not None:
                     on_result(i, result)

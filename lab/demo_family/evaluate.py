@@ -34,10 +34,10 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -45,6 +45,7 @@ import torch
 from edge_server.batching import batched_step
 from edge_server.family import Family, load_family, uncond_embedding
 from edge_server.relay import decode_latents, prepare, run_alone
+from edge_server.torch_types import as_pipeline, as_unet
 from shared.demo_grammar.prompts import DEFAULT_PROMPTS_FILE, PromptError, load_prompts, prompt_to_scene
 from shared.errors import RiseError
 from shared.relay_plan import RelayPlan
@@ -104,7 +105,7 @@ def quality(images: np.ndarray, scenes: Sequence[Scene], scorer: Scorer, referen
 @torch.no_grad()
 def vae_round_trip(family: Family, images: np.ndarray, batch: int = 256) -> np.ndarray:
     """Real images through the family's VAE (encode: the posterior mode, decode) as uint8."""
-    vae = family.pipeline.vae
+    vae = as_pipeline(family.pipeline).vae
     out = []
     for start in range(0, len(images), batch):
         x = torch.from_numpy(images[start : start + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
@@ -206,6 +207,7 @@ def generate_bundle(family: Family, bundle: Any, prompts: Sequence[str], steps: 
         received = decode_handoff(payload, expected_family=bundle.family_id)
         t2 = now()
         finished = finish_handoff(bundle, received, clock=now)
+        assert finished.image is not None  # finish_handoff decodes by default
         images.append(finished.image)
         device_s = finished.steps_s + finished.decode_s
         timings.append({"edge_s": t1 - t0, "device_s": device_s, "handoff_s": t2 - t1, "handoff_bytes": len(payload)})
@@ -219,9 +221,10 @@ def step_costs(family: Family, bundle: Any = None, repeats: int = 30, clock: str
     size = family.default_latent_size
     z = torch.randn(2, family.latent_channels, size, size)
     cond = torch.cat([uncond_embedding(family)] * 2)
-    t = family.pipeline.scheduler.config.num_train_timesteps // 2
+    t = as_pipeline(family.pipeline).scheduler.config.num_train_timesteps // 2
+    large_unet, small_unet = as_unet(family.large_unet), as_unet(family.small_unet)
 
-    def median_ms(call) -> float:
+    def median_ms(call: Callable[[], object]) -> float:
         for _ in range(3):
             call()
         now, times = CLOCKS[clock], []
@@ -231,9 +234,9 @@ def step_costs(family: Family, bundle: Any = None, repeats: int = 30, clock: str
             times.append(now() - t0)
         return 1000 * statistics.median(times)
 
-    large = median_ms(lambda: family.large_unet(z, t, cond))
+    large = median_ms(lambda: large_unet(z, t, cond))
     if bundle is None:
-        small = median_ms(lambda: family.small_unet(z, t, cond))
+        small = median_ms(lambda: small_unet(z, t, cond))
     else:
         zn, cn = z.numpy(), cond.numpy()
         small = median_ms(lambda: bundle.unet(zn, float(t), cn))
@@ -241,6 +244,14 @@ def step_costs(family: Family, bundle: Any = None, repeats: int = 30, clock: str
 
 
 # --------------------------------------------------------------------------- harness
+
+
+class _SamplingArgs(TypedDict):
+    """The keyword arguments every generate/time call of :func:`evaluate` shares."""
+
+    sampler: str
+    guidance: float
+    seed: int
 
 
 @dataclass
@@ -277,7 +288,8 @@ def check_splits(steps: int, splits: Sequence[int]) -> tuple[int, ...]:
 
 
 def evaluate(family: Family, prompts: Sequence[str], cfg: EvalConfig, *, bundle: Any = None,
-             scorer: Scorer | None = None, data: str | None = None, log=print) -> dict[str, Any]:
+             scorer: Scorer | None = None, data: str | None = None,
+             log: Callable[[str], object] = print) -> dict[str, Any]:
     """Run the harness; return the report (the ``--json`` document)."""
     scorer = scorer or default_scorer()
     splits = check_splits(cfg.steps, cfg.splits)
@@ -295,7 +307,7 @@ def evaluate(family: Family, prompts: Sequence[str], cfg: EvalConfig, *, bundle:
         f"real {ceil['real']['adherence']:.3f}, VAE {ceil['vae']['adherence']:.3f}")
     if cfg.clock not in CLOCKS:
         raise EvalError(f"clock must be one of {', '.join(CLOCKS)}, got {cfg.clock!r}")
-    kw = {"sampler": cfg.sampler, "guidance": cfg.guidance, "seed": cfg.seed}
+    kw: _SamplingArgs = {"sampler": cfg.sampler, "guidance": cfg.guidance, "seed": cfg.seed}
     timed = list(prompts[: max(1, cfg.timing_prompts)])
     n_int = min(len(prompts), cfg.intensity_prompts)
     rows, intensity = [], {}
@@ -320,6 +332,7 @@ def evaluate(family: Family, prompts: Sequence[str], cfg: EvalConfig, *, bundle:
         row["image_bytes"] = int(statistics.median(png_size(im) for im in gen.images[:32]))
         if "handoff_bytes" in gen.timings[0]:
             row["handoff_bytes"] = int(max(t["handoff_bytes"] for t in gen.timings))
+        assert gen.stats is not None  # both branches set it from generate_torch
         intensity[k] = gen.stats[:n_int].mean(0)  # (N + 1, 3)
         rows.append(row)
         log(f"  k={k:>3}: adherence {row['adherence']:.3f}, Fréchet {row['frechet']:.2f}, "
@@ -392,12 +405,14 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(
             f"{r['k']:>4} {r['adherence']:>7.3f} {r['relative_adherence']:>6.1%} "
             + " ".join(f"{by.get(n, float('nan')):>6.3f}" for n in levels)
-            + f" {r['frechet']:>8.2f} {r['edge_s']:>8.3f} {r['device_s']:>9.3f} {r['compute_s']:>8.3f} {r['speedup']:>7.2f}x"
+            + f" {r['frechet']:>8.2f} {r['edge_s']:>8.3f} {r['device_s']:>9.3f} {r['compute_s']:>8.3f}"
+            f" {r['speedup']:>7.2f}x"
         )
     m = report["meta"]
     if "step_cost" in report:
         sc = report["step_cost"]
-        lines.append(f"per-step cost at batch 2 (CFG): large {sc['large_ms']:.1f} ms (PyTorch), small {sc['small_ms']:.1f} ms "
+        lines.append(f"per-step cost at batch 2 (CFG): large {sc['large_ms']:.1f} ms (PyTorch), "
+                     f"small {sc['small_ms']:.1f} ms "
                      f"({'ONNX Runtime' if m['device'].startswith('onnx') else 'PyTorch'}), ratio {sc['ratio']:.1f}")
     lines.append(f"(N={m['steps']}, {m['sampler']}, guidance {m['guidance']}, {m['prompts']} prompts, device half on "
                  f"{m['device']}; n=items per prompt; times: {m['timing']} over {m['timing_prompts']} prompts)")
@@ -422,8 +437,9 @@ def plot(report: dict[str, Any], folder: str | Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(ks, [r["adherence"] for r in rows], "o-", color="black", lw=2, label="all prompts")
     groups = [("1-2 items", (1, 2)), ("3-4 items", (3, 4)), ("5-6 items", (5, 6)), ("7-9 items", (7, 8, 9))]
-    for (label, levels), colour in zip(groups, ("tab:green", "tab:blue", "tab:orange", "tab:red")):
-        vals = [np.mean([r["adherence_by_items"][str(n)] for n in levels if str(n) in r["adherence_by_items"]] or [np.nan])
+    for (label, levels), colour in zip(groups, ("tab:green", "tab:blue", "tab:orange", "tab:red"), strict=True):
+        vals = [np.mean([r["adherence_by_items"][str(n)] for n in levels if str(n) in r["adherence_by_items"]]
+                        or [np.nan])
                 for r in rows]
         if not np.all(np.isnan(vals)):
             ax.plot(ks, vals, ".--", color=colour, label=label)
@@ -444,13 +460,14 @@ def plot(report: dict[str, Any], folder: str | Path) -> list[Path]:
     xs, ys = [r["compute_s"] for r in rows], [r["adherence"] for r in rows]
     ax.scatter(xs, ys, color="tab:blue", zorder=3)
     for r in rows:
-        ax.annotate(f"k={r['k']}", (r["compute_s"], r["adherence"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.annotate(f"k={r['k']}", (r["compute_s"], r["adherence"]), textcoords="offset points", xytext=(4, 4),
+                    fontsize=8)
     front, best = [], -np.inf
-    for x, y in sorted(zip(xs, ys)):
+    for x, y in sorted(zip(xs, ys, strict=True)):
         if y > best:
             front.append((x, y))
             best = y
-    ax.step(*zip(*front), where="post", color="tab:blue", alpha=0.6, label="Pareto front")
+    ax.step(*zip(*front, strict=True), where="post", color="tab:blue", alpha=0.6, label="Pareto front")
     ax.axhline(c["vae"]["adherence"], color="grey", ls="-.", label="VAE ceiling")
     large_only = next(r for r in rows if r["k"] == n_steps)
     ax.axhline(0.97 * large_only["adherence"], color="tab:green", ls=":", label="97% of large only")
@@ -478,11 +495,11 @@ def plot(report: dict[str, Any], folder: str | Path) -> list[Path]:
             style = {"color": "tab:red", "lw": 2.2, "label": "small only (k=0)"}
         else:
             style = {"color": cmap(k / n_steps), "lw": 1.0, "label": f"relay k={k}"}
-        for ax, stat in zip(axes, STATS):
+        for ax, stat in zip(axes, STATS, strict=True):
             ax.plot(steps, series[stat], **style)
             if 0 < k < n_steps:  # the handoff: last large step (k) and the first small one (k + 1)
                 ax.plot([k, k + 1], [series[stat][k], series[stat][k + 1]], "o", ms=4, color=style["color"])
-    for ax, stat in zip(axes, STATS):
+    for ax, stat in zip(axes, STATS, strict=True):
         ax.set_xlabel("denoising step")
         ax.set_title({"mean": "latent mean", "std": "latent std", "norm": "latent norm (RMS)"}[stat])
         ax.grid(alpha=0.3)
@@ -506,10 +523,13 @@ def plot(report: dict[str, Any], folder: str | Path) -> list[Path]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rise-eval", description=__doc__.splitlines()[0])
-    parser.add_argument("--family", required=True, help="family folder (the demo family, or one trained with its grammar)")
+    parser.add_argument("--family", required=True,
+                        help="family folder (the demo family, or one trained with its grammar)")
     parser.add_argument("--small", default=None, help="small denoiser (default: the family's unet_small/)")
-    parser.add_argument("--bundle", default=None, help="device bundle of the family: the device half runs on ONNX Runtime")
-    parser.add_argument("--prompts", default=str(DEFAULT_PROMPTS_FILE), help="prompt file, one a line (default: prompts.txt)")
+    parser.add_argument("--bundle", default=None,
+                        help="device bundle of the family: the device half runs on ONNX Runtime")
+    parser.add_argument("--prompts", default=str(DEFAULT_PROMPTS_FILE),
+                        help="prompt file, one a line (default: prompts.txt)")
     parser.add_argument("--limit", type=int, default=None, help="use the first L prompts only")
     parser.add_argument("--steps", type=int, default=20, help="total steps N (default 20)")
     parser.add_argument("--splits", default="0,2,4,6,8,10,12,16,20",
@@ -520,7 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=32, help="requests per UNet call when generating in PyTorch")
     parser.add_argument("--ceiling-scenes", type=int, default=1000, help="real held-out scenes for the ceilings")
     parser.add_argument("--timing-prompts", type=int, default=8, help="requests timed one at a time per split")
-    parser.add_argument("--intensity-prompts", type=int, default=32, help="prompts averaged in the latent-intensity plot")
+    parser.add_argument("--intensity-prompts", type=int, default=32,
+                        help="prompts averaged in the latent-intensity plot")
     parser.add_argument("--threads", type=int, default=1, help="torch (and ONNX Runtime) threads")
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="cpu",
                         help="time compute as the process's CPU time (default: robust on a shared machine; "
@@ -555,7 +576,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if bundle.family_id != family.family_id:
                 raise EvalError(f"bundle {args.bundle} was exported from {bundle.family_id}, not {family.family_id}")
         scorer = Scorer.load(args.scorer) if args.scorer else default_scorer()
-        print(f"rise-eval: {family.family_id}, {len(prompts)} prompts, N={args.steps}, splits {','.join(map(str, check_splits(args.steps, splits)))}",
+        all_splits = ",".join(map(str, check_splits(args.steps, splits)))
+        print(f"rise-eval: {family.family_id}, {len(prompts)} prompts, N={args.steps}, splits {all_splits}",
               flush=True)
         report = evaluate(family, prompts, cfg, bundle=bundle, scorer=scorer, data=args.data,
                           log=lambda s: print(s, flush=True))
