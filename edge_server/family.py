@@ -142,11 +142,11 @@ def load_family(folder: str | Path, small: str | None = None) -> Family:
     check_compatible(large_cfg, small_cfg, vae_cfg)
     diffusers_logging.disable_progress_bar()  # a daemon's log is no place for loading bars
     try:
-        pipeline = StableDiffusionPipeline.from_pretrained(  # type: ignore[no-untyped-call]  # diffusers, untyped
+        pipeline = StableDiffusionPipeline.from_pretrained(
             folder, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False,
             local_files_only=True,
         )
-        small_unet = UNet2DConditionModel.from_pretrained(  # type: ignore[no-untyped-call]  # diffusers, untyped
+        small_unet = UNet2DConditionModel.from_pretrained(
             small_folder, torch_dtype=torch.float32, local_files_only=True
         )
     except (OSError, ValueError, KeyError) as exc:

@@ -121,7 +121,7 @@ def _quiet_tracing() -> Iterator[None]:
     import torch
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # type: ignore[attr-defined]  # not re-exported
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*[Cc]onstant folding.*")
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx.*")
         yield

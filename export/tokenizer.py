@@ -69,7 +69,7 @@ def write_bundle_tokenizer(
         from transformers import AutoTokenizer
 
         try:  # converts vocab.json + merges.txt with transformers' slow->fast converter, offline
-            fast = AutoTokenizer.from_pretrained(  # type: ignore[no-untyped-call]  # transformers leaves it untyped
+            fast = AutoTokenizer.from_pretrained(
                 dst, use_fast=True, from_slow=True, local_files_only=True
             )
         except Exception as exc:

@@ -58,7 +58,7 @@ def _write_byte_level_clip_tokenizer(folder: Path) -> CLIPTokenizer:
     vocab_tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab_tokens)}))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(  # type: ignore[no-untyped-call]  # untyped in transformers
+    return CLIPTokenizer(
         vocab_file=str(folder / "vocab.json"),
         merges_file=str(folder / "merges.txt"),
         model_max_length=32,
@@ -68,7 +68,7 @@ def _write_byte_level_clip_tokenizer(folder: Path) -> CLIPTokenizer:
 
 def _unet(size: UNetSize, sample_size: int, cross_attention_dim: int) -> UNet2DConditionModel:
     levels = len(size.block_out_channels)
-    return UNet2DConditionModel(  # type: ignore[no-untyped-call]  # diffusers placeholder
+    return UNet2DConditionModel(
         sample_size=sample_size,
         in_channels=4,
         out_channels=4,
@@ -99,13 +99,13 @@ def build_tiny_family(
     """
     folder = Path(folder)
     torch.manual_seed(seed)
-    text_config = CLIPTextConfig(  # type: ignore[no-untyped-call]  # untyped in transformers
+    text_config = CLIPTextConfig(
         bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-05,
         num_attention_heads=4, num_hidden_layers=2, pad_token_id=1, vocab_size=1000,
         max_position_embeddings=32,
     )
-    text_encoder = CLIPTextModel(text_config).eval()  # type: ignore[no-untyped-call]  # untyped in transformers
-    vae = AutoencoderKL(  # type: ignore[no-untyped-call]  # diffusers placeholder
+    text_encoder = CLIPTextModel(text_config).eval()
+    vae = AutoencoderKL(
         block_out_channels=(16, 32),
         in_channels=3,
         out_channels=3,
@@ -118,8 +118,8 @@ def build_tiny_family(
     latent_size = image_size // 2  # two VAE levels: one 2x downsampling
     unet = _unet(large, latent_size, text_config.hidden_size).eval()  # type: ignore[attr-defined]  # diffusers placeholder
     tokenizer = _write_byte_level_clip_tokenizer(folder / "tokenizer")
-    scheduler = DDIMScheduler(**SD_SCHEDULER_CONFIG)  # type: ignore[no-untyped-call]  # diffusers placeholder
-    pipe = StableDiffusionPipeline(  # type: ignore[no-untyped-call]  # diffusers placeholder
+    scheduler = DDIMScheduler(**SD_SCHEDULER_CONFIG)
+    pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
@@ -127,7 +127,7 @@ def build_tiny_family(
     # Any: the diffusers placeholder has no config, eval or save_pretrained for mypy.
     small_unet: Any = _unet(small, latent_size, small_cross_attention_dim or text_config.hidden_size)
     if small_latent_channels is not None:
-        small_unet = UNet2DConditionModel.from_config(  # type: ignore[no-untyped-call]  # diffusers placeholder
+        small_unet = UNet2DConditionModel.from_config(
             {**small_unet.config, "in_channels": small_latent_channels, "out_channels": small_latent_channels}
         )
     small_unet.eval().save_pretrained(folder / "unet_small", safe_serialization=True)

@@ -45,6 +45,7 @@ from shared.protocol import (
     HandoffAnnouncement,
     HandoffReceived,
     Hello,
+    Message,
     Plan,
     Progress,
     ProtocolError,
@@ -153,7 +154,7 @@ def _dumps(obj: Any, ensure_ascii: bool = False) -> str:
 PLAN = RelayPlan(num_inference_steps=10, split=4, sampler="dpmpp_2m", guidance_scale=7.5)
 EDGE_PLAN = RelayPlan(num_inference_steps=6, split=6, sampler="euler", guidance_scale=5.0, decode_on="edge")
 
-VALID_MESSAGES = [
+VALID_MESSAGES: list[Message] = [
     Hello(versions=(1,), family_id=FAMILY, client="fuzz/1.0", token=TOKEN, device_class="mid", device_step_s=0.2,
           device_load=0.3),
     Welcome(version=1, family_id=FAMILY, server="rise-edge", limits=ProtocolLimits()),
@@ -365,7 +366,7 @@ def mutated_payload(draw: st.DrawFn) -> tuple[str, bytes, str | None]:
                 state[key] = draw(weird_value)
         data = _with_doc(_dumps(doc, ensure_ascii=True))  # safetensors needs encodable str
     elif kind == "doc_text":
-        text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=50)  # no lone surrogates
+        text = st.text(st.characters(exclude_categories=["Cs"]), max_size=50)  # no lone surrogates
         data = _with_doc(draw(st.one_of(text, st.sampled_from(["[" * 5000, "{}", "null", "NaN"]))))
     elif kind == "tensor_values":
         tensors = dict(BASE_TENSORS)
