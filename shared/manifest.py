@@ -134,7 +134,7 @@ class BundleManifest:
     @classmethod
     def from_dict(cls, data: Any) -> BundleManifest:
         """Build from a parsed dict, checking every key's presence and type (BundleError)."""
-        manifest = _build(cls, data, "manifest")
+        manifest: BundleManifest = _build(cls, data, "manifest")  # _build(cls, ...) builds a cls
         manifest._check()
         return manifest
 
@@ -232,7 +232,7 @@ def _build(tp: Any, value: Any, key: str) -> Any:
             where = "the manifest" if key == "manifest" else f"manifest key {key!r}"
             raise BundleError(f"{where} must be a JSON object, got {type(value).__name__}")
         hints = typing.get_type_hints(tp)
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         for f in dataclasses.fields(tp):
             sub = f.name if key == "manifest" else f"{key}.{f.name}"
             if f.name not in value:
@@ -240,7 +240,8 @@ def _build(tp: Any, value: Any, key: str) -> Any:
                     continue
                 raise BundleError(f"manifest key {sub!r} is missing")
             kwargs[f.name] = _build(hints[f.name], value[f.name], sub)
-        return tp(**kwargs)  # unknown keys are ignored: later minor versions may add some
+        # tp is a type hint here, so is_dataclass means a dataclass class (never an instance).
+        return typing.cast("type[Any]", tp)(**kwargs)  # unknown keys are ignored: later minor versions may add some
     if origin is list:
         if not isinstance(value, list):
             raise BundleError(f"manifest key {key!r} must be a list, got {type(value).__name__}")

@@ -57,7 +57,7 @@ def image_texture(image: np.ndarray) -> Texture:
     return texture
 
 
-class UiState(EventDispatcher):
+class UiState(EventDispatcher):  # type: ignore[misc]  # Kivy ships no type information: its classes are Any
     """What the widgets show, as Kivy properties (``rise.kv`` binds to ``app.ui.*``)."""
 
     status = StringProperty("")
@@ -102,15 +102,15 @@ class UiState(EventDispatcher):
         self.default_save_dir = str(c.default_save_dir)
 
 
-class MainScreen(Screen):
+class MainScreen(Screen):  # type: ignore[misc]  # Kivy ships no type information: its classes are Any
     pass
 
 
-class SettingsScreen(Screen):
+class SettingsScreen(Screen):  # type: ignore[misc]  # Kivy ships no type information: its classes are Any
     pass
 
 
-class GalleryCell(BoxLayout):
+class GalleryCell(BoxLayout):  # type: ignore[misc]  # Kivy ships no type information: its classes are Any
     texture = ObjectProperty(None, allownone=True)
     prompt = StringProperty("")
     summary = StringProperty("")
@@ -135,7 +135,7 @@ class GalleryCell(BoxLayout):
         self.refresh()
 
 
-class GalleryScreen(Screen):
+class GalleryScreen(Screen):  # type: ignore[misc]  # Kivy ships no type information: its classes are Any
     def show(self, items: list[HistoryItem], textures: Callable[[HistoryItem], Texture],
              on_save: Callable[[HistoryItem], Any]) -> None:
         grid = self.ids.grid
@@ -144,7 +144,7 @@ class GalleryScreen(Screen):
             grid.add_widget(GalleryCell(item, textures(item), on_save))
 
 
-class RiseApp(App):
+class RiseApp(App):  # type: ignore[misc]  # Kivy ships no type information: its classes are Any
     """The app. ``controller`` may be given (tests); otherwise :func:`main` builds one."""
 
     title = "RISE"
@@ -159,6 +159,12 @@ class RiseApp(App):
         self._save_preference = Clock.create_trigger(self._persist_preference, 0.4)
         self._pending_preference: float | None = None
 
+    @property
+    def _ctl(self) -> Controller:
+        """The controller, which must be set once the app runs (``main`` sets it before ``run()``)."""
+        assert self.controller is not None, "give RiseApp a controller before run()"
+        return self.controller
+
     # ----------------------------------------------------------------- Kivy lifecycle
 
     def build(self) -> ScreenManager:
@@ -168,14 +174,14 @@ class RiseApp(App):
             self.screens.add_widget(screen)
         self.controller.subscribe(lambda c: self.ui.sync(c, self.texture_for))
         self.ui.sync(self.controller, self.texture_for)
-        Clock.schedule_interval(lambda dt: self.controller.refresh_indicators(), 1.5)
+        Clock.schedule_interval(lambda dt: self._ctl.refresh_indicators(), 1.5)
         return self.screens
 
     def on_start(self) -> None:
-        self.controller.refresh_indicators()
+        self._ctl.refresh_indicators()
 
     def on_stop(self) -> None:
-        self.controller.close()
+        self._ctl.close()
 
     # ----------------------------------------------------------------- commands (from rise.kv)
 
@@ -184,13 +190,13 @@ class RiseApp(App):
         return self.screens.get_screen("main").ids
 
     def generate(self) -> bool:
-        return self.controller.generate(self.main_ids.prompt_input.text)
+        return self._ctl.generate(self.main_ids.prompt_input.text)
 
     def rate(self, rating: int) -> None:
-        self.controller.rate(rating)
+        self._ctl.rate(rating)
 
     def save(self) -> None:
-        self.controller.save()
+        self._ctl.save()
 
     def preference_moved(self, value: float) -> None:
         self._pending_preference = value
@@ -198,28 +204,28 @@ class RiseApp(App):
 
     def _persist_preference(self, _dt: float) -> None:
         pending = self._pending_preference
-        if pending is not None and abs(pending - self.controller.settings.preference) > 1e-6:
-            self.controller.set_preference(pending)
+        if pending is not None and abs(pending - self._ctl.settings.preference) > 1e-6:
+            self._ctl.set_preference(pending)
         self._pending_preference = None
 
     def save_settings(self, server_url: str, token: str, save_dir: str) -> None:
-        if self.controller.update_settings(server_url=server_url, token=token, save_dir=save_dir.strip()):
+        if self._ctl.update_settings(server_url=server_url, token=token, save_dir=save_dir.strip()):
             self.show("main")
 
     def show(self, name: str) -> None:
         if name == "gallery":
-            self.screens.get_screen("gallery").show(self.controller.history, self.texture_for, self._save_item)
+            self.screens.get_screen("gallery").show(self._ctl.history, self.texture_for, self._save_item)
         self.screens.current = name
 
     def _save_item(self, item: HistoryItem) -> None:
-        self.controller.save(item)
+        self._ctl.save(item)
 
     def texture_for(self, item: HistoryItem) -> Texture:
         """One texture per image, made once (history items keep theirs)."""
         key = id(item.outcome)
         if key not in self._textures:
             self._textures[key] = image_texture(item.image)
-            live = {id(i.outcome) for i in self.controller.history}
+            live = {id(i.outcome) for i in self._ctl.history}
             for stale in [k for k in self._textures if k not in live and k != key]:
                 del self._textures[stale]
         return self._textures[key]

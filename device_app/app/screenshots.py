@@ -17,6 +17,7 @@ something timed out or failed (the state file says what the widgets showed then)
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -147,10 +148,12 @@ def main(argv: list[str] | None = None) -> int:
         return lambda: state["phases"].__setitem__(phase, widgets())
 
     for prompt in args.prompt:
-        steps += [later(lambda p=prompt: press_generate(p)), generation_over]
+        steps += [later(functools.partial(press_generate, prompt)), generation_over]
     steps += [wait(0.6), later(record("finished")), later(lambda: state.__setitem__("main_png", shot("main")))]
     if args.rate is not None:
-        ids_of = lambda: app.screens.get_screen("main").ids
+        def ids_of() -> Any:  # Kivy's ids: untyped
+            return app.screens.get_screen("main").ids
+
         button = "rate_up" if args.rate == 1 else "rate_down"
         steps += [later(lambda: getattr(ids_of(), button).dispatch("on_release")),
                   lambda: controller.status.startswith(("Rating sent", "Rating not sent", "Rated")),

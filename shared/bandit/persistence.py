@@ -86,7 +86,8 @@ def load_state(path: str | Path, policy: Policy, arms: Sequence[str], features: 
         policy.load_state_dict(doc["policy"])
     except StateError as exc:
         raise StateError(f"{path}: {exc}") from None
-    return doc["meta"]
+    meta: dict[str, Any] = doc["meta"]  # read_state checked it is a JSON object
+    return meta
 
 
 def _diff(saved: Sequence[Any], current: Sequence[Any]) -> str:

@@ -79,7 +79,7 @@ class Policy(ABC):
             if state.get(key) != want:
                 raise StateError(f"policy state has {key}={state.get(key)!r}, this policy has {want}")
         self.updates = read_int(state, "updates", lo=0, hi=2**62, error=StateError)
-        rng_state = state.get("rng")
+        rng_state: Any = state.get("rng")  # unchecked JSON: PCG64's state setter validates it (caught below)
         try:
             bit_generator = np.random.PCG64()
             bit_generator.state = rng_state

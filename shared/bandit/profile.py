@@ -180,10 +180,16 @@ class Profile:
         index = {(a.steps, a.split): i for i, a in enumerate(self.arms)}
         object.__setattr__(self, "_index", index)  # a cache, not a field
 
+    @property
+    def _arm_index(self) -> dict[tuple[int, int], int]:
+        """The ``(N, k) -> arms`` position cache that ``__post_init__`` set (not a field, so not declared)."""
+        index: dict[tuple[int, int], int] = self.__dict__["_index"]
+        return index
+
     # ------------------------------------------------------------------ lookups
 
     def has(self, plan: RelayPlan) -> bool:
-        return (plan.num_inference_steps, plan.split) in self._index
+        return (plan.num_inference_steps, plan.split) in self._arm_index
 
     def level_index(self, level: int) -> int:
         """Index of the profiled level nearest to ``level`` (ties go to the harder level)."""
@@ -193,7 +199,7 @@ class Profile:
     def quality(self, plan: RelayPlan, level: int) -> float:
         """Measured quality of ``plan`` 's ``(N, k)`` at the profiled level nearest ``level``."""
         try:
-            arm = self.arms[self._index[(plan.num_inference_steps, plan.split)]]
+            arm = self.arms[self._arm_index[(plan.num_inference_steps, plan.split)]]
         except KeyError:
             raise ProfileError(f"the profile has no N={plan.num_inference_steps} k={plan.split}") from None
         return arm.quality[self.level_index(level)]
@@ -307,7 +313,8 @@ def profile_from_eval(
     for doc, steps, source in evals:
         if not isinstance(doc, Mapping) or not isinstance(doc.get("rows"), list) or not doc["rows"]:
             raise ProfileError(f"{source}: not a rise-eval --json document (needs a non-empty \"rows\" list)")
-        meta = doc.get("meta") if isinstance(doc.get("meta"), Mapping) else {}
+        raw_meta = doc.get("meta")
+        meta: Mapping[str, Any] = raw_meta if isinstance(raw_meta, Mapping) else {}
         metas.append(meta)
         file_steps = steps or _steps_of(doc) or _steps_of(meta)
         for i, row in enumerate(doc["rows"]):
@@ -376,7 +383,7 @@ def _level(key: Any, source: str) -> int:
 
 def _fit_timing(rows: Sequence[tuple[int, int, Mapping[str, Any], str]]) -> dict[str, Any]:
     """Least-squares per-step times: edge_s = enc + k * edge_step, device_s = dec + (N - k) * device_step."""
-    def fit(xs: list[float], ys: list[float], what: str) -> tuple[float, float]:
+    def fit(xs: Sequence[float], ys: Sequence[float], what: str) -> tuple[float, float]:
         if len(set(xs)) < 2:
             raise ProfileError(f"cannot fit {what}: the rows need at least two different step counts")
         design = np.stack([np.ones(len(xs)), np.asarray(xs, dtype=np.float64)], axis=1)

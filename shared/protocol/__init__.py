@@ -20,13 +20,17 @@ A conversation (``>`` client to server, ``<`` server to client)::
 
     > hello     {versions, token, client, family_id, device_class?, device_step_s?, device_load?}
     < welcome   {version, family_id, server, limits}
-    > generate  {request_id, prompt, preference, seed?, height?, width?, steps?, pinned?, device_load?, rtt_s?, bandwidth_bps?}
-    < plan      {request_id, plan: {num_inference_steps, split, sampler, guidance_scale, decode_on}, seed, height, width, scheduler, why}
+    > generate  {request_id, prompt, preference, seed?, height?, width?, steps?, pinned?,
+                 device_load?, rtt_s?, bandwidth_bps?}
+    < plan      {request_id, plan: {num_inference_steps, split, sampler, guidance_scale, decode_on},
+                 seed, height, width, scheduler, why}
     < progress  {request_id, stage: "edge", step, total}          (any number)
     < handoff   {request_id, nbytes, edge_compute_s?, queue_s?}   then at once: <binary: safetensors handoff>
-      or result {request_id, nbytes, height, width, format: "png", ...}  then at once: <binary: PNG>   (decode_on="edge")
+      or result {request_id, nbytes, height, width, format: "png", ...}  then at once: <binary: PNG>
+                                                                      (decode_on="edge")
       or error  {code, message, request_id, field?, retry_after_s?}    (ends the request)
-    > report    {request_id, device_compute_s, transfer_s, total_latency_s, device_load?, rtt_s?, bandwidth_bps?, rating?}
+    > report    {request_id, device_compute_s, transfer_s, total_latency_s, device_load?, rtt_s?,
+                 bandwidth_bps?, rating?}
     > rating    {request_id, rating}                              (any time after delivery)
     > cancel    {request_id}                                      (server answers error code "cancelled")
     > error     {code, message, request_id?}                      (the device failed a delivered request)

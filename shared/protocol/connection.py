@@ -38,7 +38,7 @@ import hmac
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
 from shared.errors import ConfigError, HandoffError
 from shared.handoff import Handoff, HandoffLimits, decode_handoff
@@ -144,10 +144,10 @@ class ResultReceived:
         return self.announcement.request_id
 
 
-ServerEvent = Union[Hello, Generate, Cancel, Report, Rating, Error, FrameRejected]
-ClientEvent = Union[Welcome, Plan, Progress, HandoffReceived, ResultReceived, Error, FrameRejected]
-Event = Union[ServerEvent, ClientEvent]
-Frame = Union[str, bytes]
+ServerEvent = Hello | Generate | Cancel | Report | Rating | Error | FrameRejected
+ClientEvent = Welcome | Plan | Progress | HandoffReceived | ResultReceived | Error | FrameRejected
+Event = ServerEvent | ClientEvent
+Frame = str | bytes
 
 
 # --------------------------------------------------------------------------- rate limiting
@@ -387,13 +387,17 @@ class ServerConnection(_Connection):
             )
             return list(self._reject(exc, close=Close(CLOSE_POLICY_VIOLATION, "wrong family")))
         self.hello, self.version, self.state = hello, max(common), "open"
-        self._queue(Welcome(version=self.version, family_id=self.family_id, server=self.server_name, limits=self.limits))
+        self._queue(
+            Welcome(version=self.version, family_id=self.family_id, server=self.server_name, limits=self.limits)
+        )
         return [hello]
 
     def _on_generate(self, request: Generate, now: float) -> list[ServerEvent]:
         rid = request.request_id
         if self._known(rid):
-            exc = ProtocolError(f"request_id: {rid!r} is already used on this connection", code="invalid_request", field="request_id")
+            exc = ProtocolError(
+                f"request_id: {rid!r} is already used on this connection", code="invalid_request", field="request_id"
+            )
             return list(self._reject(exc))  # no request_id in the error: it would end the live request
         if len(self._requests) >= self.limits.max_in_flight:
             exc = ProtocolError(
@@ -426,7 +430,9 @@ class ServerConnection(_Connection):
         rid = report.request_id
         if rid not in self._reportable:
             exc = ProtocolError(
-                f"request_id: no delivered request {rid!r} awaiting a report", code="invalid_request", field="request_id"
+                f"request_id: no delivered request {rid!r} awaiting a report",
+                code="invalid_request",
+                field="request_id",
             )
             return list(self._reject(exc))
         del self._reportable[rid]
@@ -436,7 +442,9 @@ class ServerConnection(_Connection):
     def _on_rating(self, rating: Rating) -> list[ServerEvent]:
         rid = rating.request_id
         if rid not in self._rateable and rid not in self._reportable:
-            exc = ProtocolError(f"request_id: no delivered request {rid!r} to rate", code="invalid_request", field="request_id")
+            exc = ProtocolError(
+                f"request_id: no delivered request {rid!r} to rate", code="invalid_request", field="request_id"
+            )
             return list(self._reject(exc))
         return [rating]
 
@@ -505,7 +513,11 @@ class ServerConnection(_Connection):
         if conflict is not None:
             raise _usage(f"send_handoff: {conflict}", request_id)
         announcement = _built(
-            HandoffAnnouncement, request_id=request_id, nbytes=len(payload), edge_compute_s=edge_compute_s, queue_s=queue_s
+            HandoffAnnouncement,
+            request_id=request_id,
+            nbytes=len(payload),
+            edge_compute_s=edge_compute_s,
+            queue_s=queue_s,
         )
         self._deliver(request_id, announcement, payload)
 
@@ -548,7 +560,9 @@ class ServerConnection(_Connection):
         Without one, a code in :data:`FATAL_CLOSE_CODES` (e.g. ``shutting_down``) also closes."""
         if self.done:
             return
-        error = _built(Error, code=code, message=message, request_id=request_id, field=field, retry_after_s=retry_after_s)
+        error = _built(
+            Error, code=code, message=message, request_id=request_id, field=field, retry_after_s=retry_after_s
+        )
         if request_id is not None:
             ended = self._requests.pop(request_id, None) is not None or request_id in self._reportable
             self._reportable.pop(request_id, None)
@@ -582,7 +596,9 @@ class ServerConnection(_Connection):
 
     def _deliver(self, request_id: str, announcement: _Message, payload: bytes) -> None:
         if len(payload) > self.limits.max_payload_bytes:
-            raise _usage(f"payload: {len(payload)} bytes, over max_payload_bytes={self.limits.max_payload_bytes}", request_id)
+            raise _usage(
+                f"payload: {len(payload)} bytes, over max_payload_bytes={self.limits.max_payload_bytes}", request_id
+            )
         self._queue(announcement)
         self._outbox.append(payload)  # immediately after its announcement: that adjacency is the pairing
         del self._requests[request_id]
@@ -706,7 +722,9 @@ class ClientConnection(_Connection):
         rid = request.request_id
         limits = self.welcome.limits
         if self._known(rid):
-            raise ProtocolError(f"request_id: {rid!r} is already used", code="invalid_request", field="request_id", request_id=rid)
+            raise ProtocolError(
+                f"request_id: {rid!r} is already used", code="invalid_request", field="request_id", request_id=rid
+            )
         if len(self._requests) >= limits.max_in_flight:
             raise ProtocolError(
                 f"request_id: the server allows {limits.max_in_flight} requests in flight",
@@ -857,7 +875,9 @@ class ClientConnection(_Connection):
             return list(self._reject(exc, close=Close(CLOSE_PROTOCOL_ERROR, "unsupported version")))
         if message.family_id != self.family_id:
             exc = ProtocolError(
-                f"family_id: expected {self.family_id!r}, got {message.family_id!r}", code="wrong_family", field="family_id"
+                f"family_id: expected {self.family_id!r}, got {message.family_id!r}",
+                code="wrong_family",
+                field="family_id",
             )
             return list(self._reject(exc, close=Close(CLOSE_POLICY_VIOLATION, "wrong family")))
         self.welcome, self.state = message, "open"
@@ -884,7 +904,9 @@ class ClientConnection(_Connection):
     def _on_progress(self, progress: Progress) -> list[ClientEvent]:
         request = self._requests.get(progress.request_id)
         if request is None or request.plan is None:
-            exc = ProtocolError(f"request_id: progress for {progress.request_id!r}, which has no plan", field="request_id")
+            exc = ProtocolError(
+                f"request_id: progress for {progress.request_id!r}, which has no plan", field="request_id"
+            )
             return list(self._reject(exc))
         return [progress]
 

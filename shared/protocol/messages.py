@@ -27,7 +27,7 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, NoReturn, get_args
+from typing import Any, ClassVar, Literal, NoReturn, cast, get_args, overload
 
 from shared.errors import ConfigError, FieldFailure, HandoffError, RiseError
 from shared.handoff import Handoff
@@ -120,7 +120,8 @@ class ProtocolError(RiseError, ValueError):
 
     def to_error(self) -> Error:
         """The :class:`Error` message that reports this failure to the peer."""
-        code = self.code if self.code in ERROR_CODES else "internal"
+        # ERROR_CODES is get_args(ErrorCode): membership is exactly the Literal's narrowing.
+        code: ErrorCode = cast(ErrorCode, self.code) if self.code in ERROR_CODES else "internal"
         retry = self.retry_after_s if code in RETRY_CODES else None
         if code in RETRY_CODES and retry is None:
             retry = 1.0  # a retry code without a delay would be an invalid Error
@@ -839,6 +840,12 @@ def _safe_name(name: str) -> str:
     return name if name.isascii() and name.isprintable() and 0 < len(name) <= 64 else _show(name, 64)
 
 
+@overload
+def _clip(text: str, limit: int) -> str: ...
+@overload
+def _clip(text: None, limit: int) -> None: ...
+@overload
+def _clip(text: str | None, limit: int) -> str | None: ...
 def _clip(text: str | None, limit: int) -> str | None:
     """``text`` made fit for an Error message: no control characters or lone surrogates, at most ``limit``."""
     if text is None:
