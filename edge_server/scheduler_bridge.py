@@ -12,7 +12,6 @@ continues the same trajectory. A config either works on both sides or fails on b
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -24,6 +23,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from shared.errors import ConfigError, HandoffError
 from shared.samplers import SAMPLER_NAMES, Sampler, SamplerError, SamplerState, make_sampler, resolved_config
+from shared.validation import is_integral
 
 
 class StepCountingDDIMScheduler(DDIMScheduler):
@@ -159,7 +159,7 @@ def _next_index(scheduler: SchedulerMixin, name: str, steps_taken: int | None) -
         # None before the first step: the first step then starts at begin_index (img2img) or 0.
         index = getattr(scheduler, "begin_index", None) or 0
     if steps_taken is not None:
-        if isinstance(steps_taken, bool) or not isinstance(steps_taken, numbers.Integral):
+        if not is_integral(steps_taken):
             raise HandoffError(f"{name}: steps_taken={steps_taken!r} is not an integer")
         if counter_known and index != steps_taken:
             raise HandoffError(f"{name}: steps_taken={steps_taken} but the scheduler is at step {index}")

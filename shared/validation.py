@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
 import os
 import re
 import tempfile
@@ -108,6 +109,16 @@ def show(value: object, limit: int = 80) -> str:
 def is_int(value: object) -> TypeGuard[int]:
     """An ``int`` that is not a ``bool`` (JSON ``true`` must never pass for 1)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_integral(value: object) -> bool:
+    """An integer of any integral type (numpy's included) that is not a ``bool``: for in-process values."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: object) -> bool:
+    """A real number of any type (numpy's included) that is not a ``bool``: for in-process values."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def is_number(value: object) -> TypeGuard[int | float]:

@@ -17,7 +17,6 @@ as in diffusers). No torch here: the device has none.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +24,7 @@ import numpy as np
 
 from shared.errors import ConfigError, HandoffError, SamplerError
 from shared.samplers.base import SamplerState
+from shared.validation import is_integral, is_real
 
 BETA_SCHEDULES: tuple[str, ...] = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS: tuple[str, ...] = ("leading", "trailing", "linspace")
@@ -61,7 +61,7 @@ def _show(key: str, value: Any) -> str:
 def cfg_int(cfg: Mapping[str, Any], key: str, *, minimum: int | None = None) -> int:
     """An integer config value (bools are not integers here)."""
     value = cfg[key]
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not is_integral(value):
         raise ConfigError(f"scheduler config {_show(key, value)}: expected an integer")
     if minimum is not None and value < minimum:
         raise ConfigError(f"scheduler config {_show(key, value)}: must be >= {minimum}")
@@ -71,7 +71,7 @@ def cfg_int(cfg: Mapping[str, Any], key: str, *, minimum: int | None = None) -> 
 def cfg_float(cfg: Mapping[str, Any], key: str, *, allow_inf: bool = False) -> float:
     """A real config value; NaN is always rejected, infinities only with ``allow_inf``."""
     value = cfg[key]
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_real(value):
         raise ConfigError(f"scheduler config {_show(key, value)}: expected a number")
     value = float(value)
     if math.isnan(value) or (math.isinf(value) and not allow_inf):
@@ -259,7 +259,7 @@ def check_timesteps(timesteps: np.ndarray, num_inference_steps: int, num_train_t
 
 def check_num_inference_steps(num_inference_steps: Any, num_train_timesteps: int) -> int:
     """N must be an integer in [1, num_train_timesteps]."""
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral):
+    if not is_integral(num_inference_steps):
         raise ConfigError(f"num_inference_steps={num_inference_steps!r}: expected an integer")
     num_inference_steps = int(num_inference_steps)
     if not 1 <= num_inference_steps <= num_train_timesteps:
@@ -362,7 +362,7 @@ def check_turn(timesteps: np.ndarray | None, step_index: int, timestep: Any, sam
         raise SamplerError(f"{sampler}: all {len(timesteps)} steps are done; cannot step past the end")
     if isinstance(timestep, np.ndarray) and timestep.size == 1:
         timestep = timestep.reshape(()).item()
-    if isinstance(timestep, bool) or not isinstance(timestep, numbers.Real):
+    if not is_real(timestep):
         raise SamplerError(f"{sampler}: timestep must be a number, got {type(timestep).__name__}")
     expected = timesteps[step_index]
     if float(timestep) != float(expected):
@@ -385,7 +385,7 @@ def check_state_common(
     if not isinstance(state, SamplerState):
         raise HandoffError(f"{sampler}: expected a SamplerState, got {type(state).__name__}")
     index = state.step_index
-    if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not 0 <= index <= num_inference_steps:
+    if not is_integral(index) or not 0 <= index <= num_inference_steps:
         raise HandoffError(f"{sampler}: state step_index={index!r} is not in [0, {num_inference_steps}]")
     unknown_t = sorted(set(state.tensors) - set(tensor_names))
     unknown_s = sorted(set(state.scalars) - set(scalar_names))
@@ -394,9 +394,9 @@ def check_state_common(
             f"{sampler}: state has unknown entries (tensors {unknown_t}, scalars {unknown_s}); "
             f"expected tensors from {list(tensor_names)}, scalars from {list(scalar_names)}"
         )
-    for name, value in state.scalars.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-            raise HandoffError(f"{sampler}: state scalar {name}={value!r} is not a finite number")
+    for name, scalar in state.scalars.items():
+        if not is_real(scalar) or not math.isfinite(scalar):
+            raise HandoffError(f"{sampler}: state scalar {name}={scalar!r} is not a finite number")
     for name, value in state.tensors.items():
         if not isinstance(value, np.ndarray) or value.dtype != np.float32:
             kind = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
