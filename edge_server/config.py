@@ -14,7 +14,15 @@ from shared.errors import ConfigError
 from shared.protocol import ProtocolLimits
 from shared.relay_plan import MAX_STEPS
 from shared.samplers import SAMPLER_NAMES
-from shared.validation import check_bool, check_choice, check_float, check_int, check_mapping, check_str
+from shared.validation import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_mapping,
+    check_str,
+    read_token_file,
+)
 
 
 @dataclass
@@ -65,15 +73,7 @@ class EdgeConfig:
         return cls(**flat)
 
     def token(self) -> str | None:
-        if self.token_file is None:
-            return None
-        try:
-            token = Path(self.token_file).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read token file {self.token_file}: {exc}") from exc
-        if not token:
-            raise ConfigError(f"token file {self.token_file} is empty")
-        return token
+        return None if self.token_file is None else read_token_file(self.token_file)[0]
 
     def ssl_context(self) -> ssl.SSLContext | None:
         if (self.tls_cert is None) != (self.tls_key is None):

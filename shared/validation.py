@@ -27,12 +27,13 @@ import math
 import numbers
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeGuard, overload
 
-from shared.errors import FieldFailure, RiseError
+from shared.errors import ConfigError, FieldFailure, RiseError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -474,3 +475,19 @@ def load_versioned_json(path: str | Path, kind: str, version: int, *, what: str 
     """Read ``path`` (:func:`load_json`); it must be a ``kind`` document at ``version`` (:func:`check_versioned`)."""
     doc = load_json(path, what=what or kind, hint=hint, error=error)
     return check_versioned(doc, kind, version, where=str(path), what=what, error=error)
+
+
+def read_token_file(path: str | Path) -> tuple[str, bool]:
+    """The bearer token in ``path`` (surrounding whitespace stripped) and whether every user may read the file.
+
+    The edge and the device both keep their token in such a file; an unreadable or empty one is a ConfigError.
+    """
+    path = Path(path)
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+        mode = path.stat().st_mode
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read token file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not token:
+        raise ConfigError(f"token file {path} is empty")
+    return token, bool(mode & stat.S_IROTH)
