@@ -33,6 +33,7 @@ from device_app.results import GenerationResult
 from device_app.runtime import DeviceBundle
 from device_app.token_file import read_token
 from shared.errors import ConfigError, RiseError
+from shared.manifest import load_manifest
 from shared.relay_plan import RelayPlan
 from shared.samplers import SAMPLER_NAMES
 
@@ -112,6 +113,15 @@ class RequestOptions:
     width: int | None
 
 
+def _default_sampler(bundle: str) -> str:
+    """dpmpp_2m, or the bundle's own sampler when it runs no other (an LCM bundle runs only lcm)."""
+    try:
+        samplers = load_manifest(bundle).samplers
+    except RiseError:
+        return "dpmpp_2m"  # the bundle's own error is reported when it loads
+    return "dpmpp_2m" if "dpmpp_2m" in samplers else samplers[0]
+
+
 def request_options(args: argparse.Namespace) -> RequestOptions:
     """Check the request arguments together (a pinned configuration needs --steps and --split)."""
     pin_only = [flag for flag, value in (("--sampler", args.sampler), ("--guidance", args.guidance),
@@ -122,7 +132,7 @@ def request_options(args: argparse.Namespace) -> RequestOptions:
         if args.steps is None:
             raise ConfigError("--split needs --steps: give both to pin a configuration")
         pinned = RelayPlan(
-            args.steps, args.split, args.sampler or "dpmpp_2m",
+            args.steps, args.split, args.sampler or _default_sampler(args.bundle),
             7.5 if args.guidance is None else args.guidance, args.decode_on or "device",
         )
         steps = None  # the pinned plan carries N

@@ -2,9 +2,11 @@
 
 Requests at different steps (and with different samplers, step counts, guidance scales) share
 a call: each contributes its latent (twice under classifier-free guidance) with its own
-timestep, since diffusers' UNet takes one timestep per sample; afterwards every request's own
-scheduler takes its step. Batching changes only float round-off (tested against one request
-at a time). Torch compute only: the asyncio daemon drives this from a worker thread.
+timestep, since diffusers' UNet takes one timestep per sample, and its extra conditioning
+(SDXL's ``added_cond_kwargs``, an LCM UNet's ``timestep_cond``) row by row; afterwards every
+request's own scheduler takes its step, with the request's own generator (LCM draws noise).
+Batching changes only float round-off (tested against one request at a time). Torch compute
+only: the asyncio daemon drives this from a worker thread.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ class DenoiseJob:
     next_step: int = 0
     request_id: str = ""
     meta: dict[str, Any] = field(default_factory=dict)  # the adapter's own bookkeeping (plan, seed, timings)
+    added_cond: dict[str, torch.Tensor] = field(default_factory=dict)  # SDXL: text_embeds (1, P), time_ids (1, 6)
+    added_uncond: dict[str, torch.Tensor] = field(default_factory=dict)  # the same names for the uncond row
+    timestep_cond: torch.Tensor | None = None  # LCM-distilled UNets: the guidance embedding (1, time_cond_proj_dim)
+    generator: torch.Generator | None = None  # the request's generator, which stochastic samplers (LCM) draw from
 
     @property
     def sched(self) -> SchedulerLike:
@@ -44,8 +50,14 @@ class DenoiseJob:
         return as_scheduler(self.scheduler)
 
     @property
+    def guidance(self) -> str:
+        """``"embedding"`` when the UNet takes the guidance scale as ``timestep_cond`` (LCM), else ``"cfg"``."""
+        return "cfg" if self.timestep_cond is None else "embedding"
+
+    @property
     def guided(self) -> bool:
-        return self.guidance_scale > 1.0
+        """Classifier-free guidance: an unconditional row beside the conditional one (never with an embedding)."""
+        return self.guidance == "cfg" and self.guidance_scale > 1.0
 
     @property
     def done(self) -> bool:
@@ -56,11 +68,28 @@ class DenoiseJob:
         """Rows this job adds to a UNet batch (2 under classifier-free guidance)."""
         return 2 if self.guided else 1
 
-    def batch_key(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Jobs can share a UNet call only with equal latent and embedding shapes."""
-        return (tuple(self.latents.shape[1:]), tuple(self.cond.shape[1:]))
+    def batch_key(self) -> tuple[Any, ...]:
+        """Jobs can share a UNet call only with equal latent, embedding and extra-conditioning shapes."""
+        added = tuple(sorted((name, tuple(t.shape[1:])) for name, t in self.added_cond.items()))
+        cond_shape = None if self.timestep_cond is None else tuple(self.timestep_cond.shape[1:])
+        return (tuple(self.latents.shape[1:]), tuple(self.cond.shape[1:]), added, cond_shape)
+
+    def _extra_inputs(self) -> dict[str, np.ndarray]:
+        """The UNet's extra inputs for the conditional rows, by the names the device's ONNX graph has.
+
+        The guidance embedding travels too: the device's numpy port of it differs from torch's by
+        a few 1e-4 (torch's ``exp`` is one ulp off at times, times ``sin`` of up to 1000 w), so the
+        device continues with the edge's exact one and computes its own only when it runs alone.
+        """
+        extra = {name: _f32(t) for name, t in self.added_cond.items()}
+        if self.timestep_cond is not None:
+            extra["timestep_cond"] = _f32(self.timestep_cond)
+        return extra
 
     def to_handoff(self, family_id: str, plan: RelayPlan, seed: int) -> Handoff:
+        """The handoff after this job's steps; the edge's generator is left where it is."""
+        state = export_state(self.scheduler, plan.sampler, generator=self.generator,
+                             sample_shape=tuple(self.latents.shape))
         return Handoff(
             family_id=family_id,
             sampler=plan.sampler,
@@ -71,9 +100,17 @@ class DenoiseJob:
             timesteps=self.sched.timesteps.numpy().astype(np.float32),
             latents=self.latents.numpy().astype(np.float32),
             cond_embeddings=self.cond.numpy().astype(np.float32),
-            sampler_state=export_state(self.scheduler, plan.sampler),
+            sampler_state=state,
             request_id=self.request_id,
+            added_cond=self._extra_inputs(),
+            added_uncond={name: _f32(t) for name, t in self.added_uncond.items()} if self.guided else {},
+            guidance=self.guidance,
         )
+
+
+def _f32(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor as the wire carries it: CPU float32."""
+    return tensor.detach().to(device="cpu", dtype=torch.float32).numpy()
 
 
 @torch.no_grad()
@@ -86,21 +123,33 @@ def batched_step(unet: UNet2DConditionModel, jobs: Sequence[DenoiseJob]) -> None
     inputs: list[torch.Tensor] = []
     timesteps: list[torch.Tensor] = []
     embeds: list[torch.Tensor] = []
+    added: dict[str, list[torch.Tensor]] = {name: [] for name in jobs[0].added_cond}
+    timestep_conds: list[torch.Tensor] = []
     for job in jobs:
         t = job.sched.timesteps[job.next_step]
         model_in = torch.cat([job.latents] * 2) if job.guided else job.latents
         inputs.append(job.sched.scale_model_input(model_in, t))
         timesteps.append(t.reshape(1).expand(job.unet_rows))
         embeds.append(torch.cat([job.uncond, job.cond]) if job.guided else job.cond)
+        for name, rows in added.items():  # the uncond row first, as the pipelines concatenate
+            cond = job.added_cond[name]
+            rows.append(torch.cat([job.added_uncond[name], cond]) if job.guided else cond)
+        if job.timestep_cond is not None:
+            timestep_conds.append(job.timestep_cond.expand(job.unet_rows, -1))
+    kwargs: dict[str, Any] = {}
+    if added:
+        kwargs["added_cond_kwargs"] = {name: torch.cat(rows) for name, rows in added.items()}
+    if timestep_conds:
+        kwargs["timestep_cond"] = torch.cat(timestep_conds)
     noise = as_unet(unet)(
-        torch.cat(inputs), torch.cat(timesteps), encoder_hidden_states=torch.cat(embeds), return_dict=False
+        torch.cat(inputs), torch.cat(timesteps), encoder_hidden_states=torch.cat(embeds), return_dict=False, **kwargs
     )[0]
     for job, job_noise in zip(jobs, torch.split(noise, [job.unet_rows for job in jobs]), strict=True):
         if job.guided:
             noise_uncond, noise_cond = job_noise.chunk(2)
             job_noise = noise_uncond + job.guidance_scale * (noise_cond - noise_uncond)
         t = job.sched.timesteps[job.next_step]
-        job.latents = job.sched.step(job_noise, t, job.latents, return_dict=False)[0]
+        job.latents = job.sched.step(job_noise, t, job.latents, generator=job.generator, return_dict=False)[0]
         job.next_step += 1
 
 

@@ -45,7 +45,7 @@ class EdgeConfig:
     ping_timeout_s: float | None = 20.0  # ... and drop a connection whose pong is this late
     steps: int = 20
     split_fraction: float = 0.5
-    sampler: str = "dpmpp_2m"
+    sampler: str | None = None  # None: the family's default (lcm for LCM families, else dpmpp_2m)
     guidance: float = 7.5
     scheduler: str = "fixed"  # fixed | linucb | epsilon_greedy | random | edge_only | device_only | N20k10...
     profile: str | None = None  # measured profile (shared/bandit/profile.py); needed by every scheduler but fixed
@@ -146,7 +146,7 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
     config = EdgeConfig.from_toml(args.config) if args.config else EdgeConfig()
     for name in ("host", "port", "token_file", "tls_cert", "tls_key", "metrics_port", "max_batch_rows",
                  "max_queue", "steps", "split_fraction", "shutdown_grace_s", "ping_interval_s", "ping_timeout_s",
-                 "threads", "scheduler", "profile", "bandit_state", "alpha"):
+                 "threads", "scheduler", "profile", "bandit_state", "alpha", "sampler", "guidance"):
         value = getattr(args, name)
         if value is not None:
             setattr(config, name, value)

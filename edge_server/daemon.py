@@ -45,6 +45,7 @@ from shared.protocol import (
     ServerConnection,
     ServerEvent,
 )
+from shared.samplers import SAMPLER_NAMES
 
 __all__ = ["EdgeConfig", "EdgeServer", "build_parser", "config_from_args", "encode_png", "main", "make_planner"]
 
@@ -85,9 +86,14 @@ class EdgeServer:
         ``family`` may be a loader: the engine's thread then loads it (see BatchingEngine), as ``rise-edge`` does.
         """
         metrics = metrics or EdgeMetrics()
-        planner = planner or make_planner(config)  # a config error surfaces before any weights load
+        if planner is None:
+            make_planner(config)  # a config error surfaces before any weights load
         engine = make_engine(family, config, on_batch=metrics.observe_batch)
         try:
+            loaded = engine.family
+            if config.sampler is not None:
+                loaded.check_sampler(config.sampler)  # e.g. dpmpp_2m named for an LCM family: refused at start
+            planner = planner or make_planner(config, default_sampler=loaded.default_sampler)
             return cls(engine, config, planner=planner, metrics=metrics)
         except BaseException:
             engine.close(drain=False, timeout=10.0)
@@ -258,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve a model family over websockets")
     s.add_argument("--family", required=True, help="family folder (the large model's pipeline folder)")
     s.add_argument("--small", default=None, help="small denoiser (subfolder or path; default unet_small)")
+    s.add_argument("--variant", default=None,
+                   help="weights variant to load, e.g. fp16 (default: detected for variant-only folders)")
     s.add_argument("--config", default=None, help="edge.toml (flags override it)")
     s.add_argument("--host")
     s.add_argument("--port", type=int)
@@ -282,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--alpha", type=float, help="LinUCB exploration weight (default 0.1)")
     s.add_argument("--steps", type=int, help="default total steps N")
     s.add_argument("--split-fraction", type=float, help="default share of steps on the edge")
+    s.add_argument("--sampler", choices=SAMPLER_NAMES,
+                   help="default sampler (default: the family's own: lcm for LCM families, else dpmpp_2m)")
+    s.add_argument("--guidance", type=float, help="default guidance scale (default 7.5)")
     return parser
 
 
@@ -307,7 +318,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--threads must be >= 1, got {config.threads}")
             torch.set_num_threads(config.threads)
         # Loaded on the engine's thread, so all of the edge's torch work shares one OpenMP pool.
-        server = EdgeServer.with_batching_engine(lambda: load_family(args.family, args.small), config)
+        server = EdgeServer.with_batching_engine(
+            lambda: load_family(args.family, args.small, variant=args.variant), config
+        )
         log.info("config: %s", config.described())
         asyncio.run(_serve_until_signalled(server))
     except RiseError as exc:

@@ -1,10 +1,20 @@
-"""Load a model family from a local folder and check that its members share a latent space.
+"""Load a model family from a local folder, check its members share a latent space, refuse what we cannot run.
 
 A family is the large model's diffusers pipeline folder (``model_index.json``, ``unet/`` =
 the large denoiser); the small denoiser is named by ``small``: a subfolder of the family
 folder (default ``unet_small/``), or a path to another pipeline folder (its ``unet/``) or
 to a UNet folder. Nothing is fetched from a hub. Weights load in float32 whatever dtype
-they were saved in, since the edge computes in float32 on a CPU.
+they were saved in, since the edge computes in float32 on a CPU; a folder that holds only
+``*.<variant>.safetensors`` (the hub's ``fp16`` branch) is found and loaded as that variant.
+
+Kinds we run (:data:`PIPELINE_KINDS`): SD1.x/SD2.x (``StableDiffusionPipeline``), SDXL
+(``StableDiffusionXLPipeline``: two text encoders, pooled embeddings and size conditioning)
+and LCM (``LatentConsistencyModelPipeline``, or any family whose scheduler is
+``LCMScheduler``: only the ``lcm`` sampler; a distilled UNet with ``time_cond_proj_dim`` takes
+the guidance scale as an embedding instead of classifier-free guidance). Anything else (another
+pipeline class, a DiT/flow-matching folder such as SD3 or Flux, a scheduler or prediction type
+without a numpy port, a UNet input we do not feed) is refused here, in one line, before any
+step runs: a family is never loaded as another kind.
 """
 
 from __future__ import annotations
@@ -16,13 +26,45 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    LatentConsistencyModelPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.utils import logging as diffusers_logging
 
-from shared.errors import FamilyError
+from shared.errors import ConfigError, FamilyError
+from shared.samplers import SAMPLER_NAMES, make_sampler
 
 DEFAULT_SMALL = "unet_small"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+#: Pipeline class (``model_index.json``'s ``_class_name``) -> the kind of family we run it as.
+PIPELINE_KINDS: dict[str, str] = {
+    "StableDiffusionPipeline": "sd",
+    "LatentConsistencyModelPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+}
+_PIPELINE_CLASSES: dict[str, Any] = {
+    "StableDiffusionPipeline": StableDiffusionPipeline,
+    "LatentConsistencyModelPipeline": LatentConsistencyModelPipeline,
+    "StableDiffusionXLPipeline": StableDiffusionXLPipeline,
+}
+_COMPONENTS: dict[str, tuple[str, ...]] = {
+    "sd": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
+    "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
+}
+#: Scheduler classes whose config is a DDPM-style beta schedule the numpy ports read (the sampler
+#: a request names decides the stepping; LCMScheduler families run only ``lcm``).
+SCHEDULER_CLASSES = frozenset({
+    "PNDMScheduler", "DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+    "LMSDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "UniPCMultistepScheduler",
+    "DEISMultistepScheduler", "LCMScheduler",
+})
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+LCM_SAMPLER = "lcm"
 
 
 # For mypy, diffusers' top-level names are its torch-less placeholder classes (its __init__ imports
@@ -41,6 +83,13 @@ class Family:
     vae_scale_factor: int = 8
     latent_channels: int = 4
     cross_attention_dim: int = 768
+    kind: str = "sd"  # a PIPELINE_KINDS value
+    pipeline_class: str = "StableDiffusionPipeline"
+    samplers: tuple[str, ...] = ("ddim", "euler", "dpmpp_2m")  # the wire names this family runs
+    guidance: str = "cfg"  # "embedding" for LCM-distilled UNets (time_cond_proj_dim): no unconditional pass
+    time_cond_proj_dim: int | None = None
+    variant: str | None = None
+    _uncond: Conditioning | None = field(default=None, repr=False)
 
     @property
     def large_unet(self) -> UNet2DConditionModel:
@@ -54,6 +103,33 @@ class Family:
     @property
     def default_latent_size(self) -> int:
         return int(self.large_unet.config.sample_size)  # type: ignore[attr-defined]  # diffusers' runtime config
+
+    @property
+    def default_sampler(self) -> str:
+        """The sampler a request gets when none is asked for: lcm for LCM families, else DPM-Solver++ 2M."""
+        return LCM_SAMPLER if LCM_SAMPLER in self.samplers else "dpmpp_2m"
+
+    def check_sampler(self, sampler: str) -> None:
+        """ConfigError unless this family runs ``sampler`` (an LCM family runs only lcm, others all but lcm)."""
+        if sampler not in self.samplers:
+            raise ConfigError(
+                f"family {self.name} ({self.pipeline_class}, scheduler "
+                f"{self.scheduler_config.get('_class_name', '?')}) does not run sampler {sampler!r}; "
+                f"it runs {', '.join(self.samplers)}"
+            )
+
+
+@dataclass(frozen=True, eq=False)
+class Conditioning:
+    """What the denoiser reads besides the latent, for a batch of prompts.
+
+    ``embeds`` (B, L, D) are the text encoder hidden states; ``added`` the UNet's
+    ``added_cond_kwargs`` (SDXL: ``text_embeds``, the pooled embedding (B, P); ``time_ids``
+    (B, 6) are per image size and added by the relay, see :func:`time_ids`).
+    """
+
+    embeds: torch.Tensor
+    added: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -106,15 +182,93 @@ def check_compatible(large: dict[str, Any], small: dict[str, Any], vae: dict[str
             f"cross-attention width differs: large UNet {large.get('cross_attention_dim')}, "
             f"small UNet {small.get('cross_attention_dim')}; both must read the same text encoder"
         )
-    for key in ("addition_embed_type", "projection_class_embeddings_input_dim"):
+    for key in ("addition_embed_type", "projection_class_embeddings_input_dim", "time_cond_proj_dim"):
         if large.get(key) != small.get(key):
             raise FamilyError(f"{key} differs: large UNet {large.get(key)!r}, small UNet {small.get(key)!r}")
 
 
-def _family_id(folder: Path, name: str) -> str:
-    """Content id of the latent + text space: the VAE's and text encoder's weights and configs."""
+def check_unet_inputs(cfg: dict[str, Any], role: str, kind: str) -> None:
+    """FamilyError for a UNet that needs an input the relay does not feed, or the wrong kind's inputs."""
+    unet_class = cfg.get("_class_name", "UNet2DConditionModel")
+    if unet_class != "UNet2DConditionModel":
+        raise FamilyError(f"{role} denoiser is a {unet_class}: only UNet2DConditionModel denoisers are supported")
+    unfed = [(key, cfg[key]) for key in ("class_embed_type", "encoder_hid_dim_type") if cfg.get(key) is not None]
+    if cfg.get("addition_embed_type") not in (None, "text_time"):
+        unfed.append(("addition_embed_type", cfg["addition_embed_type"]))
+    if unfed:
+        key, value = unfed[0]
+        raise FamilyError(f"{role} UNet has {key}={value!r}: it needs inputs the relay does not feed (unsupported)")
+    wants_sdxl = cfg.get("addition_embed_type") == "text_time"
+    if wants_sdxl != (kind == "sdxl"):
+        needs = "an SDXL pipeline (text_embeds, time_ids)" if wants_sdxl else "addition_embed_type='text_time'"
+        raise FamilyError(f"{role} UNet has addition_embed_type={cfg.get('addition_embed_type')!r}: "
+                          f"a {kind} family needs {needs}")
+
+
+def _pipeline_kind(folder: Path, index: dict[str, Any]) -> str:
+    cls = index.get("_class_name")
+    if cls in PIPELINE_KINDS:
+        return PIPELINE_KINDS[cls]
+    what = "a DiT/flow-matching family (transformer/)" if (folder / "transformer").is_dir() else "a pipeline"
+    raise FamilyError(
+        f"{folder} is {what} of class {cls!r}: unsupported (supported: {', '.join(PIPELINE_KINDS)})"
+    )
+
+
+def _family_samplers(folder: Path, scheduler_cfg: dict[str, Any], large_cfg: dict[str, Any]) -> tuple[str, ...]:
+    """The samplers this family runs, after refusing a scheduler or prediction type we have no port for."""
+    cls = scheduler_cfg.get("_class_name")
+    if cls not in SCHEDULER_CLASSES:
+        raise FamilyError(
+            f"{folder}: scheduler class {cls!r} is unsupported (the device's numpy samplers read "
+            f"DDPM-style schedules: {', '.join(sorted(SCHEDULER_CLASSES))})"
+        )
+    prediction = scheduler_cfg.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise FamilyError(f"{folder}: prediction_type {prediction!r} is unsupported (supported: "
+                          f"{', '.join(PREDICTION_TYPES)})")
+    lcm = cls == "LCMScheduler" or large_cfg.get("time_cond_proj_dim") is not None
+    candidates = (LCM_SAMPLER,) if lcm else tuple(n for n in SAMPLER_NAMES if n != LCM_SAMPLER)
+    runnable, reasons = [], []
+    for name in candidates:
+        try:
+            make_sampler(name, scheduler_cfg)
+        except ConfigError as exc:
+            reasons.append(str(exc))
+        else:
+            runnable.append(name)
+    if not runnable:
+        raise FamilyError(f"{folder}: no sampler can run this scheduler config ({'; '.join(reasons)})")
+    return tuple(runnable)
+
+
+def detect_variant(folders: list[Path], variant: str | None) -> str | None:
+    """``variant`` if given, else the one variant (``fp16``...) that every weight file of ``folders`` has, if any.
+
+    A folder whose weights are all ``name.<variant>.safetensors`` (no plain ``name.safetensors``)
+    is a variant-only download, which diffusers loads only when told the variant.
+    """
+    if variant is not None:
+        return variant
+    found: set[str | None] = set()
+    for folder in folders:
+        for path in folder.glob("*"):
+            if path.suffix in _WEIGHT_SUFFIXES and path.is_file():
+                parts = path.name.split(".")
+                found.add(parts[-2] if len(parts) >= 3 else None)
+    plain = None in found
+    variants = sorted(v for v in found if v is not None)
+    if plain or not variants:
+        return None
+    if len(variants) > 1:
+        raise FamilyError(f"{folders[0].parent} has weights of variants {variants}: pass --variant")
+    return variants[0]
+
+
+def _family_id(folder: Path, name: str, parts: tuple[str, ...]) -> str:
+    """Content id of the latent + text space: the VAE's and text encoders' weights and configs."""
     digest = hashlib.sha256()
-    for part in ("vae", "text_encoder"):
+    for part in parts:
         for path in sorted((folder / part).iterdir()):
             if path.name == "config.json" or path.suffix in _WEIGHT_SUFFIXES:
                 digest.update(path.name.encode())
@@ -124,39 +278,62 @@ def _family_id(folder: Path, name: str) -> str:
     return f"{name}-{digest.hexdigest()[:12]}"
 
 
-def load_family(folder: str | Path, small: str | None = None) -> Family:
-    """Load a family folder (large pipeline + small denoiser) in float32; FamilyError if unusable."""
+def load_family(folder: str | Path, small: str | None = None, *, variant: str | None = None) -> Family:
+    """Load a family folder (large pipeline + small denoiser) in float32; FamilyError if unusable.
+
+    ``variant`` (e.g. ``"fp16"``) picks ``*.<variant>.safetensors`` weights; by default a
+    variant-only folder is detected (the family's and, separately, the small denoiser's).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise FamilyError(f"family folder {folder} does not exist")
-    index = folder / "model_index.json"
-    if not index.is_file():
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
         raise FamilyError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
-    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+    index = _read_json(index_path)
+    kind = _pipeline_kind(folder, index)
+    for part in _COMPONENTS[kind]:
         if not (folder / part).is_dir():
             raise FamilyError(f"family {folder} has no {part}/ folder")
+    if kind == "sdxl" and index.get("requires_aesthetics_score"):
+        raise FamilyError(f"{folder}: requires_aesthetics_score (an SDXL refiner) is unsupported")
     small_folder = resolve_small_unet_folder(folder, small)
     large_cfg = _read_json(folder / "unet" / "config.json")
     small_cfg = _read_json(small_folder / "config.json")
     vae_cfg = _read_json(folder / "vae" / "config.json")
+    scheduler_cfg = _read_json(folder / "scheduler" / "scheduler_config.json")
+    for role, cfg in (("large", large_cfg), ("small", small_cfg)):
+        check_unet_inputs(cfg, role, kind)
     check_compatible(large_cfg, small_cfg, vae_cfg)
+    samplers = _family_samplers(folder, scheduler_cfg, large_cfg)
+    weight_folders = [folder / p for p in _COMPONENTS[kind] if p not in ("tokenizer", "tokenizer_2", "scheduler")]
+    family_variant = detect_variant(weight_folders, variant)
+    small_variant = detect_variant([small_folder], variant)
     diffusers_logging.disable_progress_bar()  # a daemon's log is no place for loading bars
+    pipeline_cls = _PIPELINE_CLASSES[index["_class_name"]]
+    extra: dict[str, Any] = {}
+    if kind == "sd":
+        extra = {"safety_checker": None, "requires_safety_checker": False}
     try:
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            folder, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False,
-            local_files_only=True,
+        pipeline = pipeline_cls.from_pretrained(
+            folder, torch_dtype=torch.float32, local_files_only=True, variant=family_variant, **extra,
         )
         small_unet = UNet2DConditionModel.from_pretrained(
-            small_folder, torch_dtype=torch.float32, local_files_only=True
+            small_folder, torch_dtype=torch.float32, local_files_only=True, variant=small_variant,
         )
-    except (OSError, ValueError, KeyError) as exc:
-        raise FamilyError(f"cannot load family {folder}: {exc}") from exc
-    for module in (pipeline.unet, pipeline.vae, pipeline.text_encoder, small_unet):
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FamilyError(f"cannot load family {folder}: {type(exc).__name__}: {exc}") from exc
+    modules = [pipeline.unet, pipeline.vae, pipeline.text_encoder, small_unet]
+    if kind == "sdxl":
+        modules.append(pipeline.text_encoder_2)
+    for module in modules:
         module.eval().requires_grad_(False)
     name = folder.resolve().name
+    text_parts = ("vae", "text_encoder", "text_encoder_2") if kind == "sdxl" else ("vae", "text_encoder")
+    proj = large_cfg.get("time_cond_proj_dim")
     return Family(
         folder=folder,
-        family_id=_family_id(folder, name),
+        family_id=_family_id(folder, name, text_parts),
         name=name,
         pipeline=pipeline,
         small_unet=small_unet,
@@ -165,22 +342,71 @@ def load_family(folder: str | Path, small: str | None = None) -> Family:
         vae_scale_factor=2 ** (len(pipeline.vae.config.block_out_channels) - 1),
         latent_channels=int(pipeline.vae.config.latent_channels),
         cross_attention_dim=int(pipeline.unet.config.cross_attention_dim),
+        kind=kind,
+        pipeline_class=str(index["_class_name"]),
+        samplers=samplers,
+        guidance="embedding" if proj is not None else "cfg",
+        time_cond_proj_dim=None if proj is None else int(proj),
+        variant=family_variant,
     )
 
 
 @torch.no_grad()
-def encode_prompts(family: Family, prompts: list[str]) -> torch.Tensor:
-    """Text encoder output (B, L, D) for prompts padded to the tokenizer's max length, as SD does."""
+def encode_prompts(family: Family, prompts: list[str]) -> Conditioning:
+    """The prompts' conditioning as the family's own pipeline computes it (``encode_prompt``).
+
+    SD: the text encoder's hidden states (B, L, D), padded to the tokenizer's max length.
+    SDXL: both encoders' penultimate hidden states side by side (B, L, D1 + D2) and the second
+    encoder's pooled projection as ``text_embeds`` (B, P).
+    """
     pipeline: Any = family.pipeline  # diffusers sets a pipeline's modules at runtime: untyped for mypy
-    tokenizer = pipeline.tokenizer
-    ids = tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    hidden: torch.Tensor = pipeline.text_encoder(ids)[0]
-    return hidden
+    if family.kind == "sdxl":
+        embeds, _, pooled, _ = pipeline.encode_prompt(
+            prompts, device=torch.device("cpu"), num_images_per_prompt=1, do_classifier_free_guidance=False,
+        )
+        return Conditioning(embeds=embeds, added={"text_embeds": pooled})
+    embeds, _ = pipeline.encode_prompt(prompts, torch.device("cpu"), 1, False)
+    return Conditioning(embeds=embeds)
+
+
+def uncond_conditioning(family: Family) -> Conditioning:
+    """The unconditional conditioning (batch 1), computed once per family.
+
+    The empty prompt's, except where an SDXL family sets ``force_zeros_for_empty_prompt``
+    (the hub's SDXL does): then zeros, as its pipeline uses without a negative prompt.
+    """
+    if family._uncond is None:
+        cond = encode_prompts(family, [""])
+        if family.kind == "sdxl" and family.pipeline.config.force_zeros_for_empty_prompt:  # type: ignore[attr-defined]
+            cond = Conditioning(torch.zeros_like(cond.embeds), {k: torch.zeros_like(v) for k, v in cond.added.items()})
+        family._uncond = cond
+    return family._uncond
 
 
 def uncond_embedding(family: Family) -> torch.Tensor:
-    """The unconditional embedding (1, L, D): the text encoder's output for the empty prompt."""
-    return encode_prompts(family, [""])
+    """The unconditional text embedding (1, L, D) (see :func:`uncond_conditioning`)."""
+    return uncond_conditioning(family).embeds
+
+
+def time_ids(family: Family, height: int, width: int) -> torch.Tensor:
+    """SDXL's size conditioning (1, 6) for an image of ``height`` x ``width`` pixels, uncropped.
+
+    ``(original_size, crops_coords_top_left, target_size)`` as the SDXL pipeline builds it by
+    default; its check that the UNet's embedding width fits is kept.
+    """
+    pipeline: Any = family.pipeline  # diffusers' runtime modules
+    ids: torch.Tensor = pipeline._get_add_time_ids(
+        (height, width), (0, 0), (height, width), dtype=torch.float32,
+        text_encoder_projection_dim=int(pipeline.text_encoder_2.config.projection_dim),
+    )
+    return ids
+
+
+def guidance_embedding(family: Family, guidance_scale: float) -> torch.Tensor | None:
+    """An LCM-distilled UNet's ``timestep_cond`` (1, time_cond_proj_dim) for ``guidance_scale``; else None."""
+    if family.time_cond_proj_dim is None:
+        return None
+    pipeline: Any = family.pipeline
+    w = torch.tensor(guidance_scale - 1).repeat(1)  # as LatentConsistencyModelPipeline and StableDiffusionPipeline
+    embedding: torch.Tensor = pipeline.get_guidance_scale_embedding(w, embedding_dim=family.time_cond_proj_dim)
+    return embedding.to(torch.float32)

@@ -16,7 +16,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from edge_server.batching import DenoiseJob, batched_step
-from edge_server.family import Family, encode_prompts, uncond_embedding
+from edge_server.family import Family, encode_prompts, guidance_embedding, time_ids, uncond_conditioning
 from edge_server.scheduler_bridge import diffusers_scheduler
 from edge_server.torch_types import as_pipeline, as_scheduler
 from shared.errors import ConfigError
@@ -42,20 +42,35 @@ def prepare(family: Family, prompt: str, plan: RelayPlan, seed: int, *,
             height: int | None = None, width: int | None = None, request_id: str = "") -> DenoiseJob:
     """A job at step 0: scheduler, initial noise seeded as diffusers seeds it, text embeddings.
 
-    It stops at the plan's split; the caller runs it (alone, or batched with others).
+    It stops at the plan's split; the caller runs it (alone, or batched with others). The
+    conditioning is what the family's own pipeline feeds its UNet: SDXL's pooled embeddings and
+    size ``time_ids``, an LCM-distilled UNet's guidance embedding.
     """
+    family.check_sampler(plan.sampler)
+    shape = latent_shape(family, height, width)
     scheduler = diffusers_scheduler(plan.sampler, family.scheduler_config, plan.num_inference_steps)
+    cond, uncond = encode_prompts(family, [prompt]), uncond_conditioning(family)
+    added_cond, added_uncond = dict(cond.added), dict(uncond.added)
+    if family.kind == "sdxl":
+        factor = family.vae_scale_factor
+        ids = time_ids(family, shape[2] * factor, shape[3] * factor)
+        added_cond["time_ids"] = added_uncond["time_ids"] = ids
     generator = torch.Generator("cpu").manual_seed(seed)
-    # Same call and order as StableDiffusionPipeline.prepare_latents, so seeds agree with it.
-    latents = randn_tensor(latent_shape(family, height, width), generator=generator, dtype=torch.float32)
+    # Same call and order as the pipelines' prepare_latents, so seeds agree with them; the same
+    # generator then gives a stochastic sampler (LCM) its per-step noise, as the pipelines pass it.
+    latents = randn_tensor(shape, generator=generator, dtype=torch.float32)
     return DenoiseJob(
         scheduler=scheduler,
         latents=latents * as_scheduler(scheduler).init_noise_sigma,
-        cond=encode_prompts(family, [prompt]),
-        uncond=uncond_embedding(family),
+        cond=cond.embeds,
+        uncond=uncond.embeds,
         guidance_scale=float(plan.guidance_scale),
         stop_at=plan.split,
         request_id=request_id,
+        added_cond=added_cond,
+        added_uncond=added_uncond,
+        timestep_cond=guidance_embedding(family, float(plan.guidance_scale)),
+        generator=generator,
     )
 
 

@@ -17,12 +17,14 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
 
 from shared.errors import ConfigError, HandoffError
 from shared.samplers import SAMPLER_NAMES, Sampler, SamplerError, SamplerState, make_sampler, resolved_config
+from shared.samplers.lcm import noise_name, noise_step_indices
 from shared.validation import is_integral
 
 
@@ -77,6 +79,7 @@ _CLASSES: dict[str, type[SchedulerMixin]] = {
     "ddim": StepCountingDDIMScheduler,  # type: ignore[dict-item]  # mypy sees diffusers' placeholder classes
     "euler": EulerDiscreteScheduler,  # type: ignore[dict-item]  # (idem)
     "dpmpp_2m": DPMSolverMultistepScheduler,  # type: ignore[dict-item]  # (idem)
+    "lcm": LCMScheduler,  # type: ignore[dict-item]  # (idem)
 }
 # Keys a wire name fixes, whatever the family's config says (the numpy port rejects others).
 _OVERRIDES: dict[str, dict[str, Any]] = {
@@ -173,13 +176,67 @@ def _next_index(scheduler: SchedulerMixin, name: str, steps_taken: int | None) -
     return int(index)
 
 
-def export_state(scheduler: SchedulerMixin, name: str, *, steps_taken: int | None = None) -> SamplerState:
+def _lcm_noise(
+    scheduler: SchedulerMixin,
+    index: int,
+    n: int,
+    generator: torch.Generator | None,
+    sample_shape: tuple[int, ...] | None,
+) -> dict[str, np.ndarray]:
+    """The noise ``LCMScheduler.step`` would draw from ``generator`` at steps ``index`` .. ``n - 2``.
+
+    Drawn from a clone, so the caller's generator is left where it is.
+    """
+    lcm: Any = scheduler  # diffusers' LCMScheduler (mypy sees its torch-less placeholder)
+    port = make_sampler("lcm", lcm.config)  # the ConfigError the device would raise
+    same = not lcm.custom_timesteps and lcm.num_inference_steps == n
+    if same:
+        port.set_timesteps(n)
+        same = np.array_equal(port.timesteps, lcm.timesteps.detach().cpu().numpy())
+    if not same:
+        raise ConfigError(
+            "lcm: only set_timesteps(num_inference_steps) with the config's original_inference_steps and strength 1 "
+            "is supported (custom timesteps, another original_inference_steps and img2img strength are not ported "
+            "to the device)"
+        )
+    if not isinstance(generator, torch.Generator):
+        raise HandoffError(
+            f"lcm: export_state needs generator=, the torch.Generator passed to LCMScheduler.step (got "
+            f"{type(generator).__name__}): the device continues with the noise diffusers would draw from it"
+        )
+    if not (isinstance(sample_shape, tuple) and sample_shape and all(is_integral(d) and d > 0 for d in sample_shape)):
+        raise HandoffError(f"lcm: export_state needs sample_shape=, the latents' shape (a tuple), got {sample_shape!r}")
+    shape = tuple(int(d) for d in sample_shape)
+    clone = torch.Generator(generator.device)
+    clone.set_state(generator.get_state())
+    tensors: dict[str, np.ndarray] = {}
+    for i in noise_step_indices(index, n):
+        # LCMScheduler.step's own draw: randn_tensor(model_output.shape, generator, model_output.device, float32).
+        noise = randn_tensor(shape, generator=clone, device=generator.device, dtype=torch.float32)
+        tensors[noise_name(i)] = _to_f32(noise_name(i), noise)
+    return tensors
+
+
+def export_state(
+    scheduler: SchedulerMixin,
+    name: str,
+    *,
+    steps_taken: int | None = None,
+    generator: torch.Generator | None = None,
+    sample_shape: tuple[int, ...] | None = None,
+) -> SamplerState:
     """Read a live diffusers scheduler (after ``set_timesteps`` and ``k`` steps) into a SamplerState.
 
     ``steps_taken`` is needed only for a plain ``DDIMScheduler``, which keeps no step counter;
-    when the scheduler counts its steps it must agree. Raises ``ConfigError`` when the scheduler
-    is not the class (or the config) behind ``name``, ``HandoffError`` when its state cannot be
-    continued (set_timesteps not called, index out of range, bad history).
+    when the scheduler counts its steps it must agree. ``generator`` and ``sample_shape`` are
+    required for ``lcm`` (ignored otherwise): the state then carries the noise of steps
+    ``k`` .. ``N - 2``, drawn as ``LCMScheduler.step`` would draw it from ``generator`` (a float32
+    ``randn_tensor`` of ``sample_shape`` per step, on the generator's device), from a clone, so
+    ``generator`` does not advance. That is diffusers' draw only for float32 samples: a float16
+    UNet output makes diffusers draw float16 noise, other values. Raises ``ConfigError`` when
+    the scheduler is not the class (or the config) behind ``name``, ``HandoffError`` when its
+    state cannot be continued (set_timesteps not called, index out of range, bad history, no
+    generator or sample shape for ``lcm``).
     """
     _check_name(name)
     base = DDIMScheduler if name == "ddim" else _CLASSES[name]
@@ -208,4 +265,6 @@ def export_state(scheduler: SchedulerMixin, name: str, *, steps_taken: int | Non
             if output is not None:
                 tensors[f"model_outputs.{j}"] = _to_f32(f"model_outputs.{j}", output)
         scalars["lower_order_nums"] = int(scheduler.lower_order_nums)  # type: ignore[attr-defined]  # (idem)
+    elif name == "lcm":
+        tensors.update(_lcm_noise(scheduler, index, n, generator, sample_shape))
     return SamplerState(step_index=index, tensors=tensors, scalars=scalars)

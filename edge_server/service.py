@@ -46,10 +46,14 @@ log = logging.getLogger("rise.edge")
 MAX_AWAITING_REPORT = 256
 
 
-def make_planner(config: EdgeConfig) -> Planner:
-    """The scheduler the config names: the fixed policy, or a bandit/baseline over a measured profile."""
+def make_planner(config: EdgeConfig, *, default_sampler: str = "dpmpp_2m") -> Planner:
+    """The scheduler the config names: the fixed policy, or a bandit/baseline over a measured profile.
+
+    ``default_sampler`` stands in for a config that names none (the family's own, once it is loaded).
+    """
+    sampler = config.sampler or default_sampler
     if config.scheduler == "fixed":
-        return FixedPlanner(config.steps, config.split_fraction, config.sampler, config.guidance)
+        return FixedPlanner(config.steps, config.split_fraction, sampler, config.guidance)
     if config.profile is None:
         raise ConfigError(
             f"--scheduler {config.scheduler} needs --profile PROFILE.json "
@@ -60,7 +64,7 @@ def make_planner(config: EdgeConfig) -> Planner:
 
     return BanditPlanner.from_profile(
         load_profile(config.profile), config.scheduler, config.bandit_state,
-        sampler=config.sampler, guidance_scale=config.guidance,
+        sampler=sampler, guidance_scale=config.guidance,
         edge_capacity=max(1, config.max_batch_rows // 2), alpha=config.alpha,
     )
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from device_app.finish import finish_handoff
@@ -74,12 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--family", required=True, help="family folder (the large model's pipeline folder)")
     parser.add_argument("--small", default=None,
                         help="small denoiser: subfolder of the family (default unet_small) or a path")
+    parser.add_argument("--variant", default=None,
+                        help="weights variant to load, e.g. fp16 (default: detected for variant-only folders)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--bundle", required=True, help="device bundle made by rise-export from the same family")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--steps", type=int, default=20, help="total denoising steps N (default 20)")
     parser.add_argument("--split", type=int, default=None, help="steps K run on the edge, 0..N (default N/2)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sampler", choices=SAMPLER_NAMES, default="dpmpp_2m")
+    parser.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
+                        help="sampler (default: the family's own: lcm for LCM families, else dpmpp_2m)")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (<=1: off)")
     parser.add_argument("--height", type=int, default=None, help="image height (default: the model's native size)")
     parser.add_argument("--width", type=int, default=None, help="image width (default: the model's native size)")
@@ -93,9 +98,15 @@ def main(argv: list[str] | None = None) -> int:
         if not 0 <= args.seed < 2**63:
             raise RiseError(f"--seed must be in [0, 2**63), got {args.seed}")
         split = args.steps // 2 if args.split is None else args.split
-        plan = RelayPlan(args.steps, split, args.sampler, args.guidance)
+        RelayPlan(args.steps, split, args.sampler or "dpmpp_2m", args.guidance)  # flags checked before loading
+        if args.threads is not None:
+            if args.threads < 1:
+                raise RiseError(f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
         t0 = time.perf_counter()
-        family = load_family(args.family, args.small)
+        family = load_family(args.family, args.small, variant=args.variant)
+        plan = RelayPlan(args.steps, split, args.sampler or family.default_sampler, args.guidance)
+        family.check_sampler(plan.sampler)
         t1 = time.perf_counter()
         bundle = DeviceBundle(args.bundle)
         t2 = time.perf_counter()

@@ -15,7 +15,13 @@ pickle). Tensors:
 * ``cond_embeddings``  float32 ``(B, L, D)``;
 * ``timesteps``        float32 ``(N,)``, the schedule the edge used (Euler's may be fractional);
 * ``state.<name>``     float32, one per :attr:`SamplerState.tensors` entry (multistep
-  history has the latent's shape).
+  history has the latent's shape; LCM's noise for the device's steps, ``noise.<i>``, too);
+* ``added_cond.<name>``   float32 ``(B, D)``, the denoiser's extra inputs for the conditional
+  rows, named as the device's UNet graph names them, one per name in the header's
+  ``added_cond`` list (SDXL: ``text_embeds``, the pooled text embedding, and ``time_ids``, the
+  size/crop conditioning; LCM-distilled UNets: ``timestep_cond``, the guidance embedding);
+* ``added_uncond.<name>`` the same names and shapes for the unconditional rows, present
+  exactly when classifier-free guidance is on.
 
 The scalar fields travel as one JSON document under the ``"rise"`` key of safetensors'
 ``__metadata__`` map::
@@ -44,9 +50,16 @@ and data offsets are all checked by this module *before* any tensor byte is hand
 
 Each message reads ``<field>: expected <what>, got <what>``; the field is also in ``.field``.
 
-Guidance: ``guidance_scale > 1`` means classifier-free guidance (the denoiser also runs on
-the family's unconditional embedding and the outputs are mixed); ``guidance_scale <= 1``
-means no classifier-free guidance (conditional output only), as in diffusers.
+Two optional header fields, present only when they say something (so an SD1.x handoff is
+byte-for-byte what it was): ``"added_cond": ["text_embeds", "time_ids"]`` (sorted names of
+the ``added_cond.*`` tensors) and ``"guidance": "embedding"``.
+
+Guidance: with ``guidance`` ``"cfg"`` (the default), ``guidance_scale > 1`` means
+classifier-free guidance (the denoiser also runs on the family's unconditional embedding and
+the outputs are mixed) and ``guidance_scale <= 1`` none (conditional output only), as in
+diffusers. With ``"embedding"`` (LCM-distilled denoisers, ``time_cond_proj_dim``), the
+guidance scale is fed to the denoiser as ``timestep_cond`` (``shared.guidance``) and there
+is never a second, unconditional pass.
 """
 
 from __future__ import annotations
@@ -55,7 +68,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, NoReturn
 
 import numpy as np
@@ -63,11 +76,23 @@ import safetensors.numpy
 
 from shared.errors import FieldFailure, HandoffError
 from shared.samplers import SAMPLER_NAMES, SamplerState
-from shared.validation import MAX_ID_CHARS, check_family_id, check_float, check_int, check_str, is_int, loads_strict
+from shared.validation import (
+    MAX_ID_CHARS,
+    check_family_id,
+    check_float,
+    check_int,
+    check_str,
+    is_int,
+    is_real,
+    loads_strict,
+)
 from shared.validation import show as _show
 from shared.validation import type_name as _type_name
 
 __all__ = [
+    "ADDED_COND_PREFIX",
+    "ADDED_UNCOND_PREFIX",
+    "GUIDANCE_MODES",
     "HANDOFF_VERSION",
     "METADATA_KEY",
     "Handoff",
@@ -89,6 +114,10 @@ LATENTS = "latents"
 COND_EMBEDDINGS = "cond_embeddings"
 TIMESTEPS = "timesteps"
 STATE_PREFIX = "state."
+ADDED_COND_PREFIX = "added_cond."
+ADDED_UNCOND_PREFIX = "added_uncond."
+#: Guidance modes (the ``guidance`` field): classifier-free guidance, or the scale embedded (LCM).
+GUIDANCE_MODES = ("cfg", "embedding")
 
 _MAX_SEED = 2**64  # exclusive; diffusers/numpy generators take 64-bit seeds
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -114,6 +143,7 @@ _TOP_FIELDS = frozenset(
         "state",
     }
 )
+_OPTIONAL_TOP_FIELDS = frozenset({"added_cond", "guidance"})
 _STATE_FIELDS = frozenset({"step_index", "scalars", "tensors"})
 _ENTRY_FIELDS = frozenset({"dtype", "shape", "data_offsets"})
 
@@ -177,9 +207,10 @@ class HandoffLimits:
     max_latent_channels: int = 16
     max_text_tokens: int = 512
     max_text_dim: int = 4096
-    max_state_tensors: int = 8
+    max_state_tensors: int = 64  # LCM carries one noise tensor per device step (diffusers allows up to 50)
     max_header_bytes: int = 64 * 2**10
     max_state_scalars: int = 32
+    max_added_cond: int = 4  # SDXL has 2 (text_embeds, time_ids)
 
 
 @dataclass(frozen=True, eq=False, repr=False)  # eq=False: numpy arrays have no truth value
@@ -204,6 +235,12 @@ class Handoff:
     cond_embeddings: np.ndarray  # float32 (B, L, D)
     sampler_state: SamplerState  # step_index must equal split
     request_id: str = ""
+    #: The denoiser's extra per-sample inputs by graph input name (SDXL: ``text_embeds`` (B, P),
+    #: ``time_ids`` (B, 6); LCM: ``timestep_cond`` (B, time_cond_proj_dim)).
+    added_cond: dict[str, np.ndarray] = field(default_factory=dict)
+    #: The same names for the unconditional rows; exactly when :attr:`uses_cfg` and ``added_cond``.
+    added_uncond: dict[str, np.ndarray] = field(default_factory=dict)
+    guidance: str = "cfg"  # one of GUIDANCE_MODES
 
     def __repr__(self) -> str:
         # Shapes, not values: a handoff is logged on both sides and its tensors are large.
@@ -214,14 +251,15 @@ class Handoff:
             f"num_inference_steps={self.num_inference_steps!r}, split={self.split!r}, "
             f"guidance_scale={self.guidance_scale!r}, seed={self.seed!r}, request_id={self.request_id!r}, "
             f"latents={getattr(self.latents, 'shape', None)}, "
-            f"cond_embeddings={getattr(self.cond_embeddings, 'shape', None)}, "
+            f"cond_embeddings={getattr(self.cond_embeddings, 'shape', None)}, guidance={self.guidance!r}, "
+            f"added_cond={ {n: getattr(a, 'shape', None) for n, a in self.added_cond.items()} }, "
             f"state=(step_index={state.step_index!r}, tensors={tensors}, scalars={state.scalars!r}))"
         )
 
     @property
     def uses_cfg(self) -> bool:
-        """Whether classifier-free guidance is on (``guidance_scale > 1``, the diffusers rule)."""
-        return self.guidance_scale > 1.0
+        """Whether classifier-free guidance is on (``guidance_scale > 1`` in ``"cfg"`` mode, the diffusers rule)."""
+        return self.guidance == "cfg" and self.guidance_scale > 1.0
 
     def validate(self, limits: HandoffLimits = HandoffLimits()) -> None:
         """Raise a :class:`HandoffError` subclass naming the first field that breaks the contract."""
@@ -235,6 +273,7 @@ class Handoff:
             request_id=self.request_id,
             limits=limits,
         )
+        _check_guidance(self.guidance)
         state = self.sampler_state
         if not isinstance(state, SamplerState):
             _fail(HandoffInvalid, "sampler_state", "a SamplerState", _type_name(state))
@@ -250,6 +289,14 @@ class Handoff:
             if not isinstance(name, str) or not _STATE_NAME.fullmatch(name):
                 _fail(HandoffInvalid, "sampler_state.tensors", "names matching " + _STATE_NAME.pattern, _show(name))
             arrays[STATE_PREFIX + name] = arr
+        for prefix, added in ((ADDED_COND_PREFIX, self.added_cond), (ADDED_UNCOND_PREFIX, self.added_uncond)):
+            if not isinstance(added, dict):
+                _fail(HandoffInvalid, prefix.rstrip("."), "a dict", _type_name(added))
+            for name, arr in added.items():
+                if not isinstance(name, str) or not _STATE_NAME.fullmatch(name):
+                    _fail(HandoffInvalid, prefix.rstrip("."), "names matching " + _STATE_NAME.pattern, _show(name))
+                arrays[prefix + name] = arr
+        _check_added_names(sorted(self.added_cond), sorted(self.added_uncond), self.uses_cfg, limits)
         specs: dict[str, tuple[str, tuple[int, ...]]] = {}
         for name, arr in arrays.items():
             if not isinstance(arr, np.ndarray):
@@ -302,6 +349,10 @@ def encode_handoff(handoff: Handoff, *, limits: HandoffLimits = HandoffLimits())
             "tensors": sorted(state.tensors),
         },
     }
+    if handoff.added_cond:
+        doc["added_cond"] = sorted(handoff.added_cond)
+    if handoff.guidance != "cfg":
+        doc["guidance"] = handoff.guidance
     tensors = {
         LATENTS: np.ascontiguousarray(handoff.latents),
         COND_EMBEDDINGS: np.ascontiguousarray(handoff.cond_embeddings),
@@ -309,6 +360,10 @@ def encode_handoff(handoff: Handoff, *, limits: HandoffLimits = HandoffLimits())
     }
     for name, arr in state.tensors.items():
         tensors[STATE_PREFIX + name] = np.ascontiguousarray(arr)
+    for name, arr in handoff.added_cond.items():
+        tensors[ADDED_COND_PREFIX + name] = np.ascontiguousarray(arr)
+    for name, arr in handoff.added_uncond.items():
+        tensors[ADDED_UNCOND_PREFIX + name] = np.ascontiguousarray(arr)
     metadata = {METADATA_KEY: json.dumps(doc, separators=(",", ":"), sort_keys=True, allow_nan=False)}
     data = safetensors.numpy.save(tensors, metadata=metadata)
     header_len = int.from_bytes(data[:8], "little")
@@ -357,7 +412,7 @@ def decode_handoff(
     version = doc.get("version")
     if type(version) is not int or version != HANDOFF_VERSION:
         _fail(HandoffInvalid, "version", f"{HANDOFF_VERSION} (unsupported version)", _show(version))
-    _check_keys(doc, _TOP_FIELDS, METADATA_KEY)
+    _check_keys(doc, _TOP_FIELDS, METADATA_KEY, optional=_OPTIONAL_TOP_FIELDS)
     state_doc = doc["state"]
     if not isinstance(state_doc, dict):
         _fail(HandoffMalformed, "state", "a JSON object", _type_name(state_doc))
@@ -381,7 +436,28 @@ def decode_handoff(
     if len(set(state_names)) != len(state_names):
         _fail(HandoffMalformed, "state.tensors", "distinct names", _show(state_names))
 
-    expected_names = {LATENTS, COND_EMBEDDINGS, TIMESTEPS} | {STATE_PREFIX + n for n in state_names}
+    guidance = doc.get("guidance", "cfg")
+    _check_guidance(guidance)
+    added_names = doc.get("added_cond", [])
+    if "added_cond" in doc and (
+        not isinstance(added_names, list) or not added_names or not all(isinstance(n, str) for n in added_names)
+    ):
+        _fail(HandoffMalformed, "added_cond", "a non-empty list of names", _show(added_names))
+    if len(added_names) > limits.max_added_cond:
+        _fail(HandoffTooLarge, "added_cond", f"at most {limits.max_added_cond} names", str(len(added_names)))
+    if len(set(added_names)) != len(added_names) or added_names != sorted(added_names):
+        _fail(HandoffMalformed, "added_cond", "distinct sorted names", _show(added_names))
+    for name in added_names:
+        if not _STATE_NAME.fullmatch(name):
+            _fail(HandoffInvalid, "added_cond", "names matching " + _STATE_NAME.pattern, _show(name))
+    cfg = guidance == "cfg" and is_real(doc["guidance_scale"]) and doc["guidance_scale"] > 1.0
+    uncond_names = added_names if cfg else []
+    expected_names = (
+        {LATENTS, COND_EMBEDDINGS, TIMESTEPS}
+        | {STATE_PREFIX + n for n in state_names}
+        | {ADDED_COND_PREFIX + n for n in added_names}
+        | {ADDED_UNCOND_PREFIX + n for n in uncond_names}
+    )
     specs = _check_entries(header, expected_names, body_len)
 
     _check_fields(
@@ -431,6 +507,9 @@ def decode_handoff(
             scalars=dict(scalars),
         ),
         request_id=doc["request_id"],
+        added_cond={n: arrays[ADDED_COND_PREFIX + n] for n in added_names},
+        added_uncond={n: arrays[ADDED_UNCOND_PREFIX + n] for n in uncond_names},
+        guidance=guidance,
     )
 
 
@@ -541,6 +620,21 @@ def _check_family_id(family_id: object) -> None:
     check_family_id("family_id", family_id, error=HandoffInvalid)
 
 
+def _check_guidance(guidance: object) -> None:
+    if not isinstance(guidance, str) or guidance not in GUIDANCE_MODES:
+        _fail(HandoffInvalid, "guidance", f"one of {list(GUIDANCE_MODES)}", _show(guidance))
+
+
+def _check_added_names(cond: list[str], uncond: list[str], cfg: bool, limits: HandoffLimits) -> None:
+    """The unconditional extras mirror the conditional ones exactly when classifier-free guidance is on."""
+    if len(cond) > limits.max_added_cond:
+        _fail(HandoffTooLarge, "added_cond", f"at most {limits.max_added_cond} names", str(len(cond)))
+    want = cond if cfg else []
+    if uncond != want:
+        why = "the added_cond names (classifier-free guidance is on)" if cfg else "none (no classifier-free guidance)"
+        _fail(HandoffInvalid, "added_uncond", why, _show(uncond))
+
+
 def _check_state_scalars(step_index: object, scalars: object, split: int, limits: HandoffLimits) -> None:
     """Check ``sampler_state.step_index`` (== split) and the state scalars (finite ints/floats)."""
     if check_int("sampler_state.step_index", step_index, error=HandoffInvalid) != split:
@@ -604,6 +698,19 @@ def _check_specs(specs: Mapping[str, tuple[str, tuple[int, ...]]], steps: int, l
     if cond[0] != latent[0]:
         _fail(HandoffInvalid, COND_EMBEDDINGS, f"batch {latent[0]} (the latent batch)", f"shape {cond}")
 
+    for name, (_, shape) in specs.items():
+        if not name.startswith((ADDED_COND_PREFIX, ADDED_UNCOND_PREFIX)):
+            continue
+        if len(shape) != 2:
+            _fail(HandoffInvalid, name, "2 dimensions (B, D)", f"shape {shape}")
+        _check_dims(name, shape, (("batch", limits.max_batch), ("width", limits.max_text_dim)))
+        if shape[0] != latent[0]:
+            _fail(HandoffInvalid, name, f"batch {latent[0]} (the latent batch)", f"shape {shape}")
+        if name.startswith(ADDED_UNCOND_PREFIX):
+            pair = ADDED_COND_PREFIX + name[len(ADDED_UNCOND_PREFIX):]
+            if pair in specs and specs[pair][1] != shape:
+                _fail(HandoffInvalid, name, f"the shape of {pair}, {specs[pair][1]}", f"shape {shape}")
+
     state_names = [n for n in specs if n.startswith(STATE_PREFIX)]
     if len(state_names) > limits.max_state_tensors:
         expected = f"at most {limits.max_state_tensors} tensors"
@@ -641,11 +748,12 @@ def _check_values(arrays: Mapping[str, np.ndarray]) -> None:
 # --------------------------------------------------------------------------- helpers
 
 
-def _check_keys(obj: dict[str, Any], required: frozenset[str], where: str) -> None:
+def _check_keys(obj: dict[str, Any], required: frozenset[str], where: str,
+                optional: frozenset[str] = frozenset()) -> None:
     missing = sorted(required - set(obj))
     if missing:
         _fail(HandoffMalformed, f"{where}.{missing[0]}", "a field (missing field)", "nothing")
-    extra = sorted(set(obj) - required)
+    extra = sorted(set(obj) - required - optional)
     if extra:
         _fail(HandoffMalformed, f"{where}.{extra[0]}", "no such field (unexpected field)", _show(extra[0]))
 

@@ -8,7 +8,16 @@ A device bundle is a folder made by ``rise-export`` (``export/``)::
     text_encoder/model.onnx         token ids -> embeddings
     tokenizer/tokenizer.json        a `tokenizers` file (plus the original tokenizer files)
     scheduler/scheduler_config.json the family's scheduler config
-    uncond_embedding.safetensors    tensor "uncond": float32 (1, L, D), the embedding of ""
+    uncond_embedding.safetensors    tensor "uncond": float32 (1, L, D), the unconditional embedding
+                                    (SDXL: also "uncond_text_embeds" (1, P), the pooled one)
+    model_index.json                the pipeline index optimum's ORT pipelines open the folder with
+
+An SDXL bundle (``family_kind`` "sdxl") also has ``text_encoder_2/model.onnx`` and
+``tokenizer_2/``; its UNet takes ``text_embeds`` and ``time_ids`` (``added_cond_names``). An
+LCM bundle runs only the ``lcm`` sampler (``samplers``); a distilled UNet
+(``time_cond_proj_dim``) takes the guidance scale as ``timestep_cond`` (``guidance``
+"embedding", see ``shared.guidance``). Those keys are absent from bundles written before
+them, which read as SD1.x bundles.
 
 The manifest lists the sha256 and size of every other file, so a device checks the whole
 bundle with :func:`verify_bundle_files` before it loads a graph. This module is read on
@@ -34,8 +43,13 @@ BUNDLE_FORMAT = "rise-device-bundle"
 BUNDLE_FORMAT_VERSION = 1
 DTYPES = ("fp32", "fp16")
 QUANTIZATIONS = (None, "int8")
-GRAPH_NAMES = ("unet", "vae_decoder", "text_encoder")
+GRAPH_NAMES = ("unet", "vae_decoder", "text_encoder")  # every bundle's; SDXL adds SDXL_GRAPH
+SDXL_GRAPH = "text_encoder_2"
 UNCOND_TENSOR = "uncond"  # the tensor's name inside the uncond_embedding safetensors file (float32)
+UNCOND_POOLED_TENSOR = "uncond_text_embeds"  # SDXL: the pooled unconditional embedding, same file
+FAMILY_KINDS = ("sd", "sdxl")
+GUIDANCE_MODES = ("cfg", "embedding")
+DEFAULT_SAMPLERS = ("ddim", "euler", "dpmpp_2m")
 
 
 @dataclass(frozen=True)
@@ -122,6 +136,15 @@ class BundleManifest:
     opset: int
     created_at: str
     source: str  # "pytorch" (exported here) or "onnx" (an optimum folder, validated here)
+    # Added with SDXL and LCM; the defaults are what older (SD1.x-only) bundles mean.
+    family_kind: str = "sd"  # FAMILY_KINDS
+    pipeline_class: str = "StableDiffusionPipeline"
+    samplers: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_SAMPLERS))
+    guidance: str = "cfg"  # GUIDANCE_MODES: "embedding" when the UNet takes timestep_cond (LCM-distilled)
+    time_cond_proj_dim: int | None = None  # width of that embedding
+    added_cond_names: list[str] = dataclasses.field(default_factory=list)  # SDXL: ["text_embeds", "time_ids"]
+    tokenizer_2: TokenizerInfo | None = None  # SDXL's second tokenizer
+    uncond_pooled_shape: list[int] | None = None  # SDXL: (1, P) of UNCOND_POOLED_TENSOR
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict."""
@@ -168,12 +191,28 @@ class BundleManifest:
             raise BundleError(
                 f"manifest key 'uncond_shape' is {self.uncond_shape}, expected [1, {self.text_max_length}, D]"
             )
-        missing = [name for name in GRAPH_NAMES if name not in self.graphs]
+        if self.family_kind not in FAMILY_KINDS:
+            raise BundleError(f"manifest key 'family_kind' is {self.family_kind!r}, expected one of {FAMILY_KINDS}")
+        if self.guidance not in GUIDANCE_MODES:
+            raise BundleError(f"manifest key 'guidance' is {self.guidance!r}, expected one of {GUIDANCE_MODES}")
+        if (self.guidance == "embedding") != (self.time_cond_proj_dim is not None):
+            raise BundleError("manifest keys 'guidance' and 'time_cond_proj_dim' disagree: an embedded guidance "
+                              "scale needs its width, and only then")
+        if not self.samplers:
+            raise BundleError("manifest key 'samplers' is empty")
+        sdxl = self.family_kind == "sdxl"
+        required = GRAPH_NAMES + ((SDXL_GRAPH,) if sdxl else ())
+        if sdxl and (self.tokenizer_2 is None or self.uncond_pooled_shape is None or not self.added_cond_names):
+            raise BundleError("an sdxl bundle needs manifest keys 'tokenizer_2', 'uncond_pooled_shape' and "
+                              "'added_cond_names'")
+        missing = [name for name in required if name not in self.graphs]
         if missing:
             raise BundleError(f"manifest key 'graphs' lacks {', '.join(missing)}")
         referenced = [(f"graphs.{name}.path", g.path) for name, g in self.graphs.items()]
-        referenced += [("tokenizer.tokenizer_json", self.tokenizer.tokenizer_json)]
-        referenced += [(f"tokenizer.files[{i}]", rel) for i, rel in enumerate(self.tokenizer.files)]
+        for key, tok in (("tokenizer", self.tokenizer), ("tokenizer_2", self.tokenizer_2)):
+            if tok is not None:
+                referenced += [(f"{key}.tokenizer_json", tok.tokenizer_json)]
+                referenced += [(f"{key}.files[{i}]", rel) for i, rel in enumerate(tok.files)]
         referenced += [("uncond_embedding", self.uncond_embedding)]
         for key, rel in referenced:
             _check_relpath(rel)

@@ -526,6 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--family", required=True,
                         help="family folder (the demo family, or one trained with its grammar)")
     parser.add_argument("--small", default=None, help="small denoiser (default: the family's unet_small/)")
+    parser.add_argument("--variant", default=None,
+                        help="weights variant to load, e.g. fp16 (default: detected for variant-only folders)")
     parser.add_argument("--bundle", default=None,
                         help="device bundle of the family: the device half runs on ONNX Runtime")
     parser.add_argument("--prompts", default=str(DEFAULT_PROMPTS_FILE),
@@ -567,7 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          args.ceiling_scenes, args.timing_prompts, args.intensity_prompts, args.clock)
         RelayPlan(args.steps, 0, args.sampler, args.guidance)  # checks steps, sampler, guidance up front
         check_splits(args.steps, splits)
-        family = load_family(args.family, args.small)
+        family = load_family(args.family, args.small, variant=args.variant)
         bundle = None
         if args.bundle:
             from device_app.runtime import DeviceBundle

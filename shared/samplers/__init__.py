@@ -14,19 +14,28 @@ from shared.samplers.base import Sampler, SamplerState
 from shared.samplers.ddim import DDIM_DEFAULTS, DDIMSampler
 from shared.samplers.dpmpp_2m import DPMPP_2M_DEFAULTS, DPMSolverPP2MSampler
 from shared.samplers.euler import EULER_DEFAULTS, EulerSampler
+from shared.samplers.lcm import LCM_DEFAULTS, LCMSampler
 from shared.samplers.schedule import resolve_config
 
 # The samplers a relay configuration may name (wire names; see edge_server.scheduler_bridge
 # for the matching diffusers classes).
-SAMPLER_NAMES: tuple[str, ...] = ("ddim", "euler", "dpmpp_2m")
+SAMPLER_NAMES: tuple[str, ...] = ("ddim", "euler", "dpmpp_2m", "lcm")
 
-_SAMPLER_CLASSES: dict[str, type[DDIMSampler] | type[EulerSampler] | type[DPMSolverPP2MSampler]] = {
+_SAMPLER_CLASSES: dict[
+    str, type[DDIMSampler] | type[EulerSampler] | type[DPMSolverPP2MSampler] | type[LCMSampler]
+] = {
     "ddim": DDIMSampler,
     "euler": EulerSampler,
     "dpmpp_2m": DPMSolverPP2MSampler,
+    "lcm": LCMSampler,
 }
 
-_DEFAULTS: dict[str, dict[str, Any]] = {"ddim": DDIM_DEFAULTS, "euler": EULER_DEFAULTS, "dpmpp_2m": DPMPP_2M_DEFAULTS}
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ddim": DDIM_DEFAULTS,
+    "euler": EULER_DEFAULTS,
+    "dpmpp_2m": DPMPP_2M_DEFAULTS,
+    "lcm": LCM_DEFAULTS,
+}
 
 
 def resolved_config(name: str, scheduler_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -52,6 +61,7 @@ __all__ = [
     "DDIMSampler",
     "DPMSolverPP2MSampler",
     "EulerSampler",
+    "LCMSampler",
     "Sampler",
     "SamplerError",
     "SamplerState",

@@ -17,35 +17,12 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
 
 import shared.samplers.schedule as schedule
 from edge_server.scheduler_bridge import diffusers_scheduler
+from lab.hub_families import SD1_SCHEDULER, SD21_BASE_SCHEDULER, SD21_V_SCHEDULER, SDXL_SCHEDULER
 from shared.errors import ConfigError
 from shared.samplers import SAMPLER_NAMES, make_sampler
 
 # As published (scheduler/scheduler_config.json of each checkpoint), keys of other schedulers included.
-_SD1 = {  # runwayml/stable-diffusion-v1-5, CompVis/stable-diffusion-v1-4, nota-ai/bk-sdm-small/-tiny
-    "_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
-    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
-    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
-    "clip_sample": False,
-}
-_SD21_V = {  # stabilityai/stable-diffusion-2-1 (768, v-prediction), nota-ai/bk-sdm-v2-small
-    "_class_name": "DDIMScheduler", "_diffusers_version": "0.8.0", "beta_end": 0.012,
-    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
-    "prediction_type": "v_prediction", "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-    "trained_betas": None,
-}
-_SD21_BASE = {  # stabilityai/stable-diffusion-2-1-base (512, epsilon)
-    "_class_name": "PNDMScheduler", "_diffusers_version": "0.10.0.dev0", "beta_end": 0.012,
-    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
-    "prediction_type": "epsilon", "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-    "trained_betas": None,
-}
-_SDXL = {  # stabilityai/stable-diffusion-xl-base-1.0, segmind/SSD-1B, segmind/Segmind-Vega
-    "_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.19.0.dev0", "beta_end": 0.012,
-    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
-    "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
-    "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-    "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False,
-}
+_SD1, _SD21_V, _SD21_BASE, _SDXL = SD1_SCHEDULER, SD21_V_SCHEDULER, SD21_BASE_SCHEDULER, SDXL_SCHEDULER
 HUB_CONFIGS: dict[str, dict[str, Any]] = {"sd1": _SD1, "sd2.1-v": _SD21_V, "sd2.1-base": _SD21_BASE, "sdxl": _SDXL}
 _LOADERS = {"PNDMScheduler": PNDMScheduler, "DDIMScheduler": DDIMScheduler,
             "EulerDiscreteScheduler": EulerDiscreteScheduler}

@@ -16,7 +16,11 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteS
 
 from edge_server.scheduler_bridge import StepCountingDDIMScheduler, diffusers_scheduler, export_state
 from shared.errors import ConfigError, HandoffError
-from shared.samplers import SAMPLER_NAMES, SamplerError, SamplerState, make_sampler
+from shared.samplers import SAMPLER_NAMES as _ALL_SAMPLERS
+from shared.samplers import SamplerError, SamplerState, make_sampler
+
+# The deterministic ports; LCM draws noise every step and has its own file (tests/shared/test_lcm_sampler.py).
+SAMPLER_NAMES = tuple(n for n in _ALL_SAMPLERS if n != "lcm")
 
 TOL = 1e-5
 SHAPE = (2, 4, 8, 8)
