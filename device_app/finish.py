@@ -6,8 +6,12 @@ a ``k = 0`` handoff built locally), ``rise-relay`` and ``rise-eval``. :func:`fin
 is its denoising loop alone.
 
 The numpy sampler is rebuilt from the bundle's scheduler config, checked to produce the
-edge's timesteps, loaded with the edge's sampler state and run for the remaining steps
-with classifier-free guidance (the unconditional embedding is the bundle's constant).
+edge's timesteps, loaded with the edge's sampler state and run for the remaining steps.
+Under classifier-free guidance the unconditional rows come first, as in diffusers' pipelines:
+the bundle's constant unconditional embedding and the handoff's ``added_uncond`` (SDXL); with
+an embedded guidance scale (LCM) the UNet gets ``timestep_cond`` and there is no unconditional pass.
+That embedding is the handoff's own ``added_cond["timestep_cond"]`` where the edge sent it (torch's,
+which the numpy port in :mod:`shared.guidance` matches only to a few 1e-4), else the port's.
 No torch here: this is the device.
 """
 
@@ -19,29 +23,64 @@ from collections.abc import Callable
 import numpy as np
 
 from device_app.results import Finished, LatentArray
-from device_app.runtime import DeviceBundle
+from device_app.runtime import TIMESTEP_COND, DeviceBundle
 from shared.errors import HandoffError
-from shared.handoff import Handoff
+from shared.guidance import lcm_guidance_embedding
+from shared.handoff import Handoff, HandoffInvalid
 from shared.samplers import make_sampler
 
-__all__ = ["Clock", "Finished", "StepCallback", "finish_handoff", "finish_latents"]
+__all__ = ["Clock", "Finished", "StepCallback", "check_handoff_fits", "finish_handoff", "finish_latents"]
 
 StepCallback = Callable[[int, int], None]  # (steps done, total steps)
 Clock = Callable[[], float]  # seconds, e.g. time.perf_counter (wall) or time.process_time (CPU)
+
+
+def check_handoff_fits(bundle: DeviceBundle, handoff: Handoff) -> None:
+    """Raise :class:`~shared.errors.HandoffError` unless this bundle can continue ``handoff``.
+
+    Same family, the bundle's guidance mode, a sampler the bundle runs and exactly the extra
+    conditioning its UNet takes (``added_cond_names``; in ``"embedding"`` mode ``timestep_cond``
+    may come too, of shape (B, ``time_cond_proj_dim``)).
+    """
+    manifest = bundle.manifest
+    if handoff.family_id != bundle.family_id:
+        raise HandoffError(
+            f"handoff is for family {handoff.family_id!r} but this bundle is {bundle.family_id!r}"
+        )
+    if handoff.guidance != manifest.guidance:
+        raise HandoffInvalid(f"guidance: expected {manifest.guidance!r} (this bundle's UNet), got {handoff.guidance!r}",
+                             field="guidance")
+    if handoff.sampler not in manifest.samplers:
+        raise HandoffInvalid(f"sampler: expected one this bundle runs ({', '.join(manifest.samplers)}), "
+                             f"got {handoff.sampler!r}", field="sampler")
+    embedded = manifest.guidance == "embedding"
+    expected = sorted(manifest.added_cond_names)
+    got = sorted(name for name in handoff.added_cond if not (embedded and name == TIMESTEP_COND))
+    if got != expected:
+        also = f" (and optionally {TIMESTEP_COND!r})" if embedded else ""
+        raise HandoffInvalid(f"added_cond: expected {expected}{also} for this bundle's UNet, got {got}",
+                             field="added_cond")
+    if TIMESTEP_COND in handoff.added_cond:
+        shape = tuple(handoff.added_cond[TIMESTEP_COND].shape)
+        want = (handoff.latents.shape[0], manifest.time_cond_proj_dim)
+        if shape != want:
+            raise HandoffInvalid(f"added_cond.{TIMESTEP_COND}: expected shape {want}, got {shape}",
+                                 field="added_cond")
+    if handoff.uses_cfg and sorted(handoff.added_uncond) != expected:
+        raise HandoffInvalid(f"added_uncond: expected {expected} under classifier-free guidance, "
+                             f"got {sorted(handoff.added_uncond)}", field="added_uncond")
 
 
 def finish_latents(bundle: DeviceBundle, handoff: Handoff, on_step: StepCallback | None = None) -> LatentArray:
     """Run steps [k, N) of the handoff's trajectory; return the final latent (B, C, H, W) float32.
 
     ``on_step(i, N)`` is called after each step ``i`` (counting from ``k + 1`` to ``N``).
-    Raises :class:`~shared.errors.HandoffError` for a handoff of another family or with
-    timesteps this bundle's scheduler would not produce.
+    Raises :class:`~shared.errors.HandoffError` for a handoff this bundle cannot continue
+    (:func:`check_handoff_fits`) or with timesteps this bundle's scheduler would not produce.
     """
-    if handoff.family_id != bundle.family_id:
-        raise HandoffError(
-            f"handoff is for family {handoff.family_id!r} but this bundle is {bundle.family_id!r}"
-        )
-    sampler = make_sampler(handoff.sampler, bundle.manifest.scheduler_config)
+    check_handoff_fits(bundle, handoff)
+    manifest = bundle.manifest
+    sampler = make_sampler(handoff.sampler, manifest.scheduler_config)
     sampler.set_timesteps(handoff.num_inference_steps)
     handoff.check_timesteps(sampler.timesteps)  # both sides' scheduler configs must agree
     sampler.load_state(handoff.sampler_state)
@@ -51,14 +90,21 @@ def finish_latents(bundle: DeviceBundle, handoff: Handoff, on_step: StepCallback
     if guided:
         uncond = np.broadcast_to(bundle.uncond, cond.shape)
         embeds = np.concatenate([uncond, cond]).astype(np.float32)
+        added = {name: np.concatenate([handoff.added_uncond[name], handoff.added_cond[name]]).astype(np.float32)
+                 for name in manifest.added_cond_names}
     else:
         embeds = cond
+        added = {name: handoff.added_cond[name] for name in manifest.added_cond_names}
+    timestep_cond = handoff.added_cond.get(TIMESTEP_COND)
+    if timestep_cond is None and handoff.guidance == "embedding":
+        assert manifest.time_cond_proj_dim is not None  # the manifest's check: embedded guidance has its width
+        timestep_cond = lcm_guidance_embedding(handoff.guidance_scale, manifest.time_cond_proj_dim, latents.shape[0])
     total = handoff.num_inference_steps
     for i in range(handoff.split, total):
         t = sampler.timesteps[i]  # Euler's may be fractional: keep the sampler's own value
         model_in = np.concatenate([latents, latents]) if guided else latents
         model_in = sampler.scale_model_input(model_in, t)
-        noise = bundle.unet(model_in, t, embeds)
+        noise = bundle.unet(model_in, t, embeds, added=added, timestep_cond=timestep_cond)
         if guided:
             noise_uncond, noise_cond = np.split(noise, 2)
             noise = noise_uncond + np.float32(handoff.guidance_scale) * (noise_cond - noise_uncond)

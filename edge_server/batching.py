@@ -97,9 +97,9 @@ class DenoiseJob:
             split=self.next_step,
             guidance_scale=float(plan.guidance_scale),
             seed=seed,
-            timesteps=self.sched.timesteps.numpy().astype(np.float32),
-            latents=self.latents.numpy().astype(np.float32),
-            cond_embeddings=self.cond.numpy().astype(np.float32),
+            timesteps=_f32(self.sched.timesteps),
+            latents=_f32(self.latents),
+            cond_embeddings=_f32(self.cond),
             sampler_state=state,
             request_id=self.request_id,
             added_cond=self._extra_inputs(),
@@ -136,14 +136,18 @@ def batched_step(unet: UNet2DConditionModel, jobs: Sequence[DenoiseJob]) -> None
             rows.append(torch.cat([job.added_uncond[name], cond]) if job.guided else cond)
         if job.timestep_cond is not None:
             timestep_conds.append(job.timestep_cond.expand(job.unet_rows, -1))
+    # The network runs in its own dtype on its device; latents and the sampler stay float32.
+    model = as_unet(unet)
+    device, dtype = model.device, model.dtype
     kwargs: dict[str, Any] = {}
     if added:
-        kwargs["added_cond_kwargs"] = {name: torch.cat(rows) for name, rows in added.items()}
+        kwargs["added_cond_kwargs"] = {name: torch.cat(rows).to(device, dtype) for name, rows in added.items()}
     if timestep_conds:
-        kwargs["timestep_cond"] = torch.cat(timestep_conds)
-    noise = as_unet(unet)(
-        torch.cat(inputs), torch.cat(timesteps), encoder_hidden_states=torch.cat(embeds), return_dict=False, **kwargs
-    )[0]
+        kwargs["timestep_cond"] = torch.cat(timestep_conds).to(device, dtype)
+    noise = model(
+        torch.cat(inputs).to(device, dtype), torch.cat(timesteps).to(device),
+        encoder_hidden_states=torch.cat(embeds).to(device, dtype), return_dict=False, **kwargs,
+    )[0].float()
     for job, job_noise in zip(jobs, torch.split(noise, [job.unet_rows for job in jobs]), strict=True):
         if job.guided:
             noise_uncond, noise_cond = job_noise.chunk(2)

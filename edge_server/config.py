@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from edge_server.placement import DTYPE_CHOICES
 from shared.errors import ConfigError
 from shared.protocol import ProtocolLimits
 from shared.relay_plan import MAX_STEPS
@@ -39,6 +40,9 @@ class EdgeConfig:
     max_queue: int = 64
     batching: bool = True
     threads: int | None = None  # torch intra-op threads (None: torch's default)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (edge_server.placement)
+    dtype: str = "auto"  # auto | fp32 | fp16 | bf16
+    variant: str | None = None  # weights variant to load (fp16...); None: detected
     request_timeout_s: float = 300.0
     shutdown_grace_s: float = 30.0
     ping_interval_s: float | None = 20.0  # websocket keepalive: ping every ... (None: never)
@@ -126,6 +130,9 @@ _TOML_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "max_queue": _int(1),
     "batching": lambda key, value: check_bool(key, value, error=ConfigError),
     "threads": _int(1),
+    "device": _str,  # checked against the machine by edge_server.placement.resolve_placement
+    "dtype": lambda key, value: check_choice(key, value, DTYPE_CHOICES, error=ConfigError),
+    "variant": _str,
     "request_timeout_s": _float(0.0, lo_open=True),
     "shutdown_grace_s": _float(0.0),
     "ping_interval_s": _float(0.0, lo_open=True),
@@ -146,7 +153,8 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
     config = EdgeConfig.from_toml(args.config) if args.config else EdgeConfig()
     for name in ("host", "port", "token_file", "tls_cert", "tls_key", "metrics_port", "max_batch_rows",
                  "max_queue", "steps", "split_fraction", "shutdown_grace_s", "ping_interval_s", "ping_timeout_s",
-                 "threads", "scheduler", "profile", "bandit_state", "alpha", "sampler", "guidance"):
+                 "threads", "scheduler", "profile", "bandit_state", "alpha", "sampler", "guidance", "device", "dtype",
+                 "variant"):
         value = getattr(args, name)
         if value is not None:
             setattr(config, name, value)

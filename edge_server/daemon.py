@@ -31,6 +31,7 @@ from edge_server.config import EdgeConfig, config_from_args
 from edge_server.engine import Engine
 from edge_server.family import Family, load_family
 from edge_server.metrics import EdgeMetrics
+from edge_server.placement import DTYPE_CHOICES, resolve_placement
 from edge_server.png import encode_png
 from edge_server.service import RequestService, Session, make_engine, make_planner
 from shared.errors import ConfigError, RiseError
@@ -266,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--small", default=None, help="small denoiser (subfolder or path; default unet_small)")
     s.add_argument("--variant", default=None,
                    help="weights variant to load, e.g. fp16 (default: detected for variant-only folders)")
+    s.add_argument("--device", help="auto (default: the first CUDA device, else the CPU), cpu, cuda or cuda:N")
+    s.add_argument("--dtype", choices=DTYPE_CHOICES,
+                   help="what the models compute in: auto (default: fp16 on CUDA, fp32 on a CPU), fp32, fp16, bf16")
     s.add_argument("--config", default=None, help="edge.toml (flags override it)")
     s.add_argument("--host")
     s.add_argument("--port", type=int)
@@ -317,9 +321,11 @@ def main(argv: list[str] | None = None) -> int:
             if config.threads < 1:
                 raise ConfigError(f"--threads must be >= 1, got {config.threads}")
             torch.set_num_threads(config.threads)
+        placement = resolve_placement(config.device, config.dtype)
+        log.info("computing on %s", placement.describe())
         # Loaded on the engine's thread, so all of the edge's torch work shares one OpenMP pool.
         server = EdgeServer.with_batching_engine(
-            lambda: load_family(args.family, args.small, variant=args.variant), config
+            lambda: load_family(args.family, args.small, variant=config.variant, placement=placement), config
         )
         log.info("config: %s", config.described())
         asyncio.run(_serve_until_signalled(server))

@@ -3,8 +3,9 @@
 A family is the large model's diffusers pipeline folder (``model_index.json``, ``unet/`` =
 the large denoiser); the small denoiser is named by ``small``: a subfolder of the family
 folder (default ``unet_small/``), or a path to another pipeline folder (its ``unet/``) or
-to a UNet folder. Nothing is fetched from a hub. Weights load in float32 whatever dtype
-they were saved in, since the edge computes in float32 on a CPU; a folder that holds only
+to a UNet folder. Nothing is fetched from a hub. Weights load in the placement's dtype
+(``edge_server.placement``: float32 on a CPU by default) whatever dtype they were saved in, on
+its device; a VAE whose config says ``force_upcast`` stays float32. A folder that holds only
 ``*.<variant>.safetensors`` (the hub's ``fp16`` branch) is found and loaded as that variant.
 
 Kinds we run (:data:`PIPELINE_KINDS`): SD1.x/SD2.x (``StableDiffusionPipeline``), SDXL
@@ -34,6 +35,7 @@ from diffusers import (
 )
 from diffusers.utils import logging as diffusers_logging
 
+from edge_server.placement import CPU_FP32, Placement
 from shared.errors import ConfigError, FamilyError
 from shared.samplers import SAMPLER_NAMES, make_sampler
 
@@ -89,6 +91,7 @@ class Family:
     guidance: str = "cfg"  # "embedding" for LCM-distilled UNets (time_cond_proj_dim): no unconditional pass
     time_cond_proj_dim: int | None = None
     variant: str | None = None
+    placement: Placement = CPU_FP32
     _uncond: Conditioning | None = field(default=None, repr=False)
 
     @property
@@ -278,8 +281,9 @@ def _family_id(folder: Path, name: str, parts: tuple[str, ...]) -> str:
     return f"{name}-{digest.hexdigest()[:12]}"
 
 
-def load_family(folder: str | Path, small: str | None = None, *, variant: str | None = None) -> Family:
-    """Load a family folder (large pipeline + small denoiser) in float32; FamilyError if unusable.
+def load_family(folder: str | Path, small: str | None = None, *, variant: str | None = None,
+                placement: Placement = CPU_FP32) -> Family:
+    """Load a family folder (large pipeline + small denoiser) where ``placement`` says; FamilyError if unusable.
 
     ``variant`` (e.g. ``"fp16"``) picks ``*.<variant>.safetensors`` weights; by default a
     variant-only folder is detected (the family's and, separately, the small denoiser's).
@@ -316,13 +320,19 @@ def load_family(folder: str | Path, small: str | None = None, *, variant: str | 
         extra = {"safety_checker": None, "requires_safety_checker": False}
     try:
         pipeline = pipeline_cls.from_pretrained(
-            folder, torch_dtype=torch.float32, local_files_only=True, variant=family_variant, **extra,
+            folder, torch_dtype=placement.dtype, local_files_only=True, variant=family_variant, **extra,
         )
         small_unet = UNet2DConditionModel.from_pretrained(
-            small_folder, torch_dtype=torch.float32, local_files_only=True, variant=small_variant,
+            small_folder, torch_dtype=placement.dtype, local_files_only=True, variant=small_variant,
         )
+        if placement.dtype != torch.float32 and getattr(pipeline.vae.config, "force_upcast", False):
+            pipeline.vae.to(torch.float32)  # SDXL's VAE overflows in fp16: diffusers upcasts it too
+        pipeline.to(placement.device)
+        small_unet.to(placement.device)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise FamilyError(f"cannot load family {folder}: {type(exc).__name__}: {exc}") from exc
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:  # e.g. out of device memory
+        raise FamilyError(f"cannot place family {folder} on {placement.describe()}: {exc}") from exc
     modules = [pipeline.unet, pipeline.vae, pipeline.text_encoder, small_unet]
     if kind == "sdxl":
         modules.append(pipeline.text_encoder_2)
@@ -348,6 +358,7 @@ def load_family(folder: str | Path, small: str | None = None, *, variant: str | 
         guidance="embedding" if proj is not None else "cfg",
         time_cond_proj_dim=None if proj is None else int(proj),
         variant=family_variant,
+        placement=placement,
     )
 
 
@@ -362,10 +373,10 @@ def encode_prompts(family: Family, prompts: list[str]) -> Conditioning:
     pipeline: Any = family.pipeline  # diffusers sets a pipeline's modules at runtime: untyped for mypy
     if family.kind == "sdxl":
         embeds, _, pooled, _ = pipeline.encode_prompt(
-            prompts, device=torch.device("cpu"), num_images_per_prompt=1, do_classifier_free_guidance=False,
+            prompts, device=family.placement.device, num_images_per_prompt=1, do_classifier_free_guidance=False,
         )
         return Conditioning(embeds=embeds, added={"text_embeds": pooled})
-    embeds, _ = pipeline.encode_prompt(prompts, torch.device("cpu"), 1, False)
+    embeds, _ = pipeline.encode_prompt(prompts, family.placement.device, 1, False)
     return Conditioning(embeds=embeds)
 
 
@@ -399,7 +410,7 @@ def time_ids(family: Family, height: int, width: int) -> torch.Tensor:
         (height, width), (0, 0), (height, width), dtype=torch.float32,
         text_encoder_projection_dim=int(pipeline.text_encoder_2.config.projection_dim),
     )
-    return ids
+    return ids.to(family.placement.device)
 
 
 def guidance_embedding(family: Family, guidance_scale: float) -> torch.Tensor | None:
@@ -409,4 +420,4 @@ def guidance_embedding(family: Family, guidance_scale: float) -> torch.Tensor | 
     pipeline: Any = family.pipeline
     w = torch.tensor(guidance_scale - 1).repeat(1)  # as LatentConsistencyModelPipeline and StableDiffusionPipeline
     embedding: torch.Tensor = pipeline.get_guidance_scale_embedding(w, embedding_dim=family.time_cond_proj_dim)
-    return embedding.to(torch.float32)
+    return embedding.to(device=family.placement.device, dtype=torch.float32)

@@ -58,7 +58,7 @@ def prepare(family: Family, prompt: str, plan: RelayPlan, seed: int, *,
     generator = torch.Generator("cpu").manual_seed(seed)
     # Same call and order as the pipelines' prepare_latents, so seeds agree with them; the same
     # generator then gives a stochastic sampler (LCM) its per-step noise, as the pipelines pass it.
-    latents = randn_tensor(shape, generator=generator, dtype=torch.float32)
+    latents = randn_tensor(shape, generator=generator, dtype=torch.float32).to(family.placement.device)
     return DenoiseJob(
         scheduler=scheduler,
         latents=latents * as_scheduler(scheduler).init_noise_sigma,
@@ -112,6 +112,7 @@ def decode_latents(family: Family, latents: torch.Tensor) -> np.ndarray:
     """VAE-decode on the edge to uint8 (B, H, W, 3), the same maths as the device's decode."""
     vae = as_pipeline(family.pipeline).vae
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    decoded = vae.decode(latents / vae.config.scaling_factor + shift, return_dict=False)[0]
+    scaled = (latents.float() / vae.config.scaling_factor + shift).to(device=vae.device, dtype=vae.dtype)
+    decoded = vae.decode(scaled, return_dict=False)[0].float().cpu()
     image = (decoded / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     return (image * 255).round().astype(np.uint8)

@@ -51,6 +51,12 @@ class UNetLike(Protocol):
 
     def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]: ...
 
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
 
 class VAEConfigLike(Protocol):
     scaling_factor: float
@@ -68,6 +74,12 @@ class VAELike(Protocol):
     """What the edge calls on a diffusers ``AutoencoderKL``."""
 
     config: VAEConfigLike
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
 
     def encode(self, x: torch.Tensor) -> EncoderOutputLike: ...
 

@@ -1,11 +1,15 @@
 """``rise-export``: turn a model family into a device bundle (ONNX graphs + manifest.json).
 
-    rise-export --family DIR [--small NAME_OR_PATH] --out BUNDLE
+    rise-export --family DIR [--small NAME_OR_PATH] [--variant NAME] --out BUNDLE
                 [--dtype fp32|fp16] [--quantize int8] [--from-onnx DIR] [--opset N] [--force]
 
-Any error a user can fix (a missing folder, a family without a second denoiser, members
-that do not share a latent space, a non-empty --out, a graph that disagrees with PyTorch)
-prints exactly one line ``rise-export: error: <message>`` on stderr and exits with 2.
+Families: SD1.x/SD2.x (``StableDiffusionPipeline``), SDXL (``StableDiffusionXLPipeline``) and
+LCM (``LatentConsistencyModelPipeline``). Any error a user can fix (a missing folder, a family
+without a second denoiser, members that do not share a latent space, a family of a kind we
+cannot run (SD3, Flux, an unknown scheduler class, a UNet input the device does not feed),
+a non-empty --out, a graph that disagrees with PyTorch) prints exactly one line
+``rise-export: error: <message>`` on stderr and exits with 2; an unsupported family is
+refused before any graph is exported.
 """
 
 from __future__ import annotations
@@ -36,13 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used for ``--help``)."""
     parser = _OneLineParser(
         prog=PROG,
-        description="Export a model family (large pipeline folder + small denoiser) as a device bundle: "
-        "the small UNet, VAE decoder and text encoder as ONNX, checked against PyTorch, plus manifest.json.",
+        description="Export a model family (large pipeline folder + small denoiser; SD1.x/2.x, SDXL or LCM) as a "
+        "device bundle: the small UNet, VAE decoder and text encoder(s) as ONNX, checked against PyTorch, plus "
+        "manifest.json and the model_index.json optimum's ORT pipelines open the folder with.",
     )
     parser.add_argument("--family", required=True, type=Path, metavar="DIR",
                         help="the large model's diffusers pipeline folder (model_index.json, unet/, vae/, ...)")
     parser.add_argument("--small", metavar="NAME_OR_PATH", default=None,
                         help="the small denoiser: a subfolder of DIR or a UNet/pipeline folder (default: unet_small)")
+    parser.add_argument("--variant", metavar="NAME", default=None,
+                        help="load the *.NAME.safetensors weights (e.g. fp16); default: detected, so a folder "
+                        "with only fp16-variant weights needs no flag")
     parser.add_argument("--out", required=True, type=Path, metavar="BUNDLE", help="the bundle folder to write")
     parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
                         help="weights of the graphs; inputs and outputs stay float32 (default: fp32)")
@@ -89,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         from export.onnx_export import ExportOptions, export_bundle
 
         options = ExportOptions(
-            family=args.family, out=args.out, small=args.small, dtype=args.dtype, quantize=args.quantize,
-            from_onnx=args.from_onnx, opset=args.opset, force=args.force,
+            family=args.family, out=args.out, small=args.small, variant=args.variant, dtype=args.dtype,
+            quantize=args.quantize, from_onnx=args.from_onnx, opset=args.opset, force=args.force,
         )
         result = export_bundle(options, log=lambda message: print(f"{PROG}: {message}", flush=True))
     except RiseError as exc:

@@ -2,12 +2,18 @@
 
 The graphs come from optimum's ONNX exporter (``optimum-onnx``), which knows the UNet
 signatures of SD1.x, SDXL and LCM, and keep its folder layout (``unet/model.onnx``,
-``vae_decoder/model.onnx``, ``text_encoder/model.onnx``), so a folder made by
-``optimum-cli export onnx`` is accepted too (``from_onnx``). Then, per ``dtype`` /
-``quantize``, the graphs are converted (``export.quantize``), every graph is checked
-against PyTorch (``export.validate``), and ``manifest.json`` records the family, the
-latent space, the scheduler, the tokenizer, the unconditional embedding, the sha256 of
-every file and the measured errors.
+``vae_decoder/model.onnx``, ``text_encoder/model.onnx``; SDXL adds ``text_encoder_2/``), so
+a folder made by ``optimum-cli export onnx`` is accepted too (``from_onnx``). Then, per
+``dtype`` / ``quantize``, the graphs are converted (``export.quantize``), every graph is
+checked against PyTorch (``export.validate``), and ``manifest.json`` records the family (its
+kind, pipeline class, samplers and guidance mode), the latent space, the scheduler, the
+tokenizer(s), the unconditional embedding (SDXL: and the pooled one), the sha256 of every
+file and the measured errors.
+
+Every bundle also holds the ``model_index.json`` of the small pipeline, so optimum's ORT
+pipelines (``ORTStableDiffusionPipeline``, ``ORTStableDiffusionXLPipeline``,
+``ORTLatentConsistencyModelPipeline``) open a bundle folder as it is. They need no
+``vae_encoder/`` for text-to-image, so the bundle has none.
 
 The bundle is built in a staging folder beside ``out`` and moved into place only when
 everything passed, so a failed export never leaves a half bundle behind.
@@ -18,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import inspect
+import json
 import os
 import shutil
 import tempfile
@@ -29,12 +36,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from export.tokenizer import TOKENIZER_JSON, TokenizerSummary
 from shared.errors import ConfigError, ExportError, FamilyError
 from shared.manifest import (
     BUNDLE_FORMAT,
     BUNDLE_FORMAT_VERSION,
     GRAPH_NAMES,
     MANIFEST_NAME,
+    SDXL_GRAPH,
+    UNCOND_POOLED_TENSOR,
     UNCOND_TENSOR,
     BundleManifest,
     FileEntry,
@@ -52,6 +62,8 @@ if TYPE_CHECKING:
 
 UNCOND_FILE = "uncond_embedding.safetensors"
 ONNX_MODEL_NAME = "model.onnx"
+MODEL_INDEX_NAME = "model_index.json"  # diffusers' (and optimum's ORT pipelines') pipeline index
+SDXL_ADDED_COND = ("text_embeds", "time_ids")  # the SDXL UNet's added_cond_kwargs, as graph inputs
 VERSIONED_PACKAGES = (
     "rise", "torch", "diffusers", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "tokenizers",
 )
@@ -64,6 +76,7 @@ class ExportOptions:
     family: Path
     out: Path
     small: str | None = None
+    variant: str | None = None  # weights variant (e.g. fp16) passed to load_family; None: auto-detected
     dtype: str = "fp32"
     quantize: str | None = None
     from_onnx: Path | None = None
@@ -93,6 +106,8 @@ def check_options(options: ExportOptions) -> None:
         raise ConfigError(f"--quantize must be int8, not {options.quantize!r}")
     if options.quantize == "int8" and options.dtype != "fp32":
         raise ConfigError("--quantize int8 works on fp32 graphs: use it with --dtype fp32")
+    if options.variant is not None and (not options.variant or "/" in options.variant or "." in options.variant):
+        raise ConfigError(f"--variant must be a plain name such as fp16, not {options.variant!r}")
     if options.opset is not None and not 14 <= options.opset <= 23:
         raise ConfigError(f"--opset must be between 14 and 23, not {options.opset}")
     if not Path(options.family).is_dir():  # before importing torch: a typo should fail in a blink
@@ -128,16 +143,38 @@ def _quiet_tracing() -> Iterator[None]:
 
 
 def small_pipeline(family: Family) -> StableDiffusionPipeline:
-    """A new pipeline object sharing the family's modules, with the small UNet as its ``unet``."""
-    pipeline = family.pipeline
-    components = {**pipeline.components, "unet": family.small_unet}  # type: ignore[attr-defined]  # diffusers, untyped
-    if "requires_safety_checker" in inspect.signature(type(pipeline).__init__).parameters:
-        components["requires_safety_checker"] = False
-    return type(pipeline)(**components)
+    """A new pipeline object of the family's class sharing its modules, with the small UNet as its ``unet``.
+
+    The family's config values that are constructor arguments (SDXL's
+    ``force_zeros_for_empty_prompt``) are kept; a safety checker is never required.
+    """
+    pipeline: Any = family.pipeline  # diffusers sets a pipeline's modules and config at runtime: untyped
+    cls = type(pipeline)
+    parameters = inspect.signature(cls.__init__).parameters
+    kwargs: dict[str, Any] = {**pipeline.components, "unet": family.small_unet}
+    for name in parameters:
+        if name != "self" and name not in kwargs and name in pipeline.config:
+            kwargs[name] = pipeline.config[name]
+    if "requires_safety_checker" in parameters:
+        kwargs["requires_safety_checker"] = False
+    small: StableDiffusionPipeline = cls(**kwargs)
+    return small
+
+
+def model_index(pipeline: Any, class_name: str) -> dict[str, Any]:
+    """The ``model_index.json`` of ``pipeline`` as diffusers writes it (``[library, class]`` per component)."""
+    import diffusers
+
+    index: dict[str, Any] = {"_class_name": class_name, "_diffusers_version": diffusers.__version__}
+    for key, value in sorted(dict(pipeline.config).items()):
+        if key.startswith("_"):
+            continue  # _name_or_path: a path on the exporting machine
+        index[key] = list(value) if isinstance(value, tuple) else value
+    return _json_safe(index, "pipeline config")
 
 
 def optimum_export(family: Family, output: Path, opset: int | None = None) -> None:
-    """Export the family's text encoder, VAE and small UNet with optimum into ``output``."""
+    """Export the family's text encoder(s), VAE and small UNet with optimum into ``output`` (optimum's layout)."""
     from optimum.exporters.onnx import onnx_export_from_model
 
     pipe = small_pipeline(family)
@@ -197,15 +234,13 @@ def _listed_files(root: Path) -> dict[str, FileEntry]:
     }
 
 
-def _json_safe(config: dict[str, Any]) -> dict[str, Any]:
-    """A scheduler config as plain JSON values (diffusers configs may hold tuples)."""
-    import json
-
+def _json_safe(config: dict[str, Any], what: str = "scheduler config") -> dict[str, Any]:
+    """A diffusers config as plain JSON values (diffusers configs may hold tuples)."""
     try:
         safe: dict[str, Any] = json.loads(json.dumps(config, default=list))
         return safe
     except (TypeError, ValueError) as exc:
-        raise ExportError(f"scheduler config is not JSON-serializable: {exc}") from exc
+        raise ExportError(f"{what} is not JSON-serializable: {exc}") from exc
 
 
 def _place(stage_bundle: Path, out: Path, stage: Path) -> None:
@@ -217,6 +252,32 @@ def _place(stage_bundle: Path, out: Path, stage: Path) -> None:
     os.replace(stage_bundle, out)
 
 
+def _tokenizer_info(folder: str, tok: TokenizerSummary) -> TokenizerInfo:
+    return TokenizerInfo(
+        folder=folder, tokenizer_json=f"{folder}/{TOKENIZER_JSON}", files=[f"{folder}/{n}" for n in tok.files],
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+
+
+def _expected_io(family: Family) -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]:
+    """Inputs and outputs each graph must have beyond the SD1.x ones, for the family's kind and guidance."""
+    pipeline: Any = family.pipeline
+    inputs: dict[str, tuple[str, ...]] = {}
+    outputs: dict[str, tuple[str, ...]] = {}
+    unet_inputs: tuple[str, ...] = ()
+    if family.kind == "sdxl":
+        unet_inputs += SDXL_ADDED_COND
+        # The device reads each encoder's penultimate hidden state (diffusers' hidden_states[-2]) and
+        # the second encoder's pooled projection.
+        for name, encoder in (("text_encoder", pipeline.text_encoder), (SDXL_GRAPH, pipeline.text_encoder_2)):
+            penultimate = f"hidden_states.{int(encoder.config.num_hidden_layers) - 1}"
+            outputs[name] = (penultimate, "text_embeds") if name == SDXL_GRAPH else (penultimate,)
+    if family.guidance == "embedding":
+        unet_inputs += ("timestep_cond",)
+    inputs["unet"] = unet_inputs
+    return inputs, outputs
+
+
 def export_bundle(
     options: ExportOptions,
     *,
@@ -226,13 +287,14 @@ def export_bundle(
     """Export a device bundle as ``options`` say; return its manifest and phase timings.
 
     ``family`` skips loading when the caller already holds it (tests, the demo). Raises
-    ConfigError / FamilyError / ExportError (all RiseError) for anything a user can fix.
+    ConfigError / FamilyError / ExportError (all RiseError) for anything a user can fix;
+    a family of a kind we cannot run is refused (FamilyError) before any graph is exported.
     """
     check_options(options)
     import torch
     from safetensors.numpy import save_file
 
-    from edge_server.family import load_family, uncond_embedding
+    from edge_server.family import load_family, uncond_conditioning
     from export.quantize import convert_to_fp16, copy_graph, quantize_int8
     from export.tokenizer import write_bundle_tokenizer
     from export.validate import default_shapes, validate_graph
@@ -242,10 +304,19 @@ def export_bundle(
     start = time.perf_counter()
     if family is None:
         log(f"loading family {options.family} (small: {options.small or 'unet_small'})")
-        family = load_family(options.family, options.small)
+        family = load_family(options.family, options.small, variant=options.variant)
     elif options.small is not None and options.small != family.small_source:
         raise ConfigError(f"family was loaded with small={family.small_source!r}, options say {options.small!r}")
+    elif options.variant is not None and options.variant != family.variant:
+        raise ConfigError(f"family was loaded with variant={family.variant!r}, options say {options.variant!r}")
     timings["load"] = time.perf_counter() - start
+    sdxl = family.kind == "sdxl"
+    names = GRAPH_NAMES + ((SDXL_GRAPH,) if sdxl else ())
+    from_onnx_2 = None if options.from_onnx is None else Path(options.from_onnx) / SDXL_GRAPH / ONNX_MODEL_NAME
+    if from_onnx_2 is not None and sdxl and not from_onnx_2.is_file():
+        raise ExportError(f"--from-onnx folder {options.from_onnx} lacks {SDXL_GRAPH}/{ONNX_MODEL_NAME}, "
+                          f"which an SDXL family ({family.pipeline_class}) needs")
+    extra_inputs, extra_outputs = _expected_io(family)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.rise-export-", dir=out.parent))
@@ -255,7 +326,7 @@ def export_bundle(
         phase = time.perf_counter()
         if options.from_onnx is None:
             source, raw = "pytorch", stage / "optimum"
-            log("exporting text_encoder, vae_decoder, unet (small) with optimum")
+            log(f"exporting {', '.join(n for n in names if n != 'unet')}, unet (small) with optimum")
             optimum_export(family, raw, options.opset)
         else:
             source, raw = "onnx", Path(options.from_onnx)
@@ -264,7 +335,7 @@ def export_bundle(
 
         phase = time.perf_counter()
         graph_info: dict[str, dict[str, Any]] = {}
-        for name in GRAPH_NAMES:  # optimum's vae_encoder is not copied: the device never encodes images
+        for name in names:  # optimum's vae_encoder is not copied: the device never encodes images
             src, dst = raw / name / ONNX_MODEL_NAME, bundle / name / ONNX_MODEL_NAME
             dst.parent.mkdir(parents=True)
             info: dict[str, Any] = {"quantization": None, "quantized_op_types": [], "note": None}
@@ -283,27 +354,48 @@ def export_bundle(
             graph_info[name] = info
         timings["convert"] = time.perf_counter() - phase
 
-        log("writing scheduler, tokenizer and unconditional embedding")
+        log("writing scheduler, tokenizer(s), unconditional embedding and model_index.json")
         pipeline: Any = family.pipeline  # diffusers sets a pipeline's modules at runtime: untyped for mypy
         pipeline.scheduler.save_pretrained(bundle / "scheduler")
         tok = write_bundle_tokenizer(pipeline.tokenizer, Path(family.folder) / "tokenizer", bundle / "tokenizer")
-        uncond = uncond_embedding(family).detach().to(torch.float32).contiguous().numpy()
-        save_file({UNCOND_TENSOR: uncond}, str(bundle / UNCOND_FILE))
+        tok_2 = None
+        if sdxl:
+            tok_2 = write_bundle_tokenizer(
+                pipeline.tokenizer_2, Path(family.folder) / "tokenizer_2", bundle / "tokenizer_2"
+            )
+            if tok_2.max_length != tok.max_length:
+                raise ExportError(f"the SDXL tokenizers pad to different lengths ({tok.max_length} and "
+                                  f"{tok_2.max_length}): their hidden states cannot be concatenated")
+        uncond_cond = uncond_conditioning(family)
+        uncond = uncond_cond.embeds.detach().to(torch.float32).contiguous().numpy()
+        tensors = {UNCOND_TENSOR: uncond}
+        pooled = None
+        if sdxl:
+            pooled = uncond_cond.added["text_embeds"].detach().to(torch.float32).contiguous().numpy()
+            tensors[UNCOND_POOLED_TENSOR] = pooled
+        save_file(tensors, str(bundle / UNCOND_FILE))
+        index = model_index(small_pipeline(family), family.pipeline_class)
+        (bundle / MODEL_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
         phase = time.perf_counter()
         unet_config = family.small_unet.config  # type: ignore[attr-defined]  # diffusers' runtime config
         up_factor = 2 ** (len(unet_config.block_out_channels) - 1)
-        shapes = default_shapes(family.default_latent_size, up_factor, tok.max_length)
+        shapes = default_shapes(family.default_latent_size, up_factor, tok.max_length, family.vae_scale_factor)
         modules = {"unet": family.small_unet, "vae_decoder": pipeline.vae, "text_encoder": pipeline.text_encoder}
+        tokenizers = {"text_encoder": pipeline.tokenizer}
+        if sdxl:
+            modules[SDXL_GRAPH] = pipeline.text_encoder_2
+            tokenizers[SDXL_GRAPH] = pipeline.tokenizer_2
         graphs: dict[str, GraphEntry] = {}
-        for name in GRAPH_NAMES:
+        for name in names:
             path = bundle / name / ONNX_MODEL_NAME
             info = graph_info[name]
             weights = _weights_dtype(path)
             check_dtype = "int8" if info["quantization"] == "int8" else weights
             log(f"validating {name} ({check_dtype}) against PyTorch at two shapes")
             result = validate_graph(
-                name, path, modules[name], check_dtype, shapes, seed=options.seed, tokenizer=pipeline.tokenizer
+                name, path, modules[name], check_dtype, shapes, seed=options.seed, tokenizer=tokenizers.get(name),
+                required_inputs=extra_inputs.get(name, ()), required_outputs=extra_outputs.get(name, ()),
             )
             graphs[name] = GraphEntry(
                 path=f"{name}/{ONNX_MODEL_NAME}",
@@ -338,11 +430,7 @@ def export_bundle(
             cross_attention_dim=int(family.cross_attention_dim),
             text_max_length=tok.max_length,
             scheduler_config=_json_safe(dict(family.scheduler_config)),
-            tokenizer=TokenizerInfo(
-                folder="tokenizer", tokenizer_json="tokenizer/tokenizer.json",
-                files=[f"tokenizer/{n}" for n in tok.files],
-                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-            ),
+            tokenizer=_tokenizer_info("tokenizer", tok),
             uncond_embedding=UNCOND_FILE,
             uncond_shape=list(uncond.shape),
             graphs=graphs,
@@ -351,6 +439,14 @@ def export_bundle(
             opset=max(g.opset for g in graphs.values()),
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             source=source,
+            family_kind=family.kind,
+            pipeline_class=family.pipeline_class,
+            samplers=list(family.samplers),
+            guidance=family.guidance,
+            time_cond_proj_dim=family.time_cond_proj_dim,
+            added_cond_names=list(SDXL_ADDED_COND) if sdxl else [],
+            tokenizer_2=None if tok_2 is None else _tokenizer_info("tokenizer_2", tok_2),
+            uncond_pooled_shape=None if pooled is None else list(pooled.shape),
         )
         (bundle / MANIFEST_NAME).write_text(manifest.to_json())
         verify_bundle_files(bundle, load_manifest(bundle))  # the reader's own check, before we publish

@@ -3,8 +3,13 @@
 Each graph runs in onnxruntime (CPU) and in PyTorch (float32) on the same seeded random
 inputs at two shapes: batch 1 at the family's default latent size and batch 2 at a second
 latent size for the UNet and the VAE decoder; batch 1 (real tokenized prompts) and batch 2
-(random ids) at the text length the edge uses for the text encoder. The error of a check
-is the max-abs difference over all compared outputs; it must not exceed
+(random ids) at the text length the edge uses for the text encoders. A UNet's extra inputs
+are fed when the graph has them: SDXL's ``text_embeds`` (B, P) and ``time_ids`` (B, 6) (its
+``added_cond_kwargs`` in PyTorch), an LCM-distilled UNet's ``timestep_cond``. A text encoder
+is run with ``output_hidden_states=True`` and every output of the graph is compared
+(``last_hidden_state``, ``pooler_output`` / ``text_embeds``, each ``hidden_states.<i>``: the
+SDXL device reads the penultimate one). The error of a check is the max-abs difference over
+all compared outputs; it must not exceed
 
     tolerance = RTOL[graph dtype] * max(1, max |PyTorch output|)
 
@@ -46,8 +51,14 @@ REQUIRED_INPUTS = {
     "unet": ("sample", "timestep", "encoder_hidden_states"),
     "vae_decoder": ("latent_sample",),
     "text_encoder": ("input_ids",),
+    "text_encoder_2": ("input_ids",),
 }
-PRIMARY_OUTPUT = {"unet": "out_sample", "vae_decoder": "sample", "text_encoder": "last_hidden_state"}
+PRIMARY_OUTPUT = {
+    "unet": "out_sample", "vae_decoder": "sample", "text_encoder": "last_hidden_state",
+    "text_encoder_2": "last_hidden_state",
+}
+# The UNet inputs this module can feed; any other makes the graph unvalidatable (ExportError).
+UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states", "timestep_cond", "text_embeds", "time_ids")
 # One check: the graph's feeds, and the PyTorch run that gives the reference outputs.
 _Case = tuple[dict[str, np.ndarray], Callable[[], dict[str, torch.Tensor]]]
 
@@ -73,14 +84,16 @@ class ValidationShapes:
 
     latent_sizes: tuple[int, int]  # latent side for check 1 (batch 1) and check 2 (batch 2)
     text_length: int
+    vae_scale_factor: int = 8  # pixels per latent side: SDXL's time_ids are image sizes in pixels
 
 
-def default_shapes(sample_size: int, up_factor: int, text_length: int) -> ValidationShapes:
+def default_shapes(sample_size: int, up_factor: int, text_length: int, vae_scale_factor: int = 8) -> ValidationShapes:
     """The default latent side, and a second one (half, or one step up) the UNet accepts."""
     second = sample_size // 2
     if second < up_factor or second % up_factor or second == sample_size:
         second = sample_size + up_factor
-    return ValidationShapes(latent_sizes=(sample_size, second), text_length=text_length)
+    return ValidationShapes(latent_sizes=(sample_size, second), text_length=text_length,
+                            vae_scale_factor=vae_scale_factor)
 
 
 def session(path: Path) -> ort.InferenceSession:
@@ -100,8 +113,9 @@ def tensor_specs(args: list[Any]) -> list[TensorSpec]:
     ]
 
 
-def check_io_contract(name: str, sess: ort.InferenceSession) -> None:
-    """The graph has optimum's input names and float32 float inputs/outputs, else ExportError."""
+def check_io_contract(name: str, sess: ort.InferenceSession, required_inputs: tuple[str, ...] = (),
+                      required_outputs: tuple[str, ...] = ()) -> None:
+    """Optimum's input names (and ``required_*``, the family's) and float32 float I/O, else ExportError."""
     inputs = {a.name: a for a in sess.get_inputs()}
     missing = [n for n in REQUIRED_INPUTS[name] if n not in inputs]
     if missing:
@@ -109,9 +123,16 @@ def check_io_contract(name: str, sess: ort.InferenceSession) -> None:
             f"graph {name} lacks input(s) {', '.join(missing)} (has {', '.join(inputs)}): "
             "not an optimum export of a Stable Diffusion pipeline"
         )
+    missing = [n for n in required_inputs if n not in inputs]
+    if missing:
+        raise ExportError(
+            f"graph {name} lacks input(s) {', '.join(missing)} (has {', '.join(inputs)}) that this family's "
+            "denoiser reads: not an export of this family's pipeline"
+        )
     outputs = [a.name for a in sess.get_outputs()]
-    if PRIMARY_OUTPUT[name] not in outputs:
-        raise ExportError(f"graph {name} lacks output {PRIMARY_OUTPUT[name]} (has {', '.join(outputs)})")
+    missing = [n for n in (PRIMARY_OUTPUT[name], *required_outputs) if n not in outputs]
+    if missing:
+        raise ExportError(f"graph {name} lacks output(s) {', '.join(missing)} (has {', '.join(outputs)})")
     for arg in list(sess.get_inputs()) + list(sess.get_outputs()):
         if arg.type in ("tensor(float16)", "tensor(bfloat16)", "tensor(double)"):
             raise ExportError(
@@ -120,13 +141,23 @@ def check_io_contract(name: str, sess: ort.InferenceSession) -> None:
             )
 
 
+def _static_dim(arg: Any, axis: int, fallback: int) -> int:
+    """The graph input's size on ``axis`` if the export fixed it, else ``fallback``."""
+    dim = arg.shape[axis] if len(arg.shape) > axis else None
+    return dim if isinstance(dim, int) else fallback
+
+
 def _unet_cases(sess: ort.InferenceSession, unet: torch.nn.Module, shapes: ValidationShapes,
                 rng: np.random.Generator) -> list[_Case]:
     cfg: Any = unet.config  # diffusers' config object; nn.Module.__getattr__ types it Tensor | Module
     spec = {a.name: a for a in sess.get_inputs()}
-    unknown = [n for n in spec if n not in ("sample", "timestep", "encoder_hidden_states", "timestep_cond")]
+    unknown = [n for n in spec if n not in UNET_INPUTS]
     if unknown:
         raise ExportError(f"graph unet has input(s) {', '.join(unknown)} this exporter cannot validate")
+    added = [n for n in ("text_embeds", "time_ids") if n in spec]
+    if len(added) == 1:
+        raise ExportError(f"graph unet has input {added[0]} without its SDXL twin (text_embeds and time_ids "
+                          "go together): this exporter cannot validate it")
     cases: list[_Case] = []
     for batch, size in zip((1, 2), shapes.latent_sizes, strict=True):
         sample = rng.standard_normal((batch, cfg.in_channels, size, size), dtype=np.float32)
@@ -136,15 +167,22 @@ def _unet_cases(sess: ort.InferenceSession, unet: torch.nn.Module, shapes: Valid
         t_dtype = np.dtype(_ORT_TO_NUMPY.get(t_spec.type, "float32"))
         timestep = np.array(t, dtype=t_dtype) if len(t_spec.shape) == 0 else np.full((batch,), t, dtype=t_dtype)
         feeds: dict[str, np.ndarray] = {"sample": sample, "timestep": timestep, "encoder_hidden_states": hidden}
-        kwargs: dict[str, torch.Tensor] = {}
+        kwargs: dict[str, Any] = {}
         if "timestep_cond" in spec:  # LCM-distilled UNets embed the guidance scale here
             cond = rng.standard_normal((batch, cfg.time_cond_proj_dim), dtype=np.float32)
             feeds["timestep_cond"] = cond
             kwargs["timestep_cond"] = torch.from_numpy(cond)
+        if added:  # SDXL: the pooled text embedding and the size conditioning (pixels), as the pipeline builds it
+            width = int(cfg.projection_class_embeddings_input_dim) - 6 * int(cfg.addition_time_embed_dim)
+            pooled = rng.standard_normal((batch, _static_dim(spec["text_embeds"], 1, width)), dtype=np.float32)
+            pixels = size * shapes.vae_scale_factor
+            ids = np.array([pixels, pixels, 0, 0, pixels, pixels], dtype=np.float32)
+            time_ids = np.tile(ids, (batch, 1))
+            feeds["text_embeds"], feeds["time_ids"] = pooled, time_ids
+            kwargs["added_cond_kwargs"] = {"text_embeds": torch.from_numpy(pooled),
+                                           "time_ids": torch.from_numpy(time_ids)}
 
-        def run(
-            feeds: dict[str, np.ndarray] = feeds, kwargs: dict[str, torch.Tensor] = kwargs
-        ) -> dict[str, torch.Tensor]:
+        def run(feeds: dict[str, np.ndarray] = feeds, kwargs: dict[str, Any] = kwargs) -> dict[str, torch.Tensor]:
             out = unet(
                 torch.from_numpy(feeds["sample"]), torch.from_numpy(np.asarray(feeds["timestep"])),
                 torch.from_numpy(feeds["encoder_hidden_states"]), **kwargs,
@@ -188,8 +226,15 @@ def _text_encoder_cases(sess: ort.InferenceSession, text_encoder: torch.nn.Modul
     for ids in (first.astype(ids_dtype), second.astype(ids_dtype)):
 
         def run(ids: np.ndarray = ids) -> dict[str, torch.Tensor]:
-            out = text_encoder(torch.from_numpy(ids.astype(np.int64)))
-            return {"last_hidden_state": out.last_hidden_state, "pooler_output": out.pooler_output}
+            out = text_encoder(torch.from_numpy(ids.astype(np.int64)), output_hidden_states=True)
+            reference = {"last_hidden_state": out.last_hidden_state}
+            for key in ("pooler_output", "text_embeds"):  # CLIPTextModel / CLIPTextModelWithProjection
+                value = getattr(out, key, None)
+                if value is not None:
+                    reference[key] = value
+            for i, hidden in enumerate(out.hidden_states or ()):  # the embeddings, then each layer's output
+                reference[f"hidden_states.{i}"] = hidden
+            return reference
 
         cases.append(({"input_ids": ids}, run))
     return cases
@@ -205,8 +250,14 @@ def validate_graph(
     *,
     seed: int = 0,
     tokenizer: Any = None,
+    required_inputs: tuple[str, ...] = (),
+    required_outputs: tuple[str, ...] = (),
 ) -> GraphValidation:
-    """Compare graph ``name`` at ``path`` with ``module`` at two shapes; ExportError past tolerance."""
+    """Compare graph ``name`` at ``path`` with ``module`` at two shapes; ExportError past tolerance.
+
+    ``required_inputs`` / ``required_outputs``: names the family's device path needs beyond
+    optimum's SD1.x ones (SDXL's ``text_embeds``, an encoder's penultimate hidden state, ...).
+    """
     if graph_dtype not in RTOL:
         raise ExportError(f"no tolerance for graph dtype {graph_dtype!r}")
     rtol = RTOL[graph_dtype]
@@ -214,13 +265,13 @@ def validate_graph(
         sess = session(path)
     except Exception as exc:
         raise ExportError(f"graph {name} does not load in onnxruntime: {exc}") from exc
-    check_io_contract(name, sess)
+    check_io_contract(name, sess, required_inputs, required_outputs)
     rng = np.random.default_rng(seed)
     if name == "unet":
         cases = _unet_cases(sess, module, shapes, rng)
     elif name == "vae_decoder":
         cases = _vae_decoder_cases(sess, module, shapes, rng)
-    elif name == "text_encoder":
+    elif name in ("text_encoder", "text_encoder_2"):
         cases = _text_encoder_cases(sess, module, shapes, rng, tokenizer)
     else:
         raise ExportError(f"unknown graph {name!r}")
@@ -235,10 +286,14 @@ def validate_graph(
         except Exception as exc:
             raise ExportError(f"graph {name} fails to run at {shape_text}: {exc}") from exc
         reference = {k: v.float().numpy() for k, v in run().items()}
+        unchecked = [n for n in output_names if n not in reference]
+        if unchecked:
+            raise ExportError(f"graph {name} has output(s) {', '.join(unchecked)} PyTorch does not give: "
+                              "this exporter cannot validate them")
         error, scale = 0.0, 1.0
         for out_name, ref in reference.items():
             if out_name not in got:
-                continue  # e.g. a text encoder exported without pooler_output
+                continue  # e.g. a text encoder exported without pooler_output or hidden states
             value = got[out_name]
             if value.shape != ref.shape:
                 raise ExportError(

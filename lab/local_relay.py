@@ -20,6 +20,7 @@ from PIL import Image
 from device_app.finish import finish_handoff
 from device_app.runtime import DeviceBundle
 from edge_server.family import Family, load_family
+from edge_server.placement import DTYPE_CHOICES, resolve_placement
 from edge_server.relay import EdgeRelay
 from shared.errors import RiseError
 from shared.handoff import decode_handoff, encode_handoff
@@ -78,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--variant", default=None,
                         help="weights variant to load, e.g. fp16 (default: detected for variant-only folders)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--device", default="auto", help="edge half: auto (default), cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                        help="edge half's compute dtype: auto (default: fp16 on CUDA, else fp32), fp32, fp16, bf16")
     parser.add_argument("--bundle", required=True, help="device bundle made by rise-export from the same family")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--steps", type=int, default=20, help="total denoising steps N (default 20)")
@@ -104,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise RiseError(f"--threads must be >= 1, got {args.threads}")
             torch.set_num_threads(args.threads)
         t0 = time.perf_counter()
-        family = load_family(args.family, args.small, variant=args.variant)
+        placement = resolve_placement(args.device, args.dtype)
+        family = load_family(args.family, args.small, variant=args.variant, placement=placement)
         plan = RelayPlan(args.steps, split, args.sampler or family.default_sampler, args.guidance)
         family.check_sampler(plan.sampler)
         t1 = time.perf_counter()

@@ -267,11 +267,12 @@ class OfflineBackend:
 
     def _run(self, job: Job, sink: Sink) -> None:
         try:
-            plan = offline_plan(job.preference, min_steps=job.offline_min_steps, max_steps=job.offline_max_steps)
+            bundle = self.bundles.get()
+            plan = offline_plan(job.preference, min_steps=job.offline_min_steps, max_steps=job.offline_max_steps,
+                                samplers=bundle.manifest.samplers)  # an LCM bundle runs only lcm
             seed = job.seed if job.seed is not None else secrets.randbits(63)
             sink.plan(plan, OFFLINE_WHY)
             rid = f"offline-{next(self._ids)}"
-            bundle = self.bundles.get()
             result = generate_offline(bundle, job.prompt, plan, seed, request_id=rid,
                                       on_step=lambda step, total: sink.progress("device", step, total))
         except Exception as exc:

@@ -44,6 +44,7 @@ import torch
 
 from edge_server.batching import batched_step
 from edge_server.family import Family, load_family, uncond_embedding
+from edge_server.placement import DTYPE_CHOICES, resolve_placement
 from edge_server.relay import decode_latents, prepare, run_alone
 from edge_server.torch_types import as_pipeline, as_unet
 from shared.demo_grammar.prompts import DEFAULT_PROMPTS_FILE, PromptError, load_prompts, prompt_to_scene
@@ -528,6 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--small", default=None, help="small denoiser (default: the family's unet_small/)")
     parser.add_argument("--variant", default=None,
                         help="weights variant to load, e.g. fp16 (default: detected for variant-only folders)")
+    parser.add_argument("--device", default="auto", help="where PyTorch runs: auto (default), cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                        help="PyTorch's compute dtype: auto (default: fp16 on CUDA, else fp32), fp32, fp16, bf16")
     parser.add_argument("--bundle", default=None,
                         help="device bundle of the family: the device half runs on ONNX Runtime")
     parser.add_argument("--prompts", default=str(DEFAULT_PROMPTS_FILE),
@@ -569,7 +573,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          args.ceiling_scenes, args.timing_prompts, args.intensity_prompts, args.clock)
         RelayPlan(args.steps, 0, args.sampler, args.guidance)  # checks steps, sampler, guidance up front
         check_splits(args.steps, splits)
-        family = load_family(args.family, args.small, variant=args.variant)
+        family = load_family(args.family, args.small, variant=args.variant,
+                             placement=resolve_placement(args.device, args.dtype))
         bundle = None
         if args.bundle:
             from device_app.runtime import DeviceBundle

@@ -38,7 +38,7 @@ def test_tampered_bundle_is_refused_before_loading(fp32_bundle_dir, tmp_path):
 def test_device_text_encoder_matches_the_edge(tiny_family, fp32_bundle_dir):
     bundle = DeviceBundle(fp32_bundle_dir, threads=1)
     on_device = bundle.encode_text(PROMPTS)
-    on_edge = encode_prompts(tiny_family, PROMPTS).numpy()
+    on_edge = encode_prompts(tiny_family, PROMPTS).embeds.numpy()
     assert on_device.shape == on_edge.shape
     assert np.abs(on_device - on_edge).max() <= 1e-4
     np.testing.assert_allclose(bundle.encode_text([""]), bundle.uncond, atol=1e-4)
