@@ -30,8 +30,9 @@ import torch
 from numpy.typing import NDArray
 
 from edge_server.batching import DenoiseJob, batched_step, pick_batch
-from edge_server.family import Family
+from edge_server.family import Conditioning, Family, encode_prompts
 from edge_server.relay import decode_latents, prepare
+from edge_server.threads import StepEfficiency
 from shared.errors import RiseError
 from shared.handoff import encode_handoff
 from shared.relay_plan import RelayPlan
@@ -142,13 +143,14 @@ class BatchingEngine:
     """
 
     def __init__(self, family: Family | Callable[[], Family], *, max_batch_rows: int = 16, max_queue: int = 64,
-                 batching: bool = True, on_batch: BatchCallback | None = None) -> None:
+                 batching: bool = True, on_batch: BatchCallback | None = None, adapt_threads: bool = False) -> None:
         if max_batch_rows < 1 or max_queue < 1:
             raise ValueError("max_batch_rows and max_queue must be >= 1")
         self.max_batch_rows = max_batch_rows
         self.max_queue = max_queue
         self.batching = batching
         self._on_batch = on_batch  # (requests, rows) per UNet call, for metrics
+        self._adapt_threads = adapt_threads
         self._lock = threading.Condition()
         self._queued: deque[_Entry] = deque()
         self._active: list[_Entry] = []
@@ -233,6 +235,8 @@ class BatchingEngine:
     def _run(self, family: Family) -> None:
         self.family = family  # the constructor set it too (from the same future); this is the worker's copy
         torch.set_grad_enabled(False)
+        # Warns once if the CPU threads are starved; drops to one thread where the operator set none.
+        self._efficiency = StepEfficiency(device=family.placement.device.type, adapt=self._adapt_threads)
         while True:
             with self._lock:
                 self._drop_cancelled()
@@ -246,8 +250,7 @@ class BatchingEngine:
                 while self._queued and len(self._active) + len(to_admit) < capacity:
                     to_admit.append(self._queued.popleft())
                 self._active.extend(to_admit)
-            for entry in to_admit:
-                self._admit(entry)
+            self._admit(to_admit)
             self._advance()
 
     def _drop_cancelled(self) -> None:
@@ -260,14 +263,30 @@ class BatchingEngine:
                     entry.future.set_exception(self._cancelled[entry.request.key])
         self._cancelled.clear()
 
-    def _admit(self, entry: _Entry) -> None:
-        r = entry.request
-        entry.admitted = time.perf_counter()
-        try:
-            entry.job = prepare(self.family, r.prompt, r.plan, r.seed, height=r.height, width=r.width,
-                                request_id=r.request_id)
-        except Exception as exc:  # a bad request must fail alone, never the worker
-            self._fail(entry, exc)
+    def _admit(self, entries: list[_Entry]) -> None:
+        """Prepare the admitted requests: their prompts encoded in one text-encoder call, then each job.
+
+        If the batched encode fails, every request is prepared on its own, so a bad one fails alone.
+        """
+        if not entries:
+            return
+        now = time.perf_counter()
+        for entry in entries:
+            entry.admitted = now
+        conditionings: list[Conditioning | None] = [None] * len(entries)
+        if len(entries) > 1:
+            try:
+                encoded = encode_prompts(self.family, [entry.request.prompt for entry in entries])
+                conditionings = [encoded.row(i) for i in range(len(entries))]
+            except Exception:  # e.g. one prompt the tokenizer rejects: each request alone below
+                log.warning("batched text encoding failed; encoding the %d prompts one by one", len(entries))
+        for entry, conditioning in zip(entries, conditionings, strict=True):
+            r = entry.request
+            try:
+                entry.job = prepare(self.family, r.prompt, r.plan, r.seed, height=r.height, width=r.width,
+                                    request_id=r.request_id, conditioning=conditioning)
+            except Exception as exc:  # a bad request must fail alone, never the worker
+                self._fail(entry, exc)
 
     def _advance(self) -> None:
         with self._lock:
@@ -276,7 +295,9 @@ class BatchingEngine:
         batch = pick_batch(jobs, self.max_batch_rows if self.batching else 1)
         if batch:
             try:
+                self._efficiency.before()
                 batched_step(self.family.large_unet, batch)
+                self._efficiency.after()
             except Exception as exc:
                 log.exception("UNet step failed")
                 for entry in ready:

@@ -134,6 +134,10 @@ class Conditioning:
     embeds: torch.Tensor
     added: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def row(self, i: int) -> Conditioning:
+        """Prompt ``i``'s conditioning (batch 1), from a batch encoded in one call."""
+        return Conditioning(self.embeds[i : i + 1], {name: t[i : i + 1] for name, t in self.added.items()})
+
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:

@@ -16,7 +16,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from edge_server.batching import DenoiseJob, batched_step
-from edge_server.family import Family, encode_prompts, guidance_embedding, time_ids, uncond_conditioning
+from edge_server.family import Conditioning, Family, encode_prompts, guidance_embedding, time_ids, uncond_conditioning
 from edge_server.scheduler_bridge import diffusers_scheduler
 from edge_server.torch_types import as_pipeline, as_scheduler
 from shared.errors import ConfigError
@@ -39,17 +39,20 @@ def latent_shape(family: Family, height: int | None, width: int | None, batch: i
 
 @torch.no_grad()
 def prepare(family: Family, prompt: str, plan: RelayPlan, seed: int, *,
-            height: int | None = None, width: int | None = None, request_id: str = "") -> DenoiseJob:
+            height: int | None = None, width: int | None = None, request_id: str = "",
+            conditioning: Conditioning | None = None) -> DenoiseJob:
     """A job at step 0: scheduler, initial noise seeded as diffusers seeds it, text embeddings.
 
     It stops at the plan's split; the caller runs it (alone, or batched with others). The
     conditioning is what the family's own pipeline feeds its UNet: SDXL's pooled embeddings and
-    size ``time_ids``, an LCM-distilled UNet's guidance embedding.
+    size ``time_ids``, an LCM-distilled UNet's guidance embedding. ``conditioning`` is the
+    prompt's, when the caller encoded several prompts at once (:func:`encode_prompts`).
     """
     family.check_sampler(plan.sampler)
     shape = latent_shape(family, height, width)
     scheduler = diffusers_scheduler(plan.sampler, family.scheduler_config, plan.num_inference_steps)
-    cond, uncond = encode_prompts(family, [prompt]), uncond_conditioning(family)
+    cond = conditioning if conditioning is not None else encode_prompts(family, [prompt])
+    uncond = uncond_conditioning(family)
     added_cond, added_uncond = dict(cond.added), dict(uncond.added)
     if family.kind == "sdxl":
         factor = family.vae_scale_factor

@@ -73,7 +73,7 @@ def make_engine(family: Family | Callable[[], Family], config: EdgeConfig, *,
                 on_batch: BatchCallback | None = None) -> BatchingEngine:
     """The default engine for a config. ``family`` may be a loader: the engine's own thread then loads it."""
     return BatchingEngine(family, max_batch_rows=config.max_batch_rows, max_queue=config.max_queue,
-                          batching=config.batching, on_batch=on_batch)
+                          batching=config.batching, on_batch=on_batch, adapt_threads=config.threads is None)
 
 
 class RequestFailed(RiseError):

@@ -363,6 +363,7 @@ def pipeline_latent(family: Family, prompt: str, sampler: str, steps: int, split
     large, scheduler = pipe.unet, pipe.scheduler
     pipe.scheduler = DIFFUSERS_SAMPLERS[sampler].from_config(family.scheduler_config)
     pipe.unet = family.small_unet if split == 0 else large
+    pipe.set_progress_bar_config(disable=True)
 
     def swap(p: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         if i + 1 == split:
