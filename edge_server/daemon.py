@@ -21,6 +21,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from websockets.asyncio.server import Server, serve
@@ -33,7 +34,7 @@ from edge_server.family import Family, load_family
 from edge_server.metrics import EdgeMetrics
 from edge_server.placement import DTYPE_CHOICES, resolve_placement
 from edge_server.png import encode_png
-from edge_server.service import RequestService, Session, make_engine, make_planner
+from edge_server.service import FAMILY_PROFILE, RequestService, Session, make_engine, make_planner
 from shared.errors import ConfigError, RiseError
 from shared.planning import Planner
 from shared.protocol import (
@@ -94,7 +95,10 @@ class EdgeServer:
             loaded = engine.family
             if config.sampler is not None:
                 loaded.check_sampler(config.sampler)  # e.g. dpmpp_2m named for an LCM family: refused at start
-            planner = planner or make_planner(config, default_sampler=loaded.default_sampler)
+            shipped = Path(loaded.folder) / FAMILY_PROFILE
+            planner = planner or make_planner(config, default_sampler=loaded.default_sampler,
+                                              family_profile=shipped if shipped.is_file() else None)
+            log.info("scheduler: %s", planner.name)
             return cls(engine, config, planner=planner, metrics=metrics)
         except BaseException:
             engine.close(drain=False, timeout=10.0)
@@ -287,8 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="websocket keepalive ping interval in seconds (default 20)")
     s.add_argument("--ping-timeout", type=float, dest="ping_timeout_s",
                    help="close a connection whose pong is this many seconds late (default 20)")
-    s.add_argument("--scheduler", help="fixed (default), linucb, epsilon_greedy, random, edge_only, "
-                                       "device_only or one arm such as N20k10")
+    s.add_argument("--scheduler", help="auto (default: linucb over the family's profile.json or --profile, else "
+                                       "fixed), fixed, linucb, epsilon_greedy, random, edge_only, device_only "
+                                       "or one arm such as N20k10")
     s.add_argument("--profile", help="measured profile JSON for the bandit scheduler")
     s.add_argument("--bandit-state", help="file the scheduler's learned state persists to")
     s.add_argument("--alpha", type=float, help="LinUCB exploration weight (default 0.1)")

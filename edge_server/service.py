@@ -19,6 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from edge_server.config import EdgeConfig
 from edge_server.engine import (
@@ -46,15 +47,26 @@ log = logging.getLogger("rise.edge")
 MAX_AWAITING_REPORT = 256
 
 
-def make_planner(config: EdgeConfig, *, default_sampler: str = "dpmpp_2m") -> Planner:
+#: The measured profile a family folder may ship (``python -m shared.bandit.profile`` builds one).
+FAMILY_PROFILE = "profile.json"
+
+
+def make_planner(config: EdgeConfig, *, default_sampler: str = "dpmpp_2m",
+                 family_profile: str | Path | None = None) -> Planner:
     """The scheduler the config names: the fixed policy, or a bandit/baseline over a measured profile.
 
     ``default_sampler`` stands in for a config that names none (the family's own, once it is loaded).
+    ``family_profile`` is the profile the loaded family ships, used when the config names none;
+    ``auto`` (the default) is LinUCB when there is a profile, else the fixed policy.
     """
     sampler = config.sampler or default_sampler
-    if config.scheduler == "fixed":
+    profile = config.profile or (str(family_profile) if family_profile is not None else None)
+    scheduler = config.scheduler
+    if scheduler == "auto":
+        scheduler = "linucb" if profile is not None else "fixed"
+    if scheduler == "fixed":
         return FixedPlanner(config.steps, config.split_fraction, sampler, config.guidance)
-    if config.profile is None:
+    if profile is None:
         raise ConfigError(
             f"--scheduler {config.scheduler} needs --profile PROFILE.json "
             "(made by: python -m shared.bandit.profile --eval EVAL.json ... --out PROFILE.json)"
@@ -63,7 +75,7 @@ def make_planner(config: EdgeConfig, *, default_sampler: str = "dpmpp_2m") -> Pl
     from shared.bandit.profile import load_profile
 
     return BanditPlanner.from_profile(
-        load_profile(config.profile), config.scheduler, config.bandit_state,
+        load_profile(profile), scheduler, config.bandit_state,
         sampler=sampler, guidance_scale=config.guidance,
         edge_capacity=max(1, config.max_batch_rows // 2), alpha=config.alpha,
     )

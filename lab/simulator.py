@@ -114,6 +114,9 @@ from shared.planning import PlanContext
 from shared.prompt_features import prompt_features
 from shared.relay_plan import RelayPlan
 
+#: The profile the demo family ships (``make profile`` re-measures it).
+DEMO_PROFILE = Path(__file__).resolve().parents[1] / "models" / "demo" / "family" / "profile.json"
+
 #: Device speed classes: (name, multiplier of the profile's device step time, share of devices).
 DEVICE_CLASSES: tuple[tuple[str, float, float], ...] = (("high", 1.0, 0.3), ("mid", 2.0, 0.4), ("low", 4.0, 0.3))
 #: Link classes: (name, RTT s, bandwidth bit/s, share of devices).
@@ -719,7 +722,9 @@ def plot(sim: Simulation, results: dict[str, RunResult], summary: dict[str, Any]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rise-sim", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", help="a RISE profile JSON (python -m shared.bandit.profile builds one)")
+    parser.add_argument("--profile", default=str(DEMO_PROFILE),
+                        help="a RISE profile JSON (python -m shared.bandit.profile builds one; "
+                             "default: the demo family's, models/demo/family/profile.json)")
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--devices", type=int, default=500)
     parser.add_argument("--scenario", default="mixed", choices=sorted(SCENARIOS))
@@ -745,9 +750,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not args.profile:
-        print(f"rise-sim: no --profile given. The simulator replays measured profiles; {PROFILE_HINT}",
+    if not Path(args.profile).is_file():
+        print(f"rise-sim: error: no profile at {args.profile}. The simulator replays measured profiles; {PROFILE_HINT}",
               file=sys.stderr)
+        return 2
+    if args.requests <= args.warmup:
+        print(f"rise-sim: error: --requests {args.requests} must exceed --warmup {args.warmup}: the means are "
+              "taken over the requests after the warm-up", file=sys.stderr)
         return 2
     try:
         profile = load_profile(args.profile)

@@ -63,12 +63,27 @@ def test_plots_are_written(mixed_run):
     assert sorted(p.name for p in (out / "plots").iterdir()) == ["latency_quality_mixed.png", "regret_mixed.png"]
 
 
-def test_without_a_profile_it_says_how_to_make_one(capsys):
+def test_without_a_profile_it_says_how_to_make_one(capsys, tmp_path):
     from lab.simulator import main
 
-    assert main(["--requests", "10"]) == 2
+    assert main(["--profile", str(tmp_path / "none.json"), "--requests", "10", "--warmup", "1"]) == 2
     err = capsys.readouterr().err
     assert "python -m shared.bandit.profile" in err and "rise-eval" in err and "--json eval_nN.json" in err
+
+
+def test_by_default_it_runs_on_the_demo_familys_shipped_profile(capsys):
+    from lab.simulator import DEMO_PROFILE, main
+
+    assert DEMO_PROFILE.is_file()
+    assert main(["--requests", "300", "--devices", "20", "--warmup", "100", "--policies", "linucb,oracle"]) == 0
+    assert "linucb" in capsys.readouterr().out
+
+
+def test_fewer_requests_than_the_warmup_is_an_error_not_a_one_request_mean(capsys, profile_path):
+    from lab.simulator import main
+
+    assert main(["--profile", str(profile_path), "--requests", "2000"]) == 2  # --warmup defaults to 2000
+    assert "must exceed --warmup 2000" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("scenario", ["network-drop", "load-spike", "edge-overload"])
@@ -121,7 +136,7 @@ def test_edge_batching_model():
 def test_simulator_runs_without_torch(profile_path):
     script = (
         "from lab.simulator import main\n"
-        f"sys.exit(main(['--profile', {str(profile_path)!r}, '--requests', '300', '--devices', '20',"
+        f"sys.exit(main(['--profile', {str(profile_path)!r}, '--requests', '300', '--devices', '20', '--warmup', '50',"
         " '--policies', 'linucb,oracle']))\n"
     )
     proc = run_without_torch(script, timeout=120)
