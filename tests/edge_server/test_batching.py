@@ -55,3 +55,36 @@ def test_jobs_of_other_shapes_wait_for_their_own_call(tiny_family):
     assert pick_batch([small, big], max_rows=8) == [small]
     with pytest.raises(ValueError, match="one latent and embedding shape"):
         batched_step(tiny_family.large_unet, [small, big])
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m"])
+def test_jobs_in_lockstep_share_one_sampler_step_and_keep_their_own_state(tiny_family, sampler):
+    plans = [RelayPlan(6, 5, sampler, 5.0)] * 3 + [RelayPlan(6, 5, sampler, 1.0)]  # guidance differs: still one group
+    prompts = ["a red sneaker", "a blue bag", "a hat", "a white shirt"]
+    jobs = [prepare(tiny_family, p, plan, 10 + i) for i, (p, plan) in enumerate(zip(prompts, plans, strict=True))]
+    assert len({job.step_group() for job in jobs}) == 1
+    late = prepare(tiny_family, "a coat", RelayPlan(6, 5, sampler, 5.0), 20)
+    batched_step(tiny_family.large_unet, [late])  # one step ahead: its own group from now on
+    everyone = [*jobs, late]
+    while batch := pick_batch(everyone, max_rows=16):
+        batched_step(tiny_family.large_unet, batch)
+    for job, prompt, plan, seed in zip(everyone, [*prompts, "a coat"], [*plans, plans[0]], [10, 11, 12, 13, 20],
+                                       strict=True):
+        batched = job.to_handoff(tiny_family.family_id, plan, seed)
+        alone = EdgeRelay(tiny_family).start(prompt, plan, seed)
+        scale = max(1.0, float(np.abs(alone.latents).max()))
+        assert float(np.abs(batched.latents - alone.latents).max()) <= 1e-5 * scale
+        assert batched.sampler_state.scalars == alone.sampler_state.scalars
+        assert sorted(batched.sampler_state.tensors) == sorted(alone.sampler_state.tensors)
+        for name, tensor in alone.sampler_state.tensors.items():
+            assert batched.sampler_state.tensors[name].shape == tensor.shape  # its own rows of the history
+            assert np.abs(batched.sampler_state.tensors[name] - tensor).max() <= 1e-5 * scale
+
+
+def test_lcm_jobs_step_alone_since_each_draws_its_own_noise(tmp_path):
+    from edge_server.family import load_family
+    from lab.hub_families import build_lcm_dreamshaper
+
+    family = load_family(build_lcm_dreamshaper(tmp_path / "lcm").folder)
+    jobs = [prepare(family, "x", RelayPlan(4, 4, "lcm", 5.0), seed) for seed in (1, 2)]
+    assert jobs[0].step_group() is None
