@@ -85,7 +85,7 @@ def latent_stats(latents: torch.Tensor | np.ndarray) -> np.ndarray:
     """``(B, 3)``: mean, std and RMS norm (L2 norm / sqrt(size)) of each latent in a batch."""
     x = torch.as_tensor(np.asarray(latents) if not isinstance(latents, torch.Tensor) else latents).double()
     x = x.reshape(x.shape[0], -1)
-    return torch.stack([x.mean(1), x.std(1), x.pow(2).mean(1).sqrt()], 1).numpy()
+    return torch.stack([x.mean(1), x.std(1), x.pow(2).mean(1).sqrt()], 1).cpu().numpy()
 
 
 def _by_items(values: np.ndarray, scenes: Sequence[Scene]) -> dict[str, float]:
@@ -110,8 +110,8 @@ def vae_round_trip(family: Family, images: np.ndarray, batch: int = 256) -> np.n
     out = []
     for start in range(0, len(images), batch):
         x = torch.from_numpy(images[start : start + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        z = vae.encode(x).latent_dist.mode()
-        rec = vae.decode(z).sample
+        z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mode()
+        rec = vae.decode(z).sample.float().cpu()
         out.append(((rec / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
     return np.concatenate(out)
 
@@ -220,8 +220,9 @@ def step_costs(family: Family, bundle: Any = None, repeats: int = 30, clock: str
     """Median ms of one denoiser call at batch 2 (one image with CFG): the large UNet in PyTorch,
     the small one in PyTorch or, with a bundle, on ONNX Runtime; and their ratio."""
     size = family.default_latent_size
-    z = torch.randn(2, family.latent_channels, size, size)
-    cond = torch.cat([uncond_embedding(family)] * 2)
+    unet_module = as_unet(family.large_unet)
+    z = torch.randn(2, family.latent_channels, size, size).to(unet_module.device, unet_module.dtype)
+    cond = torch.cat([uncond_embedding(family)] * 2).to(unet_module.device, unet_module.dtype)
     t = as_pipeline(family.pipeline).scheduler.config.num_train_timesteps // 2
     large_unet, small_unet = as_unet(family.large_unet), as_unet(family.small_unet)
 
@@ -239,7 +240,7 @@ def step_costs(family: Family, bundle: Any = None, repeats: int = 30, clock: str
     if bundle is None:
         small = median_ms(lambda: small_unet(z, t, cond))
     else:
-        zn, cn = z.numpy(), cond.numpy()
+        zn, cn = z.float().cpu().numpy(), cond.float().cpu().numpy()
         small = median_ms(lambda: bundle.unet(zn, float(t), cn))
     return {"large_ms": round(large, 3), "small_ms": round(small, 3), "ratio": round(large / small, 2)}
 
