@@ -9,6 +9,7 @@ files can be fetched: every character is a token, which CLIP's BPE handles nativ
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,6 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
 # For mypy, diffusers' top-level classes are its torch-less placeholders (its __init__ imports dummy_pt_objects
 # first under TYPE_CHECKING): untyped constructors and no methods; "diffusers placeholder" below marks those uses.
@@ -52,18 +52,33 @@ BENCH_LARGE = UNetSize(block_out_channels=(96, 192), layers_per_block=2)
 BENCH_SMALL = UNetSize(block_out_channels=(16, 32), layers_per_block=1, attention_head_dim=4)
 
 
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, as CLIP's BPE uses it (transformers 5 no longer exports it)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(2**8):
+        if b not in bs:
+            bs.append(b)
+            cs.append(2**8 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs], strict=True))
+
+
 def _write_byte_level_clip_tokenizer(folder: Path) -> CLIPTokenizer:
     folder.mkdir(parents=True, exist_ok=True)
     chars = list(bytes_to_unicode().values())
     vocab_tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab_tokens)}))
+    vocab = {tok: i for i, tok in enumerate(vocab_tokens)}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(
-        vocab_file=str(folder / "vocab.json"),
-        merges_file=str(folder / "merges.txt"),
-        model_max_length=32,
-        pad_token="<|endoftext|>",
-    )
+    options: dict[str, Any] = {"model_max_length": 32, "pad_token": "<|endoftext|>"}
+    if "vocab_file" in inspect.signature(CLIPTokenizer.__init__).parameters:  # transformers 4
+        return CLIPTokenizer(vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"), **options)
+    # transformers 5 builds the tokenizer from the vocabulary itself (it would ignore vocab_file)
+    cls: Any = CLIPTokenizer
+    tokenizer: CLIPTokenizer = cls(vocab=vocab, merges=[], **options)
+    return tokenizer
 
 
 def _unet(size: UNetSize, sample_size: int, cross_attention_dim: int) -> UNet2DConditionModel:
