@@ -2,9 +2,10 @@
 
 On a busy machine torch's default (one intra-op thread per physical core) can make a UNet step many
 times slower than one thread: a parallel region waits for its slowest thread, and a thread whose
-core is taken by another process is descheduled. Measured on our 2-core machine with one other
-busy process, the demo-sized UNet step took 156 ms at 1 thread and 4035 ms at torch's default of 2
-(26x), with CPU time only half of ``wall x threads``; idle, 2 threads are the faster.
+core is taken by another process is descheduled. Measured on our 2-core VM (a test-sized UNet,
+4 latents of 24x24; the VM is noisy): idle, 2 threads 137-190 ms a step against 1 thread's
+207-304 ms, with CPU time = ``wall x threads``; beside one busy loop, 2 threads 404 ms (CPU time 0.70
+of ``wall x threads``) against 207 ms; beside another torch job, 4035 ms against 156 ms (26x, 0.50).
 
 :class:`StepEfficiency` measures that share (process CPU time against wall time around the first
 UNet calls). Below :data:`MIN_EFFICIENCY` it logs one warning, and when the operator did not set

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from shared.errors import RiseError
+from shared.errors import ConfigError, RiseError
 
 if TYPE_CHECKING:
     from export.onnx_export import ExportResult
@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "instead of exporting; they are validated against --family")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: optimum's for each graph)")
     parser.add_argument("--force", action="store_true", help="replace a previous bundle in --out")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads for loading, tracing and validating (default: torch's)")
     return parser
 
 
@@ -96,6 +98,12 @@ def main(argv: list[str] | None = None) -> int:
         # Heavy imports (torch, optimum) only once the arguments are known to be well formed.
         from export.onnx_export import ExportOptions, export_bundle
 
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
         options = ExportOptions(
             family=args.family, out=args.out, small=args.small, variant=args.variant, dtype=args.dtype,
             quantize=args.quantize, from_onnx=args.from_onnx, opset=args.opset, force=args.force,
