@@ -24,7 +24,6 @@ import numpy as np
 from shared.samplers.schedule import (
     TIMESTEP_SPACINGS,
     StepIndexState,
-    alphas_cumprod_from_betas,
     cfg_bool,
     cfg_choice,
     cfg_float,
@@ -35,8 +34,7 @@ from shared.samplers.schedule import (
     check_step_inputs,
     check_timesteps,
     check_turn,
-    make_betas,
-    rescale_zero_terminal_snr,
+    config_alphas_cumprod,
     resolve_config,
     spaced_timesteps,
 )
@@ -77,16 +75,7 @@ class DDIMSampler(StepIndexState):
         cfg_require_false(cfg, "thresholding")
         set_alpha_to_one = cfg_bool(cfg, "set_alpha_to_one")
 
-        betas = make_betas(
-            self.num_train_timesteps,
-            cfg_float(cfg, "beta_start"),
-            cfg_float(cfg, "beta_end"),
-            cfg["beta_schedule"],
-            cfg["trained_betas"],
-        )
-        if cfg_bool(cfg, "rescale_betas_zero_snr"):
-            betas = rescale_zero_terminal_snr(betas)
-        self.alphas_cumprod = alphas_cumprod_from_betas(betas)
+        self.alphas_cumprod = config_alphas_cumprod(cfg, self.num_train_timesteps)
         # With set_alpha_to_one the step into t<0 lands on a clean sample (alpha_bar = 1).
         self.final_alpha_cumprod = np.float32(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
         self.config = cfg

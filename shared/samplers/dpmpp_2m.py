@@ -35,7 +35,6 @@ from shared.errors import ConfigError, HandoffError, SamplerError
 from shared.samplers.base import SamplerState
 from shared.samplers.schedule import (
     TIMESTEP_SPACINGS,
-    alphas_cumprod_from_betas,
     cfg_bool,
     cfg_choice,
     cfg_float,
@@ -48,11 +47,10 @@ from shared.samplers.schedule import (
     check_step_inputs,
     check_timesteps,
     check_turn,
+    config_alphas_cumprod,
     exp_f32,
     karras_sigmas,
     log_f32,
-    make_betas,
-    rescale_zero_terminal_snr,
     resolve_config,
     sigma_to_t,
     train_sigmas,
@@ -143,17 +141,8 @@ class DPMSolverPP2MSampler:
         self.sigma_min = cfg_positive_or_none(raw, "sigma_min")
         self.sigma_max = cfg_positive_or_none(raw, "sigma_max")
 
-        betas = make_betas(
-            self.num_train_timesteps,
-            cfg_float(cfg, "beta_start"),
-            cfg_float(cfg, "beta_end"),
-            self.beta_schedule,
-            cfg["trained_betas"],
-        )
         rescale = cfg_bool(cfg, "rescale_betas_zero_snr")
-        if rescale:
-            betas = rescale_zero_terminal_snr(betas)
-        self.alphas_cumprod = alphas_cumprod_from_betas(betas)
+        self.alphas_cumprod = config_alphas_cumprod(cfg, self.num_train_timesteps, self.beta_schedule)
         if rescale:
             # Zero terminal SNR would give sigma = inf; diffusers nudges it to 2**-24.
             self.alphas_cumprod[-1] = np.float32(2.0**-24)

@@ -26,11 +26,9 @@ import numpy as np
 from shared.samplers.schedule import (
     TIMESTEP_SPACINGS,
     StepIndexState,
-    alphas_cumprod_from_betas,
     as_f32_array,
     cfg_bool,
     cfg_choice,
-    cfg_float,
     cfg_int,
     cfg_positive_or_none,
     cfg_require_false,
@@ -39,9 +37,8 @@ from shared.samplers.schedule import (
     check_step_inputs,
     check_timesteps,
     check_turn,
+    config_alphas_cumprod,
     karras_sigmas,
-    make_betas,
-    rescale_zero_terminal_snr,
     resolve_config,
     sigma_to_t,
     spaced_timesteps,
@@ -90,17 +87,8 @@ class EulerSampler(StepIndexState):
         self.sigma_min = cfg_positive_or_none(cfg, "sigma_min")
         self.sigma_max = cfg_positive_or_none(cfg, "sigma_max")
 
-        betas = make_betas(
-            self.num_train_timesteps,
-            cfg_float(cfg, "beta_start"),
-            cfg_float(cfg, "beta_end"),
-            cfg["beta_schedule"],
-            cfg["trained_betas"],
-        )
         rescale = cfg_bool(cfg, "rescale_betas_zero_snr")
-        if rescale:
-            betas = rescale_zero_terminal_snr(betas)
-        self.alphas_cumprod = alphas_cumprod_from_betas(betas)
+        self.alphas_cumprod = config_alphas_cumprod(cfg, self.num_train_timesteps)
         if rescale:
             # Zero terminal SNR would give sigma = inf; diffusers nudges it to 2**-24.
             self.alphas_cumprod[-1] = np.float32(2.0**-24)

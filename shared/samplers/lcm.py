@@ -42,7 +42,6 @@ import numpy as np
 from shared.errors import ConfigError, HandoffError, SamplerError
 from shared.samplers.base import SamplerState
 from shared.samplers.schedule import (
-    alphas_cumprod_from_betas,
     cfg_bool,
     cfg_choice,
     cfg_float,
@@ -54,8 +53,7 @@ from shared.samplers.schedule import (
     check_step_inputs,
     check_timesteps,
     check_turn,
-    make_betas,
-    rescale_zero_terminal_snr,
+    config_alphas_cumprod,
     resolve_config,
 )
 from shared.validation import is_integral
@@ -128,16 +126,7 @@ class LCMSampler:
         self.timestep_scaling = cfg_float(cfg, "timestep_scaling")
         set_alpha_to_one = cfg_bool(cfg, "set_alpha_to_one")
 
-        betas = make_betas(
-            self.num_train_timesteps,
-            cfg_float(cfg, "beta_start"),
-            cfg_float(cfg, "beta_end"),
-            cfg["beta_schedule"],
-            cfg["trained_betas"],
-        )
-        if cfg_bool(cfg, "rescale_betas_zero_snr"):
-            betas = rescale_zero_terminal_snr(betas)
-        self.alphas_cumprod = alphas_cumprod_from_betas(betas)
+        self.alphas_cumprod = config_alphas_cumprod(cfg, self.num_train_timesteps)
         # As in diffusers; LCM's timesteps are all >= 0, so this is never used with the default schedule.
         self.final_alpha_cumprod = np.float32(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
         self.config = cfg

@@ -213,6 +213,21 @@ def alphas_cumprod_from_betas(betas: np.ndarray) -> np.ndarray:
     return cumprod_f32(np.float32(1.0) - betas)
 
 
+def config_alphas_cumprod(cfg: Mapping[str, Any], num_train_timesteps: int, beta_schedule: str | None = None
+                          ) -> np.ndarray:
+    """float32 ``alphas_cumprod`` of a resolved config: its betas, zero-terminal-SNR rescaled if it says so."""
+    betas = make_betas(
+        num_train_timesteps,
+        cfg_float(cfg, "beta_start"),
+        cfg_float(cfg, "beta_end"),
+        cfg["beta_schedule"] if beta_schedule is None else beta_schedule,
+        cfg["trained_betas"],
+    )
+    if cfg_bool(cfg, "rescale_betas_zero_snr"):
+        betas = rescale_zero_terminal_snr(betas)
+    return alphas_cumprod_from_betas(betas)
+
+
 def train_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
     """float32 ``((1 - a) / a) ** 0.5`` over the training timesteps (ascending in t)."""
     one = np.float32(1.0)
