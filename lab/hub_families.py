@@ -193,6 +193,21 @@ def _save_unet(config: dict[str, Any], folder: Path, *, variant: str | None = No
     unet.save_pretrained(folder, safe_serialization=True, variant=variant)
 
 
+def _save_sd_style(folder: Path, pipeline_cls: Any, scheduler_config: dict[str, Any], *, vae: Any, text_encoder: Any,
+                   unet: Any) -> None:
+    """An SD-shaped pipeline (one text encoder, no safety checker) saved to ``folder``, its scheduler as published.
+
+    The modules come built by the caller, in the order that fixes their seeded random weights.
+    """
+    pipe: Any = pipeline_cls(
+        vae=vae, text_encoder=text_encoder, tokenizer=_write_byte_level_clip_tokenizer(folder / "tokenizer"),
+        unet=unet, scheduler=_scheduler(scheduler_config), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    _write_scheduler_as_published(folder, scheduler_config)
+
+
 @dataclass(frozen=True)
 class HubFamily:
     """A built family: its folder, the ``small`` argument that names its small denoiser, what it is."""
@@ -208,14 +223,8 @@ def build_sd15_bk_sdm_tiny(folder: Path, seed: int = 0) -> HubFamily:
     """SD1.5 (PNDM hub config) with a BK-SDM-tiny-shaped small UNet in ``unet_small/``."""
     torch.manual_seed(seed)
     text = _text_encoder(TEXT_WIDTH)
-    pipe: Any = StableDiffusionPipeline(
-        vae=_vae(), text_encoder=text, tokenizer=_write_byte_level_clip_tokenizer(folder / "tokenizer"),
-        unet=_new_unet(**_sd15_unet(16, TEXT_WIDTH, LATENT)),
-        scheduler=_scheduler(SD1_SCHEDULER), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(folder, safe_serialization=True)
-    _write_scheduler_as_published(folder, SD1_SCHEDULER)
+    _save_sd_style(folder, StableDiffusionPipeline, SD1_SCHEDULER, vae=_vae(), text_encoder=text,
+                   unet=_new_unet(**_sd15_unet(16, TEXT_WIDTH, LATENT)))
     _save_unet(_bk_sdm_tiny_unet(8, TEXT_WIDTH, LATENT), folder / "unet_small")
     return HubFamily("sd15+bk-sdm-tiny", folder, None, "StableDiffusionPipeline", ("ddim", "euler", "dpmpp_2m"))
 
@@ -236,15 +245,9 @@ def build_sd15_tiny_sd(folder: Path, seed: int = 0) -> HubFamily:
 def build_sd21_v_bk_sdm_v2_small(folder: Path, seed: int = 0) -> HubFamily:
     """SD2.1-v (v-prediction, DDIM hub config, OpenCLIP-style gelu text encoder) with BK-SDM-v2-small."""
     torch.manual_seed(seed)
-    pipe: Any = StableDiffusionPipeline(
-        vae=_vae(), text_encoder=_text_encoder(TEXT_WIDTH, act="gelu"),
-        tokenizer=_write_byte_level_clip_tokenizer(folder / "tokenizer"),
-        unet=_new_unet(**_sd21_unet(20, TEXT_WIDTH, LATENT)),
-        scheduler=_scheduler(SD21_V_SCHEDULER), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(folder, safe_serialization=True)
-    _write_scheduler_as_published(folder, SD21_V_SCHEDULER)
+    _save_sd_style(folder, StableDiffusionPipeline, SD21_V_SCHEDULER, vae=_vae(),
+                   text_encoder=_text_encoder(TEXT_WIDTH, act="gelu"),
+                   unet=_new_unet(**_sd21_unet(20, TEXT_WIDTH, LATENT)))
     _save_unet(_bk_sdm_v2_small_unet(20, TEXT_WIDTH, LATENT), folder / "unet_small")
     return HubFamily("sd21-v+bk-sdm-v2-small", folder, None, "StableDiffusionPipeline", ("ddim", "euler", "dpmpp_2m"))
 
@@ -274,15 +277,9 @@ def build_lcm_dreamshaper(folder: Path, seed: int = 0) -> HubFamily:
     """LCM-Dreamshaper-v7 (LatentConsistencyModelPipeline, LCMScheduler hub config, SD1.5 UNet with a
     256-wide guidance embedding) with a BK-SDM-tiny-shaped LCM-distilled small UNet."""
     torch.manual_seed(seed)
-    pipe: Any = LatentConsistencyModelPipeline(
-        vae=_vae(), text_encoder=_text_encoder(TEXT_WIDTH),
-        tokenizer=_write_byte_level_clip_tokenizer(folder / "tokenizer"),
-        unet=_new_unet(**_sd15_unet(16, TEXT_WIDTH, LATENT, time_cond_proj_dim=256)),
-        scheduler=_scheduler(LCM_SCHEDULER), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(folder, safe_serialization=True)
-    _write_scheduler_as_published(folder, LCM_SCHEDULER)
+    _save_sd_style(folder, LatentConsistencyModelPipeline, LCM_SCHEDULER, vae=_vae(),
+                   text_encoder=_text_encoder(TEXT_WIDTH),
+                   unet=_new_unet(**_sd15_unet(16, TEXT_WIDTH, LATENT, time_cond_proj_dim=256)))
     _save_unet(_bk_sdm_tiny_unet(8, TEXT_WIDTH, LATENT, time_cond_proj_dim=256), folder / "unet_small")
     return HubFamily("lcm-dreamshaper", folder, None, "LatentConsistencyModelPipeline", ("lcm",))
 

@@ -25,6 +25,7 @@ from diffusers import LCMScheduler, PNDMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from edge_server.scheduler_bridge import diffusers_scheduler, export_state
+from lab.hub_families import LCM_SCHEDULER, SD1_SCHEDULER
 from shared.errors import ConfigError, HandoffError, SamplerError
 from shared.samplers import SAMPLER_NAMES, SamplerState, make_sampler, resolved_config
 from shared.samplers.lcm import LCM_DEFAULTS, LCMSampler, LCMStateError, noise_step_indices
@@ -33,42 +34,10 @@ TOL = 1e-5
 SHAPE = (2, 4, 8, 8)
 SEED = 1234
 
-# SimianLuo/LCM_Dreamshaper_v7's scheduler/scheduler_config.json as published.
-DREAMSHAPER: dict[str, Any] = {
-    "_class_name": "LCMScheduler",
-    "_diffusers_version": "0.22.0.dev0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "clip_sample_range": 1.0,
-    "dynamic_thresholding_ratio": 0.995,
-    "num_train_timesteps": 1000,
-    "original_inference_steps": 50,
-    "prediction_type": "epsilon",
-    "rescale_betas_zero_snr": False,
-    "sample_max_value": 1.0,
-    "set_alpha_to_one": True,
-    "steps_offset": 1,
-    "thresholding": False,
-    "timestep_scaling": 10.0,
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-}
-# Stable Diffusion 1.5's PNDM scheduler_config.json, relabelled: LCM's own keys missing.
-PNDM_AS_LCM: dict[str, Any] = {
-    "_class_name": "LCMScheduler",
-    "_diffusers_version": "0.6.0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-    "clip_sample": False,
-}
+# SimianLuo/LCM_Dreamshaper_v7's scheduler_config.json as published, and SD1.5's PNDM one relabelled
+# (LCM's own keys missing): one copy each, in lab/hub_families.py.
+DREAMSHAPER: dict[str, Any] = LCM_SCHEDULER
+PNDM_AS_LCM: dict[str, Any] = {**SD1_SCHEDULER, "_class_name": "LCMScheduler"}
 BETAS_F64 = (np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2).tolist()
 
 CONFIGS: dict[str, dict[str, Any]] = {

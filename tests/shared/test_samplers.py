@@ -24,6 +24,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
+from lab.hub_families import SD1_SCHEDULER, SDXL_SCHEDULER
 from shared.errors import ConfigError, HandoffError
 from shared.samplers import SAMPLER_NAMES as _ALL_SAMPLERS
 from shared.samplers import SamplerError, SamplerState, make_sampler
@@ -47,39 +48,10 @@ SD15: dict[str, Any] = {
     "set_alpha_to_one": False,
     "timestep_spacing": "leading",
 }
-# Stable Diffusion 1.5's scheduler_config.json as published (a PNDM config: no spacing key).
-PNDM_SD15: dict[str, Any] = {
-    "_class_name": "PNDMScheduler",
-    "_diffusers_version": "0.6.0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-    "clip_sample": False,
-}
-# SDXL base's scheduler_config.json as published.
-SDXL_EULER: dict[str, Any] = {
-    "_class_name": "EulerDiscreteScheduler",
-    "_diffusers_version": "0.19.0.dev0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "interpolation_type": "linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "sample_max_value": 1.0,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-    "use_karras_sigmas": False,
-}
+# Stable Diffusion 1.5's (a PNDM config: no spacing key) and SDXL base's scheduler_config.json as
+# published: one copy each, in lab/hub_families.py.
+PNDM_SD15: dict[str, Any] = SD1_SCHEDULER
+SDXL_EULER: dict[str, Any] = SDXL_SCHEDULER
 
 DIFFUSERS = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}
 DEFAULTS = {"ddim": DDIM_DEFAULTS, "euler": EULER_DEFAULTS, "dpmpp_2m": DPMPP_2M_DEFAULTS}
