@@ -52,7 +52,8 @@ class EdgeConfig:
     sampler: str | None = None  # None: the family's default (lcm for LCM families, else dpmpp_2m)
     guidance: float = 7.5
     # auto: LinUCB over the family's shipped profile (FAMILY/profile.json) or --profile, else fixed.
-    scheduler: str = "auto"  # auto | fixed | linucb | epsilon_greedy | random | edge_only | device_only | N20k10...
+    # auto | fixed | linucb | linucb_disjoint | epsilon_greedy | random | edge_only | device_only | N20k10...
+    scheduler: str = "auto"
     profile: str | None = None  # measured profile (shared/bandit/profile.py); needed by every scheduler but fixed
     bandit_state: str | None = None  # where the scheduler's learned state persists (atomic JSON)
     alpha: float | None = None  # LinUCB exploration (default 0.1)

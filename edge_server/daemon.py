@@ -292,8 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ping-timeout", type=float, dest="ping_timeout_s",
                    help="close a connection whose pong is this many seconds late (default 20)")
     s.add_argument("--scheduler", help="auto (default: linucb over the family's profile.json or --profile, else "
-                                       "fixed), fixed, linucb, epsilon_greedy, random, edge_only, device_only "
-                                       "or one arm such as N20k10")
+                                       "fixed), fixed, linucb, linucb_disjoint, epsilon_greedy, random, edge_only, "
+                                       "device_only or one arm such as N20k10")
     s.add_argument("--profile", help="measured profile JSON for the bandit scheduler")
     s.add_argument("--bandit-state", help="file the scheduler's learned state persists to")
     s.add_argument("--alpha", type=float, help="LinUCB exploration weight (default 0.1)")

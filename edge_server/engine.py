@@ -92,6 +92,9 @@ class EngineStats:
     rows_total: int
     completed: int
     batch_sizes: tuple[int, ...] = ()  # requests per UNet call, the most recent last (bounded)
+    # the scheduler projects the edge's schedule from these (None: the engine does not say)
+    running_steps: tuple[int, ...] | None = None  # edge steps each request in the batch has left
+    queued_steps: tuple[int, ...] | None = None  # edge steps of each queued request, oldest first
 
 
 class Engine(Protocol):
@@ -211,8 +214,11 @@ class BatchingEngine:
     def stats(self) -> EngineStats:
         """A snapshot (copied under the lock), safe to keep and read from any thread."""
         with self._lock:
+            running = tuple(max(e.job.stop_at - e.job.next_step, 0) if e.job is not None else e.request.plan.split
+                            for e in self._active)
             return EngineStats(len(self._queued), len(self._active), self._unet_calls, self._rows_total,
-                               self._completed, tuple(self._batch_sizes))
+                               self._completed, tuple(self._batch_sizes), running,
+                               tuple(e.request.plan.split for e in self._queued))
 
     def close(self, *, drain: bool = True, timeout: float = 30.0) -> None:
         """Stop taking work; finish what is queued and running (drain) or fail it; join the worker."""

@@ -193,7 +193,7 @@ class RequestService:
         started = time.perf_counter()
         stats = self.engine.stats()
         context = PlanContext(stats.queued, stats.active, request.device_load, request.rtt_s, request.bandwidth_bps,
-                              device_step_s)
+                              device_step_s, stats.running_steps, stats.queued_steps)
         plan, why = self.planner.choose(request, context)
         ticket = Ticket(
             key=session.key(request.request_id), request=request, plan=plan, why=why, scheduler=self.planner.name,

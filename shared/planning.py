@@ -24,6 +24,8 @@ class PlanContext:
     rtt_s: float | None = None
     bandwidth_bps: float | None = None
     device_step_s: float | None = None  # the device's small-model step time, from its hello
+    edge_running: tuple[int, ...] | None = None  # remaining edge steps of each request in the batch
+    edge_queued: tuple[int, ...] | None = None  # edge steps of each request waiting for a slot (FIFO)
 
 
 class Planner(Protocol):

@@ -1,10 +1,16 @@
-"""Bandit policies behind one interface: LinUCB and the baselines (fixed arm, random, epsilon-greedy).
+"""Bandit policies behind one interface: disjoint LinUCB and the baselines (fixed arm, random, epsilon-greedy).
 
-A :class:`Policy` picks an arm index for a context vector and learns from the reward::
+A :class:`Policy` picks an arm index for a :class:`~shared.bandit.context.Context` and learns
+from an :class:`~shared.bandit.context.Outcome`::
 
-    arm = policy.select(x, allowed)      # allowed: optional bool mask over the arms
-    policy.update(arm, x, reward)
-    state = policy.state_dict()          # JSON-able; policy.load_state_dict(state) restores it
+    arm = policy.select(context, allowed)   # allowed: optional bool mask over the arms
+    policy.update(arm, context, outcome)
+    state = policy.state_dict()             # JSON-able; policy.load_state_dict(state) restores it
+
+The policies here use the context's feature vector ``context.x`` and the outcome's reward; the
+factored scheduler the edge serves by default (:class:`~shared.bandit.factored.FactoredLinUCB`)
+uses the rest. A context's ``penalty`` (the congestion price each arm pays) is subtracted
+from the learning policies' scores; the fixed and random baselines ignore it.
 
 :class:`LinUCB` is the paper's choice: *disjoint* LinUCB (Li et al., 2010, Algorithm 1),
 one ridge regression per arm, ``A_a = ridge * I + sum x x^T``, ``b_a = sum r x``,
@@ -31,13 +37,13 @@ Every policy carries its own seeded ``numpy.random.Generator``, saved with its s
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 
 from shared.validation import check_float, check_int, finite_array, read_float, read_int
 
+from .context import Context, Outcome
 from .errors import BanditError, StateError
 
 
@@ -54,16 +60,16 @@ class Policy(ABC):
         self.updates = 0
 
     @abstractmethod
-    def select(self, x: np.ndarray, allowed: np.ndarray | None = None) -> int:
-        """The arm to play for context ``x`` (shape ``(dim,)``), among ``allowed`` (bool ``(n_arms,)``) if given."""
+    def select(self, context: Context, allowed: np.ndarray | None = None) -> int:
+        """The arm to play for ``context``, among ``allowed`` (bool ``(n_arms,)``) if given."""
 
-    def update(self, arm: int, x: np.ndarray, reward: float) -> None:
-        """Learn that ``arm`` earned ``reward`` in context ``x`` (stateless policies ignore it)."""
-        self._check_update(arm, x, reward)
+    def update(self, arm: int, context: Context, outcome: Outcome) -> None:
+        """Learn that ``arm`` brought ``outcome`` in ``context`` (stateless policies ignore it)."""
+        self._check_update(arm, context.x, outcome.reward)
         self.updates += 1
 
-    def explain(self, x: np.ndarray, arm: int) -> str:
-        """A few words on why ``arm`` scores as it does for ``x`` (for the plan's ``why``)."""
+    def explain(self, context: Context, arm: int) -> str:
+        """A few words on why ``arm`` scores as it does for ``context`` (for the plan's ``why``)."""
         return ""
 
     def state_dict(self) -> dict[str, Any]:
@@ -133,9 +139,10 @@ class Policy(ABC):
 
 
 class LinUCB(Policy):
-    """Disjoint LinUCB with Sherman-Morrison inverse updates (see the module doc)."""
+    """Disjoint LinUCB with Sherman-Morrison inverse updates (see the module doc): ``rise-sim`` 's
+    ``linucb_disjoint``, the scheduler before the factored one (:mod:`.factored`)."""
 
-    kind = "linucb"
+    kind = "linucb_disjoint"
 
     def __init__(self, n_arms: int, dim: int, *, alpha: float = 1.0, ridge: float = 1.0,
                  prior_mean: np.ndarray | None = None, refresh_every: int = 1000, seed: int = 0,
@@ -161,12 +168,16 @@ class LinUCB(Policy):
         var = (self.A_inv @ x) @ x
         return mean, np.sqrt(np.maximum(var, 0.0))
 
-    def select(self, x: np.ndarray, allowed: np.ndarray | None = None) -> int:
-        mean, width = self.ucb(x)
-        return self._argmax(mean + self.alpha * width, self._mask(allowed))
+    def select(self, context: Context, allowed: np.ndarray | None = None) -> int:
+        mean, width = self.ucb(context.x)
+        score = mean + self.alpha * width
+        if context.penalty is not None:
+            score = score - context.penalty
+        return self._argmax(score, self._mask(allowed))
 
-    def update(self, arm: int, x: np.ndarray, reward: float) -> None:
-        x = self._check_update(arm, x, reward)
+    def update(self, arm: int, context: Context, outcome: Outcome) -> None:
+        reward = outcome.reward
+        x = self._check_update(arm, context.x, reward)
         self.updates += 1
         self.A[arm] += np.outer(x, x)
         self.b[arm] += reward * x
@@ -178,8 +189,8 @@ class LinUCB(Policy):
             self.A_inv[arm] -= np.outer(Ax, Ax) / (1.0 + x @ Ax)
         self.theta[arm] = self.A_inv[arm] @ self.b[arm]
 
-    def explain(self, x: np.ndarray, arm: int) -> str:
-        mean, width = self.ucb(x)
+    def explain(self, context: Context, arm: int) -> str:
+        mean, width = self.ucb(context.x)
         score = mean[arm] + self.alpha * width[arm]
         return f"ucb {score:.2f} (est {mean[arm]:.2f} + {self.alpha:g} x {width[arm]:.2f})"
 
@@ -220,14 +231,14 @@ class FixedArm(Policy):
         super().__init__(n_arms, dim, seed=seed, name=name)
         self.arm = check_int("arm", arm, lo=0, hi=n_arms - 1, error=BanditError)
 
-    def select(self, x: np.ndarray, allowed: np.ndarray | None = None) -> int:
+    def select(self, context: Context, allowed: np.ndarray | None = None) -> int:
         mask = self._mask(allowed)
         if mask is None or mask[self.arm]:
             return self.arm
         choices = np.flatnonzero(mask)
         return int(choices[np.argmin(np.abs(choices - self.arm))])
 
-    def explain(self, x: np.ndarray, arm: int) -> str:
+    def explain(self, context: Context, arm: int) -> str:
         return "fixed configuration"
 
     def state_dict(self) -> dict[str, Any]:
@@ -244,10 +255,10 @@ class RandomPolicy(Policy):
 
     kind = "random"
 
-    def select(self, x: np.ndarray, allowed: np.ndarray | None = None) -> int:
+    def select(self, context: Context, allowed: np.ndarray | None = None) -> int:
         return self._random_allowed(self._mask(allowed))
 
-    def explain(self, x: np.ndarray, arm: int) -> str:
+    def explain(self, context: Context, arm: int) -> str:
         return "uniformly random"
 
 
@@ -269,19 +280,19 @@ class EpsilonGreedy(Policy):
     def means(self) -> np.ndarray:
         return np.where(self.counts > 0, self.sums / np.maximum(self.counts, 1), np.inf)
 
-    def select(self, x: np.ndarray, allowed: np.ndarray | None = None) -> int:
+    def select(self, context: Context, allowed: np.ndarray | None = None) -> int:
         mask = self._mask(allowed)
         if self.rng.random() < self.epsilon:
             return self._random_allowed(mask)
         return self._argmax(self.means(), mask)
 
-    def update(self, arm: int, x: np.ndarray, reward: float) -> None:
-        self._check_update(arm, x, reward)
+    def update(self, arm: int, context: Context, outcome: Outcome) -> None:
+        self._check_update(arm, context.x, outcome.reward)
         self.updates += 1
         self.counts[arm] += 1
-        self.sums[arm] += reward
+        self.sums[arm] += outcome.reward
 
-    def explain(self, x: np.ndarray, arm: int) -> str:
+    def explain(self, context: Context, arm: int) -> str:
         n = int(self.counts[arm])
         return f"mean reward {self.sums[arm] / n:.2f} over {n}" if n else "not tried yet"
 
@@ -305,7 +316,8 @@ POLICY_KINDS: dict[str, type[Policy]] = {
 
 
 def make_policy(kind: str, n_arms: int, dim: int, **options: Any) -> Policy:
-    """A policy by kind name (``linucb``, ``fixed``, ``random``, ``epsilon_greedy``) with its options."""
+    """A feature-vector policy by kind name (``linucb_disjoint``, ``fixed``, ``random``, ``epsilon_greedy``)
+    with its options (the factored ``linucb`` needs the profile: :meth:`BanditPlanner.from_profile`)."""
     try:
         cls = POLICY_KINDS[kind]
     except KeyError:
@@ -314,11 +326,3 @@ def make_policy(kind: str, n_arms: int, dim: int, **options: Any) -> Policy:
         return cls(n_arms, dim, **options)
     except TypeError as exc:
         raise BanditError(f"policy {kind!r}: {exc}") from None
-
-
-def arm_index(labels: Sequence[str], label: str) -> int:
-    """Index of the arm labelled ``label`` (see :func:`shared.bandit.arms.arm_label`)."""
-    try:
-        return list(labels).index(label)
-    except ValueError:
-        raise BanditError(f"no arm {label!r}; arms: {', '.join(labels)}") from None

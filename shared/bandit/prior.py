@@ -1,15 +1,19 @@
-"""A prior for LinUCB from the measured profile: each arm's reward as the profile predicts it.
+"""Priors from the measured profile: each arm's quality (both schedulers) and reward (disjoint LinUCB).
 
-The reward ``w q + (1 - w)(1 - L / L_ref)`` is linear in the context features
+:func:`quality_prior`: ``q_a(c) ~ a0 + a1 c + a2 c^2`` per arm, least squares over the
+profile's levels (the factored scheduler's quality prior, :mod:`.factored`; its latency prior
+is the arithmetic of :mod:`.latency`).
+
+:func:`profile_prior`, for disjoint LinUCB: the reward ``w q + (1 - w)(1 - L / L_s)`` is linear in the context features
 (:mod:`.context`) with coefficients the profile already knows, for one request alone on
 the edge:
 
 - quality: ``q_a(c) ~ a0 + a1 c + a2 c^2``, least squares over the profile's levels with
   ``c = level / MAX_LEVEL`` (the complexity of a demo prompt of that many items);
-- ``1 - w``: ``1 - (text encoding + k edge steps + edge decode) / L_ref``;
+- ``1 - w``: ``1 - (text encoding + k edge steps + edge decode) / L_s``;
 - RTT: ``-1`` (one round trip); transfer: ``-payload_a / handoff_bytes`` (a PNG for
   edge-decode arms, the handoff otherwise);
-- device speed ``s``: ``-(N - k device steps + device decode) / L_ref`` on the reference device;
+- device speed ``s``: ``-(N - k device steps + device decode) / L_s`` on the reference device;
 - edge queue: a request that needs the edge waits, behind ``queue`` others, about
   ``queue / B`` times a request's edge time, ``mean k * T_B`` (``B`` = the edge's batch
   capacity ``builder.active_ref``, ``mean k`` over the arms that use the edge, ``T_B`` the
@@ -40,14 +44,26 @@ from .context import FEATURE_NAMES, ContextBuilder
 from .profile import Profile
 
 
-def profile_prior(profile: Profile, arms: Sequence[RelayPlan], builder: ContextBuilder) -> np.ndarray:
-    """``(len(arms), dim)`` prior mean of LinUCB's per-arm coefficients (see the module doc)."""
-    col = {name: i for i, name in enumerate(FEATURE_NAMES)}
-    tm = profile.timing
-    ref = builder.latency_ref_s
+def quality_prior(profile: Profile, arms: Sequence[RelayPlan]) -> np.ndarray:
+    """``(len(arms), 3)``: each arm's measured quality as ``a0 + a1 c + a2 c^2`` (fewer terms with
+    fewer levels, the rest 0), ``c = level / MAX_LEVEL``."""
     c = np.clip(np.asarray(profile.levels, dtype=np.float64) / MAX_LEVEL, 0.0, 1.0)
     degree = min(2, len(c) - 1)
     design = np.stack([c**p for p in range(degree + 1)], axis=1)
+    out = np.zeros((len(arms), 3))
+    for i, arm in enumerate(arms):
+        quality = np.asarray([profile.quality(arm, level) for level in profile.levels])
+        coef, *_ = np.linalg.lstsq(design, quality, rcond=None)
+        out[i, :len(coef)] = coef
+    return out
+
+
+def profile_prior(profile: Profile, arms: Sequence[RelayPlan], builder: ContextBuilder) -> np.ndarray:
+    """``(len(arms), dim)`` prior mean of disjoint LinUCB's per-arm coefficients (see the module doc)."""
+    col = {name: i for i, name in enumerate(FEATURE_NAMES)}
+    tm = profile.timing
+    ref = builder.latency_scale_s
+    quality = quality_prior(profile, arms)
     # device seconds per unit of the context's speed feature s = step_s / builder.device_step_ref_s
     per_s = builder.device_step_ref_s / tm.device_step_s
     batch = max(1, int(round(builder.active_ref)))
@@ -57,10 +73,8 @@ def profile_prior(profile: Profile, arms: Sequence[RelayPlan], builder: ContextB
     request_edge_s = (sum(edge_ks) / len(edge_ks)) * step_b if edge_ks else 0.0
     theta = np.zeros((len(arms), len(FEATURE_NAMES)))
     for i, arm in enumerate(arms):
-        quality = np.asarray([profile.quality(arm, level) for level in profile.levels])
-        coef, *_ = np.linalg.lstsq(design, quality, rcond=None)
-        for p, value in enumerate(coef):
-            theta[i, col[("w", "w*c", "w*c^2")[p]]] = value
+        for p, name in enumerate(("w", "w*c", "w*c^2")):
+            theta[i, col[name]] = quality[i, p]
         edge = tm.text_encode_s + arm.split * tm.edge_step_s + (tm.edge_decode_s if arm.decode_on == "edge" else 0.0)
         device = arm.device_steps * tm.device_step_s + (tm.device_decode_s if arm.decode_on == "device" else 0.0)
         payload = tm.image_bytes if arm.decode_on == "edge" else tm.handoff_bytes

@@ -228,9 +228,10 @@ class Profile:
         return edge + device + decode
 
     def latency_ref_s(self) -> float:
-        """The latency that costs a speed-only user a whole unit of reward: the compute-only
-        latency of the slowest profiled arm (on the reference device; with a slow device, device-only
-        at the largest N, with a slow edge, edge-only)."""
+        """The compute-only latency of the slowest profiled arm on the reference device (device-only at
+        the largest N with a slow device, edge-only with a slow edge): a figure of the profile. The
+        reward's latency scale no longer comes from here; it is fixed in user terms
+        (:data:`shared.bandit.reward.LATENCY_SCALE_S`)."""
         return max(self.nominal_latency_s(p) for p in self.plans(edge_decode=False))
 
     # ------------------------------------------------------------------ (de)serialization

@@ -271,6 +271,11 @@ def test_real_engine_on_the_tiny_family(tiny_family: Family) -> None:
         long = service.plan(session, Generate(request_id="r2", prompt="p", pinned=RelayPlan(200, 200, "ddim", 5.0)))
         long_future = service.submit(long)
         blocked = service.plan(session, Generate(request_id="r3", prompt="p", pinned=plan))
+        # the planner saw the long request's edge steps, waiting or running (the scheduler projects them)
+        seen = planner.contexts[-1]
+        assert seen.edge_queued is not None and seen.edge_running is not None
+        assert (seen.edge_queued, seen.edge_running) == ((200,), ()) or (
+            seen.edge_queued == () and len(seen.edge_running) == 1 and 0 < seen.edge_running[0] <= 200)
         with pytest.raises(EngineBusy) as info:
             service.submit(blocked)
         busy = service.failed(session, "r3", info.value)

@@ -19,12 +19,15 @@ import pytest
 
 from shared.bandit import (
     FEATURE_NAMES,
+    LATENCY_SCALE_S,
     BanditError,
+    Context,
     ContextBuilder,
     EpsilonGreedy,
     FixedArm,
     LinUCB,
     Observation,
+    Outcome,
     ProfileError,
     RandomPolicy,
     StateError,
@@ -37,13 +40,17 @@ from shared.bandit import (
     profile_from_eval,
     profile_prior,
     rated_quality,
+    rating_quality,
     read_state,
     reward,
+    rewards,
     save_profile,
     save_state,
 )
 from shared.bandit.persistence import STATE_VERSION, atomic_write_text
+from shared.bandit.planner import BanditPlanner
 from shared.bandit.profile import main as profile_main
+from shared.planning import PlanContext
 from shared.relay_plan import RelayPlan
 from tests.helpers import synthetic_profile
 
@@ -71,7 +78,12 @@ def test_arm_grid_and_labels():
 
 
 def builder() -> ContextBuilder:
-    return ContextBuilder(latency_ref_s=10.0, handoff_bytes=250_000, device_step_ref_s=0.5)
+    return ContextBuilder(handoff_bytes=250_000, device_step_ref_s=0.5)  # L_s: the reward's fixed 10 s
+
+
+def learn(policy, arm: int, x, r: float) -> None:
+    """Teach a feature-vector policy reward ``r`` for ``arm`` in context ``x`` (they only read the reward)."""
+    policy.update(arm, Context.of(x), Outcome(float(r), latency_s=0.0, quality=0.0))
 
 
 def test_context_vector():
@@ -92,23 +104,41 @@ def test_context_vector():
     assert b.build(Observation(0.5, 0.0, bandwidth_bps=1.0)).max() == b.clip
     with pytest.raises(BanditError):
         b.build(Observation(0.5, 1.5))
-    assert b.feature_spec()[: b.dim] == list(FEATURE_NAMES) and "L_ref=10s" in b.feature_spec()
+    assert b.latency_scale_s == LATENCY_SCALE_S == 10.0
+    assert b.feature_spec()[: b.dim] == list(FEATURE_NAMES) and "L_s=10s" in b.feature_spec()
+    # another scale is another spec (a state saved for one is not reloaded for the other)
+    other = ContextBuilder(handoff_bytes=250_000, device_step_ref_s=0.5, latency_scale_s=5.0)
+    assert "L_s=5s" in other.feature_spec() and other.feature_spec() != b.feature_spec()
+    assert dict(zip(FEATURE_NAMES, other.build(Observation(0.5, 0.8, rtt_s=0.05)), strict=False))["(1-w)*rtt"] \
+        == pytest.approx(0.2 * 0.05 / 5)
 
 
 def test_reward_and_rating():
     assert reward(1.0, 0.9, 100.0, 10.0) == pytest.approx(0.9)  # quality only
     assert reward(0.0, 0.9, 5.0, 10.0) == pytest.approx(0.5)  # speed only
     assert reward(0.5, 0.8, 2.0, 10.0) == pytest.approx(0.5 * 0.8 + 0.5 * 0.8)
+    # the default scale is the fixed L_s = 10 s, whatever the profile: w q + (1 - w)(1 - L / 10)
+    assert LATENCY_SCALE_S == 10.0
+    assert reward(0.3, 0.9, 4.0) == pytest.approx(0.3 * 0.9 + 0.7 * (1 - 4.0 / 10.0))
+    assert reward(0.0, 0.5, 15.0) == pytest.approx(1 - 15.0 / 10.0)  # slower than L_s: below 0, not clipped
+    assert reward(0.3, 0.9, 4.0, 5.0) == pytest.approx(0.3 * 0.9 + 0.7 * (1 - 4.0 / 5.0))
+    np.testing.assert_allclose(rewards(0.3, np.array([0.9, 0.7]), np.array([4.0, 2.0])),
+                               [0.3 * 0.9 + 0.7 * (1 - 0.4), 0.3 * 0.7 + 0.7 * (1 - 0.2)])
     # the shift (1 - w) does not depend on the arm: same ranking as w q - (1 - w) L / L_ref
     a, b = (0.3, 0.9, 4.0), (0.3, 0.7, 2.0)
     issue = lambda w, q, lat: w * q - (1 - w) * lat / 10.0
     assert (reward(*a, 10.0) > reward(*b, 10.0)) == (issue(*a) > issue(*b))
     assert rated_quality(0.8, None) == 0.8
     assert rated_quality(0.8, 1) == pytest.approx(0.9) and rated_quality(0.8, -1) == pytest.approx(0.4)
+    assert [rating_quality(r) for r in (-1, 0, 1)] == [0.0, 0.5, 1.0]
     with pytest.raises(BanditError):
         rated_quality(0.8, 2)
     with pytest.raises(BanditError):
+        rating_quality(2)
+    with pytest.raises(BanditError):
         reward(0.5, 0.5, -1.0, 10.0)
+    with pytest.raises(BanditError):
+        reward(0.5, 0.5, 1.0, 0.0)
 
 
 # ---------------------------------------------------------------------- LinUCB
@@ -119,7 +149,7 @@ def test_sherman_morrison_inverse_matches_numpy():
     policy = LinUCB(5, 7, alpha=1.0, ridge=0.5, refresh_every=10_000)
     for _ in range(600):
         arm = int(rng.integers(5))
-        policy.update(arm, rng.normal(size=7), float(rng.normal()))
+        learn(policy, arm, rng.normal(size=7), float(rng.normal()))
     for arm in range(5):
         np.testing.assert_allclose(policy.A_inv[arm], np.linalg.inv(policy.A[arm]), rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(policy.theta[arm], np.linalg.solve(policy.A[arm], policy.b[arm]), rtol=1e-8,
@@ -127,7 +157,7 @@ def test_sherman_morrison_inverse_matches_numpy():
     # the periodic refresh recomputes it exactly
     refreshed = LinUCB(1, 3, refresh_every=4)
     for _ in range(8):
-        refreshed.update(0, rng.normal(size=3), 1.0)
+        learn(refreshed, 0, rng.normal(size=3), 1.0)
     np.testing.assert_array_equal(refreshed.A_inv[0], np.linalg.inv(refreshed.A[0]))
 
 
@@ -139,8 +169,8 @@ def test_linucb_learns_the_best_arm_of_a_linear_problem():
     hits = 0
     for t in range(3000):
         x = rng.normal(size=d)
-        arm = policy.select(x)
-        policy.update(arm, x, float(theta[arm] @ x + rng.normal(0, 0.1)))
+        arm = policy.select(Context.of(x))
+        learn(policy, arm, x, float(theta[arm] @ x + rng.normal(0, 0.1)))
         if t >= 2500:
             hits += arm == int(np.argmax(theta @ x))
     assert hits / 500 > 0.9
@@ -151,21 +181,27 @@ def test_linucb_prior_and_mask():
     prior = np.zeros((3, 2))
     prior[1] = [1.0, 0.0]
     policy = LinUCB(3, 2, alpha=0.0, prior_mean=prior)
-    assert policy.select(np.array([1.0, 0.0])) == 1  # untrained: follows the prior
-    assert policy.select(np.array([1.0, 0.0]), allowed=np.array([True, False, True])) in (0, 2)
+    assert policy.kind == "linucb_disjoint"
+    x = Context.of([1.0, 0.0])
+    assert policy.select(x) == 1  # untrained: follows the prior
+    assert policy.select(x, allowed=np.array([True, False, True])) in (0, 2)
+    # the congestion price each arm pays is subtracted from its score
+    priced = Context(np.array([1.0, 0.0]), penalty=np.array([0.0, 1.5, -0.1]))
+    assert policy.select(priced) == 2  # scores 0, 1 - 1.5, 0 + 0.1
+    assert policy.select(Context(np.array([1.0, 0.0]), penalty=np.array([0.0, 0.5, 0.0]))) == 1  # 1 - 0.5 still best
     with pytest.raises(BanditError):
-        policy.select(np.array([1.0, 0.0]), allowed=np.zeros(3, dtype=bool))
+        policy.select(x, allowed=np.zeros(3, dtype=bool))
     with pytest.raises(BanditError):
-        policy.select(np.array([1.0, 0.0, 0.0]))
+        policy.select(Context.of([1.0, 0.0, 0.0]))
     with pytest.raises(BanditError):
-        policy.update(3, np.zeros(2), 0.0)
+        learn(policy, 3, np.zeros(2), 0.0)
     with pytest.raises(BanditError):
-        policy.update(0, np.zeros(2), float("nan"))
+        learn(policy, 0, np.zeros(2), float("nan"))
 
 
 def test_untrained_linucb_breaks_ties_at_random():
     policy = LinUCB(30, 4, seed=3)
-    picks = {policy.select(np.ones(4)) for _ in range(200)}
+    picks = {policy.select(Context.of(np.ones(4))) for _ in range(200)}
     assert len(picks) > 20
 
 
@@ -181,12 +217,24 @@ def test_decision_time_p99_with_36_arms():
         x = b.build(Observation(rng.random(), rng.random(), rtt_s=rng.random() * 0.2, bandwidth_bps=1e6 + rng.random() * 1e8,
                                 device_load=rng.random(), queue_depth=int(rng.integers(10)), active=int(rng.integers(8))))
         started = time.perf_counter()
-        arm = policy.select(x)
+        arm = policy.select(Context.of(x))
         times.append(time.perf_counter() - started)
-        policy.update(arm, x, float(rng.random()))
+        learn(policy, arm, x, float(rng.random()))
     ms = np.asarray(times[100:]) * 1e3
     p50, p99 = np.percentile(ms, 50), np.percentile(ms, 99)
-    print(f"\nLinUCB select, {len(arms)} arms x {b.dim} features: p50 {p50:.3f} ms, p99 {p99:.3f} ms")
+    print(f"\nLinUCB (disjoint) select, {len(arms)} arms x {b.dim} features: p50 {p50:.3f} ms, p99 {p99:.3f} ms")
+    assert p99 < 5.0
+    # the served scheduler (factored LinUCB) over the same arms, timed by the planner around its select
+    planner = BanditPlanner.from_profile(synthetic_profile(), "linucb", arms=arms)
+    for _i in range(3000):
+        seen = PlanContext(queue_depth=int(rng.integers(10)), active=int(rng.integers(8)), device_load=rng.random(),
+                           rtt_s=rng.random() * 0.2, bandwidth_bps=1e6 + rng.random() * 1e8)
+        _, ctx = planner.context(rng.random(), rng.random(), seen, level=int(rng.integers(1, 10)))
+        arm = planner.select(ctx)
+        planner.learn(arm, ctx, 3, 0.5, float(1 + 5 * rng.random()), int(rng.integers(-1, 2)))
+    ms = np.asarray(planner.decision_s)[100:] * 1e3
+    p50, p99 = np.percentile(ms, 50), np.percentile(ms, 99)
+    print(f"LinUCB (factored, served) select, {len(arms)} arms: p50 {p50:.3f} ms, p99 {p99:.3f} ms")
     assert p99 < 5.0
 
 
@@ -194,7 +242,7 @@ def test_decision_time_p99_with_36_arms():
 
 
 def test_baselines():
-    x = np.zeros(3)
+    x = Context.of(np.zeros(3))
     fixed = FixedArm(5, 3, 2)
     assert fixed.select(x) == 2
     assert fixed.select(x, allowed=np.array([True, False, False, True, True])) == 3  # nearest allowed
@@ -207,10 +255,11 @@ def test_baselines():
     picks = []
     for _ in range(2000):
         arm = greedy.select(x)
-        greedy.update(arm, x, float(means[arm] + rng.normal(0, 0.1)))
+        learn(greedy, arm, x.x, float(means[arm] + rng.normal(0, 0.1)))
         picks.append(arm)
     assert np.mean(np.asarray(picks[-500:]) == 2) > 0.85
     assert make_policy("random", 3, 2).kind == "random"
+    assert isinstance(make_policy("linucb_disjoint", 3, 2), LinUCB)
     with pytest.raises(BanditError, match="unknown policy"):
         make_policy("thompson", 3, 2)
 
@@ -223,7 +272,7 @@ def trained_linucb(updates: int = 50, seed: int = 0) -> LinUCB:
     policy = LinUCB(6, 4, alpha=0.3, seed=seed)
     for _ in range(updates):
         x = rng.normal(size=4)
-        policy.update(policy.select(x), x, float(rng.normal()))
+        learn(policy, policy.select(Context.of(x)), x, float(rng.normal()))
     return policy
 
 
@@ -232,13 +281,13 @@ def test_state_round_trip(tmp_path):
     labels, features = [f"arm{i}" for i in range(6)], ["f0", "f1", "f2", "f3"]
     for policy in (trained_linucb(), EpsilonGreedy(6, 4, seed=1), FixedArm(6, 4, 3), RandomPolicy(6, 4, seed=2)):
         if isinstance(policy, EpsilonGreedy):
-            policy.update(2, np.zeros(4), 0.7)
+            learn(policy, 2, np.zeros(4), 0.7)
         save_state(path, policy, labels, features, meta={"learned": 7})
         fresh = make_policy(policy.kind, 6, 4, **({"arm": 3} if policy.kind == "fixed" else {}))
         meta = load_state(path, fresh, labels, features)
         assert meta["learned"] == 7 and fresh.updates == policy.updates
         assert fresh.state_dict() == policy.state_dict()
-        x = np.ones(4)
+        x = Context.of(np.ones(4))
         assert [fresh.select(x) for _ in range(20)] == [policy.select(x) for _ in range(20)]  # rng restored too
     assert sorted(p.name for p in path.parent.iterdir()) == ["bandit.json"]  # no temporaries left
 
@@ -252,7 +301,7 @@ def test_state_mismatches_raise_state_error(tmp_path):
         load_state(path, LinUCB(6, 4), [f"x{i}" for i in range(6)], features)
     with pytest.raises(StateError, match="other context features"):
         load_state(path, LinUCB(6, 4), labels, ["g0", "f1", "f2", "f3"])
-    with pytest.raises(StateError, match="is for 'linucb'"):
+    with pytest.raises(StateError, match="is for 'linucb_disjoint'"):
         load_state(path, EpsilonGreedy(6, 4), labels, features)
     doc = json.loads(path.read_text())
     doc["version"] = STATE_VERSION + 1
@@ -276,7 +325,7 @@ SAVER = textwrap.dedent(
     """
     import sys
     import numpy as np
-    from shared.bandit import LinUCB, save_state
+    from shared.bandit import Context, LinUCB, Outcome, save_state
 
     path = sys.argv[1]
     rng = np.random.default_rng(0)
@@ -287,7 +336,7 @@ SAVER = textwrap.dedent(
     while True:
         counter += 1
         x = rng.normal(size=11)
-        policy.update(counter % 40, x, float(counter))
+        policy.update(counter % 40, Context.of(x), Outcome(float(counter), 0.0, 0.0))
         save_state(path, policy, labels, features, meta={"counter": counter, "updates": policy.updates})
         print(counter, flush=True)
     """
@@ -416,7 +465,8 @@ def test_prior_predicts_the_profiles_nominal_reward():
                           device_step_s=t.device_step_s, queue_depth=0, active=0)
         payload = t.image_bytes if arm.decode_on == "edge" else t.handoff_bytes
         latency = rtt + 8 * payload / bw + profile.nominal_latency_s(arm)
-        expected = reward(w, profile.quality(arm, level), latency, profile.latency_ref_s())
+        # the documented reward, on the fixed scale L_s = 10 s (not the profile's slowest arm)
+        expected = w * profile.quality(arm, level) + (1 - w) * (1 - latency / LATENCY_SCALE_S)
         assert float(theta[i] @ b.build(obs)) == pytest.approx(expected, abs=0.01)  # quality is a quadratic fit
 
 
