@@ -3,7 +3,7 @@ VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
 
-.PHONY: setup data demo test test-all lint chaos bench profile sim clean
+.PHONY: setup data demo test test-all lint chaos bench profile sim sim-suite clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -75,6 +75,11 @@ sim: setup
 	for s in mixed network-drop load-spike; do \
 		$(BIN)/rise-sim --profile $(SIM_PROFILE) --requests 20000 --devices 500 --scenario $$s \
 			--json $(PROFILE)/sim_$$s.json --plots $(PROFILE)/plots || exit 1; done
+
+# The scheduler's standard scenarios over 5 seeds (about 10 minutes on 2 cores): bench/results/sim_suite.{json,md}
+# and the plots in docs/sim/.
+sim-suite: setup
+	$(PY) bench/sim_suite.py
 
 clean:
 	rm -rf $(VENV) demo_out bench_out
