@@ -162,6 +162,7 @@ class BatchingEngine:
         self._unet_calls = self._rows_total = self._completed = 0  # guarded by _lock, copied by stats()
         self._batch_sizes: deque[int] = deque(maxlen=256)
         self._edge_s_ewma = 0.5  # seconds per request, for retry-after estimates
+        self._call_s_ewma = 0.05  # seconds per UNet call, for retry-after estimates
         ready: Future[Family] = Future()
         loader = None if isinstance(family, Family) else family
         if isinstance(family, Family):
@@ -197,9 +198,7 @@ class BatchingEngine:
                 raise EngineClosed("the edge is shutting down")
             waiting = len(self._queued) + len(self._active)
             if waiting >= self.max_queue:
-                per_round = max(1, self.max_batch_rows // 2) if self.batching else 1
-                retry = max(0.1, self._edge_s_ewma * (waiting - self.max_queue + 1) / per_round)
-                raise EngineBusy(f"edge queue is full ({waiting} requests)", round(retry, 2))
+                raise EngineBusy(f"edge queue is full ({waiting} requests)", round(self._retry_after_s(waiting), 2))
             entry = _Entry(request, Future[EdgeOutcome](), time.perf_counter())
             self._queued.append(entry)
             self._lock.notify()
@@ -302,7 +301,9 @@ class BatchingEngine:
         if batch:
             try:
                 self._efficiency.before()
+                call_started = time.perf_counter()
                 batched_step(self.family.large_unet, batch)
+                call_s = time.perf_counter() - call_started
                 self._efficiency.after()
             except Exception as exc:
                 log.exception("UNet step failed")
@@ -314,6 +315,7 @@ class BatchingEngine:
             with self._lock:
                 self._unet_calls += 1
                 self._rows_total += rows
+                self._call_s_ewma = 0.8 * self._call_s_ewma + 0.2 * call_s
                 self._batch_sizes.append(len(batch))
             if self._on_batch is not None:
                 self._on_batch(len(batch), rows)
@@ -323,6 +325,23 @@ class BatchingEngine:
         for entry in ready:
             if entry.job is not None and entry.job.done and not entry.future.done():
                 self._finish(entry)
+
+    def _retry_after_s(self, waiting: int) -> float:
+        """When a queue slot should free (under the lock): the requests running finish in order of their
+        remaining steps, each step a round of UNet calls over the running rows; the ``need``-th to
+        finish frees the slot this request needs. Long requests in the batch make it long."""
+        need = waiting - self.max_queue + 1
+        remaining = sorted(max(e.job.stop_at - e.job.next_step, 1) if e.job is not None
+                           else max(e.request.plan.split, 1) for e in self._active)
+        rows = sum(e.job.unet_rows if e.job is not None else 2 for e in self._active)
+        calls_per_round = max(1, -(-rows // self.max_batch_rows)) if self.batching else max(1, len(self._active))
+        if not remaining:  # nothing running yet (all queued): one request's edge time per batch of them
+            per_round = max(1, self.max_batch_rows // 2) if self.batching else 1
+            return max(0.1, self._edge_s_ewma * need / per_round)
+        steps = remaining[min(need, len(remaining)) - 1]
+        if need > len(remaining):  # more than one batch must go: the later ones take a request's time each
+            steps += (need - len(remaining)) * max(remaining)
+        return max(0.1, steps * calls_per_round * self._call_s_ewma)
 
     def _finish(self, entry: _Entry) -> None:
         r, job = entry.request, entry.job

@@ -12,6 +12,7 @@ tests drive it with a fake engine and no sockets, sleeps or event loop.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import time
@@ -38,13 +39,24 @@ from edge_server.family import Family
 from edge_server.metrics import EdgeMetrics
 from shared.errors import ConfigError, RiseError
 from shared.planning import FixedPlanner, PlanContext, Planner
-from shared.protocol import Generate, ProtocolLimits, Report
+from shared.protocol import Generate, ProtocolLimits, Rating, Report
 from shared.relay_plan import RelayPlan
 
 log = logging.getLogger("rise.edge")
 
 #: Delivered requests remembered per connection for their report; devices that never report are forgotten.
 MAX_AWAITING_REPORT = 256
+#: What a report may claim is bounded by what the edge saw itself (see :meth:`RequestService.report`):
+#: a total latency between the edge's own time for the request and the time from planning to the
+#: report's arrival, plus this slack and two round trips (the request's way in, the report's way back).
+REPORT_SLACK_S = 1.0
+MAX_SLACK_RTT_S = 2.0
+#: Each connection may teach the scheduler this many reports in a burst, refilled at LEARN_PER_S;
+#: a report of a pinned plan (the client chose the arm) costs PINNED_LEARN_COST of them.
+LEARN_BURST = 20.0
+LEARN_PER_S = 0.5
+PINNED_LEARN_COST = 4.0
+MAX_RATED = 1024  # request ids per connection whose rating was counted (repeats count once)
 
 
 #: The measured profile a family folder may ship (``python -m shared.bandit.profile`` builds one).
@@ -123,7 +135,11 @@ class Session:
 
     id: int
     in_flight: dict[str, Ticket] = field(default_factory=dict)  # planned, not yet ended
-    awaiting_report: OrderedDict[str, Ticket] = field(default_factory=OrderedDict)  # oldest first
+    # delivered, with when the outcome went out (perf_counter), oldest first
+    awaiting_report: OrderedDict[str, tuple[Ticket, float]] = field(default_factory=OrderedDict)
+    learn_tokens: float = LEARN_BURST  # what this connection may still teach the scheduler (token bucket)
+    learn_refilled: float | None = None  # when the bucket was last refilled (None: never used)
+    rated: OrderedDict[str, None] = field(default_factory=OrderedDict)  # requests whose rating was counted
 
     def key(self, request_id: str) -> str:
         return f"{self.id}:{request_id}"
@@ -137,8 +153,9 @@ class RequestService:
     """
 
     def __init__(self, engine: Engine, config: EdgeConfig, *, planner: Planner | None = None,
-                 metrics: EdgeMetrics | None = None) -> None:
+                 metrics: EdgeMetrics | None = None, clock: Callable[[], float] = time.perf_counter) -> None:
         self.engine = engine
+        self._clock = clock  # perf_counter-like: the report bounds and learning budgets use it
         self.config = config
         self.metrics = metrics or EdgeMetrics()
         self.planner: Planner = planner or make_planner(config)
@@ -190,7 +207,7 @@ class RequestService:
         ``device_step_s`` is the device's small-model step time from its hello. A request the
         planner cannot serve as asked raises (see :meth:`failed` for the error it becomes).
         """
-        started = time.perf_counter()
+        started = self._clock()
         stats = self.engine.stats()
         context = PlanContext(stats.queued, stats.active, request.device_load, request.rtt_s, request.bandwidth_bps,
                               device_step_s, stats.running_steps, stats.queued_steps)
@@ -214,7 +231,7 @@ class RequestService:
     def delivered(self, session: Session, ticket: Ticket, outcome: EdgeOutcome) -> None:
         """The outcome went out: the request now awaits its report; its stages go to the metrics."""
         session.in_flight.pop(ticket.request_id, None)
-        session.awaiting_report[ticket.request_id] = ticket
+        session.awaiting_report[ticket.request_id] = (ticket, self._clock())
         while len(session.awaiting_report) > MAX_AWAITING_REPORT:
             session.awaiting_report.popitem(last=False)
         plan = ticket.plan
@@ -254,23 +271,67 @@ class RequestService:
     # ------------------------------------------------------------------ what the device tells us
 
     def report(self, session: Session, report: Report) -> bool:
-        """Count a device's report; if its request awaits one, the planner learns from it. True if it did."""
+        """Count a device's report; if its request awaits one, the planner learns from it. True if it did.
+
+        A report cannot steer the scheduler (SECURITY.md): its ``total_latency_s`` is clipped to what
+        the edge observed, at least the edge's own time for the request (planning to the outcome
+        going out) and at most planning to this report's arrival plus ``REPORT_SLACK_S`` and two
+        round trips; each connection teaches at most ``LEARN_BURST`` reports at once, refilled at
+        ``LEARN_PER_S`` (a pinned plan's report costs ``PINNED_LEARN_COST``); beyond, reports are
+        counted and not learned from. A rating counts once per request.
+        """
         self.metrics.reports.inc()
-        if report.rating is not None:
-            self.metrics.ratings.labels(str(report.rating)).inc()
+        self._count_rating(session, report.request_id, report.rating)
         for stage, value in (("device", report.device_compute_s), ("transfer", report.transfer_s),
                              ("total", report.total_latency_s)):
             self.metrics.stage_seconds.labels(stage).observe(value)
-        ticket = session.awaiting_report.pop(report.request_id, None)
-        if ticket is None:
+        entry = session.awaiting_report.pop(report.request_id, None)
+        if entry is None:
+            return False
+        ticket, delivered_at = entry
+        now = self._clock()
+        rtt = min(max(report.rtt_s or 0.0, 0.0), MAX_SLACK_RTT_S)
+        lowest, highest = delivered_at - ticket.started, now - ticket.started + REPORT_SLACK_S + 2 * rtt
+        bounded = min(max(report.total_latency_s, lowest), highest)
+        if bounded != report.total_latency_s:
+            self.metrics.errors.labels("report_clipped").inc()
+            log.info("report %s claimed %.3f s; the edge saw %.3f to %.3f s: learned as %.3f s", report.request_id,
+                     report.total_latency_s, lowest, highest, bounded)
+            report = dataclasses.replace(report, total_latency_s=bounded)
+        cost = PINNED_LEARN_COST if ticket.request.pinned is not None else 1.0
+        if not self._spend_learning(session, cost, now):
+            self.metrics.errors.labels("report_not_learned").inc()
             return False
         self.planner.feedback(ticket.plan, ticket.request, report)
         return True
 
-    def rating(self, rating: int) -> None:
-        # A rating after the report is counted, not learned from: the scheduler's update for that
-        # request already happened with the report (ratings inside a report do feed it).
+    def rating(self, rating: int | Rating, session: Session | None = None) -> None:
+        """A rating after the report: counted once per request (with its session), not learned from: the
+        scheduler's update for that request already happened with the report (ratings inside a report
+        do feed it)."""
+        if isinstance(rating, Rating):
+            if session is not None:
+                self._count_rating(session, rating.request_id, rating.rating)
+                return
+            rating = rating.rating
         self.metrics.ratings.labels(str(rating)).inc()
+
+    def _count_rating(self, session: Session, request_id: str, rating: int | None) -> None:
+        if rating is None or request_id in session.rated:
+            return
+        session.rated[request_id] = None
+        while len(session.rated) > MAX_RATED:
+            session.rated.popitem(last=False)
+        self.metrics.ratings.labels(str(rating)).inc()
+
+    def _spend_learning(self, session: Session, cost: float, now: float) -> bool:
+        if session.learn_refilled is not None:
+            session.learn_tokens = min(LEARN_BURST, session.learn_tokens + (now - session.learn_refilled) * LEARN_PER_S)
+        session.learn_refilled = now
+        if session.learn_tokens < cost:
+            return False
+        session.learn_tokens -= cost
+        return True
 
     def rejected(self, code: str) -> None:
         """The protocol refused a frame and queued an error with ``code``: count it."""

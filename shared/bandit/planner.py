@@ -95,6 +95,10 @@ DEFAULT_ALPHA = 0.1
 #: The policies that pay the congestion price when they choose (the baselines do not learn or adapt).
 PRICED_KINDS = ("linucb", "linucb_disjoint")
 _MAX_PENDING = 4096  # requests planned and not yet reported; the oldest are forgotten
+#: Latencies are learned up to 6 x the reward's 10 s scale: by then an image has long lost all its speed
+#: value, and one report's reward stays within [-5, 1] whatever it claims (the edge also clips what a
+#: report may claim to what it observed: edge_server.service.RequestService.report, SECURITY.md).
+MAX_LEARNED_LATENCY_S = 6 * LATENCY_SCALE_S
 
 FloatArray = NDArray[np.float64]
 BoolArray = NDArray[np.bool_]
@@ -339,14 +343,16 @@ class BanditPlanner:
               rating: int | None = None) -> float:
         """Learn one outcome of ``arm`` chosen in ``context``: the reward of the profile's quality at
         the prompt's complexity ``level`` (moved towards ``rating``, if any) and the measured
-        end-to-end ``latency_s``; returns that reward. Saves every :attr:`save_every` updates."""
+        end-to-end ``latency_s`` (at most :data:`MAX_LEARNED_LATENCY_S`); returns that reward. Saves every
+        :attr:`save_every` updates."""
         profiled = self._quality.get((arm, level))
         if profiled is None:
             profiled = self._quality[arm, level] = self.quality(self.arms[arm], level)
         quality = rated_quality(profiled, rating, self.rating_weight)
+        latency_s = min(float(latency_s), MAX_LEARNED_LATENCY_S)
         r = reward(preference, quality, latency_s, self.latency_scale_s)
         rated = None if rating is None else rating_quality(rating)
-        self.policy.update(arm, context, Outcome(r, float(latency_s), quality, rated))
+        self.policy.update(arm, context, Outcome(r, latency_s, quality, rated))
         self.learned += 1
         self._unsaved += 1
         if self.state_path is not None and self._unsaved >= self.save_every:

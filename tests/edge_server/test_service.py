@@ -292,3 +292,37 @@ def test_real_engine_on_the_tiny_family(tiny_family: Family) -> None:
         assert metrics.registry.get_sample_value("rise_edge_batch_requests_count") == service.stats().unet_calls
     finally:
         service.close(drain=False, timeout=10.0)
+
+
+def test_retry_after_follows_the_steps_the_batch_has_left(tiny_family: Family) -> None:
+    """A full queue tells the client when a slot should free: after the running requests' remaining
+    steps, so a long request in the batch gives a long retry-after (it was 0.1 s before, whatever
+    ran). The running request is paused inside its first progress callback, so nothing moves."""
+    import threading
+
+    from edge_server.engine import BatchingEngine
+
+    def retry_with(steps: int) -> tuple[float, float]:
+        engine = BatchingEngine(tiny_family, max_batch_rows=2, max_queue=1)
+        pause, paused = threading.Event(), threading.Event()
+
+        def hold(step: int, total: int) -> None:
+            paused.set()
+            pause.wait(timeout=120)
+
+        try:
+            running = engine.submit(EdgeRequest("a", "a", "p", RelayPlan(steps, steps, "ddim", 5.0), 1,
+                                                on_progress=hold))
+            assert paused.wait(timeout=120)
+            with pytest.raises(EngineBusy) as info:
+                engine.submit(EdgeRequest("b", "b", "p", RelayPlan(4, 4, "ddim", 5.0), 2))
+            return info.value.retry_after_s, engine._call_s_ewma  # frozen while the batch is paused
+        finally:
+            pause.set()
+            running.result(timeout=120)
+            engine.close(drain=False, timeout=30)
+
+    for steps in (200, 4):
+        retry, call_s = retry_with(steps)
+        # steps - 1 left (one ran), one UNet call each (2 rows: the batch holds one guided request)
+        assert retry == pytest.approx(max(0.1, (steps - 1) * call_s), abs=0.006)
