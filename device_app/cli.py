@@ -7,8 +7,10 @@ the handoff's size. ``rise-device bench`` runs many simulated devices from one p
 and throughput, optionally as JSON.
 
 Exit status: 0 on success; 2 on an error that stops the command (connection refused,
-unauthorized, a bad bundle or argument), printed as one ``rise-device: error: ...``
-line; ``bench`` exits 1 when it ran but some requests failed.
+unauthorized, a bad bundle or argument, an edge that sent what was not asked for:
+``plan_conflict`` / ``plan_refused`` / ``payload_mismatch``, a missed ``--deadline``),
+printed as one ``rise-device: error: ...`` line; ``bench`` exits 1 when it ran but some
+requests failed.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--token-file", default=None, help="file holding the server's access token")
         p.add_argument("--timeout", type=float, default=120.0,
                        help="seconds to wait for the server's next message about a request (default 120)")
+        p.add_argument("--deadline", type=float, default=600.0,
+                       help="seconds one request may wait for the edge in all, progress or not (default 600)")
         p.add_argument("--open-timeout", type=float, default=10.0, help="seconds to connect and get the welcome")
         p.add_argument("--threads", type=int, default=threads_default, help=threads_help)
         p.add_argument("--preference", type=float, default=0.5,
@@ -144,7 +148,7 @@ def request_options(args: argparse.Namespace) -> RequestOptions:
         raise ConfigError(f"--preference must be in [0, 1], got {args.preference}")
     if args.seed is not None and not 0 <= args.seed < 2**63:
         raise ConfigError(f"--seed must be in [0, 2**63), got {args.seed}")
-    for name in ("timeout", "open_timeout"):
+    for name in ("timeout", "open_timeout", "deadline"):
         value = getattr(args, name)
         if not (math.isfinite(value) and value > 0):
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
@@ -221,6 +225,7 @@ async def _generate(args: argparse.Namespace, options: RequestOptions, token: st
 
     async with EdgeClient.connect(
         args.server, bundle, token=token, open_timeout=args.open_timeout, timeout=args.timeout,
+        deadline=args.deadline,
     ) as client:
         welcome = client.welcome
         print(f"connected to {args.server}: server {welcome.server}, protocol v{welcome.version}, "
@@ -301,7 +306,8 @@ async def _bench_run(
     run = BenchRun()
     opened = await asyncio.gather(
         *(EdgeClient.open(args.server, bundles[i % len(bundles)], token=token, client_name=f"rise-bench-{i}",
-                          open_timeout=args.open_timeout, timeout=args.timeout) for i in range(args.clients)),
+                          open_timeout=args.open_timeout, timeout=args.timeout, deadline=args.deadline)
+          for i in range(args.clients)),
         return_exceptions=True,
     )
     clients = [c for c in opened if isinstance(c, EdgeClient)]

@@ -21,7 +21,13 @@ more wait locally for a slot). Inside a client:
 
 Errors live in :mod:`device_app.errors`, results in :mod:`device_app.results`.
 
-Every wait has a timeout; a lost connection fails every request in flight with
+What the edge sends is checked against what was asked before any work on it
+(:mod:`device_app.expected`): the plan against the request and this device's
+:class:`~device_app.expected.DeviceLimits`, the handoff's latent and the PNG's declared size
+against the plan; a mismatch raises :class:`EdgeMismatch` and the edge is told.
+
+Every wait has a timeout, and every request an overall deadline that progress frames do not
+extend; a lost connection fails every request in flight with
 :class:`EdgeConnectionError`; a server :class:`~shared.protocol.Error` raises
 :class:`EdgeError` carrying its ``code`` (and ``retry_after_s`` for ``busy`` /
 ``rate_limited``, which :meth:`EdgeClient.generate_with_retry` honours).
@@ -33,8 +39,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Callable
@@ -50,13 +56,15 @@ from websockets.exceptions import ConnectionClosed, InvalidURI, WebSocketExcepti
 from device_app.errors import (
     CONNECT_FAILED,
     CONNECTION_LOST,
-    PLAN_CONFLICT,
+    DEADLINE,
     TIMEOUT,
     DeviceRunError,
     EdgeConnectionError,
     EdgeError,
+    EdgeMismatch,
     EdgeTimeout,
 )
+from device_app.expected import DeviceLimits, check_handoff, check_plan, check_png, decode_png
 from device_app.finish import finish_handoff
 from device_app.results import Finished, GenerationResult, Timings
 from device_app.runtime import DeviceBundle
@@ -76,7 +84,6 @@ from shared.protocol import (
     Report,
     ResultReceived,
     Welcome,
-    plan_conflict,
 )
 from shared.relay_plan import RelayPlan
 
@@ -115,13 +122,21 @@ def _now() -> float:
     return time.perf_counter()
 
 
+#: A monotonic clock in seconds (the request deadlines' clock; tests pass a fake one).
+Clock = Callable[[], float]
+
+
 class EdgeClient:
     """One websocket connection to an edge daemon, carrying any number of generations.
 
     Build it with :meth:`connect` (an async context manager) or :meth:`open` /
     :meth:`close`. ``timeout`` bounds every wait for the server (the welcome, and the
     silence between a request's events: plan, progress, payload); on expiry the request
-    is cancelled on the server and :class:`EdgeTimeout` raised.
+    is cancelled on the server and :class:`EdgeTimeout` (code ``timeout``) raised.
+    ``deadline`` bounds a request's whole wait for the edge (generate sent -> payload
+    received), however many progress frames arrive (:class:`EdgeTimeout`, code
+    ``deadline``; ``None``: no deadline), measured on ``clock``. ``device_limits`` are
+    what this device runs, whatever the edge's welcome allows.
     """
 
     def __init__(
@@ -136,12 +151,18 @@ class EdgeClient:
         link: LinkEstimator,
         device_workers: int = 1,
         rtt_interval_s: float | None = 5.0,
+        deadline: float | None = 600.0,
+        clock: Clock = time.monotonic,
+        device_limits: DeviceLimits | None = None,
     ) -> None:
         if conn.welcome is None:
             raise ValueError("EdgeClient needs an open connection: use EdgeClient.open() or EdgeClient.connect()")
         self.url = url
         self.bundle = bundle
         self.timeout = timeout
+        self.deadline = _checked_deadline(deadline)
+        self.device_limits = device_limits or DeviceLimits()
+        self._clock = clock
         self.device_load = device_load
         self.link = link
         #: Connection-level errors the server sent that did not end the connection (for logs and tests).
@@ -189,6 +210,9 @@ class EdgeClient:
         device_load: DeviceLoad | None = None,
         link: LinkEstimator | None = None,
         warm_up: bool = True,
+        deadline: float | None = 600.0,
+        clock: Clock = time.monotonic,
+        device_limits: DeviceLimits | None = None,
     ) -> EdgeClient:
         """Connect, say hello with ``bundle``'s family, and wait for the welcome.
 
@@ -199,8 +223,10 @@ class EdgeClient:
         ``connection_lost`` after about ``ping_interval + ping_timeout + close_timeout``
         (the last bounds the wait for the closing handshake the dead link never completes).
         ``limits`` are this side's receive limits (frame sizes); ``warm_up`` creates the ORT
-        sessions before returning.
+        sessions before returning. ``deadline`` (seconds, None: none), ``clock`` and
+        ``device_limits`` are the requests' (see :class:`EdgeClient`).
         """
+        deadline = _checked_deadline(deadline)
         limits = limits or ProtocolLimits()
         load = device_load or DeviceLoad()
         link = link or LinkEstimator()
@@ -241,7 +267,8 @@ class EdgeClient:
             raise
         client = cls(
             ws, conn, bundle, url=url, timeout=timeout, device_load=load, link=link,
-            device_workers=device_workers, rtt_interval_s=rtt_interval_s,
+            device_workers=device_workers, rtt_interval_s=rtt_interval_s, deadline=deadline, clock=clock,
+            device_limits=device_limits,
         )
         with contextlib.suppress(EdgeError):
             await client.measure_rtt(timeout=open_timeout)  # the first request then carries an RTT
@@ -335,6 +362,7 @@ class EdgeClient:
         on_progress: ProgressCallback | None = None,
         on_plan: PlanCallback | None = None,
         timeout: float | None = None,
+        deadline: float | None = None,
     ) -> GenerationResult:
         """Generate one image: the edge's steps, the handoff, this device's steps and decode.
 
@@ -344,13 +372,17 @@ class EdgeClient:
         choice and ``on_progress(stage, step, total)`` for every edge step (from the
         server) and device step (``step`` counts from ``split + 1`` to ``N``), both on
         the event loop. After the image is ready the :class:`Report` (with ``rating``
-        if given) is sent. ``timeout`` overrides the client's for this request.
+        if given) is sent. ``timeout`` and ``deadline`` override the client's for this request
+        (``deadline=math.inf``: none). The plan, the handoff and the PNG are checked before any
+        work on them (:mod:`device_app.expected`).
 
         Raises :class:`EdgeError` (server refusal or failure, code attached),
-        :class:`EdgeTimeout`, :class:`EdgeConnectionError`, :class:`DeviceRunError`.
+        :class:`EdgeTimeout`, :class:`EdgeConnectionError`, :class:`EdgeMismatch` (the edge sent
+        what was not asked for), :class:`DeviceRunError`.
         """
         self._check_open()
         timeout = self.timeout if timeout is None else timeout
+        limit = self.deadline if deadline is None else _checked_deadline(deadline)
         async with self._slots:
             self._check_open()
             rid = self._conn.new_request_id()
@@ -367,9 +399,12 @@ class EdgeClient:
             pending = _Pending(request)
             self._pending[rid] = pending
             sent_at = _now()
+            deadline_at = None if limit is None else self._clock() + limit
             try:
                 await self._flush()
-                plan, plan_at, delivery = await self._await_delivery(pending, timeout, on_plan, on_progress)
+                plan, plan_at, delivery = await self._await_delivery(
+                    pending, timeout, (limit, deadline_at), on_plan, on_progress
+                )
             except BaseException:
                 self._pending.pop(rid, None)
                 self._abandon(rid)
@@ -388,6 +423,14 @@ class EdgeClient:
             self.link.add_transfer(len(event.payload), event.transfer_s)
         else:
             self.link.add_transfer(len(event.png), event.transfer_s)
+        try:  # before any ORT or Pillow work: nothing the plan did not announce is run or decoded
+            if isinstance(event, HandoffReceived):
+                check_handoff(self.bundle, event.handoff, plan)
+            else:
+                check_png(event.png, plan, self.device_limits)
+        except EdgeMismatch as exc:
+            await self._refuse_payload(rid, exc)
+            raise
         waited = _now()
         async with self._device:
             timings["device_wait_s"] = _now() - waited
@@ -401,8 +444,11 @@ class EdgeClient:
                     compute_s, decode_s = finished.steps_s, finished.decode_s
                 else:
                     latents, png = None, event.png
-                    image, decode_s = await asyncio.to_thread(_decode_png, event.png)
+                    image, decode_s = await asyncio.to_thread(_decode_png, event.png, plan, self.device_limits)
                     compute_s = 0.0
+            except EdgeMismatch as exc:  # what Pillow read disagreed with the header checked above
+                await self._refuse_payload(rid, exc)
+                raise
             except Exception as exc:
                 await self._device_failed(rid, exc)
                 raise DeviceRunError(f"request {rid}: the device half failed: {exc}", request_id=rid) from exc
@@ -477,18 +523,31 @@ class EdgeClient:
         self,
         pending: _Pending,
         timeout: float,
+        deadline: tuple[float | None, float | None],
         on_plan: PlanCallback | None,
         on_progress: ProgressCallback | None,
     ) -> tuple[Plan, float | None, _Item]:
-        """Consume a request's events until its payload arrives; raise on an error or a timeout."""
+        """Consume a request's events until its payload arrives; raise on an error, a timeout or the deadline.
+
+        ``deadline`` is (its seconds, when it falls on ``self._clock``), or (None, None); no event extends it.
+        """
         rid = pending.request.request_id
+        limit, deadline_at = deadline
         plan: Plan | None = None
         plan_at: float | None = None
         while True:
+            stage = "its plan" if plan is None else "its payload"
+            left = math.inf if deadline_at is None else deadline_at - self._clock()
+            if left <= 0:
+                raise EdgeTimeout(
+                    DEADLINE, f"request {rid}: {self.url} did not deliver within the {limit:g} s deadline (waiting "
+                    f"for {stage}; progress does not extend it)", request_id=rid,
+                )
             try:
-                item = await asyncio.wait_for(pending.queue.get(), timeout)
+                item = await asyncio.wait_for(pending.queue.get(), min(timeout, left))
             except TimeoutError:
-                stage = "its plan" if plan is None else "its payload"
+                if left < timeout:
+                    continue  # the deadline, not the silence: said at the top of the loop
                 raise EdgeTimeout(
                     TIMEOUT, f"request {rid}: {self.url} sent nothing for {timeout:g} s while waiting for {stage}",
                     request_id=rid,
@@ -497,9 +556,7 @@ class EdgeClient:
                 raise item
             event = item.event
             if isinstance(event, Plan):
-                conflict = plan_conflict(pending.request, event)
-                if conflict is not None:  # the edge ignored what this request fixed: its image would be wrong
-                    raise EdgeError(PLAN_CONFLICT, f"request {rid}: the server's {conflict}", request_id=rid)
+                check_plan(self.bundle, pending.request, event, self.device_limits)  # else cancelled by the caller
                 plan, plan_at = event, item.at
                 if on_plan is not None:
                     on_plan(event.plan, event.why)
@@ -527,6 +584,13 @@ class EdgeClient:
             loop.call_soon_threadsafe(on_progress, "device", step, total)  # runs on the loop, in order
 
         return on_step
+
+    async def _refuse_payload(self, rid: str, exc: EdgeMismatch) -> None:
+        """Tell the edge a delivered payload was refused unopened (it then expects no report)."""
+        log.error("request %s: refused the edge's payload: %s", rid, exc)
+        with contextlib.suppress(ProtocolError, EdgeError):
+            self._conn.send_error(rid, "bad_handoff", f"refused by the device: {exc.message}"[:1000])
+            await self._flush()
 
     async def _device_failed(self, rid: str, exc: BaseException) -> None:
         log.error("request %s: device half failed: %s", rid, exc)
@@ -685,11 +749,18 @@ def _close_text(exc: ConnectionClosed) -> str:
     return f"close code {close.code}{reason}"
 
 
-def _decode_png(png: bytes) -> tuple[np.ndarray, float]:
-    """An edge-decoded PNG as uint8 (H, W, 3), and the seconds it took."""
-    from PIL import Image  # the device extra ships pillow; only edge-decoded results need it
-
+def _decode_png(png: bytes, plan: Plan, limits: DeviceLimits) -> tuple[np.ndarray, float]:
+    """An edge-decoded PNG of ``plan``'s size as uint8 (H, W, 3), and the seconds it took."""
     started = _now()
-    with Image.open(io.BytesIO(png)) as img:
-        image = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    image = decode_png(png, plan, limits)
     return image, _now() - started
+
+
+def _checked_deadline(deadline: float | None) -> float | None:
+    """A request deadline in seconds (> 0; ``math.inf`` or None: none)."""
+    if deadline is None or deadline == math.inf:
+        return None
+    number = isinstance(deadline, (int, float)) and not isinstance(deadline, bool)
+    if not (number and math.isfinite(deadline) and deadline > 0):
+        raise ValueError(f"deadline must be > 0 seconds (or None), got {deadline!r}")
+    return float(deadline)

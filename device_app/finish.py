@@ -38,7 +38,7 @@ Clock = Callable[[], float]  # seconds, e.g. time.perf_counter (wall) or time.pr
 def check_handoff_fits(bundle: DeviceBundle, handoff: Handoff) -> None:
     """Raise :class:`~shared.errors.HandoffError` unless this bundle can continue ``handoff``.
 
-    Same family, the bundle's guidance mode, a sampler the bundle runs and exactly the extra
+    Same family, the bundle's latent channels, its guidance mode, a sampler the bundle runs and exactly the extra
     conditioning its UNet takes (``added_cond_names``; in ``"embedding"`` mode ``timestep_cond``
     may come too, of shape (B, ``time_cond_proj_dim``)).
     """
@@ -47,6 +47,9 @@ def check_handoff_fits(bundle: DeviceBundle, handoff: Handoff) -> None:
         raise HandoffError(
             f"handoff is for family {handoff.family_id!r} but this bundle is {bundle.family_id!r}"
         )
+    if handoff.latents.shape[1] != manifest.latent_channels:
+        raise HandoffInvalid(f"latents: expected {manifest.latent_channels} channels (this bundle's), got shape "
+                             f"{tuple(handoff.latents.shape)}", field="latents")
     if handoff.guidance != manifest.guidance:
         raise HandoffInvalid(f"guidance: expected {manifest.guidance!r} (this bundle's UNet), got {handoff.guidance!r}",
                              field="guidance")
