@@ -122,14 +122,28 @@ def main(argv: list[str] | None = None) -> int:
             return True
         return run
 
-    def wait(seconds: float) -> Callable[[], bool]:
-        until: list[float] = []
+    def settled(ready: Callable[[], bool] = lambda: True, frames: int = 3) -> Callable[[], bool]:
+        """Done once ``ready()`` holds and what the widgets show has not changed for ``frames`` frames.
+
+        Counted in frames (laid out and drawn), not seconds: a loaded machine makes frames slower, never fewer.
+        """
+        last: list[Any] = []  # [what the widgets showed, the frame it was first seen]
 
         def run() -> bool:
-            if not until:
-                until.append(time.monotonic() + seconds)
-            return time.monotonic() >= until[0]
+            if not ready():
+                return False
+            # The indicators (link, load) are resampled every 1.5 s: not part of what must settle.
+            shown = {k: v for k, v in widgets().items() if k not in ("link", "load")}
+            frame = Clock.frames_displayed
+            if not last or last[0] != shown:
+                last[:] = [shown, frame]
+                return False
+            return bool(frame >= last[1] + frames)
         return run
+
+    def gallery_shown() -> bool:
+        screens = app.screens
+        return bool(screens.current_screen.name == "gallery" and not screens.transition.is_active)
 
     def press_generate(prompt: str) -> None:
         ids = app.screens.get_screen("main").ids
@@ -149,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for prompt in args.prompt:
         steps += [later(functools.partial(press_generate, prompt)), generation_over]
-    steps += [wait(0.6), later(record("finished")), later(lambda: state.__setitem__("main_png", shot("main")))]
+    steps += [settled(), later(record("finished")), later(lambda: state.__setitem__("main_png", shot("main")))]
     if args.rate is not None:
         def ids_of() -> Any:  # Kivy's ids: untyped
             return app.screens.get_screen("main").ids
@@ -157,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         button = "rate_up" if args.rate == 1 else "rate_down"
         steps += [later(lambda: getattr(ids_of(), button).dispatch("on_release")),
                   lambda: controller.status.startswith(("Rating sent", "Rating not sent", "Rated")),
-                  wait(0.3), later(record("rated"))]
-    steps += [later(lambda: app.show("gallery")), wait(0.6), later(record("gallery")),
+                  settled(), later(record("rated"))]
+    steps += [later(lambda: app.show("gallery")), settled(gallery_shown), later(record("gallery")),
               later(lambda: state.__setitem__("gallery_png", shot("gallery")))]
 
     def tick(_dt: float) -> None:

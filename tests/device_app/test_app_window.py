@@ -39,6 +39,9 @@ LAUNCHER = NO_TORCH_PRELUDE + textwrap.dedent(
     """
 )
 
+#: Upper bound for the app's whole run (it waits on frames and replies, never on the clock): only a hang reaches it.
+WAIT_S = 300.0
+
 PROBE = "from kivy.core.window import Window; import sys; sys.exit(0 if Window is not None else 4)"
 
 
@@ -55,7 +58,7 @@ def kivy_env(tmp: Path) -> dict[str, str]:
 def window_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     pytest.importorskip("kivy", reason="Kivy is not installed (pip install -e '.[device]')")
     env = kivy_env(tmp_path_factory.mktemp("kivy-probe"))
-    proc = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=WAIT_S)
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
         pytest.skip(f"Kivy cannot open an offscreen SDL2 window here (install an OpenGL driver, e.g. "
@@ -69,8 +72,10 @@ def drive(env: dict[str, str], tmp_path: Path, bundle: Path, *args: str) -> dict
     out = tmp_path / "shots"
     state = out / "state.json"
     cmd = [sys.executable, str(launcher), "--bundle", str(bundle), "--settings", str(tmp_path / "settings.json"),
-           "--out", str(out), "--state", str(state), "--offline-steps", "2", "4", "--timeout", "240", *args]
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+           "--out", str(out), "--state", str(state), "--offline-steps", "2", "4", "--timeout", str(WAIT_S),
+           # The app's 5 s open timeout would send a loaded machine's local edge job offline: wait on the edge instead.
+           "--open-timeout", str(WAIT_S), *args]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=WAIT_S + 300)
     log = (proc.stdout + proc.stderr)[-4000:]
     assert state.exists(), f"the app wrote no state (exit {proc.returncode}):\n{log}"
     data = json.loads(state.read_text())
