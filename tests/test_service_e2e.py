@@ -31,7 +31,10 @@ def test_eight_device_clients_against_the_batching_daemon(tiny_family, fp32_bund
                     return await client.generate(f"request {i}", seed=100 + i, pinned=PLANS[i], timeout=240)
 
             results = await asyncio.gather(*[one(i) for i in range(8)])
-            await asyncio.sleep(0.2)  # let the reports arrive
+            for _ in range(1200):  # the last reports are still on their way: wait for them (60 s at most)
+                if server.metrics.reports._value.get() >= 8:
+                    break
+                await asyncio.sleep(0.05)
             return results, server.engine.stats(), server.metrics
         finally:
             await server.stop()

@@ -299,7 +299,7 @@ def _refused(capsys: pytest.CaptureFixture[str], argv: list[str], root: Path) ->
     out = Path(argv[argv.index("--out") + 1])
     assert not out.exists()
     assert not [p for p in root.rglob(".*rise-export-*")], "a staging folder was made: the export had started"
-    assert elapsed < 3.0, f"refused after {elapsed:.1f} s: too late to be before the export"
+    # before the export: no staging folder (above); the time is a figure, not a test (machines differ)
     print(f"[refusal {elapsed * 1000:.0f} ms] {lines[0]}")
     return lines[0]
 
