@@ -47,6 +47,10 @@ class EdgeConfig:
     shutdown_grace_s: float = 30.0
     ping_interval_s: float | None = 20.0  # websocket keepalive: ping every ... (None: never)
     ping_timeout_s: float | None = 20.0  # ... and drop a connection whose pong is this late
+    # Connection caps, checked before the websocket upgrade (HTTP 503 / 429 beyond them).
+    max_connections: int = 512  # websocket connections to this edge (as many again may be mid-handshake)
+    max_connections_per_peer: int = 128  # ... from one IP address
+    send_timeout_s: float = 30.0  # drop a connection whose peer takes none of the bytes waiting for it this long
     steps: int = 20
     split_fraction: float = 0.5
     sampler: str | None = None  # None: the family's default (lcm for LCM families, else dpmpp_2m)
@@ -139,6 +143,9 @@ _TOML_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "shutdown_grace_s": _float(0.0),
     "ping_interval_s": _float(0.0, lo_open=True),
     "ping_timeout_s": _float(0.0, lo_open=True),
+    "max_connections": _int(1, 1_000_000),
+    "max_connections_per_peer": _int(1, 1_000_000),
+    "send_timeout_s": _float(0.0, 86400.0, lo_open=True),
     "steps": _int(1, MAX_STEPS),
     "split_fraction": _float(0.0, 1.0),
     "sampler": lambda key, value: check_choice(key, value, SAMPLER_NAMES, error=ConfigError),
@@ -151,6 +158,47 @@ _TOML_CHECKS: dict[str, Callable[[str, Any], Any]] = {
 }
 
 
+#: Flags for settings of EdgeConfig that are checked like their edge.toml key (the flag is named when wrong).
+CHECKED_FLAGS: dict[str, str] = {
+    "max_connections": "--max-connections",
+    "max_connections_per_peer": "--max-connections-per-peer",
+    "send_timeout_s": "--send-timeout",
+}
+#: Flags for keys of the [limits] table (ProtocolLimits).
+LIMIT_FLAGS: dict[str, str] = {
+    "hello_timeout_s": "--hello-timeout",
+    "frames_per_s": "--frames-per-s",
+    "frame_burst": "--frame-burst",
+    "max_refusals": "--max-refusals",
+    "refusals_per_minute": "--refusals-per-minute",
+    "max_outbox_bytes": "--max-outbox-bytes",
+}
+
+
+def add_flood_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of the connection caps and flood limits (``rise-edge serve``)."""
+    parser.add_argument("--max-connections", type=int, dest="max_connections",
+                        help="websocket connections to this edge before HTTP 503 (default 512)")
+    parser.add_argument("--max-connections-per-peer", type=int, dest="max_connections_per_peer",
+                        help="websocket connections from one IP address before HTTP 429 (default 128)")
+    parser.add_argument("--send-timeout", type=float, dest="send_timeout_s",
+                        help="drop a connection whose peer takes none of the data waiting for it for this many "
+                             "seconds (default 30)")
+    parser.add_argument("--hello-timeout", type=float, dest="hello_timeout_s",
+                        help="close a connection that has not said hello this many seconds after connecting "
+                             "(default 10)")
+    parser.add_argument("--frames-per-s", type=float, dest="frames_per_s",
+                        help="frames per second one connection may send, pings included (default 20) ...")
+    parser.add_argument("--frame-burst", type=int, dest="frame_burst", help="... with this many at once (default 100)")
+    parser.add_argument("--max-refusals", type=int, dest="max_refusals",
+                        help="refused requests retried before their retry_after_s one connection may have at once "
+                             "(default 32) ...")
+    parser.add_argument("--refusals-per-minute", type=float, dest="refusals_per_minute",
+                        help="... and per minute (default 30)")
+    parser.add_argument("--max-outbox-bytes", type=int, dest="max_outbox_bytes",
+                        help="bytes queued for a peer that is not reading before it is dropped (default 16 MiB)")
+
+
 def config_from_args(args: argparse.Namespace) -> EdgeConfig:
     config = EdgeConfig.from_toml(args.config) if args.config else EdgeConfig()
     for name in ("host", "port", "token_file", "tls_cert", "tls_key", "metrics_port", "max_batch_rows",
@@ -160,6 +208,20 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
         value = getattr(args, name)
         if value is not None:
             setattr(config, name, value)
+    for name, flag in CHECKED_FLAGS.items():
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(config, name, _TOML_CHECKS[name](flag, value))
+    limits = dict(config.limits)
+    for name, flag in LIMIT_FLAGS.items():
+        value = getattr(args, name, None)
+        if value is not None:
+            try:
+                ProtocolLimits.from_dict({**config.limits, name: value})
+            except ConfigError as exc:
+                raise ConfigError(f"{flag}: {exc}") from None
+            limits[name] = value
+    config.limits = limits
     if args.no_batching:
         config.batching = False
     return config

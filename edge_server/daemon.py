@@ -9,26 +9,51 @@ steps off the event loop) and keeps the bookkeeping and metrics. Each ``generate
 a task that awaits its outcome and sends the handoff (or the PNG, encoded here). SIGTERM
 stops taking new work, lets in-flight requests finish (or fails them cleanly after a grace
 period), closes every connection with ``shutting_down`` and saves the planner's state.
+
+Floods. The protocol object counts and decides (``shared.protocol.connection``: frame rate,
+refusals, outbox, hello deadline); this module enforces with sockets:
+
+* the websocket connection class (:class:`_EdgeWebSocket`) reports the frames the library
+  answers itself (pings, pongs, fragments) to the protocol object, drops a peer that has
+  taken none of the bytes waiting for it for ``send_timeout_s`` (the library's keepalive
+  cannot: its ping waits behind the blocked write), and drops TCP connections beyond twice
+  ``max_connections`` (or beyond ``max_connections_per_peer`` mid-handshake from one address)
+  before they cost a handshake: the process stays under its descriptor limit;
+* ``max_connections`` / ``max_connections_per_peer`` refuse the upgrade with HTTP 503 / 429;
+* every close the protocol decides is bounded: a flooding or non-reading peer
+  (:attr:`~shared.protocol.connection.Close.abort`) stops being read at once and is dropped
+  after ``ABORT_GRACE_S``; any other close gets ``CLOSE_TIMEOUT_S``; SIGTERM's goodbyes too;
+* ``socket.accept() out of system resource`` (the descriptor limit) is logged once per
+  ``ACCEPT_LOG_INTERVAL_S`` with a count, instead of once per failed accept; so are refused
+  and dropped connections (and websockets' own per-connection lines are kept to warnings),
+  so a flood cannot write the log at its rate.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
+import errno
 import logging
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
+from http import HTTPStatus
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from websockets.asyncio.server import Server, serve
 from websockets.asyncio.server import ServerConnection as WebSocket
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame as WsFrame
+from websockets.frames import Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import State
 
-from edge_server.config import EdgeConfig, config_from_args
+from edge_server.config import EdgeConfig, add_flood_flags, config_from_args
 from edge_server.engine import Engine
 from edge_server.family import Family, load_family
 from edge_server.metrics import EdgeMetrics
@@ -47,22 +72,138 @@ from shared.protocol import (
     ServerConnection,
     ServerEvent,
 )
+from shared.protocol.connection import Close
 from shared.samplers import SAMPLER_NAMES
 
 __all__ = ["EdgeConfig", "EdgeServer", "build_parser", "config_from_args", "encode_png", "main", "make_planner"]
 
 log = logging.getLogger("rise.edge")
 
+#: Seconds a closing connection gets for its goodbye and closing handshake before its TCP connection is dropped.
+CLOSE_TIMEOUT_S = 5.0
+#: ... and a flooding or non-reading one (it is no longer read: no handshake can complete).
+ABORT_GRACE_S = 1.0
+#: At most one log line per this many seconds for accept errors, refused and dropped connections (with a count).
+ACCEPT_LOG_INTERVAL_S = 10.0
+#: File descriptors kept for everything but connections (models, logs, the metrics server...).
+FD_RESERVE = 128
+_CONTROL = frozenset({Opcode.PING, Opcode.PONG, Opcode.CONT})  # frames the library handles without the daemon
+_ACCEPT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class LogThrottle:
+    """At most one log line per ``interval_s``: :meth:`ready` says when one may go and how many were held back."""
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval_s = interval_s
+        self._clock = clock
+        self._last: float | None = None
+        self._held = 0
+
+    def ready(self) -> int | None:
+        """``None``: hold this one back (counted); else log now, mentioning the returned count held back."""
+        now = self._clock()
+        if self._last is not None and now - self._last < self.interval_s:
+            self._held += 1
+            return None
+        held, self._held, self._last = self._held, 0, now
+        return held
+
+
+class _EdgeWebSocket(WebSocket):
+    """The websockets connection with what the library leaves to its user: counted control frames, a send
+    timeout, connection caps. Subclassed per :class:`EdgeServer` (``edge``) in :meth:`EdgeServer.start`."""
+
+    edge: ClassVar[EdgeServer]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Called for each ping, pong or continuation frame once the daemon's handler runs ...
+        self.on_control: Callable[[], None] | None = None
+        self.early_frames = 0  # ... and counted here before it does
+        self.address = ""  # the peer's IP address
+        self.pending = False  # counted among its address's connections still in the opening handshake
+        self.peer: str | None = None  # set once admitted (process_request): counted in the per-peer caps
+        self._stall_size = 0
+        self._stall_since = 0.0
+        self._stall_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        edge, config = self.edge, self.edge.config
+        edge._tcp.add(self)
+        self.address = _address(transport.get_extra_info("peername"))
+        if len(edge._tcp) > 2 * config.max_connections:
+            why = f"{len(edge._tcp)} TCP connections (at most {2 * config.max_connections} with those mid-handshake)"
+        elif edge._pending[self.address] >= config.max_connections_per_peer:
+            why = f"too many connections mid-handshake from {self.address}"
+        else:
+            edge._pending[self.address] += 1
+            self.pending = True
+            return
+        edge._note_refused(why)
+        self.transport.abort()  # not even an HTTP answer: the handshake would cost more than the flood
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+        self.edge._release(self)
+
+    def process_event(self, event: Any) -> None:
+        super().process_event(event)
+        if isinstance(event, WsFrame) and event.opcode in _CONTROL:
+            if self.on_control is not None:
+                self.on_control()
+            else:
+                self.early_frames += 1
+
+    # A peer that stops reading pauses our writes; the send timeout drops it if it takes nothing more.
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._stall_size = self.transport.get_write_buffer_size()
+        self._stall_since = self.loop.time()
+        self._watch()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+
+    def _watch(self) -> None:
+        if self._stall_timer is None:
+            period = self.edge.config.send_timeout_s / 4
+            self._stall_timer = self.loop.call_later(period, self._check_stall)
+
+    def _check_stall(self) -> None:
+        self._stall_timer = None
+        if not self.paused or self.transport.is_closing():
+            return
+        size, now = self.transport.get_write_buffer_size(), self.loop.time()
+        if size < self._stall_size:  # the peer took some: it is slow, not gone
+            self._stall_size, self._stall_since = size, now
+        elif now - self._stall_since >= self.edge.config.send_timeout_s:
+            self.edge._note_dropped(self.address, f"it took none of {size} bytes for {now - self._stall_since:.0f} s")
+            self.transport.abort()
+            return
+        self._watch()
+
 
 class _Client:
     """One websocket connection: its protocol state, writer wake-up, request tasks and service session."""
 
-    def __init__(self, ws: WebSocket, conn: ServerConnection, session: Session) -> None:
+    def __init__(self, ws: _EdgeWebSocket, conn: ServerConnection, session: Session) -> None:
         self.ws = ws
         self.conn = conn
         self.session = session
         self.wake = asyncio.Event()
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.writer: asyncio.Task[None] | None = None
+        self.closing: asyncio.Task[None] | None = None  # enforces the close the protocol decided
+        self.timer: asyncio.TimerHandle | None = None  # the hello deadline
 
 
 class EdgeServer:
@@ -79,6 +220,15 @@ class EdgeServer:
         self.token = config.token()
         self.clients: set[_Client] = set()
         self._server: Server | None = None
+        self._tcp: set[_EdgeWebSocket] = set()  # every TCP connection, mid-handshake or open
+        self._open = 0  # admitted websocket connections
+        self._peers: Counter[str] = Counter()  # ... per IP address
+        self._pending: Counter[str] = Counter()  # TCP connections still in the opening handshake, per IP address
+        self._accept_log = LogThrottle(ACCEPT_LOG_INTERVAL_S)
+        self._refused_log = LogThrottle(ACCEPT_LOG_INTERVAL_S)
+        self._dropped_log = LogThrottle(ACCEPT_LOG_INTERVAL_S)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._previous_handler: Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object] | None = None
 
     @classmethod
     def with_batching_engine(cls, family: Family | Callable[[], Family], config: EdgeConfig, *,
@@ -88,6 +238,7 @@ class EdgeServer:
         ``family`` may be a loader: the engine's thread then loads it (see BatchingEngine), as ``rise-edge`` does.
         """
         metrics = metrics or EdgeMetrics()
+        config.token()  # a bad token file is named before any weights load
         if planner is None:
             make_planner(config)  # a config error surfaces before any weights load
         engine = make_engine(family, config, on_batch=metrics.observe_batch)
@@ -128,12 +279,24 @@ class EdgeServer:
 
     async def start(self) -> int:
         """Listen; return the bound port (config.port 0 = any free port)."""
+        _ensure_descriptors(2 * self.config.max_connections + FD_RESERVE, self.config.max_connections)
+        self._loop = asyncio.get_running_loop()
+        self._previous_handler = self._loop.get_exception_handler()
+        self._loop.set_exception_handler(self._loop_exception)
+
+        class EdgeWebSocket(_EdgeWebSocket):  # bound to this server, for its caps and settings
+            pass
+
+        EdgeWebSocket.edge = self
         self._server = await serve(
             self._handle, self.config.host, self.config.port,
             max_size=self.limits.max_message_bytes,  # clients send only small text frames
             compression=None,  # tensors do not deflate; it only costs time
             ssl=self.config.ssl_context(), ping_interval=self.config.ping_interval_s,
-            ping_timeout=self.config.ping_timeout_s, close_timeout=5,
+            ping_timeout=self.config.ping_timeout_s, close_timeout=CLOSE_TIMEOUT_S,
+            max_queue=4,  # messages read ahead of the handler (each <= max_message_bytes); then reading pauses
+            write_limit=2**16,  # bytes buffered before a send waits (the send timeout watches it)
+            process_request=self._admit, create_connection=EdgeWebSocket,
         )
         port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self.config.port
         if self.config.metrics_port is not None:
@@ -142,7 +305,11 @@ class EdgeServer:
         return int(port)
 
     async def stop(self) -> None:
-        """Graceful stop: no new work, in-flight requests finish (or fail after the grace), state saved."""
+        """Graceful stop: no new work, in-flight requests finish (or fail after the grace), state saved.
+
+        Bounded whatever the peers do: after the grace each connection gets ``CLOSE_TIMEOUT_S`` for its
+        goodbye, then its TCP connection is dropped (a peer that does not read cannot hold the edge up).
+        """
         self.service.draining = True
         tasks = [t for c in self.clients for t in c.tasks.values()]
         if tasks:
@@ -151,42 +318,135 @@ class EdgeServer:
         await asyncio.to_thread(self.service.close, drain=False, timeout=10.0)
         for client in list(self.clients):
             client.conn.send_error(None, "shutting_down", "the edge server is shutting down")
-            client.wake.set()
-        await asyncio.sleep(0.05)  # let the writers flush the goodbyes
+            self._poke(client)
+        closing = [c.closing for c in self.clients if c.closing is not None]
+        if closing:
+            await asyncio.wait(closing, timeout=CLOSE_TIMEOUT_S + ABORT_GRACE_S)
         if self._server is not None:
             self._server.close()
-            await self._server.wait_closed()
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), CLOSE_TIMEOUT_S)
+            except TimeoutError:  # a handshake or close stuck behind a peer that does not read
+                for ws in list(self._tcp):
+                    ws.transport.abort()
+                await asyncio.wait_for(self._server.wait_closed(), CLOSE_TIMEOUT_S)
+        if self._loop is not None and self._loop.get_exception_handler() == self._loop_exception:
+            self._loop.set_exception_handler(self._previous_handler)
         self.service.save()
+        self.metrics.close()
         log.info("rise-edge stopped")
+
+    # ------------------------------------------------------------------ admission and floods
+
+    def _admit(self, ws: WebSocket, request: Request) -> Response | None:
+        """``process_request``: refuse the upgrade beyond the connection caps (or while draining)."""
+        assert isinstance(ws, _EdgeWebSocket)
+        status, why = HTTPStatus.SERVICE_UNAVAILABLE, None
+        peer = ws.address
+        self._unpend(ws)
+        if self.draining:
+            why = "the edge server is shutting down"
+        elif self._open >= self.config.max_connections:
+            why = f"the edge is at its connection limit ({self.config.max_connections})"
+        elif self._peers[peer] >= self.config.max_connections_per_peer:
+            status = HTTPStatus.TOO_MANY_REQUESTS
+            why = f"too many connections from {peer} (at most {self.config.max_connections_per_peer})"
+        if why is not None:
+            self._note_refused(why)
+            response = ws.respond(status, why + "\n")
+            response.headers["Retry-After"] = "5"
+            return response
+        ws.peer = peer
+        self._open += 1
+        self._peers[peer] += 1
+        return None
+
+    def _unpend(self, ws: _EdgeWebSocket) -> None:
+        if ws.pending:
+            ws.pending = False
+            self._pending[ws.address] -= 1
+            if self._pending[ws.address] <= 0:
+                del self._pending[ws.address]
+
+    def _release(self, ws: _EdgeWebSocket) -> None:
+        """A TCP connection is gone: it no longer counts in the caps."""
+        self._tcp.discard(ws)
+        self._unpend(ws)
+        if ws.peer is not None:
+            self._open -= 1
+            self._peers[ws.peer] -= 1
+            if self._peers[ws.peer] <= 0:
+                del self._peers[ws.peer]
+            ws.peer = None
+
+    def _note_dropped(self, address: str, why: str) -> None:
+        held = self._dropped_log.ready()
+        if held is not None:
+            log.info("dropped a connection from %s: %s (%d more dropped in the last %.0f s)", address, why, held,
+                     ACCEPT_LOG_INTERVAL_S)
+
+    def _note_refused(self, why: str) -> None:
+        held = self._refused_log.ready()
+        if held is not None:
+            log.warning("refusing connections: %s (%d more refused in the last %.0f s)", why, held,
+                        ACCEPT_LOG_INTERVAL_S)
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """The event loop's exception handler: accept errors at the descriptor limit are logged once per interval."""
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in _ACCEPT_ERRNOS and "accept" in str(context.get("message", "")):
+            held = self._accept_log.ready()
+            if held is not None:
+                log.error("cannot accept connections: %s (%d more in the last %.0f s); raise the descriptor limit "
+                          "(ulimit -n) or lower --max-connections", exc, held, ACCEPT_LOG_INTERVAL_S)
+            return
+        if self._previous_handler is not None:
+            self._previous_handler(loop, context)
+        else:
+            loop.default_exception_handler(context)
 
     # ------------------------------------------------------------------ connections
 
     async def _handle(self, ws: WebSocket) -> None:
-        conn = ServerConnection(family_id=self.service.family_id, token=self.token, limits=self.limits)
+        assert isinstance(ws, _EdgeWebSocket)
+        conn = ServerConnection(family_id=self.service.family_id, token=self.token, limits=self.limits,
+                                opened_at=time.monotonic())
         client = _Client(ws, conn, self.service.open_session())
         self.clients.add(client)
-        writer = asyncio.create_task(self._writer(client))
+        writer = client.writer = asyncio.create_task(self._writer(client))
+        ws.on_control = lambda: self._control(client)
+        if ws.early_frames:
+            self._control(client, ws.early_frames)
+        self._arm_deadline(client)
         try:
             async for frame in ws:
                 now = time.monotonic()
                 events = conn.receive_text(frame, now) if isinstance(frame, str) else conn.receive_bytes(frame, now)
                 for event in events:
                     self._dispatch(client, event)
-                client.wake.set()
+                self._poke(client)
                 if conn.close is not None:
                     break
         except ConnectionClosed:
             pass
         finally:
+            ws.on_control = None
+            if client.timer is not None:
+                client.timer.cancel()
             self.service.close_session(client.session, conn.connection_closed())
             for task in client.tasks.values():
                 task.cancel()
             client.wake.set()
             if conn.close is None:
                 writer.cancel()
-            # A protocol close (bad hello, wrong token...) first flushes its error frame.
-            with contextlib.suppress(asyncio.CancelledError, TimeoutError, ConnectionClosed):
-                await asyncio.wait_for(writer, 5)
+            # A protocol close (bad hello, wrong token...) first flushes its error frame; _enforce_close bounds it.
+            await asyncio.wait({writer}, timeout=CLOSE_TIMEOUT_S + ABORT_GRACE_S)
+            if ws.protocol.state is not State.CLOSED:
+                # Returning now would leave websockets closing it, waiting on a peer that may never read.
+                ws.transport.abort()
+            writer.cancel()
+            if client.closing is not None:
+                client.closing.cancel()
             self.clients.discard(client)
 
     async def _writer(self, client: _Client) -> None:
@@ -203,6 +463,48 @@ class EdgeServer:
         except ConnectionClosed:
             return
 
+    def _poke(self, client: _Client) -> None:
+        """Wake the writer; if the protocol decided to close, see that the close happens in bounded time."""
+        client.wake.set()
+        close = client.conn.close
+        if close is not None and client.closing is None:
+            if close.abort:
+                client.ws.transport.pause_reading()  # a flood stops here: nothing more is read (or answered)
+            client.closing = asyncio.get_running_loop().create_task(self._enforce_close(client, close))
+
+    async def _enforce_close(self, client: _Client, close: Close) -> None:
+        """Give the writer its grace to send the goodbye and close; then drop the TCP connection."""
+        grace = ABORT_GRACE_S if close.abort else CLOSE_TIMEOUT_S + ABORT_GRACE_S
+        if client.writer is not None:
+            await asyncio.wait({client.writer}, timeout=grace)
+        if client.ws.protocol.state is not State.CLOSED:
+            if close.abort:
+                self._note_dropped(client.ws.address, close.reason)
+            client.ws.transport.abort()
+
+    def _control(self, client: _Client, frames: int = 1) -> None:
+        """Pings, pongs and fragments the library handled: counted against the connection's frame rate."""
+        events = client.conn.receive_control(time.monotonic(), frames)
+        for event in events:
+            self._dispatch(client, event)
+        if events:
+            self._poke(client)
+
+    def _arm_deadline(self, client: _Client) -> None:
+        deadline = client.conn.deadline
+        if deadline is not None:
+            delay = max(0.0, deadline - time.monotonic())
+            client.timer = asyncio.get_running_loop().call_later(delay, self._on_deadline, client)
+
+    def _on_deadline(self, client: _Client) -> None:
+        client.timer = None
+        for event in client.conn.tick(time.monotonic()):
+            self._dispatch(client, event)
+        if client.conn.close is not None:
+            self._poke(client)
+        else:
+            self._arm_deadline(client)  # the hello came meanwhile (nothing due) or the timer fired early
+
     def _dispatch(self, client: _Client, event: ServerEvent) -> None:
         if isinstance(event, Generate):
             refusal = self.service.refusal()
@@ -218,7 +520,7 @@ class EdgeServer:
         elif isinstance(event, Report):
             self.service.report(client.session, event)
         elif isinstance(event, Rating):
-            self.service.rating(event.rating)
+            self.service.rating(event, client.session)  # counted once per request
         elif isinstance(event, FrameRejected):  # its Error is already queued
             self.service.rejected(event.error.code)
 
@@ -232,7 +534,7 @@ class EdgeServer:
             ticket = self.service.plan(session, request, device_step_s=hello.device_step_s if hello else None)
             conn.send_plan(rid, ticket.plan, seed=ticket.seed, height=ticket.height, width=ticket.width,
                            scheduler=ticket.scheduler, why=ticket.why)
-            client.wake.set()
+            self._poke(client)
 
             def on_progress(step: int, total: int) -> None:  # engine thread -> event loop
                 loop.call_soon_threadsafe(self._progress, client, rid, step, total)
@@ -253,11 +555,11 @@ class EdgeServer:
             failure = self.service.failed(session, rid, exc)
             conn.send_error(rid, failure.code, failure.message, retry_after_s=failure.retry_after_s)
         finally:
-            client.wake.set()
+            self._poke(client)
 
     def _progress(self, client: _Client, rid: str, step: int, total: int) -> None:
         client.conn.send_progress(rid, step, total, stage="edge")
-        client.wake.set()
+        self._poke(client)
 
 
 # ---------------------------------------------------------------------- command line
@@ -291,6 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="websocket keepalive ping interval in seconds (default 20)")
     s.add_argument("--ping-timeout", type=float, dest="ping_timeout_s",
                    help="close a connection whose pong is this many seconds late (default 20)")
+    add_flood_flags(s)
     s.add_argument("--scheduler", help="auto (default: linucb over the family's profile.json or --profile, else "
                                        "fixed), fixed, linucb, linucb_disjoint, epsilon_greedy, random, edge_only, "
                                        "device_only or one arm such as N20k10")
@@ -320,8 +623,11 @@ async def _serve_until_signalled(server: EdgeServer) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # websockets logs every connection opened and closed at INFO: a connection flood would write the log at its rate.
+    logging.getLogger("websockets").setLevel(logging.WARNING)
     try:
         config = config_from_args(args)
+        config.token()  # a bad token file is named before any weights load
         if config.threads is not None:
             if config.threads < 1:
                 raise ConfigError(f"--threads must be >= 1, got {config.threads}")
@@ -338,6 +644,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rise-edge: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _address(peername: object) -> str:
+    """The IP address of a transport's ``peername`` (a ``(host, port, ...)`` tuple; anything else as text)."""
+    return str(peername[0]) if isinstance(peername, (tuple, list)) and peername else str(peername)
+
+
+def _ensure_descriptors(need: int, max_connections: int) -> None:
+    """Raise the soft descriptor limit towards ``need`` (up to the hard limit); warn in one line if it stays short."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft < need:
+        log.warning("max_connections=%d needs about %d file descriptors but the limit is %d (ulimit -n): lower "
+                    "--max-connections or raise the limit", max_connections, need, soft)
 
 
 if __name__ == "__main__":

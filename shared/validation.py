@@ -477,10 +477,16 @@ def load_versioned_json(path: str | Path, kind: str, version: int, *, what: str 
     return check_versioned(doc, kind, version, where=str(path), what=what, error=error)
 
 
+#: What a token may be: the wire protocol's rule (``hello.token``): printable ASCII without spaces.
+MAX_TOKEN_CHARS = 512
+
+
 def read_token_file(path: str | Path) -> tuple[str, bool]:
     """The bearer token in ``path`` (surrounding whitespace stripped) and whether every user may read the file.
 
-    The edge and the device both keep their token in such a file; an unreadable or empty one is a ConfigError.
+    The edge and the device both keep their token in such a file. An unreadable file, or a token the
+    protocol would refuse in every ``hello`` (see :func:`token_problem`), is a ConfigError saying what is
+    wrong in one line (never showing the token).
     """
     path = Path(path)
     try:
@@ -488,6 +494,22 @@ def read_token_file(path: str | Path) -> tuple[str, bool]:
         mode = path.stat().st_mode
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read token file {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    if not token:
-        raise ConfigError(f"token file {path} is empty")
+    problem = token_problem(token)
+    if problem is not None:
+        raise ConfigError(f"token file {path}: {problem}")
     return token, bool(mode & stat.S_IROTH)
+
+
+def token_problem(token: str) -> str | None:
+    """Why ``token`` cannot be a bearer token (1-512 printable ASCII characters, no spaces), or ``None``."""
+    if not token:
+        return "the token is empty"
+    if len(token) > MAX_TOKEN_CHARS:
+        return f"the token is {len(token)} characters long; at most {MAX_TOKEN_CHARS}"
+    for i, char in enumerate(token, 1):
+        if char.isspace():
+            return f"the token has whitespace inside (character {i}); a token is one word of printable ASCII"
+        if not "\x21" <= char <= "\x7e":
+            return (f"the token has a non-printable or non-ASCII character (character {i}); "
+                    "a token is printable ASCII")
+    return None

@@ -30,6 +30,35 @@ Adapter loop (server side)::
 **One writer.** ``send_handoff``/``send_result`` queue an announcement and its binary
 frame back to back; the peer pairs them by adjacency, so the adapter must send the
 drained frames in order from one task (or under one lock), never interleaving two drains.
+
+**Floods cost the flooder** (server side; every bound is in :class:`ProtocolLimits`):
+
+* *Frames.* Every frame the peer sends spends a token of a bucket of ``frame_burst``
+  refilled at ``frames_per_s``, before and after the hello: text and binary frames in
+  ``receive_text``/``receive_bytes``, and the frames the websocket library answers itself
+  (pings, pongs, continuation fragments), which the adapter reports with
+  :meth:`ServerConnection.receive_control`. An empty bucket closes the connection.
+* *Refusals.* ``busy``, ``rate_limited`` and ``too_many_in_flight`` are not violations, but
+  they are not free either. A refused generate that arrived no earlier than the
+  ``retry_after_s`` the server last advised costs nothing: a client that waits as told
+  (or longer, backing off) can be refused forever. A refused generate that arrived early,
+  and every ``too_many_in_flight`` (a client knows its own in-flight count from the
+  welcome), spends a token of a second bucket, ``max_refusals`` refilled at
+  ``refusals_per_minute``; when it is empty the refusal closes the connection. Jitter
+  between concurrent requests of one client may make a few retries early: that is what
+  the bucket's size absorbs.
+* *Outbox.* Frames queued and not yet taken by :meth:`data_to_send` are bounded by
+  ``max_outbox_bytes``: queueing onto an outbox already past it drops the queued frames
+  and closes (the peer is not reading). One payload larger than the bound still goes out
+  when the outbox is under it.
+* *Hello deadline.* With ``opened_at``, :attr:`ServerConnection.deadline` is when the hello
+  is due (``hello_timeout_s`` later); :meth:`ServerConnection.tick` closes a connection
+  still without one.
+
+These closes use code 1008 and set :attr:`Close.abort`: the adapter stops reading from
+the peer at once (no more pongs for a ping flood) and drops the TCP connection if the
+goodbye has not left within a short grace, rather than waiting for a closing handshake
+that a flooding or non-reading peer never completes.
 """
 
 from __future__ import annotations
@@ -83,6 +112,8 @@ FATAL_CLOSE_CODES: dict[str, int] = {
 }
 # Refusals a well-behaved peer can meet in normal operation: not counted as violations.
 _FLOW_CONTROL = frozenset({"busy", "rate_limited", "too_many_in_flight", "cancelled"})
+# ... of which these refuse a generate: counted against the refusal bucket when the peer did not wait.
+_REFUSALS = frozenset({"busy", "rate_limited", "too_many_in_flight"})
 _REMEMBERED = 256  # finished request ids kept per connection (for reports, ratings, duplicate checks)
 
 
@@ -91,10 +122,15 @@ _REMEMBERED = 256  # finished request ids kept per connection (for reports, rati
 
 @dataclass(frozen=True)
 class Close:
-    """The websocket close the adapter must perform after sending the queued frames."""
+    """The websocket close the adapter must perform after sending the queued frames.
+
+    ``abort``: the peer floods or does not read; stop reading from it now and drop the TCP
+    connection if the goodbye has not left within a short grace (no closing handshake wait).
+    """
 
     code: int
     reason: str  # short ASCII: a close reason must fit in 123 bytes
+    abort: bool = False
 
 
 @dataclass(frozen=True)
@@ -195,12 +231,19 @@ class _Connection:
         #: Frames from the peer rejected so far, flow control aside.
         self.violations = 0
         self._outbox: list[Frame] = []
+        self._outbox_bytes = 0
         self._closed = False  # the adapter reported the socket closed
 
     def data_to_send(self) -> list[Frame]:
         """The frames queued since the last call, in order (``str`` = text, ``bytes`` = binary)."""
         frames, self._outbox = self._outbox, []
+        self._outbox_bytes = 0
         return frames
+
+    @property
+    def outbox_bytes(self) -> int:
+        """The size of the frames queued and not yet taken by :meth:`data_to_send` (characters for text)."""
+        return self._outbox_bytes
 
     @property
     def done(self) -> bool:
@@ -208,7 +251,11 @@ class _Connection:
         return self.close is not None or self._closed
 
     def _queue(self, message: _Message) -> None:
-        self._outbox.append(encode(message))  # type: ignore[arg-type]
+        self._push(encode(message))  # type: ignore[arg-type]
+
+    def _push(self, frame: Frame) -> None:
+        self._outbox.append(frame)
+        self._outbox_bytes += len(frame)
 
     def _reject(self, exc: ProtocolError, *, close: Close | None = None) -> list[FrameRejected]:
         error = exc.to_error()
@@ -248,6 +295,8 @@ def _built(cls: type[_Message], **kwargs: object) -> _Message:
 @dataclass
 class _ServerRequest:
     generate: Generate
+    arrived: float = 0.0  # the adapter's time when its frame came
+    early: bool = False  # it came before the retry time the server last advised
     plan: Plan | None = None
     cancelling: bool = False
 
@@ -269,6 +318,10 @@ class ServerConnection(_Connection):
     asks the daemon to drop the request; plans and progress for it are then dropped
     silently and its terminal frame becomes ``Error(code="cancelled")``. A cancel for a
     request that is not in flight (a race with its end) is ignored.
+
+    Flood bounds (module doc): :attr:`refusals` counts the refusals charged to the peer;
+    ``opened_at`` (the adapter's time at the websocket upgrade; ``None``: no deadline)
+    starts the hello deadline.
     """
 
     def __init__(
@@ -279,6 +332,7 @@ class ServerConnection(_Connection):
         token: str | None = None,
         limits: ProtocolLimits = ProtocolLimits(),
         versions: tuple[int, ...] = PROTOCOL_VERSIONS,
+        opened_at: float | None = None,
     ) -> None:
         super().__init__(limits)
         # Validate our own configuration with the message rules: it goes out in the welcome.
@@ -295,6 +349,13 @@ class ServerConnection(_Connection):
         self.hello: Hello | None = None
         self.version: int | None = None
         self._bucket = TokenBucket(limits.requests_per_minute / 60.0, limits.burst)
+        self._frames = TokenBucket(limits.frames_per_s, limits.frame_burst)
+        self._refusal_bucket = TokenBucket(limits.refusals_per_minute / 60.0, limits.max_refusals)
+        self._retry_at = -math.inf  # no generate is early before the first advised retry time
+        #: Refused generates charged to the peer (early retries and ``too_many_in_flight``).
+        self.refusals = 0
+        self.opened_at = opened_at
+        self._overflowed = False  # the outbox passed max_outbox_bytes: nothing more is queued
         self._requests: dict[str, _ServerRequest] = {}
         self._reportable: OrderedDict[str, None] = OrderedDict()  # delivered, no report yet
         self._rateable: OrderedDict[str, None] = OrderedDict()  # reported; may still be rated
@@ -319,12 +380,50 @@ class ServerConnection(_Connection):
         self._requests.clear()
         return ids
 
+    @property
+    def deadline(self) -> float | None:
+        """When the adapter must call :meth:`tick`: the hello deadline (``None``: nothing is due)."""
+        if self.done or self.state != "hello" or self.opened_at is None:
+            return None
+        return self.opened_at + self.limits.hello_timeout_s
+
+    def tick(self, now: float) -> list[ServerEvent]:
+        """Let time pass: a connection still without a hello at its :attr:`deadline` is closed."""
+        deadline = self.deadline
+        if deadline is None or now < deadline:
+            return []
+        exc = ProtocolError(f"hello: none within {self.limits.hello_timeout_s:g} s of connecting", field="type")
+        return list(self._reject(exc, close=Close(CLOSE_POLICY_VIOLATION, "no hello in time", abort=True)))
+
     # ----------------------------------------------------------------- receiving
+
+    def receive_control(self, now: float, frames: int = 1) -> list[ServerEvent]:
+        """Count ``frames`` frames the websocket library handled itself (pings, pongs, continuation
+        fragments) against the frame rate; returns the fatal rejection when it is exceeded."""
+        if self.done:
+            return []
+        return self._count_frames(now, frames)
+
+    def _count_frames(self, now: float, frames: int = 1) -> list[ServerEvent]:
+        for _ in range(frames):
+            wait = self._frames.take(now)
+            if wait > 0.0:
+                exc = ProtocolError(
+                    f"frames: at most {self.limits.frames_per_s:g} per second (burst {self.limits.frame_burst}) "
+                    "on one connection, pings included",
+                    code="rate_limited",
+                    retry_after_s=wait,
+                )
+                return list(self._reject(exc, close=Close(CLOSE_POLICY_VIOLATION, "too many frames", abort=True)))
+        return []
 
     def receive_text(self, frame: str, now: float) -> list[ServerEvent]:
         """Handle one text frame received at monotonic time ``now``; return the events."""
         if self.done:
             return []  # frames racing the close are dropped
+        flood = self._count_frames(now)
+        if flood:
+            return flood
         try:
             message = decode_text(frame, self.limits)
         except ProtocolError as exc:
@@ -357,6 +456,9 @@ class ServerConnection(_Connection):
         """Handle one binary frame: a client sends none in protocol v1, so it is always rejected."""
         if self.done:
             return []
+        flood = self._count_frames(now)
+        if flood:
+            return flood
         exc = ProtocolError("frame: unexpected binary frame (a client sends only text frames)", field="frame")
         if self.state == "hello":
             return list(self._reject(exc, close=Close(CLOSE_PROTOCOL_ERROR, "expected hello")))
@@ -399,13 +501,14 @@ class ServerConnection(_Connection):
                 f"request_id: {rid!r} is already used on this connection", code="invalid_request", field="request_id"
             )
             return list(self._reject(exc))  # no request_id in the error: it would end the live request
+        early = now < self._retry_at
         if len(self._requests) >= self.limits.max_in_flight:
             exc = ProtocolError(
                 f"request_id: {self.limits.max_in_flight} requests already in flight on this connection",
                 code="too_many_in_flight",
                 request_id=rid,
             )
-            return list(self._reject(exc))
+            return self._refuse(exc, now, charged=True)  # the client knows its in-flight count: never excusable
         wait = self._bucket.take(now)
         if wait > 0.0:
             exc = ProtocolError(
@@ -415,9 +518,14 @@ class ServerConnection(_Connection):
                 request_id=rid,
                 retry_after_s=wait,
             )
-            return list(self._reject(exc))
-        self._requests[rid] = _ServerRequest(request)
+            return self._refuse(exc, now, charged=early)
+        self._requests[rid] = _ServerRequest(request, arrived=now, early=early)
         return [request]
+
+    def _refuse(self, exc: ProtocolError, arrived: float, *, charged: bool) -> list[ServerEvent]:
+        """Reject a generate with a refusal code; charge it (module doc) and close when the peer is out of refusals."""
+        self._charge(exc.retry_after_s, arrived, charged=charged)
+        return list(self._reject(exc, close=self.close))
 
     def _on_cancel(self, cancel: Cancel) -> list[ServerEvent]:
         request = self._requests.get(cancel.request_id)
@@ -450,6 +558,19 @@ class ServerConnection(_Connection):
 
     def _known(self, rid: str) -> bool:
         return rid in self._requests or rid in self._reportable or rid in self._rateable or rid in self._failed
+
+    def _push(self, frame: Frame) -> None:
+        if self._overflowed:
+            return
+        if self._outbox_bytes > self.limits.max_outbox_bytes:
+            # The peer is not taking what it is sent (the writer is stuck): free what waits and close.
+            self._overflowed = True
+            self._outbox.clear()
+            self._outbox_bytes = 0
+            if self.close is None:
+                self.close = Close(CLOSE_POLICY_VIOLATION, "peer is not reading", abort=True)
+            return
+        super()._push(frame)
 
     # ----------------------------------------------------------------- sending
 
@@ -563,14 +684,30 @@ class ServerConnection(_Connection):
         error = _built(
             Error, code=code, message=message, request_id=request_id, field=field, retry_after_s=retry_after_s
         )
+        refused: _ServerRequest | None = None
         if request_id is not None:
-            ended = self._requests.pop(request_id, None) is not None or request_id in self._reportable
+            live = self._requests.pop(request_id, None)
+            ended = live is not None or request_id in self._reportable
             self._reportable.pop(request_id, None)
             if ended:
                 _remember(self._failed, request_id)
+            if live is not None and code in _REFUSALS:
+                refused = live  # busy: the engine's queue was full
         self._queue(error)
         if request_id is None and code in FATAL_CLOSE_CODES:
             self.close = Close(FATAL_CLOSE_CODES[code], code.replace("_", " "))
+        elif refused is not None and self.close is None:
+            self._charge(retry_after_s, refused.arrived, charged=refused.early)
+
+    def _charge(self, retry_after_s: float | None, arrived: float, *, charged: bool) -> None:
+        """Account for a refused generate that arrived at ``arrived``: remember the advised retry time;
+        if ``charged``, spend a refusal token, closing the connection when there is none."""
+        if retry_after_s is not None:
+            self._retry_at = max(self._retry_at, arrived + retry_after_s)
+        if charged:
+            self.refusals += 1
+            if self._refusal_bucket.take(arrived) > 0.0:
+                self.close = Close(CLOSE_POLICY_VIOLATION, "too many refused requests", abort=True)
 
     def _live(self, request_id: str) -> _ServerRequest | None:
         """The in-flight request, or None when the connection is done (sends race the close)."""
@@ -600,7 +737,7 @@ class ServerConnection(_Connection):
                 f"payload: {len(payload)} bytes, over max_payload_bytes={self.limits.max_payload_bytes}", request_id
             )
         self._queue(announcement)
-        self._outbox.append(payload)  # immediately after its announcement: that adjacency is the pairing
+        self._push(payload)  # immediately after its announcement: that adjacency is the pairing
         del self._requests[request_id]
         _remember(self._reportable, request_id)
 
@@ -743,7 +880,7 @@ class ClientConnection(_Connection):
                 f"frame: {size} bytes, over the server's {limits.max_message_bytes}", code="too_large", request_id=rid
             )
         self._requests[rid] = _ClientRequest(request)
-        self._outbox.append(frame)
+        self._push(frame)
 
     def send_cancel(self, request_id: str) -> None:
         """Ask the server to stop ``request_id``; ignored if it already ended (a race)."""

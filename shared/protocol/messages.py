@@ -155,6 +155,14 @@ class ProtocolLimits:
     token bucket per connection: ``burst`` generates at once, refilled at
     ``requests_per_minute``. After ``max_violations`` rejected frames (flow control aside)
     the connection is closed.
+
+    Floods (see ``shared.protocol.connection``): a refused generate (``busy``,
+    ``rate_limited``, ``too_many_in_flight``) that did not wait the ``retry_after_s`` it was
+    told spends one of ``max_refusals`` tokens, refilled at ``refusals_per_minute``; every
+    frame from the peer, pings included, spends one of ``frame_burst`` tokens refilled at
+    ``frames_per_s``; frames queued for a peer that does not read are bounded by
+    ``max_outbox_bytes``; a connection must say hello within ``hello_timeout_s``. Past any of
+    these the connection is closed (1008).
     """
 
     max_message_bytes: int = 64 * 2**10
@@ -167,6 +175,12 @@ class ProtocolLimits:
     requests_per_minute: float = 30.0
     burst: int = 5
     max_violations: int = 32
+    max_refusals: int = 32  # early refusals (not waiting retry_after_s) at once ...
+    refusals_per_minute: float = 30.0  # ... and sustained
+    frames_per_s: float = 20.0  # every frame from the peer (pings, pongs and fragments too) ...
+    frame_burst: int = 100  # ... with this many at once
+    max_outbox_bytes: int = 16 * 2**20  # queued for the peer and not yet taken by the writer
+    hello_timeout_s: float = 10.0  # from the websocket upgrade to the hello
 
     def __post_init__(self) -> None:
         for name, lo, hi in (
@@ -178,11 +192,15 @@ class ProtocolLimits:
             ("max_in_flight", 1, 1024),
             ("burst", 1, 10**6),
             ("max_violations", 1, 10**6),
+            ("max_refusals", 1, 10**6),
+            ("frame_burst", 1, 10**6),
+            ("max_outbox_bytes", 1024, 2**34),
         ):
             check_int(name, getattr(self, name), lo=lo, hi=hi, error=ConfigError)
-        rate = check_float("requests_per_minute", self.requests_per_minute, lo=0.0, hi=1e6, lo_open=True,
-                           error=ConfigError)
-        object.__setattr__(self, "requests_per_minute", rate)
+        for name, top in (("requests_per_minute", 1e6), ("refusals_per_minute", 1e6), ("frames_per_s", 1e6),
+                          ("hello_timeout_s", _MAX_SECONDS)):
+            value = check_float(name, getattr(self, name), lo=0.0, hi=top, lo_open=True, error=ConfigError)
+            object.__setattr__(self, name, value)
         sizes = self.allowed_sizes
         if not isinstance(sizes, (tuple, list)) or len(sizes) > 64:
             raise ConfigError(f"allowed_sizes must be a list of at most 64 [height, width] pairs, got {_show(sizes)}")
@@ -216,6 +234,12 @@ class ProtocolLimits:
         data = dataclasses.asdict(self)
         data["allowed_sizes"] = [list(pair) for pair in self.allowed_sizes]
         return data
+
+    def to_wire(self) -> dict[str, Any]:
+        """What a ``welcome`` carries: :meth:`to_dict` without the edge's own flood limits
+        (:data:`EDGE_ONLY_LIMITS`), which only it enforces, so a device of the version before them
+        (which refuses unknown welcome fields) still talks to an edge of this one."""
+        return {k: v for k, v in self.to_dict().items() if k not in EDGE_ONLY_LIMITS}
 
     @property
     def websocket_max_size(self) -> int:
@@ -671,7 +695,7 @@ def _to_wire(value: Any) -> Any:
             "decode_on": value.decode_on,
         }
     if isinstance(value, ProtocolLimits):
-        return value.to_dict()
+        return value.to_wire()
     if isinstance(value, tuple):
         return [_to_wire(v) for v in value]
     return value
@@ -692,11 +716,16 @@ def _plan_in(name: str, value: Any) -> RelayPlan | None:
         raise ProtocolError(f"{name}: {_clip(str(exc), 300)}", code="invalid_request", field=name) from None
 
 
+#: Limits only the edge enforces (on frames it receives): not sent in a welcome, optional in one.
+EDGE_ONLY_LIMITS = frozenset({"max_refusals", "refusals_per_minute", "frames_per_s", "frame_burst",
+                              "max_outbox_bytes", "hello_timeout_s"})
+
+
 def _limits_in(name: str, value: Any) -> ProtocolLimits:
     if not isinstance(value, dict):
         _fail("bad_message", name, "a JSON object", _type_name(value))
     known = frozenset(f.name for f in dataclasses.fields(ProtocolLimits))
-    _check_keys(value, required=known, known=known, where=name, prefix=f"{name}.")
+    _check_keys(value, required=known - EDGE_ONLY_LIMITS, known=known, where=name, prefix=f"{name}.")
     try:
         return ProtocolLimits.from_dict(value)
     except ConfigError as exc:

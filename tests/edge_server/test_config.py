@@ -59,6 +59,12 @@ def test_a_valid_file_loads(tmp_path: Path) -> None:
         ("limits = 3\n", "limits: expected an object, got int"),
         ("[limits]\nmax_steps = true\n", "limits: max_steps: expected an integer, got bool"),
         ("[limits]\nmax_stepz = 5\n", "limits: unknown limit 'max_stepz'"),
+        ("[server]\nmax_connections = 0\n", "max_connections: expected an integer in [1, 1000000], got 0"),
+        ('[server]\nmax_connections_per_peer = "8"\n', "max_connections_per_peer: expected an integer, got str"),
+        ("[server]\nsend_timeout_s = 0\n", "send_timeout_s: expected a finite number in (0, 86400], got 0"),
+        ("[limits]\nhello_timeout_s = 0\n", "limits: hello_timeout_s: expected a finite number in (0, 86400]"),
+        ("[limits]\nframe_burst = 0\n", "limits: frame_burst: expected an integer in [1, 1000000], got 0"),
+        ("[limits]\nmax_outbox_bytes = 10\n", "limits: max_outbox_bytes: expected an integer in [1024, "),
     ],
 )
 def test_a_wrong_value_is_a_config_error_naming_the_file_and_key(tmp_path: Path, text: str, fragment: str) -> None:
@@ -76,3 +82,39 @@ def test_unknown_settings_and_unreadable_files_are_still_refused(tmp_path: Path)
         EdgeConfig.from_toml(write(tmp_path, "port = \n"))
     with pytest.raises(ConfigError, match="cannot read config"):
         EdgeConfig.from_toml(tmp_path / "missing.toml")
+
+
+def test_flood_settings_load_from_the_file_and_flags_override_them(tmp_path: Path) -> None:
+    from edge_server.config import config_from_args
+    from edge_server.daemon import build_parser
+
+    path = write(tmp_path, "[server]\nmax_connections = 64\nsend_timeout_s = 5\n"
+                           "[limits]\nhello_timeout_s = 2.5\nframes_per_s = 50\nmax_refusals = 8\n")
+    config = EdgeConfig.from_toml(path)
+    assert (config.max_connections, config.max_connections_per_peer, config.send_timeout_s) == (64, 128, 5.0)
+    args = build_parser().parse_args(
+        ["serve", "--family", "f", "--config", str(path), "--max-connections-per-peer", "4", "--hello-timeout", "1",
+         "--frame-burst", "30", "--refusals-per-minute", "10", "--max-outbox-bytes", "65536", "--send-timeout", "9"])
+    config = config_from_args(args)
+    assert (config.max_connections, config.max_connections_per_peer, config.send_timeout_s) == (64, 4, 9.0)
+    assert config.limits == {"hello_timeout_s": 1.0, "frames_per_s": 50, "max_refusals": 8, "frame_burst": 30,
+                             "refusals_per_minute": 10.0, "max_outbox_bytes": 65536}
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max-connections", "0"], "--max-connections: expected an integer in [1, 1000000], got 0"),
+        (["--send-timeout", "-1"], "--send-timeout: expected a finite number in (0, 86400], got -1.0"),
+        (["--hello-timeout", "0"], "--hello-timeout: hello_timeout_s: expected a finite number in (0, 86400], got 0.0"),
+        (["--frames-per-s", "nan"], "--frames-per-s: frames_per_s: expected a finite number"),
+        (["--max-refusals", "0"], "--max-refusals: max_refusals: expected an integer in [1, 1000000], got 0"),
+    ],
+)
+def test_a_bad_flood_flag_is_one_line_naming_the_flag(flags: list[str], message: str) -> None:
+    from edge_server.config import config_from_args
+    from edge_server.daemon import build_parser
+
+    with pytest.raises(ConfigError) as info:
+        config_from_args(build_parser().parse_args(["serve", "--family", "f", *flags]))
+    assert str(info.value).startswith(message) and "\n" not in str(info.value), str(info.value)

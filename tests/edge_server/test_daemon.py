@@ -276,22 +276,28 @@ def test_metrics_endpoint_reports_requests_and_batches(tiny_family):
         event, _ = await client.generate(prompt="p", seed=1, pinned=RelayPlan(4, 2, "ddim", 5.0))
         client.conn.send_report(Report(request_id=event.request_id, device_compute_s=0.01, transfer_s=0.001,
                                        total_latency_s=0.2, rating=1))
-        client.conn.send_rating(event.request_id, -1)  # the user changed their mind later
+        client.conn.send_rating(event.request_id, -1)  # the user changed their mind: one request, one rating
         await client.flush()
-        await asyncio.sleep(0.3)
+        # frames are handled in order: once this second request is served, the rating above was handled
+        await client.generate(prompt="p", seed=2, pinned=RelayPlan(4, 2, "ddim", 5.0))
         bad = await BareClient.open(port, tiny_family.family_id, token="nope")
         await bad.next_event()
-        text = await asyncio.to_thread(
-            lambda: urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode())
+        for _ in range(600):  # the report and ratings are on their way: scrape until they are in (60 s at most)
+            text = await asyncio.to_thread(
+                lambda: urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode())
+            if 'rise_edge_errors_total{code="unauthorized"} 1.0' in text and "rise_edge_reports_total 1.0" in text:
+                break
+            await asyncio.sleep(0.1)
         return text
 
     text = run(_with_server(tiny_family, body, metrics_port=metrics_port))
-    assert 'rise_edge_requests_total{decode_on="device",sampler="ddim",split="2",steps="4"} 1.0' in text
+    assert 'rise_edge_requests_total{decode_on="device",sampler="ddim",split="2",steps="4"} 2.0' in text
     assert 'rise_edge_errors_total{code="unauthorized"} 1.0' in text
-    assert "rise_edge_batch_requests_count 2.0" in text  # two UNet calls (k=2)
-    assert 'rise_edge_stage_seconds_count{stage="edge"} 1.0' in text
+    assert "rise_edge_batch_requests_count 4.0" in text  # two UNet calls each (k=2)
+    assert 'rise_edge_stage_seconds_count{stage="edge"} 2.0' in text
     assert "rise_edge_queue_depth" in text
-    assert 'rise_edge_ratings_total{rating="1"} 1.0' in text and 'rise_edge_ratings_total{rating="-1"} 1.0' in text
+    # the report's +1; the same request's later -1 does not count again (one request, one rating)
+    assert 'rise_edge_ratings_total{rating="1"} 1.0' in text and 'rating="-1"' not in text
 
 
 def test_bandit_scheduler_plans_learns_from_reports_and_persists(tiny_family, tmp_path):
