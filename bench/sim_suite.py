@@ -45,6 +45,7 @@ from lab.simulator import (
     Simulation,
     adaptation,
     aggregate,
+    mean_adaptation,
     plot,
 )
 from shared.bandit import load_profile
@@ -115,12 +116,7 @@ def figures_of(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if "decision_ms" in runs[0]:
         figures["linucb_decision_ms"] = {q: max(r["decision_ms"][q] for r in runs) for q in ("p50", "p99")}
     if "adaptation" in runs[0]:
-        rows = np.asarray([r["adaptation"] for r in runs])  # (seeds, changes, 4)
-        figures["adaptation"] = [
-            {"request": int(rows[0, j, 0]), "label": runs[0]["change_labels"][j], "policy": "linucb",
-             "reference": "oracle_priced", "gap_before": float(rows[:, j, 1].mean()),
-             "gap_first_500": float(rows[:, j, 2].mean()), "gap_next_500": float(rows[:, j, 3].mean())}
-            for j in range(rows.shape[1])]
+        figures["adaptation"] = mean_adaptation([r["adaptation"] for r in runs], runs[0]["change_labels"])
     figures["plots"] = [p for r in runs for p in r.get("plots", [])]
     figures["seconds"] = sum(r["seconds"] for r in runs)
     return figures

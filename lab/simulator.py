@@ -380,8 +380,8 @@ class RunResult:
         if self.price is not None:
             out["price_mean"] = float(self.price[s].mean())
         if len(phases) > 1:
-            out["phases"] = {label: float(self.utility[max(a, warmup if a == 0 else a):b].mean())
-                             for a, b, label in phases if b > max(a, warmup if a == 0 else a)}
+            starts = [(warmup if a == 0 else a, b, label) for a, b, label in phases]  # the first after the warmup
+            out["phases"] = {label: float(self.utility[a:b].mean()) for a, b, label in starts if b > a}
         return out
 
 
@@ -705,6 +705,17 @@ def adaptation(result: RunResult, reference: RunResult, change_points: Sequence[
     return out
 
 
+def mean_adaptation(rows: Sequence[Sequence[tuple[int, float, float, float]]], labels: Sequence[str],
+                    policy: str = "linucb", reference: str = "oracle_priced") -> list[dict[str, Any]]:
+    """Each seed's :func:`adaptation` rows (``rows[seed][change]``), averaged over the seeds, per change."""
+    if not rows or not rows[0]:
+        return []
+    return [{"request": int(rows[0][j][0]), "label": labels[j], "policy": policy, "reference": reference,
+             "gap_before": float(np.mean([row[j][1] for row in rows])),
+             "gap_first_500": float(np.mean([row[j][2] for row in rows])),
+             "gap_next_500": float(np.mean([row[j][3] for row in rows]))} for j in range(len(rows[0]))]
+
+
 def adaptation_over_seeds(sims: Sequence[Simulation], results: Sequence[dict[str, RunResult]],
                           policy: str = "linucb", reference: str = "oracle_priced") -> list[dict[str, Any]]:
     """:func:`adaptation` of ``policy`` against ``reference``, averaged over the seeds."""
@@ -712,11 +723,7 @@ def adaptation_over_seeds(sims: Sequence[Simulation], results: Sequence[dict[str
             policy in r and reference in r for r in results):
         return []
     rows = [adaptation(r[policy], r[reference], sim.world.change_points) for sim, r in zip(sims, results, strict=True)]
-    labels = sims[0].world.change_labels
-    return [{"request": rows[0][j][0], "label": labels[j], "policy": policy, "reference": reference,
-             "gap_before": float(np.mean([row[j][1] for row in rows])),
-             "gap_first_500": float(np.mean([row[j][2] for row in rows])),
-             "gap_next_500": float(np.mean([row[j][3] for row in rows]))} for j in range(len(rows[0]))]
+    return mean_adaptation(rows, sims[0].world.change_labels, policy, reference)
 
 
 def run_seeds(profile: Profile, config: SimConfig, names: Sequence[str] | None, seeds: int,

@@ -45,6 +45,11 @@ from .reward import LATENCY_SCALE_S
 
 FloatArray = NDArray[np.float64]
 
+#: What an unreported link or load is taken to be (the feature vector and the latency features alike).
+DEFAULT_RTT_S = 0.05
+DEFAULT_BANDWIDTH_BPS = 20e6
+DEFAULT_DEVICE_LOAD = 0.3
+
 FEATURE_NAMES: tuple[str, ...] = (
     "w", "w*c", "w*c^2", "1-w", "(1-w)*rtt", "(1-w)*xfer", "(1-w)*dev", "(1-w)*dev*load", "(1-w)*load",
     "(1-w)*queue", "(1-w)*active",
@@ -103,9 +108,9 @@ class ContextBuilder:
     latency_scale_s: float = LATENCY_SCALE_S
     queue_ref: float = 8.0
     active_ref: float = 8.0
-    default_rtt_s: float = 0.05
-    default_bandwidth_bps: float = 20e6
-    default_device_load: float = 0.3
+    default_rtt_s: float = DEFAULT_RTT_S
+    default_bandwidth_bps: float = DEFAULT_BANDWIDTH_BPS
+    default_device_load: float = DEFAULT_DEVICE_LOAD
     clip: float = 100.0
 
     def __post_init__(self) -> None:

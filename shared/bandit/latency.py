@@ -41,7 +41,7 @@ from numpy.typing import NDArray
 
 from shared.relay_plan import RelayPlan
 
-from .context import Observation
+from .context import DEFAULT_BANDWIDTH_BPS, DEFAULT_DEVICE_LOAD, DEFAULT_RTT_S, Observation
 from .errors import BanditError
 from .profile import Timing
 
@@ -54,9 +54,6 @@ LATENCY_FEATURES: tuple[str, ...] = (
 #: The prior of the shared latency regression: the arithmetic above, nothing known of load or overheads.
 LATENCY_PRIOR: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0)
 MAX_FEATURE_S = 3600.0
-DEFAULT_RTT_S = 0.05
-DEFAULT_BANDWIDTH_BPS = 20e6
-DEFAULT_DEVICE_LOAD = 0.3
 #: An unmeasured batched step of b requests costs 1 + beta (b - 1) single steps (rise-sim's --batch-beta).
 DEFAULT_BATCH_BETA = 0.5
 

@@ -111,7 +111,8 @@ class BanditPlanner:
     the latency features are built from), or ``None`` for a feature-vector policy without one:
     quality then comes from ratings only (an unrated report counts as quality 0.5) and the
     context scales from ``handoff_bytes`` / ``device_step_ref_s``. ``congestion`` (a
-    :class:`~shared.bandit.congestion.CongestionPrice`) prices each arm's edge steps when given.
+    :class:`~shared.bandit.congestion.CongestionPrice`, or True: one over the profile's batched step
+    times) prices each arm's edge steps when given.
     ``state_path`` (optional) is loaded if it exists and written by :meth:`save`.
     """
 
@@ -123,7 +124,7 @@ class BanditPlanner:
         state_path: str | Path | None = None,
         *,
         context_builder: ContextBuilder | None = None,
-        congestion: CongestionPrice | None = None,
+        congestion: CongestionPrice | bool = False,
         rating_weight: float = DEFAULT_RATING_WEIGHT,
         save_every: int = 50,
         edge_capacity: int = 8,
@@ -158,7 +159,11 @@ class BanditPlanner:
         elif policy.dim != builder.dim:
             raise BanditError(f"the policy has {policy.dim} features, the context {builder.dim}")
         self.builder = builder
-        self.congestion = congestion
+        if congestion is True:
+            if self.latency_features is None:
+                raise BanditError("a congestion price needs a profile (the edge's batched step times)")
+            congestion = CongestionPrice(self.latency_features.T)
+        self.congestion: CongestionPrice | None = congestion or None
         self.labels = [arm_label(a) for a in self.arms]
         self._index = {arm: i for i, arm in enumerate(self.arms)}
         self._steps = np.asarray([a.num_inference_steps for a in self.arms])
@@ -238,10 +243,7 @@ class BanditPlanner:
                 if policy_options.pop("prior", True):
                     policy_options.setdefault("prior_mean", profile_prior(profile, arms, builder))
             chosen = make_policy(policy, len(arms), dim, seed=seed, **policy_options)
-        price: CongestionPrice | None = None
-        if chosen.kind in PRICED_KINDS and congestion is not False:
-            price = (congestion if isinstance(congestion, CongestionPrice)
-                     else CongestionPrice(LatencyFeatures(arms, profile.timing, edge_capacity).T))
+        price = congestion if chosen.kind in PRICED_KINDS else False
         return cls(arms, chosen, profile, state_path, context_builder=builder, congestion=price,
                    edge_capacity=edge_capacity, save_every=save_every, rating_weight=rating_weight)
 
