@@ -6,8 +6,15 @@ the handoff's size. ``rise-device bench`` runs many simulated devices from one p
 (one websocket connection and one asyncio task each) and prints latency percentiles
 and throughput, optionally as JSON.
 
+For a bundle whose family speaks a prompt grammar (the demo family: ``prompt_grammar`` in its
+manifest), a prompt is read as the edge reads it (:mod:`shared.demo_grammar.understanding`): one
+``rise-device: note: ...`` line on stderr says which words were not understood and what was filled
+in (an item placed in a free cell chosen from the seed...), and a prompt of which the family draws
+nothing is refused before anything is sent. A free-text prompt longer than the text encoder reads
+gets a note too. ``bench`` shows a progress bar on stderr when it is a terminal.
+
 Exit status: 0 on success; 2 on an error that stops the command (connection refused,
-unauthorized, a bad bundle or argument, an edge that sent what was not asked for:
+a prompt the family draws nothing of, unauthorized, a bad bundle or argument, an edge that sent what was not asked for:
 ``plan_conflict`` / ``plan_refused`` / ``payload_mismatch``, a missed ``--deadline``),
 printed as one ``rise-device: error: ...`` line; ``bench`` exits 1 when it ran but some
 requests failed.
@@ -28,24 +35,27 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
+from tqdm import tqdm
 
 from device_app.client import EdgeClient
 from device_app.errors import DeviceRunError, EdgeError
 from device_app.results import GenerationResult
 from device_app.runtime import DeviceBundle
+from device_app.speculative import EmulatedDevice
 from device_app.token_file import read_token
+from shared.demo_grammar.prompts import PromptError
+from shared.demo_grammar.understanding import PromptReading, example_prompts, read_prompt_as
 from shared.errors import ConfigError, RiseError
-from shared.manifest import load_manifest
-from shared.relay_plan import RelayPlan
+from shared.manifest import BundleManifest, load_manifest
+from shared.protocol import Plan, ProtocolLimits
+from shared.relay_plan import MAX_STEPS, RelayPlan
 from shared.samplers import SAMPLER_NAMES
 
 PROG = "rise-device"
-BENCH_PROMPTS = (
-    "a red sneaker on a white table",
-    "two cats sleeping on a blue sofa, soft morning light",
-    "a lighthouse on a cliff at sunset, oil painting",
-    "a bowl of ramen, top view",
-)
+#: bench's prompts when none is given: prompts of the demo family's grammar (plain English for any other family).
+BENCH_PROMPTS = tuple(example_prompts(4, seed=0))
+#: The edge's default step limit; the edge it connects to says its own in the welcome.
+DEFAULT_EDGE_MAX_STEPS = ProtocolLimits().max_steps
 
 
 # --------------------------------------------------------------------------- arguments
@@ -79,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where a pinned configuration decodes (edge: only with K = N)")
         p.add_argument("--height", type=int, default=None, help="image height (one of the server's sizes)")
         p.add_argument("--width", type=int, default=None, help="image width (one of the server's sizes)")
+        p.add_argument("--emulate-step-s", type=float, default=None, metavar="S",
+                       help="pace each device step to S seconds, like a slower phone (benchmarks)")
+        p.add_argument("--emulate-decode-s", type=float, default=0.0, metavar="S",
+                       help="with --emulate-step-s: pace the VAE decode to S seconds (default 0)")
+        p.add_argument("--no-speculative", action="store_true",
+                       help="run plans the edge marks speculative as plain relays (wait for the handoff)")
         p.add_argument("--retries", type=int, default=None,
                        help="retries of a request the server answers busy/rate_limited")
 
@@ -89,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="seed (default: the server picks one)")
     gen.add_argument("--rating", type=int, choices=(-1, 0, 1), default=None, help="your rating, sent with the report")
     gen.add_argument("--out", required=True, help="output PNG path")
+    gen.add_argument("--preview", default=None, metavar="DIR",
+                     help="write the live preview's frames (edge-NNN.png, then device-NNN.png) to DIR")
+    gen.add_argument("--preview-every", type=int, default=2, metavar="K",
+                     help="with --preview: a frame every K steps and at the end of each side (default 2)")
 
     bench = sub.add_parser("bench", help="many simulated devices from one process",
                            description="Run N concurrent device connections, M requests in total; print "
@@ -132,6 +152,12 @@ def request_options(args: argparse.Namespace) -> RequestOptions:
                                          ("--decode-on", args.decode_on)) if value is not None]
     pinned = None
     steps = args.steps
+    if steps is not None and not 1 <= steps <= MAX_STEPS:
+        raise ConfigError(f"--steps must be at least 1 and at most the edge's limit (its max_steps, "
+                          f"{DEFAULT_EDGE_MAX_STEPS} by default), got {steps}")
+    if args.split is not None and steps is not None and not 0 <= args.split <= steps:
+        raise ConfigError(f"--split must be in [0, --steps={steps}] (0 = device only, {steps} = edge only), "
+                          f"got {args.split}")
     if args.split is not None:
         if args.steps is None:
             raise ConfigError("--split needs --steps: give both to pin a configuration")
@@ -165,6 +191,48 @@ def describe_plan(plan: RelayPlan) -> str:
             f"decode on {plan.decode_on}")
 
 
+def chosen_by(plan: Plan, pinned: bool) -> str:
+    """Who chose a request's configuration, in words."""
+    if pinned or plan.scheduler == "pinned":
+        return "pinned by this request (--steps and --split)"
+    return f"chosen by the edge's {plan.scheduler} scheduler"
+
+
+def read_for_bundle(manifest: BundleManifest, prompt: str, seed: int) -> PromptReading | None:
+    """How the bundle's family reads ``prompt`` (its grammar's reader, as the edge reads it); None: free text."""
+    return read_prompt_as(manifest.prompt_grammar, prompt, seed, max_words=manifest.text_max_length - 2)
+
+
+def check_prompt(manifest: BundleManifest, prompt: str) -> None:
+    """PromptError for a prompt of which the bundle's family draws nothing (it would be a blank picture)."""
+    reading = read_for_bundle(manifest, prompt, 0)  # whether anything is understood does not depend on the seed
+    if reading is not None and reading.scene is None:
+        raise PromptError(reading.message or f"the family understood nothing in {prompt!r}")
+
+
+def prompt_notice(manifest: BundleManifest, prompt: str, plan: Plan) -> str | None:
+    """The line to tell the user about the prompt: the edge's notice, else this device's own reading."""
+    if plan.notice is not None:
+        return plan.notice
+    reading = read_for_bundle(manifest, prompt, plan.seed)
+    return None if reading is None else reading.message
+
+
+def cut_notice(bundle: DeviceBundle, prompt: str) -> str | None:
+    """The line for a free-text prompt longer than the family's text encoder reads (a grammar's reader says its own)."""
+    if bundle.prompt_grammar is not None or not bundle.prompt_is_cut(prompt):
+        return None
+    return (f"the prompt is longer than this family's text encoder reads ({bundle.manifest.text_max_length} tokens): "
+            "the words past that are ignored")
+
+
+def check_edge_limits(options: RequestOptions, limits: ProtocolLimits) -> None:
+    """ConfigError for steps past the limit this edge announced in its welcome."""
+    steps = options.pinned.num_inference_steps if options.pinned is not None else options.steps
+    if steps is not None and steps > limits.max_steps:
+        raise ConfigError(f"--steps must be at most {limits.max_steps} on this edge (its max_steps), got {steps}")
+
+
 def _ms(seconds: float | None) -> str:
     return "n/a" if seconds is None else f"{seconds * 1000:.1f} ms"
 
@@ -190,17 +258,27 @@ class ProgressLine:
         self.plan: RelayPlan | None = None
         self.edge = (0, 0)
         self.device = (0, 0)
+        self._device_from: int | None = None
+        self._device_last = 0
 
     def on_plan(self, plan: RelayPlan) -> None:
         self.plan = plan
         self.edge = (0, plan.edge_steps)
         self.device = (0, plan.device_steps)
+        self._device_from, self._device_last = None, 0
 
     def __call__(self, stage: str, step: int, total: int) -> None:
         if stage == "edge":
             self.edge = (step, total)
-        elif self.plan is not None:  # device steps count from K + 1 to N: show them from 1
-            self.device = (step - self.plan.split, self.plan.device_steps)
+        elif self.plan is not None:
+            # Device steps count from k + 1 to N, k where the handoff happened (an adaptive plan's may be
+            # before its split; a speculative run's own steps from 1): show them from 1.
+            if not (self.plan.adaptive or self.plan.speculative):
+                self._device_from = self.plan.split
+            elif self._device_from is None or step <= self._device_last:  # the first, or a switch to the handoff
+                self._device_from = step - 1
+            self._device_last = step
+            self.device = (step - self._device_from, total - self._device_from)
         if self.tty:
             self.stream.write("\r" + self.text())
             self.stream.flush()
@@ -214,8 +292,10 @@ class ProgressLine:
         self.stream.write(("\r" if self.tty else "") + self.text() + "\n")
 
 
-async def _generate(args: argparse.Namespace, options: RequestOptions, token: str | None, out: TextIO) -> int:
+async def _generate(args: argparse.Namespace, options: RequestOptions, token: str | None, out: TextIO,
+                    err: TextIO) -> int:
     bundle = DeviceBundle(args.bundle, threads=args.threads)
+    check_prompt(bundle.manifest, args.prompt)  # refused here, before the edge spends a step on a blank
     progress = ProgressLine(out)
 
     def on_plan(plan: RelayPlan, why: str) -> None:
@@ -223,21 +303,35 @@ async def _generate(args: argparse.Namespace, options: RequestOptions, token: st
         print(f"plan: {describe_plan(plan)}", file=out)
         print(f"why: {why}", file=out)
 
+    frames: list[tuple[str, int, bytes]] = []
+    preview_dir = None if args.preview is None else Path(args.preview)
+    if preview_dir is not None and args.preview_every < 1:
+        raise ConfigError(f"--preview-every must be >= 1, got {args.preview_every}")
+
+    def on_preview(stage: str, step: int, png: bytes) -> None:
+        frames.append((stage, step, png))
+
     async with EdgeClient.connect(
         args.server, bundle, token=token, open_timeout=args.open_timeout, timeout=args.timeout,
-        deadline=args.deadline,
+        deadline=args.deadline, **client_options(args),
     ) as client:
         welcome = client.welcome
         print(f"connected to {args.server}: server {welcome.server}, protocol v{welcome.version}, "
               f"family {welcome.family_id}, rtt {_ms(client.link.rtt_s)}", file=out)
+        check_edge_limits(options, welcome.limits)
         result = await client.generate_with_retry(
             args.prompt, attempts=1 + (3 if args.retries is None else args.retries),
             preference=options.preference, seed=args.seed, pinned=options.pinned, steps=options.steps,
             height=options.height, width=options.width, rating=args.rating,
             on_plan=on_plan, on_progress=progress,
+            on_preview=on_preview if preview_dir is not None else None,
+            preview_every=args.preview_every if preview_dir is not None else None,
         )
         progress.finish()
-        _print_result(result, client, out)
+        notice = prompt_notice(bundle.manifest, args.prompt, result.plan) or cut_notice(bundle, args.prompt)
+        if notice is not None:
+            print(f"{PROG}: note: {notice}", file=err)
+        _print_result(result, client, out, pinned=options.pinned is not None)
     target = Path(args.out)
     try:
         from PIL import Image
@@ -250,12 +344,41 @@ async def _generate(args: argparse.Namespace, options: RequestOptions, token: st
     except OSError as exc:
         raise ConfigError(f"cannot write {target}: {exc.strerror or exc}") from None
     print(f"wrote {target} ({result.image.shape[1]}x{result.image.shape[0]})", file=out)
+    if preview_dir is not None:
+        write_preview_frames(preview_dir, frames, out)
     return 0
 
 
-def _print_result(result: GenerationResult, client: EdgeClient, out: TextIO) -> None:
+def write_preview_frames(folder: Path, frames: list[tuple[str, int, bytes]], out: TextIO) -> None:
+    """The live preview's frames as ``edge-NNN.png`` / ``device-NNN.png`` (NNN: the step), in arrival order."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for stage, step, png in frames:
+            (folder / f"{stage}-{step:03d}.png").write_bytes(png)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the preview frames to {folder}: {exc.strerror or exc}") from None
+    nbytes = sum(len(png) for _, _, png in frames)
+    by_stage = {stage: sum(1 for s, _, _ in frames if s == stage) for stage in ("edge", "device")}
+    print(f"wrote {len(frames)} preview frames to {folder} ({by_stage['edge']} from the edge, "
+          f"{by_stage['device']} from this device; {nbytes:,} bytes)", file=out)
+
+
+def client_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The EdgeClient options the flags set: an emulated slower device, speculative plans run or not."""
+    options: dict[str, Any] = {"speculative": not args.no_speculative}
+    if args.emulate_step_s is not None:
+        try:
+            options["emulate"] = EmulatedDevice(args.emulate_step_s, args.emulate_decode_s)
+        except ValueError as exc:
+            raise ConfigError(f"--emulate-step-s/--emulate-decode-s: {exc}") from None
+    elif args.emulate_decode_s:
+        raise ConfigError("--emulate-decode-s needs --emulate-step-s")
+    return options
+
+
+def _print_result(result: GenerationResult, client: EdgeClient, out: TextIO, *, pinned: bool = False) -> None:
     t, plan = result.timings, result.plan
-    print(f"request {result.request_id}: seed {plan.seed}, {plan.width}x{plan.height}, chosen by {plan.scheduler}",
+    print(f"request {result.request_id}: seed {plan.seed}, {plan.width}x{plan.height}, {chosen_by(plan, pinned)}",
           file=out)
     rows = [
         ("queue (edge)", t.queue_s),
@@ -272,7 +395,7 @@ def _print_result(result: GenerationResult, client: EdgeClient, out: TextIO) -> 
         print(f"  {label:<48} {_ms(value):>12}", file=out)
     kind = "handoff" if result.png is None else "edge-decoded PNG"
     line = f"{kind}: {result.payload_bytes:,} bytes; overhead (transfer + decode) {_ms(t.handoff_overhead_s)}"
-    if t.device_compute_s > 0:
+    if plan.plan.device_steps > 0 and t.device_compute_s > 0:  # edge-only: no device compute to compare with
         line += f" = {100 * t.handoff_overhead_s / t.device_compute_s:.1f}% of device compute"
     print(line, file=out)
     link = client.link.snapshot()
@@ -296,17 +419,25 @@ class BenchRun:
     bandwidth_bps: list[float] = field(default_factory=list)
 
 
+def _is_tty(stream: TextIO) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty is not None and isatty())
+
+
 def _error_code(exc: BaseException) -> str:
     return getattr(exc, "code", None) or type(exc).__name__
 
 
 async def _bench_run(
-    args: argparse.Namespace, options: RequestOptions, token: str | None, bundles: list[DeviceBundle]
+    args: argparse.Namespace, options: RequestOptions, token: str | None, bundles: list[DeviceBundle],
+    err: TextIO | None = None,
 ) -> BenchRun:
     run = BenchRun()
+    err = err or sys.stderr
     opened = await asyncio.gather(
         *(EdgeClient.open(args.server, bundles[i % len(bundles)], token=token, client_name=f"rise-bench-{i}",
-                          open_timeout=args.open_timeout, timeout=args.timeout, deadline=args.deadline)
+                          open_timeout=args.open_timeout, timeout=args.timeout, deadline=args.deadline,
+                          **client_options(args))
           for i in range(args.clients)),
         return_exceptions=True,
     )
@@ -315,7 +446,17 @@ async def _bench_run(
     if failed:  # a bench with fewer clients than asked would mislead: stop
         await asyncio.gather(*(c.close() for c in clients))
         raise failed[0]
+    try:
+        for client in clients:
+            check_edge_limits(options, client.welcome.limits)
+    except ConfigError:
+        await asyncio.gather(*(c.close() for c in clients))
+        raise
     prompts = args.prompt or list(BENCH_PROMPTS)
+    manifest = bundles[0].manifest
+    noticed: set[str] = set()  # prompts whose notice was shown: once each, not once a request
+    bar = tqdm(total=args.requests, desc="bench", unit="request", file=err, disable=not _is_tty(err),
+               dynamic_ncols=True)
     counter = itertools.count()
     retries = 1 + (0 if args.retries is None else args.retries)
 
@@ -332,13 +473,22 @@ async def _bench_run(
                 )
             except (EdgeError, DeviceRunError) as exc:
                 run.errors[_error_code(exc)] += 1
+                bar.update(1)
+                bar.set_postfix(errors=sum(run.errors.values()), refresh=False)
                 if client.closed:
                     break  # this device is gone; the others take the remaining requests
                 continue
+            bar.update(1)
+            prompt = prompts[i % len(prompts)]
+            notice = prompt_notice(manifest, prompt, result.plan) if prompt not in noticed else None
+            noticed.add(prompt)
+            if notice is not None:
+                bar.write(f"{PROG}: note: {notice}", file=err)
             p = result.plan.plan
             run.records.append({
                 "client": index, "request_id": result.request_id, "payload_bytes": result.payload_bytes,
                 "plan": f"N={p.num_inference_steps},K={p.split},{p.sampler},g={p.guidance_scale:g},{p.decode_on}",
+                "device_steps": p.device_steps,
                 **result.timings.as_dict(),
             })
 
@@ -346,6 +496,7 @@ async def _bench_run(
     try:
         await asyncio.gather(*(device(i, c) for i, c in enumerate(clients)))
     finally:
+        bar.close()
         run.wall_s = time.perf_counter() - started
         unsent = args.requests - len(run.records) - sum(run.errors.values())
         if unsent > 0:  # every connection was lost before these could be sent
@@ -376,6 +527,12 @@ def summarize(run: BenchRun, *, server: str, clients: int, requests: int, config
     else:
         latency = {k: None for k in ("p50", "p95", "p99", "mean", "min", "max")}
     overhead, compute = mean("handoff_overhead_s"), mean("device_compute_s")
+    # The overhead against device compute only where the device computed (an edge-only request has none).
+    stepped = [r for r in run.records if r.get("device_steps", 1) > 0 and r.get("device_compute_s")
+               and r.get("handoff_overhead_s") is not None]
+    fraction = (float(np.mean([r["handoff_overhead_s"] for r in stepped]) / np.mean([r["device_compute_s"]
+                                                                                      for r in stepped]))
+                if stepped else None)
     return {
         "server": server,
         "clients": clients,
@@ -394,7 +551,7 @@ def summarize(run: BenchRun, *, server: str, clients: int, requests: int, config
         "handoff_decode_s_mean": mean("handoff_decode_s"),
         "handoff_overhead_s_mean": overhead,
         # Against the ORT steps alone (decode excluded): the stricter reading of "device compute".
-        "handoff_overhead_fraction": overhead / compute if overhead is not None and compute else None,
+        "handoff_overhead_fraction": fraction,
         "device_wait_s_mean": mean("device_wait_s"),
         "device_compute_s_mean": compute,
         "decode_s_mean": mean("decode_s"),
@@ -426,17 +583,27 @@ def _print_summary(s: dict[str, Any], out: TextIO) -> None:
         print("plans: " + ", ".join(f"{plan} x{n}" for plan, n in s["plans"].items()), file=out)
 
 
-async def _bench(args: argparse.Namespace, options: RequestOptions, token: str | None, out: TextIO) -> int:
+async def _bench(args: argparse.Namespace, options: RequestOptions, token: str | None, out: TextIO,
+                 err: TextIO) -> int:
     if args.clients < 1 or args.requests < 1:
         raise ConfigError(f"--clients and --requests must be >= 1, got {args.clients} and {args.requests}")
     # One bundle (ORT sessions) per client by default: each simulated device then owns its
     # sessions as a real one does. The files are verified once; the copies skip the sha256.
     count = 1 if args.shared_bundle else args.clients
-    bundles = [DeviceBundle(args.bundle, threads=args.threads, verify=(i == 0)) for i in range(count)]
+    bundles = []
+    for i in tqdm(range(count), desc="loading bundles", unit="bundle", file=err, disable=count < 2 or not _is_tty(err),
+                  leave=False):
+        bundles.append(DeviceBundle(args.bundle, threads=args.threads, verify=(i == 0)))
+        if i == 0:
+            for prompt in dict.fromkeys(args.prompt or BENCH_PROMPTS):
+                check_prompt(bundles[0].manifest, prompt)  # before any client connects
+                cut = cut_notice(bundles[0], prompt)
+                if cut is not None:
+                    print(f"{PROG}: note: {prompt[:40]!r}...: {cut}", file=err)
     how = "one shared bundle" if args.shared_bundle else "one bundle per client"
     print(f"bench: {args.clients} clients, {args.requests} requests against {args.server} "
           f"({how}, {args.threads} ORT thread(s) each)", file=out)
-    run = await _bench_run(args, options, token, bundles)
+    run = await _bench_run(args, options, token, bundles, err)
     config = {
         "shared_bundle": args.shared_bundle, "threads": args.threads, "prompts": args.prompt or list(BENCH_PROMPTS),
         "preference": options.preference, "seed": args.seed,
@@ -466,12 +633,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return app_main(argv[1:])
     args = build_parser().parse_args(argv)
-    out = sys.stdout
+    out, err = sys.stdout, sys.stderr
     try:
         options = request_options(args)
         token = read_token(args.token_file) if args.token_file else None
         command = _generate if args.command == "generate" else _bench
-        return asyncio.run(command(args, options, token, out))
+        return asyncio.run(command(args, options, token, out, err))
     except (RiseError, ValueError) as exc:  # ValueError: a malformed --server URL from websockets
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2

@@ -19,6 +19,11 @@ more wait locally for a slot). Inside a client:
   other requests; its progress comes back to the loop with ``call_soon_threadsafe``. One
   request at a time runs on the device by default (``device_workers=1``): it is one device.
 
+A **speculative** plan also starts this device's own device-only run at once (one more task per
+request, on the same device slot); the handoff, when it comes, is taken or declined by
+:func:`shared.planning.speculative_switch`, and the edge request is cancelled if the device won
+(:mod:`device_app.speculative` holds the run's state and the emulated slow device).
+
 Errors live in :mod:`device_app.errors`, results in :mod:`device_app.results`.
 
 What the edge sends is checked against what was asked before any work on it
@@ -39,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import random
@@ -53,6 +59,7 @@ from websockets.asyncio.client import ClientConnection as WebSocket
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidURI, WebSocketException
 
+from device_app.app.offline import device_only_handoff  # no Kivy there (device_app/app/__init__.py)
 from device_app.errors import (
     CONNECT_FAILED,
     CONNECTION_LOST,
@@ -65,11 +72,13 @@ from device_app.errors import (
     EdgeTimeout,
 )
 from device_app.expected import DeviceLimits, check_handoff, check_plan, check_png, decode_png
-from device_app.finish import finish_handoff
+from device_app.finish import StepCallback, X0Callback, finish_handoff
+from device_app.preview import DevicePreviewer, PreviewCallback
 from device_app.results import Finished, GenerationResult, Timings
 from device_app.runtime import DeviceBundle
+from device_app.speculative import EmulatedDevice, OwnRun, RunStopped
 from device_app.telemetry import DeviceLoad, LinkEstimator
-from shared.handoff import HandoffLimits
+from shared.handoff import Handoff, HandoffLimits
 from shared.protocol import (
     FATAL_CLOSE_CODES,
     ClientConnection,
@@ -87,7 +96,7 @@ from shared.protocol import (
 )
 from shared.relay_plan import RelayPlan
 
-__all__ = ["EdgeClient", "PlanCallback", "ProgressCallback"]
+__all__ = ["EdgeClient", "PlanCallback", "PreviewCallback", "ProgressCallback"]
 
 log = logging.getLogger("rise.device.client")
 
@@ -110,6 +119,32 @@ class _Item:
 class _Pending:
     request: Generate
     queue: asyncio.Queue[_Item | BaseException] = field(default_factory=asyncio.Queue)
+
+
+@dataclass
+class _Speculation:
+    """A request's speculative state: the device's own run once it started, and the steps it discarded."""
+
+    run: OwnRun | None = None
+    wasted_steps: int = 0
+    plan_at: float | None = None  # when the plan arrived (the own run starts then)
+
+    def stop(self) -> None:
+        if self.run is not None:
+            self.run.decide(1, 1)  # any handoff switches: the run stops at its next step
+
+
+@dataclass
+class _OwnResult:
+    """The device's own run of a speculative plan, finished."""
+
+    plan: Plan  # the edge's plan message with the device-only configuration that ran
+    finished: Finished
+    encode_s: float
+    device_wait_s: float
+    steps: int
+    plan_at: float | None = None
+    sent_at: float = 0.0
 
 
 def _warm_up(bundle: DeviceBundle) -> None:
@@ -136,7 +171,8 @@ class EdgeClient:
     ``deadline`` bounds a request's whole wait for the edge (generate sent -> payload
     received), however many progress frames arrive (:class:`EdgeTimeout`, code
     ``deadline``; ``None``: no deadline), measured on ``clock``. ``device_limits`` are
-    what this device runs, whatever the edge's welcome allows.
+    what this device runs, whatever the edge's welcome allows. ``speculative``,
+    ``speculative_slack_steps`` and ``emulate``: see :meth:`open`.
     """
 
     def __init__(
@@ -154,6 +190,9 @@ class EdgeClient:
         deadline: float | None = 600.0,
         clock: Clock = time.monotonic,
         device_limits: DeviceLimits | None = None,
+        speculative: bool = True,
+        speculative_slack_steps: float = 0.0,
+        emulate: EmulatedDevice | None = None,
     ) -> None:
         if conn.welcome is None:
             raise ValueError("EdgeClient needs an open connection: use EdgeClient.open() or EdgeClient.connect()")
@@ -163,6 +202,12 @@ class EdgeClient:
         self.deadline = _checked_deadline(deadline)
         self.device_limits = device_limits or DeviceLimits()
         self._clock = clock
+        #: Run speculative plans speculatively (False: as plain relays); the switch rule's slack in steps.
+        self.speculative = speculative
+        self.speculative_slack_steps = speculative_slack_steps
+        #: Pace this device's steps and decode like a slower device's (tests, benchmarks), or None.
+        self.emulate = emulate
+        self._previewer: DevicePreviewer | None = None  # made on the first request that asks for previews
         self.device_load = device_load
         self.link = link
         #: Connection-level errors the server sent that did not end the connection (for logs and tests).
@@ -213,6 +258,9 @@ class EdgeClient:
         deadline: float | None = 600.0,
         clock: Clock = time.monotonic,
         device_limits: DeviceLimits | None = None,
+        speculative: bool = True,
+        speculative_slack_steps: float = 0.0,
+        emulate: EmulatedDevice | None = None,
     ) -> EdgeClient:
         """Connect, say hello with ``bundle``'s family, and wait for the welcome.
 
@@ -224,9 +272,15 @@ class EdgeClient:
         (the last bounds the wait for the closing handshake the dead link never completes).
         ``limits`` are this side's receive limits (frame sizes); ``warm_up`` creates the ORT
         sessions before returning. ``deadline`` (seconds, None: none), ``clock`` and
-        ``device_limits`` are the requests' (see :class:`EdgeClient`).
+        ``device_limits`` are the requests' (see :class:`EdgeClient`). ``speculative`` (default True)
+        runs speculative plans speculatively, switching by :func:`shared.planning.speculative_switch`
+        with ``speculative_slack_steps``; ``emulate`` paces this device like a slower one
+        (:class:`~device_app.speculative.EmulatedDevice`; its step time also goes in the hello as
+        ``device_step_s`` unless that is given).
         """
         deadline = _checked_deadline(deadline)
+        if device_step_s is None and emulate is not None and emulate.step_s > 0:
+            device_step_s = emulate.step_s  # the speed the edge should plan for
         limits = limits or ProtocolLimits()
         load = device_load or DeviceLoad()
         link = link or LinkEstimator()
@@ -268,7 +322,8 @@ class EdgeClient:
         client = cls(
             ws, conn, bundle, url=url, timeout=timeout, device_load=load, link=link,
             device_workers=device_workers, rtt_interval_s=rtt_interval_s, deadline=deadline, clock=clock,
-            device_limits=device_limits,
+            device_limits=device_limits, speculative=speculative, speculative_slack_steps=speculative_slack_steps,
+            emulate=emulate,
         )
         with contextlib.suppress(EdgeError):
             await client.measure_rtt(timeout=open_timeout)  # the first request then carries an RTT
@@ -361,6 +416,8 @@ class EdgeClient:
         rating: int | None = None,
         on_progress: ProgressCallback | None = None,
         on_plan: PlanCallback | None = None,
+        on_preview: PreviewCallback | None = None,
+        preview_every: int | None = None,
         timeout: float | None = None,
         deadline: float | None = None,
     ) -> GenerationResult:
@@ -370,11 +427,21 @@ class EdgeClient:
         configuration, ``steps`` only ``N``; ``seed``/``height``/``width`` default to the
         server's choice. ``on_plan(plan, why)`` is called when the edge announces its
         choice and ``on_progress(stage, step, total)`` for every edge step (from the
-        server) and device step (``step`` counts from ``split + 1`` to ``N``), both on
-        the event loop. After the image is ready the :class:`Report` (with ``rating``
-        if given) is sent. ``timeout`` and ``deadline`` override the client's for this request
+        server) and device step (``step`` counts from ``split + 1`` to ``N``; a speculative
+        run's own steps from 1), both on the event loop. ``preview_every`` asks the edge for a
+        live preview every that many steps; ``on_preview(stage, step, png)`` gets each one (after
+        ``on_progress``). After the image is ready the :class:`Report` (with ``rating`` if given)
+        is sent. ``timeout`` and ``deadline`` override the client's for this request
         (``deadline=math.inf``: none). The plan, the handoff and the PNG are checked before any
         work on them (:mod:`device_app.expected`).
+
+        A **speculative** plan (``RelayPlan.speculative``, and this client's ``speculative``) starts
+        this device's own device-only run at once; on the handoff's arrival
+        :func:`shared.planning.speculative_switch` decides: switch (the own run stops, the handoff
+        is finished: ``path == "relay"``) or finish alone (``path == "device"``: the edge is told
+        ``cancelled``, so it expects no report). An own run that finishes first cancels the edge
+        request (its ``cancelled`` answer is no failure); one still running when the edge fails
+        (busy, timeout, lost connection) finishes the image alone.
 
         Raises :class:`EdgeError` (server refusal or failure, code attached),
         :class:`EdgeTimeout`, :class:`EdgeConnectionError`, :class:`EdgeMismatch` (the edge sent
@@ -383,7 +450,9 @@ class EdgeClient:
         self._check_open()
         timeout = self.timeout if timeout is None else timeout
         limit = self.deadline if deadline is None else _checked_deadline(deadline)
-        async with self._slots:
+        await self._slots.acquire()
+        slot_held = True
+        try:
             self._check_open()
             rid = self._conn.new_request_id()
             link = self.link.snapshot()
@@ -391,7 +460,7 @@ class EdgeClient:
                 request = Generate(
                     request_id=rid, prompt=prompt, preference=preference, seed=seed, height=height, width=width,
                     steps=steps, pinned=pinned, device_load=self.device_load.sample(), rtt_s=link.rtt_s,
-                    bandwidth_bps=link.bandwidth_bps,
+                    bandwidth_bps=link.bandwidth_bps, preview_every=preview_every,
                 )
                 self._conn.send_generate(request)  # checks the server's limits: a bad request never leaves
             except ProtocolError as exc:
@@ -402,15 +471,55 @@ class EdgeClient:
             deadline_at = None if limit is None else self._clock() + limit
             try:
                 await self._flush()
-                plan, plan_at, delivery = await self._await_delivery(
-                    pending, timeout, (limit, deadline_at), on_plan, on_progress
-                )
             except BaseException:
+                self._pending.pop(rid, None)
+                raise
+            loop = asyncio.get_running_loop()
+            planned: asyncio.Future[Plan] = loop.create_future()
+            spec = _Speculation()
+
+            def on_plan_message(message: Plan) -> None:
+                if not planned.done():
+                    planned.set_result(message)
+
+            device_preview = self._threadsafe_preview(on_preview, preview_every)
+            own = loop.create_task(self._speculate(planned, prompt, spec, on_progress, device_preview),
+                                   name=f"rise-own {rid}")
+            delivery = loop.create_task(self._await_delivery(
+                pending, timeout, (limit, deadline_at), on_plan, on_progress, on_preview,
+                on_plan_message=on_plan_message,
+            ), name=f"rise-delivery {rid}")
+            try:
+                outcome = await self._race(rid, delivery, own, spec)
+            except BaseException:
+                spec.stop()
+                own.cancel()
+                delivery.cancel()
                 self._pending.pop(rid, None)
                 self._abandon(rid)
                 raise
+            finally:
+                if not planned.done():
+                    planned.cancel()
+            if isinstance(outcome, _OwnResult):  # the device finished alone
+                self._pending.pop(rid, None)
+                outcome.sent_at = sent_at
+                if rid in self._conn.in_flight and not self.closed:
+                    # Cancel it, and keep its slot until the edge answers: it counts it in flight until then.
+                    self._conn.send_cancel(rid)
+                    self._pending[rid] = pending  # its answer ("cancelled", or the handoff that raced it)
+                    slot_held = False
+                    self._spawn(self._until_answered(pending))
+                    await self._flush_quietly()
+                else:
+                    self._abandon(rid)  # delivered and declined: "cancelled", so no report is awaited
+                return self._own_result(rid, outcome)
             self._pending.pop(rid, None)
-        item, event = delivery, delivery.event
+            plan, plan_at, delivery_item = outcome
+        finally:
+            if slot_held:
+                self._slots.release()
+        item, event = delivery_item, delivery_item.event
         timings: dict[str, Any] = {
             "plan_s": None if plan_at is None else plan_at - sent_at,
             "edge_wait_s": max(0.0, item.at - event.transfer_s - sent_at),
@@ -418,6 +527,7 @@ class EdgeClient:
             "handoff_decode_s": item.parse_s if isinstance(event, HandoffReceived) else 0.0,
             "queue_s": event.announcement.queue_s,
             "edge_compute_s": event.announcement.edge_compute_s,
+            "speculative_steps": spec.wasted_steps,
         }
         if isinstance(event, HandoffReceived):
             self.link.add_transfer(len(event.payload), event.transfer_s)
@@ -437,7 +547,8 @@ class EdgeClient:
             try:
                 if isinstance(event, HandoffReceived):
                     finished: Finished = await asyncio.to_thread(
-                        finish_handoff, self.bundle, event.handoff, on_step=self._threadsafe_progress(on_progress)
+                        self._device_steps, event.handoff, self._threadsafe_progress(on_progress), None,
+                        device_preview,
                     )
                     assert finished.image is not None  # decoded: finish_handoff's default
                     latents, image, png = finished.latents, finished.image, None
@@ -459,6 +570,7 @@ class EdgeClient:
         return GenerationResult(
             request_id=rid, image=image, latents=latents, plan=plan, timings=result_timings,
             payload_bytes=len(payload), png=png, report=report,
+            path_taken="relay" if isinstance(event, HandoffReceived) else "edge",
         )
 
     async def generate_with_retry(
@@ -517,6 +629,143 @@ class EdgeClient:
             raise self._lost_error(exc) from None
         return self.link.add_rtt(_now() - started)
 
+
+    # ----------------------------------------------------------------- speculative relay internals
+
+    async def _race(
+        self, rid: str, delivery: asyncio.Task[tuple[Plan, float | None, _Item]],
+        own: asyncio.Task[_OwnResult | None], spec: _Speculation,
+    ) -> _OwnResult | tuple[Plan, float | None, _Item]:
+        """Wait for the edge's payload and, for a speculative plan, the device's own run; say who won."""
+        while not delivery.done():
+            await asyncio.wait({delivery, own} if not own.done() else {delivery},
+                               return_when=asyncio.FIRST_COMPLETED)
+            if own.done() and not delivery.done() and isinstance(own.result(), _OwnResult):
+                delivery.cancel()  # the device finished first: the caller cancels the edge request
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await delivery
+                return own.result()  # type: ignore[return-value]  # checked just above
+        try:
+            plan, plan_at, item = delivery.result()
+        except EdgeError as exc:
+            if spec.run is None:
+                raise
+            log.info("request %s: the edge failed (%s); the device finishes alone", rid, exc.code)
+            alone = await own
+            if alone is None:
+                raise
+            return alone
+        event = item.event
+        if spec.run is not None and isinstance(event, HandoffReceived):
+            finished_alone = own.done() and isinstance(own.result(), _OwnResult)
+            switch = spec.run.decide(plan.plan.num_inference_steps, event.handoff.split,
+                                     slack_steps=self.speculative_slack_steps, finished=finished_alone)
+            if not switch:
+                alone = await own
+                if alone is not None:
+                    log.info("request %s: the handoff came after %d own steps: finished alone", rid, alone.steps)
+                    return alone  # the caller tells the edge "cancelled": the delivered handoff goes unused
+                # the own run failed: the handoff finishes the image after all
+            else:
+                await own  # stops at its next step boundary
+                spec.wasted_steps = spec.run.steps_done
+        return plan, plan_at, item
+
+    async def _speculate(self, planned: asyncio.Future[Plan], prompt: str, spec: _Speculation,
+                         on_progress: ProgressCallback | None,
+                         on_x0: X0Callback | None = None) -> _OwnResult | None:
+        """For a speculative plan, this device's own device-only run (``None``: not speculative, or stopped)."""
+        plan = await planned
+        spec.plan_at = _now()
+        relay = plan.plan
+        if not (relay.speculative and self.speculative):
+            return None
+        own_plan = RelayPlan(relay.num_inference_steps, 0, relay.sampler, relay.guidance_scale, "device")
+        run = spec.run = OwnRun(relay.num_inference_steps)
+        waited = _now()
+        try:
+            async with self._device:
+                device_wait_s = _now() - waited
+                if run.switched:
+                    return None
+                started = _now()
+                handoff = await asyncio.to_thread(
+                    device_only_handoff, self.bundle, prompt, own_plan, plan.seed, height=plan.height,
+                    width=plan.width, request_id=plan.request_id,
+                )
+                encode_s = _now() - started
+                if run.switched:
+                    return None
+                finished = await asyncio.to_thread(
+                    self._device_steps, handoff, self._threadsafe_progress(on_progress), run, on_x0
+                )
+        except RunStopped:
+            return None
+        except Exception as exc:  # the relay may still deliver: a failed speculation is not the request's end
+            log.warning("request %s: the device's own run failed: %s", plan.request_id, exc)
+            spec.run = None
+            return None
+        assert finished.image is not None  # decoded: finish_handoff's default
+        why = (f"speculative relay: finished on this device before the edge's handoff could win "
+               f"({relay.split} of {relay.num_inference_steps} steps on the edge were planned)")
+        announced = dataclasses.replace(plan, plan=own_plan, why=why)
+        return _OwnResult(announced, finished, encode_s, device_wait_s, run.steps_done, plan_at=spec.plan_at)
+
+    def _device_steps(self, handoff: Handoff, on_step: StepCallback | None, run: OwnRun | None,
+                      on_x0: X0Callback | None = None) -> Finished:
+        """Finish ``handoff`` here (worker thread), paced like the emulated device if any, stoppable by ``run``;
+        ``on_x0`` gets each step's predicted clean latent (the live preview's)."""
+        emulated = self.emulate
+        paced = on_step if emulated is None else emulated.chain(on_step)
+        callback = paced
+        if run is not None:
+            run.then = paced
+            callback = run.on_step
+        if emulated is None:
+            return finish_handoff(self.bundle, handoff, on_step=callback, on_x0=on_x0)
+        emulated.start()
+        finished = finish_handoff(self.bundle, handoff, on_step=callback, on_x0=on_x0)
+        decode_s = emulated.decode(finished.decode_s)
+        return Finished(latents=finished.latents, image=finished.image, steps_s=finished.steps_s, decode_s=decode_s)
+
+    def _own_result(self, rid: str, own: _OwnResult) -> GenerationResult:
+        finished = own.finished
+        assert finished.image is not None
+        timings = Timings(
+            total_latency_s=_now() - own.sent_at, plan_s=None if own.plan_at is None else own.plan_at - own.sent_at,
+            edge_wait_s=0.0, transfer_s=0.0,
+            handoff_decode_s=0.0, device_compute_s=finished.steps_s, decode_s=finished.decode_s,
+            device_wait_s=own.device_wait_s, text_encode_s=own.encode_s, speculative_steps=own.steps,
+        )
+        return GenerationResult(
+            request_id=rid, image=finished.image, latents=finished.latents, plan=own.plan, timings=timings,
+            payload_bytes=0, report=None, path_taken="device",
+        )
+
+    async def _until_answered(self, pending: _Pending) -> None:
+        """Hold a cancelled request's slot until the edge's answer (``cancelled``, or a handoff that raced the
+        cancel, then declined) arrives, so the next request is not refused as one too many in flight."""
+        rid = pending.request.request_id
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(pending.queue.get(), self.timeout)
+                except TimeoutError:
+                    return
+                if isinstance(item, BaseException):
+                    return
+                event = item.event
+                if isinstance(event, (HandoffReceived, ResultReceived)):
+                    self._pending.pop(rid, None)
+                    self._abandon(rid)
+                    return
+                if isinstance(event, (Error, FrameRejected)):
+                    return  # "cancelled" (or the edge's own failure): the request is over, no error for anyone
+        finally:
+            if self._pending.get(rid) is pending:
+                self._pending.pop(rid, None)
+            self._slots.release()
+
     # ----------------------------------------------------------------- request internals
 
     async def _await_delivery(
@@ -526,6 +775,9 @@ class EdgeClient:
         deadline: tuple[float | None, float | None],
         on_plan: PlanCallback | None,
         on_progress: ProgressCallback | None,
+        on_preview: PreviewCallback | None = None,
+        *,
+        on_plan_message: Callable[[Plan], object] | None = None,
     ) -> tuple[Plan, float | None, _Item]:
         """Consume a request's events until its payload arrives; raise on an error, a timeout or the deadline.
 
@@ -558,11 +810,17 @@ class EdgeClient:
             if isinstance(event, Plan):
                 check_plan(self.bundle, pending.request, event, self.device_limits)  # else cancelled by the caller
                 plan, plan_at = event, item.at
+                if on_plan_message is not None:
+                    on_plan_message(event)
                 if on_plan is not None:
                     on_plan(event.plan, event.why)
             elif isinstance(event, Progress):
                 if on_progress is not None:
                     on_progress(event.stage, event.step, event.total)
+                if on_preview is not None and event.preview is not None:
+                    png = event.preview_png()
+                    if png is not None:
+                        on_preview(event.stage, event.step, png)
             elif isinstance(event, (HandoffReceived, ResultReceived)):
                 assert plan is not None  # the connection accepts a payload only for a planned request
                 return plan, plan_at, item
@@ -574,6 +832,19 @@ class EdgeClient:
                     error.code, f"request {rid}: the server's frame was refused here: {error.message}",
                     request_id=rid, field=error.field,
                 )
+
+    def _threadsafe_preview(self, on_preview: PreviewCallback | None, every: int | None) -> X0Callback | None:
+        """Previews of this device's own steps (every ``every``-th and the last), delivered on the loop."""
+        if on_preview is None or every is None:
+            return None
+        if self._previewer is None:
+            self._previewer = DevicePreviewer(self.bundle)
+        loop = asyncio.get_running_loop()
+
+        def deliver(stage: str, step: int, png: bytes) -> None:
+            loop.call_soon_threadsafe(on_preview, stage, step, png)  # runs on the loop, in order
+
+        return self._previewer.step_hook(every, deliver)
 
     def _threadsafe_progress(self, on_progress: ProgressCallback | None) -> Callable[[int, int], None] | None:
         if on_progress is None:

@@ -97,8 +97,9 @@ def check_handoff(bundle: DeviceBundle, handoff: Handoff, plan: Plan) -> None:
     """Raise :class:`EdgeMismatch` unless ``handoff`` is the one ``plan`` announced, for this bundle.
 
     The latent must be (1, latent channels, height / factor, width / factor) of the plan's size,
-    the text embeddings (1, L, D) of the bundle's unconditional embedding, and N and k the plan's
-    (the decoder already bounded every shape and tied the other tensors to the latent's batch).
+    the text embeddings (1, L, D) of the bundle's unconditional embedding, N the plan's and k the
+    plan's (for an adaptive plan, any step of its window; the decoder already bounded every shape
+    and tied the other tensors to the latent's batch).
     """
     rid = plan.request_id
     manifest = bundle.manifest
@@ -118,13 +119,19 @@ def check_handoff(bundle: DeviceBundle, handoff: Handoff, plan: Plan) -> None:
             PAYLOAD_MISMATCH, f"request {rid}: the server's handoff text embeddings have shape {got_cond}, "
             f"expected {want_cond} (the bundle's)", request_id=rid,
         )
-    for name, got_n, want_n in (("num_inference_steps", handoff.num_inference_steps, plan.plan.num_inference_steps),
-                                ("split", handoff.split, plan.plan.split)):
-        if got_n != want_n:
-            raise EdgeMismatch(
-                PAYLOAD_MISMATCH, f"request {rid}: the server's handoff has {name} {got_n}, the plan {want_n}",
-                request_id=rid,
-            )
+    steps = plan.plan.num_inference_steps
+    if handoff.num_inference_steps != steps:
+        raise EdgeMismatch(
+            PAYLOAD_MISMATCH, f"request {rid}: the server's handoff has num_inference_steps "
+            f"{handoff.num_inference_steps}, the plan {steps}", request_id=rid,
+        )
+    if not plan.plan.accepts_split(handoff.split):  # an adaptive plan: anywhere in its window
+        want_k = (str(plan.plan.split) if not plan.plan.adaptive
+                  else f"a step in [{plan.plan.first_split}, {plan.plan.split}]")
+        raise EdgeMismatch(
+            PAYLOAD_MISMATCH, f"request {rid}: the server's handoff has split {handoff.split}, the plan {want_k}",
+            request_id=rid,
+        )
 
 
 def png_size(png: bytes, request_id: str | None = None) -> tuple[int, int]:

@@ -29,9 +29,10 @@ from shared.guidance import lcm_guidance_embedding
 from shared.handoff import Handoff, HandoffInvalid
 from shared.samplers import make_sampler
 
-__all__ = ["Clock", "Finished", "StepCallback", "check_handoff_fits", "finish_handoff", "finish_latents"]
+__all__ = ["Clock", "Finished", "StepCallback", "X0Callback", "check_handoff_fits", "finish_handoff", "finish_latents"]
 
 StepCallback = Callable[[int, int], None]  # (steps done, total steps)
+X0Callback = Callable[[int, int, np.ndarray], None]  # (steps done, total steps, predicted clean latent)
 Clock = Callable[[], float]  # seconds, e.g. time.perf_counter (wall) or time.process_time (CPU)
 
 
@@ -74,10 +75,12 @@ def check_handoff_fits(bundle: DeviceBundle, handoff: Handoff) -> None:
                              f"got {sorted(handoff.added_uncond)}", field="added_uncond")
 
 
-def finish_latents(bundle: DeviceBundle, handoff: Handoff, on_step: StepCallback | None = None) -> LatentArray:
+def finish_latents(bundle: DeviceBundle, handoff: Handoff, on_step: StepCallback | None = None, *,
+                   on_x0: X0Callback | None = None) -> LatentArray:
     """Run steps [k, N) of the handoff's trajectory; return the final latent (B, C, H, W) float32.
 
-    ``on_step(i, N)`` is called after each step ``i`` (counting from ``k + 1`` to ``N``).
+    ``on_step(i, N)`` is called after each step ``i`` (counting from ``k + 1`` to ``N``);
+    ``on_x0(i, N, x0)`` too, with the clean latent the step predicted (the live preview's).
     Raises :class:`~shared.errors.HandoffError` for a handoff this bundle cannot continue
     (:func:`check_handoff_fits`) or with timesteps this bundle's scheduler would not produce.
     """
@@ -114,6 +117,8 @@ def finish_latents(bundle: DeviceBundle, handoff: Handoff, on_step: StepCallback
         latents = sampler.step(noise.astype(np.float32), t, latents)
         if on_step is not None:
             on_step(i + 1, total)
+        if on_x0 is not None and sampler.last_x0 is not None:
+            on_x0(i + 1, total, sampler.last_x0)
     return latents
 
 
@@ -122,6 +127,7 @@ def finish_handoff(
     handoff: Handoff,
     *,
     on_step: StepCallback | None = None,
+    on_x0: X0Callback | None = None,
     decode: bool = True,
     clock: Clock = time.perf_counter,
 ) -> Finished:
@@ -132,7 +138,7 @@ def finish_handoff(
     Each stage is timed with ``clock``.
     """
     started = clock()
-    latents = finish_latents(bundle, handoff, on_step)
+    latents = finish_latents(bundle, handoff, on_step, on_x0=on_x0)
     stepped = clock()
     if not decode:
         return Finished(latents=latents, image=None, steps_s=stepped - started, decode_s=0.0)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import numpy.typing as npt
 
+from device_app.speculative import ResultPath
 from shared.protocol import Plan, Report
 
 __all__ = ["Finished", "GenerationResult", "Timings"]
@@ -54,7 +55,11 @@ class Timings:
     ``total_latency_s`` = generate sent -> image ready. The :class:`Report` sent to the
     edge carries ``device_compute_s + decode_s`` as its ``device_compute_s`` (the
     protocol's "ORT steps + decode"). A device-only generation has no edge: its edge and
-    transfer figures are 0 (``plan_s`` ``None``).
+    transfer figures are 0 (``plan_s`` ``None``). ``speculative_steps`` = the steps this device ran
+    of its own device-only run under a speculative plan: all of them when it won (then
+    ``device_compute_s`` is that run's), the ones discarded when the handoff won (they ran while
+    the edge worked, so they cost the device's energy, not latency; ``device_compute_s`` is then
+    the steps finishing the handoff only).
     """
 
     total_latency_s: float
@@ -68,6 +73,7 @@ class Timings:
     queue_s: float | None = None
     edge_compute_s: float | None = None
     text_encode_s: float = 0.0
+    speculative_steps: int = 0
 
     @property
     def handoff_overhead_s(self) -> float:
@@ -96,7 +102,7 @@ class GenerationResult:
     ``payload_bytes`` is the size of the binary frame (the safetensors handoff or the
     PNG; 0 offline). ``report`` is what was sent back to the edge (``None`` if the
     connection was gone by then, or there was no edge). ``offline``: made on this device
-    alone, the edge never involved.
+    alone, the edge never involved. :attr:`path` says which path made the image.
     """
 
     request_id: str
@@ -108,6 +114,18 @@ class GenerationResult:
     png: bytes | None = field(default=None, repr=False)
     report: Report | None = None
     offline: bool = False
+    path_taken: ResultPath | None = None  # None: read from the result (see path)
+
+    @property
+    def path(self) -> ResultPath:
+        """Which path made the image: ``"relay"`` (this device finished the edge's handoff), ``"device"``
+        (every step here: offline, or a speculative run that beat the handoff), ``"edge"`` (the edge's PNG).
+        A speculative result that says ``"device"`` has no :attr:`report`: the edge was told ``cancelled``."""
+        if self.path_taken is not None:
+            return self.path_taken
+        if self.offline:
+            return "device"
+        return "edge" if self.png is not None else "relay"
 
     @property
     def decode_on(self) -> str:

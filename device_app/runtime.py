@@ -23,6 +23,7 @@ import onnxruntime as ort
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
+from shared.demo_grammar.understanding import PromptReading, read_prompt_as
 from shared.errors import BundleError
 from shared.manifest import (
     SDXL_GRAPH,
@@ -148,6 +149,19 @@ class DeviceBundle:
     def is_sdxl(self) -> bool:
         return self.manifest.family_kind == "sdxl"
 
+    @property
+    def prompt_grammar(self) -> str | None:
+        """The grammar the family's prompts follow (the manifest's ``prompt_grammar``); None: free text."""
+        return self.manifest.prompt_grammar
+
+    def read_prompt(self, text: str, seed: int) -> PromptReading | None:
+        """How this bundle's family reads ``text`` for ``seed`` (None: a free-text family, encode ``text`` as is).
+
+        Encode the reading's ``prompt``, show its ``message``; a reading with no ``scene`` understood
+        nothing, and is refused with that message rather than drawn as a blank picture.
+        """
+        return read_prompt_as(self.prompt_grammar, text, seed, max_words=self.manifest.text_max_length - 2)
+
     def graph(self, name: str) -> OnnxGraph:
         """The session for ``name``, built on first use (thread-safe; ORT sessions may run concurrently)."""
         with self._graphs_lock:
@@ -181,13 +195,21 @@ class DeviceBundle:
             raise BundleError(f"bundle {self.folder}: the unet graph {what}")
         return graph.run(**feed)[0].astype(np.float32)
 
-    def _token_ids(self, info: TokenizerInfo, prompts: list[str]) -> np.ndarray:
+    def _tokenizer(self, info: TokenizerInfo) -> Tokenizer:
         tokenizer = self._tokenizers.get(info.tokenizer_json)
         if tokenizer is None:
             tokenizer = Tokenizer.from_file(str(self.folder / info.tokenizer_json))
             self._tokenizers[info.tokenizer_json] = tokenizer
+        return tokenizer
+
+    def _token_ids(self, info: TokenizerInfo, prompts: list[str]) -> np.ndarray:
         # Padding and truncation to the encoder's max length are baked into tokenizer.json at export.
-        return np.array([enc.ids for enc in tokenizer.encode_batch(prompts)], dtype=np.int64)
+        return np.array([enc.ids for enc in self._tokenizer(info).encode_batch(prompts)], dtype=np.int64)
+
+    def prompt_is_cut(self, text: str) -> bool:
+        """Whether the text encoder reads less than all of ``text`` (``text_max_length`` tokens, start and end
+        included): what it would leave out is worth a word to the user."""
+        return bool(self._tokenizer(self.manifest.tokenizer).encode(text).overflowing)
 
     def encode_conditioning(self, prompts: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """The prompts' conditioning as the family's pipeline computes it: embeddings (B, L, D) and added inputs.

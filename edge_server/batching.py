@@ -7,6 +7,12 @@ timestep, since diffusers' UNet takes one timestep per sample, and its extra con
 request's own scheduler takes its step, with the request's own generator (LCM draws noise).
 Batching changes only float round-off (tested against one request at a time). Torch compute
 only: the asyncio daemon drives this from a worker thread.
+
+Every step also leaves the job's predicted clean latent in ``DenoiseJob.x0`` (what the scheduler
+computed on the way: DDIM's and Euler's ``pred_original_sample``, LCM's ``denoised``, the newest
+entry of DPM-Solver++'s data-prediction history), which the live preview draws and an adaptive
+handoff (``shared.relay_modes``) watches: such a job stops at the first step of its window whose
+x0 changed by less than its ``tau``.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from edge_server.scheduler_bridge import export_state
 from edge_server.torch_types import SchedulerLike, as_scheduler, as_unet
 from shared.handoff import Handoff
+from shared.relay_modes import HandoffRule, relative_change
 from shared.relay_plan import RelayPlan
 
 
@@ -44,6 +51,10 @@ class DenoiseJob:
     added_uncond: dict[str, torch.Tensor] = field(default_factory=dict)  # the same names for the uncond row
     timestep_cond: torch.Tensor | None = None  # LCM-distilled UNets: the guidance embedding (1, time_cond_proj_dim)
     generator: torch.Generator | None = None  # the request's generator, which stochastic samplers (LCM) draw from
+    settle_rule: HandoffRule | None = None  # adaptive handoff: stop once x0 settles (None: stop at stop_at)
+    x0: torch.Tensor | None = None  # float32, like latents: the clean latent the last step predicted
+    x0_change: float | None = None  # adaptive jobs: the relative change of x0 at the last step
+    settled_at: int | None = None  # adaptive jobs: the step the rule handed off at (None: not, or not yet)
     _schedule_key: tuple[Any, ...] | None = field(default=None, repr=False)
 
     @property
@@ -169,18 +180,55 @@ def batched_step(unet: UNet2DConditionModel, jobs: Sequence[DenoiseJob]) -> None
             noise_uncond, noise_cond = job_noise.chunk(2)
             job_noise = noise_uncond + job.guidance_scale * (noise_cond - noise_uncond)
         guided_noise.append(job_noise)
+    previous = [(job, job.x0) for job in jobs]  # what an adaptive job's x0 change is measured against
     groups: dict[tuple[Any, ...] | int, list[tuple[DenoiseJob, torch.Tensor]]] = {}
     for i, (job, job_noise) in enumerate(zip(jobs, guided_noise, strict=True)):
         key = job.step_group()
         groups.setdefault(i if key is None else key, []).append((job, job_noise))
     for group in groups.values():
         _sampler_step(group)
+    _settle(previous)
 
 
 #: What a grouped sampler step hands back to each job's own scheduler: the step counter, and
 #: DPM-Solver's order counter and history (split by rows). Nothing else changes in a step of
 #: the classes we group (DDIM, Euler, DPM-Solver++ 2M).
 _COUNTERS = ("_step_index", "lower_order_nums")
+
+
+def _predicted_x0(scheduler: Any, out: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The clean latent a step predicted, as the scheduler computed it (no extra arithmetic).
+
+    DDIM and Euler return ``(prev_sample, pred_original_sample)``, LCM ``(prev_sample, denoised)``;
+    DPM-Solver++ returns the sample alone, its x0 being the newest entry of ``model_outputs``.
+    """
+    if len(out) > 1:
+        return out[1].float()
+    history = getattr(scheduler, "model_outputs", None)
+    if not history or history[-1] is None:
+        raise TypeError(f"{type(scheduler).__name__}: cannot read the predicted clean latent of its step")
+    return history[-1].float()
+
+
+def _settle(previous: Sequence[tuple[DenoiseJob, torch.Tensor | None]]) -> None:
+    """Adaptive jobs: the x0 change of the step just taken, and the handoff where it settled.
+
+    The norms of all adaptive jobs come back in one transfer (one device sync per UNet call).
+    """
+    watched = [(job, prev) for job, prev in previous
+               if job.settle_rule is not None and job.settled_at is None and job.x0 is not None and prev is not None
+               and job.settle_rule.first_split <= job.next_step <= job.settle_rule.last_split]
+    if not watched:
+        return
+    norms = torch.stack([torch.stack([torch.linalg.vector_norm(job.x0 - prev), torch.linalg.vector_norm(job.x0)])
+                         for job, prev in watched if job.x0 is not None]).double().cpu().tolist()
+    for (job, _), (diff_norm, norm) in zip(watched, norms, strict=True):
+        rule = job.settle_rule
+        assert rule is not None
+        job.x0_change = relative_change(diff_norm, norm)
+        if rule.settled(job.next_step, job.x0_change):
+            job.settled_at = job.next_step
+            job.stop_at = min(job.stop_at, job.next_step)
 
 
 def _sampler_step(group: Sequence[tuple[DenoiseJob, torch.Tensor]]) -> None:
@@ -193,7 +241,8 @@ def _sampler_step(group: Sequence[tuple[DenoiseJob, torch.Tensor]]) -> None:
     if len(group) == 1:
         job, noise = group[0]
         t = job.sched.timesteps[job.next_step]
-        job.latents = job.sched.step(noise, t, job.latents, generator=job.generator, return_dict=False)[0]
+        out = job.sched.step(noise, t, job.latents, generator=job.generator, return_dict=False)
+        job.latents, job.x0 = out[0], _predicted_x0(job.scheduler, out)
         job.next_step += 1
         return
     jobs = [job for job, _ in group]
@@ -206,18 +255,20 @@ def _sampler_step(group: Sequence[tuple[DenoiseJob, torch.Tensor]]) -> None:
             for i, slot in enumerate(history)
         ]
     t = jobs[0].sched.timesteps[jobs[0].next_step]
-    stacked = jobs[0].sched.step(torch.cat([n for _, n in group]), t, torch.cat([job.latents for job in jobs]),
-                                 return_dict=False)[0]
+    out = jobs[0].sched.step(torch.cat([n for _, n in group]), t, torch.cat([job.latents for job in jobs]),
+                             return_dict=False)
+    stacked, stacked_x0 = out[0], _predicted_x0(leader, out)
     counters = {name: getattr(leader, name) for name in _COUNTERS if hasattr(leader, name)}
     slots = [None if slot is None else torch.split(slot, rows) for slot in leader.model_outputs] if history else []
-    for i, (job, latents) in enumerate(zip(jobs, torch.split(stacked, rows), strict=True)):
-        job.latents = latents
+    parts = zip(torch.split(stacked, rows), torch.split(stacked_x0, rows), strict=True)
+    for i, (job, (latents, x0)) in enumerate(zip(jobs, parts, strict=True)):
+        job.latents, job.x0 = latents, x0
         job.next_step += 1
         target: Any = job.scheduler
         for name, value in counters.items():
             setattr(target, name, value)
         if history is not None:
-            target.model_outputs = [None if parts is None else parts[i] for parts in slots]
+            target.model_outputs = [None if rows_of is None else rows_of[i] for rows_of in slots]
 
 
 def pick_batch(jobs: Sequence[DenoiseJob], max_rows: int) -> list[DenoiseJob]:

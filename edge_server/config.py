@@ -1,19 +1,25 @@
-"""What ``rise-edge serve`` is told: ``--config edge.toml`` and flags (flags win)."""
+"""What ``rise-edge serve`` is told: ``--config edge.toml`` and flags (flags win).
+
+Imports nothing heavy (no torch): ``rise-edge serve --help`` and the checks of a config run before
+any model library loads.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import ssl
+import stat
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from edge_server.placement import DTYPE_CHOICES
+from edge_server.listen import is_loopback
 from shared.errors import ConfigError
 from shared.protocol import ProtocolLimits
-from shared.relay_plan import MAX_STEPS
 from shared.samplers import SAMPLER_NAMES
 from shared.validation import (
     check_bool,
@@ -24,6 +30,45 @@ from shared.validation import (
     check_str,
     read_token_file,
 )
+
+#: ``--dtype`` names; :mod:`edge_server.placement` maps them to torch dtypes (a test checks the two agree).
+DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
+#: ``--engine`` names: the batching engine in this process, or replicas of it on Ray Serve (edge_server.cluster).
+ENGINE_CHOICES = ("local", "ray")
+
+#: ``--scheduler`` names, besides one arm of the profile by label (:data:`ARM_LABEL`): ``auto`` is LinUCB over
+#: a profile, else ``fixed``; every other name needs a profile (the shipped one or ``--profile``).
+SCHEDULER_CHOICES = ("auto", "fixed", "linucb", "linucb_disjoint", "epsilon_greedy", "random", "edge_only",
+                     "device_only")
+#: One arm, served always: ``N<steps>k<split>``, ``e`` when the VAE decode runs on the edge (shared.bandit.arms).
+ARM_LABEL = re.compile(r"N[1-9][0-9]*k[0-9]+e?")
+SCHEDULER_HELP = (f"{', '.join(SCHEDULER_CHOICES)}, or one arm of the profile such as N20k10 (auto: linucb over the "
+                  "family's profile.json or --profile, else fixed; all but fixed need a profile)")
+
+
+#: The measured profile a family folder may ship (``python -m shared.bandit.profile`` builds one).
+FAMILY_PROFILE = "profile.json"
+
+
+def profile_missing(scheduler: str) -> ConfigError:
+    """The error for a scheduler that needs a profile when neither ``--profile`` nor the family ships one."""
+    return ConfigError(f"--scheduler {scheduler} needs --profile PROFILE.json or a family folder that ships "
+                       f"{FAMILY_PROFILE} (made by: python -m shared.bandit.profile --eval EVAL.json ... "
+                       "--out PROFILE.json)")
+
+
+def needs_profile(scheduler: str) -> bool:
+    """Every scheduler but ``auto`` (which falls back to ``fixed``) and ``fixed`` plans over a measured profile."""
+    return scheduler not in ("auto", "fixed")
+
+
+def check_scheduler(key: str, value: Any) -> str:
+    """A ``--scheduler`` name (:data:`SCHEDULER_CHOICES` or an arm label), else a ConfigError listing them."""
+    name = check_str(key, value, min_len=1, max_len=64, error=ConfigError)
+    if name not in SCHEDULER_CHOICES and not ARM_LABEL.fullmatch(name):
+        raise ConfigError(f"{key}: expected one of {', '.join(SCHEDULER_CHOICES)} or an arm such as N20k10, "
+                          f"got {name!r}")
+    return name
 
 
 @dataclass
@@ -43,6 +88,9 @@ class EdgeConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N (edge_server.placement)
     dtype: str = "auto"  # auto | fp32 | fp16 | bf16
     variant: str | None = None  # weights variant to load (fp16...); None: detected
+    engine: str = "local"  # local | ray (replicas on Ray Serve: the cluster extra, edge_server.cluster)
+    replicas: int = 2  # --engine ray: replicas (one per accelerator, or per CPU slice of --threads CPUs)
+    ray_address: str | None = None  # --engine ray: join this Ray cluster (auto, ray://HEAD:10001); None: a local one
     request_timeout_s: float = 300.0
     shutdown_grace_s: float = 30.0
     ping_interval_s: float | None = 20.0  # websocket keepalive: ping every ... (None: never)
@@ -61,6 +109,9 @@ class EdgeConfig:
     profile: str | None = None  # measured profile (shared/bandit/profile.py); needed by every scheduler but fixed
     bandit_state: str | None = None  # where the scheduler's learned state persists (atomic JSON)
     alpha: float | None = None  # LinUCB exploration (default 0.1)
+    # Speculative relay: mark a plan speculative (the device starts alone at once) when the predicted wait for
+    # the handoff is at least this times k device steps (shared.planning.speculative_wanted); None: never.
+    speculative_ratio: float | None = None
     limits: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -80,7 +131,12 @@ class EdgeConfig:
                     flat[key] = _TOML_CHECKS[key](key, value)
                 except ConfigError as exc:
                     raise ConfigError(f"{path}: {exc}") from None
-        return cls(**flat)
+        config = cls(**flat)
+        try:
+            config.check_steps()
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc} (the [limits] max_steps)") from None
+        return config
 
     def token(self) -> str | None:
         return None if self.token_file is None else read_token_file(self.token_file)[0]
@@ -96,6 +152,43 @@ class EdgeConfig:
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"cannot load TLS certificate/key: {exc}") from exc
         return context
+
+    def max_steps(self) -> int:
+        """The most steps a request (and ``steps``) may have: the ``[limits]`` max_steps."""
+        return ProtocolLimits.from_dict({"allowed_sizes": (), **self.limits}).max_steps
+
+    def check_steps(self, key: str = "steps") -> None:
+        """``steps`` within [1, max_steps] of the limits (what requests meet), else a ConfigError naming ``key``."""
+        check_int(key, self.steps, lo=1, hi=self.max_steps(), error=ConfigError)
+
+    def warnings(self) -> list[str]:
+        """What an operator should hear at start: an exposed host without a token or TLS, a token file
+        others can read. One line each (reads the token file's mode; a file it cannot read says nothing here:
+        :meth:`token` names that)."""
+        found: list[str] = []
+        where = f"{self.host}:{self.port}"
+        tls = self.tls_cert is not None
+        if not is_loopback(self.host):
+            if self.token_file is None and not tls:
+                found.append(f"listening on {where} (not only this machine) with no token and no TLS: anyone who "
+                             "reaches the port can use the edge, and prompts and images travel in clear text "
+                             "(--token-file, --tls-cert/--tls-key)")
+            elif self.token_file is None:
+                found.append(f"listening on {where} (not only this machine) with no token: anyone who reaches the "
+                             "port can use the edge (--token-file)")
+            elif not tls:
+                found.append(f"listening on {where} (not only this machine) without TLS: the token, prompts and "
+                             "images travel in clear text (--tls-cert/--tls-key)")
+        if self.token_file is not None:
+            try:
+                mode = os.stat(self.token_file).st_mode
+            except OSError:
+                mode = 0
+            readers = [who for who, bit in (("its group", stat.S_IRGRP), ("every user", stat.S_IROTH)) if mode & bit]
+            if readers:
+                found.append(f"token file {self.token_file} is readable by {' and '.join(readers)} "
+                             f"(chmod 600 {self.token_file})")
+        return found
 
     def described(self) -> str:
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -139,6 +232,9 @@ _TOML_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "device": _str,  # checked against the machine by edge_server.placement.resolve_placement
     "dtype": lambda key, value: check_choice(key, value, DTYPE_CHOICES, error=ConfigError),
     "variant": _str,
+    "engine": lambda key, value: check_choice(key, value, ENGINE_CHOICES, error=ConfigError),
+    "replicas": _int(1, 4096),
+    "ray_address": _str,
     "request_timeout_s": _float(0.0, lo_open=True),
     "shutdown_grace_s": _float(0.0),
     "ping_interval_s": _float(0.0, lo_open=True),
@@ -146,20 +242,35 @@ _TOML_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "max_connections": _int(1, 1_000_000),
     "max_connections_per_peer": _int(1, 1_000_000),
     "send_timeout_s": _float(0.0, 86400.0, lo_open=True),
-    "steps": _int(1, MAX_STEPS),
+    "steps": lambda key, value: check_int(key, value, error=ConfigError),  # its range: EdgeConfig.check_steps
     "split_fraction": _float(0.0, 1.0),
     "sampler": lambda key, value: check_choice(key, value, SAMPLER_NAMES, error=ConfigError),
     "guidance": _float(0.0, 50.0),
-    "scheduler": _str,
+    "scheduler": check_scheduler,
     "profile": _str,
     "bandit_state": _str,
     "alpha": _float(0.0),
+    "speculative_ratio": _float(0.0, lo_open=True),
     "limits": _limits,
 }
 
 
 #: Flags for settings of EdgeConfig that are checked like their edge.toml key (the flag is named when wrong).
 CHECKED_FLAGS: dict[str, str] = {
+    "port": "--port",
+    "metrics_port": "--metrics-port",
+    "max_batch_rows": "--max-batch-rows",
+    "max_queue": "--max-queue",
+    "threads": "--threads",
+    "replicas": "--replicas",
+    "split_fraction": "--split-fraction",
+    "guidance": "--guidance",
+    "alpha": "--alpha",
+    "speculative_ratio": "--speculative-ratio",
+    "shutdown_grace_s": "--shutdown-grace",
+    "ping_interval_s": "--ping-interval",
+    "ping_timeout_s": "--ping-timeout",
+    "scheduler": "--scheduler",
     "max_connections": "--max-connections",
     "max_connections_per_peer": "--max-connections-per-peer",
     "send_timeout_s": "--send-timeout",
@@ -175,36 +286,47 @@ LIMIT_FLAGS: dict[str, str] = {
 }
 
 
+def default_text(name: str) -> str:
+    """``(default: X)`` for an EdgeConfig setting or a ``[limits]`` key, from the dataclass itself (never drifts)."""
+    if name in {f.name for f in fields(EdgeConfig)}:
+        value = next(f for f in fields(EdgeConfig) if f.name == name).default
+    else:
+        value = getattr(ProtocolLimits(), name)
+    return f"(default: {value})"
+
+
 def add_flood_flags(parser: argparse.ArgumentParser) -> None:
     """The flags of the connection caps and flood limits (``rise-edge serve``)."""
+    d = default_text
     parser.add_argument("--max-connections", type=int, dest="max_connections",
-                        help="websocket connections to this edge before HTTP 503 (default 512)")
+                        help=f"websocket connections to this edge before HTTP 503 {d('max_connections')}")
     parser.add_argument("--max-connections-per-peer", type=int, dest="max_connections_per_peer",
-                        help="websocket connections from one IP address before HTTP 429 (default 128)")
+                        help=f"websocket connections from one IP address before HTTP 429 "
+                             f"{d('max_connections_per_peer')}")
     parser.add_argument("--send-timeout", type=float, dest="send_timeout_s",
                         help="drop a connection whose peer takes none of the data waiting for it for this many "
-                             "seconds (default 30)")
+                             f"seconds {d('send_timeout_s')}")
     parser.add_argument("--hello-timeout", type=float, dest="hello_timeout_s",
                         help="close a connection that has not said hello this many seconds after connecting "
-                             "(default 10)")
+                             f"{d('hello_timeout_s')}")
     parser.add_argument("--frames-per-s", type=float, dest="frames_per_s",
-                        help="frames per second one connection may send, pings included (default 20) ...")
-    parser.add_argument("--frame-burst", type=int, dest="frame_burst", help="... with this many at once (default 100)")
+                        help=f"frames per second one connection may send, pings included {d('frames_per_s')} ...")
+    parser.add_argument("--frame-burst", type=int, dest="frame_burst",
+                        help=f"... with this many at once {d('frame_burst')}")
     parser.add_argument("--max-refusals", type=int, dest="max_refusals",
                         help="refused requests retried before their retry_after_s one connection may have at once "
-                             "(default 32) ...")
+                             f"{d('max_refusals')} ...")
     parser.add_argument("--refusals-per-minute", type=float, dest="refusals_per_minute",
-                        help="... and per minute (default 30)")
+                        help=f"... and per minute {d('refusals_per_minute')}")
     parser.add_argument("--max-outbox-bytes", type=int, dest="max_outbox_bytes",
-                        help="bytes queued for a peer that is not reading before it is dropped (default 16 MiB)")
+                        help="bytes queued for a peer that is not reading before it is dropped "
+                             f"{d('max_outbox_bytes')}")
 
 
 def config_from_args(args: argparse.Namespace) -> EdgeConfig:
     config = EdgeConfig.from_toml(args.config) if args.config else EdgeConfig()
-    for name in ("host", "port", "token_file", "tls_cert", "tls_key", "metrics_port", "max_batch_rows",
-                 "max_queue", "steps", "split_fraction", "shutdown_grace_s", "ping_interval_s", "ping_timeout_s",
-                 "threads", "scheduler", "profile", "bandit_state", "alpha", "sampler", "guidance", "device", "dtype",
-                 "variant"):
+    for name in ("host", "token_file", "tls_cert", "tls_key", "steps", "profile", "bandit_state", "sampler",
+                 "device", "dtype", "variant", "engine", "ray_address"):
         value = getattr(args, name)
         if value is not None:
             setattr(config, name, value)
@@ -222,6 +344,7 @@ def config_from_args(args: argparse.Namespace) -> EdgeConfig:
                 raise ConfigError(f"{flag}: {exc}") from None
             limits[name] = value
     config.limits = limits
+    config.check_steps("--steps" if args.steps is not None else "steps")
     if args.no_batching:
         config.batching = False
     return config

@@ -27,6 +27,14 @@ refusals, outbox, hello deadline); this module enforces with sockets:
   ``ACCEPT_LOG_INTERVAL_S`` with a count, instead of once per failed accept; so are refused
   and dropped connections (and websockets' own per-connection lines are kept to warnings),
   so a flood cannot write the log at its rate.
+
+Start-up (:class:`Daemon`, what ``rise-edge serve`` runs) goes in the order an operator needs: the
+config checked and its warnings said (an exposed host without a token or TLS, a token file others
+can read), the websocket port and ``--metrics-port`` bound (a port in use is one line and exit 2,
+before any weights load), ``/healthz`` and ``/readyz`` answering (503 while the family loads), the
+family loaded, then requests served. This module imports no torch at its top: ``rise-edge serve
+--help`` and a bind error come back before torch and diffusers load; the serving parts import them
+when they are first needed.
 """
 
 from __future__ import annotations
@@ -36,15 +44,16 @@ import asyncio
 import errno
 import logging
 import signal
+import socket
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
 from websockets.asyncio.server import Server, serve
 from websockets.asyncio.server import ServerConnection as WebSocket
 from websockets.exceptions import ConnectionClosed
@@ -53,14 +62,24 @@ from websockets.frames import Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from edge_server.config import EdgeConfig, add_flood_flags, config_from_args
-from edge_server.engine import Engine
-from edge_server.family import Family, load_family
+from edge_server.config import (
+    DTYPE_CHOICES,
+    ENGINE_CHOICES,
+    FAMILY_PROFILE,
+    SCHEDULER_HELP,
+    EdgeConfig,
+    add_flood_flags,
+    config_from_args,
+    default_text,
+    needs_profile,
+    profile_missing,
+)
+from edge_server.listen import listen
+from edge_server.logs import silence_library_noise
 from edge_server.metrics import EdgeMetrics
-from edge_server.placement import DTYPE_CHOICES, resolve_placement
 from edge_server.png import encode_png
-from edge_server.service import FAMILY_PROFILE, RequestService, Session, make_engine, make_planner
-from shared.errors import ConfigError, RiseError
+from shared.bandit.planner import DEFAULT_ALPHA
+from shared.errors import RiseError
 from shared.planning import Planner
 from shared.protocol import (
     Cancel,
@@ -75,7 +94,15 @@ from shared.protocol import (
 from shared.protocol.connection import Close
 from shared.samplers import SAMPLER_NAMES
 
-__all__ = ["EdgeConfig", "EdgeServer", "build_parser", "config_from_args", "encode_png", "main", "make_planner"]
+if TYPE_CHECKING:  # the serving parts import torch: loaded when first used (see the module's docstring)
+    import numpy as np
+    from numpy.typing import NDArray
+
+    from edge_server.engine import Engine
+    from edge_server.family import Family
+    from edge_server.service import PromptReader, RequestService, Session
+
+__all__ = ["Daemon", "EdgeConfig", "EdgeServer", "build_parser", "config_from_args", "encode_png", "main"]
 
 log = logging.getLogger("rise.edge")
 
@@ -83,7 +110,8 @@ log = logging.getLogger("rise.edge")
 CLOSE_TIMEOUT_S = 5.0
 #: ... and a flooding or non-reading one (it is no longer read: no handshake can complete).
 ABORT_GRACE_S = 1.0
-#: At most one log line per this many seconds for accept errors, refused and dropped connections (with a count).
+#: At most one log line per this many seconds for accept errors, refused and dropped connections, refused tokens
+#: (with a count).
 ACCEPT_LOG_INTERVAL_S = 10.0
 #: File descriptors kept for everything but connections (models, logs, the metrics server...).
 FD_RESERVE = 128
@@ -214,9 +242,12 @@ class EdgeServer:
     """
 
     def __init__(self, engine: Engine, config: EdgeConfig, *, planner: Planner | None = None,
-                 metrics: EdgeMetrics | None = None) -> None:
+                 metrics: EdgeMetrics | None = None, read_prompt: PromptReader | None = None) -> None:
+        from edge_server.service import RequestService  # torch: see the module's docstring
+
         self.config = config
-        self.service = RequestService(engine, config, planner=planner, metrics=metrics)
+        self.service: RequestService = RequestService(engine, config, planner=planner, metrics=metrics,
+                                                      read_prompt=read_prompt)
         self.token = config.token()
         self.clients: set[_Client] = set()
         self._server: Server | None = None
@@ -227,6 +258,7 @@ class EdgeServer:
         self._accept_log = LogThrottle(ACCEPT_LOG_INTERVAL_S)
         self._refused_log = LogThrottle(ACCEPT_LOG_INTERVAL_S)
         self._dropped_log = LogThrottle(ACCEPT_LOG_INTERVAL_S)
+        self._unauthorized_log = LogThrottle(ACCEPT_LOG_INTERVAL_S)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._previous_handler: Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object] | None = None
 
@@ -237,10 +269,12 @@ class EdgeServer:
 
         ``family`` may be a loader: the engine's thread then loads it (see BatchingEngine), as ``rise-edge`` does.
         """
+        from edge_server.service import make_engine, make_planner
+
         metrics = metrics or EdgeMetrics()
         config.token()  # a bad token file is named before any weights load
-        if planner is None:
-            make_planner(config)  # a config error surfaces before any weights load
+        if planner is None and (config.profile is not None or not needs_profile(config.scheduler)):
+            make_planner(config)  # a config error surfaces before any weights load (a shipped profile: after)
         engine = make_engine(family, config, on_batch=metrics.observe_batch)
         try:
             loaded = engine.family
@@ -250,7 +284,7 @@ class EdgeServer:
             planner = planner or make_planner(config, default_sampler=loaded.default_sampler,
                                               family_profile=shipped if shipped.is_file() else None)
             log.info("scheduler: %s", planner.name)
-            return cls(engine, config, planner=planner, metrics=metrics)
+            return cls(engine, config, planner=planner, metrics=metrics, read_prompt=loaded.read_prompt)
         except BaseException:
             engine.close(drain=False, timeout=10.0)
             raise
@@ -277,8 +311,17 @@ class EdgeServer:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self) -> int:
-        """Listen; return the bound port (config.port 0 = any free port)."""
+    def why_not_ready(self) -> str | None:
+        """``/readyz``: None while the server takes requests, else why not (not listening yet, draining)."""
+        if self.draining:
+            return "the edge is shutting down"
+        if self._server is None:
+            return "the websocket server is not listening yet"
+        return None
+
+    async def start(self, sock: socket.socket | None = None) -> int:
+        """Listen (on ``sock`` when given, bound already: see :class:`Daemon`, else on config.host:port);
+        return the bound port (config.port 0 = any free port)."""
         _ensure_descriptors(2 * self.config.max_connections + FD_RESERVE, self.config.max_connections)
         self._loop = asyncio.get_running_loop()
         self._previous_handler = self._loop.get_exception_handler()
@@ -288,8 +331,10 @@ class EdgeServer:
             pass
 
         EdgeWebSocket.edge = self
+        where: dict[str, Any] = {"sock": sock} if sock is not None else {
+            "host": self.config.host, "port": self.config.port}
         self._server = await serve(
-            self._handle, self.config.host, self.config.port,
+            self._handle, **where,
             max_size=self.limits.max_message_bytes,  # clients send only small text frames
             compression=None,  # tensors do not deflate; it only costs time
             ssl=self.config.ssl_context(), ping_interval=self.config.ping_interval_s,
@@ -299,8 +344,8 @@ class EdgeServer:
             process_request=self._admit, create_connection=EdgeWebSocket,
         )
         port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self.config.port
-        if self.config.metrics_port is not None:
-            self.metrics.serve(self.config.metrics_port, self.config.host)
+        if self.config.metrics_port is not None and self.metrics.server is None:
+            self.metrics.serve(self.config.metrics_port, self.config.host, readiness=self.why_not_ready)
         log.info("rise-edge serving family %s on %s:%s", self.service.family_id, self.config.host, port)
         return int(port)
 
@@ -411,7 +456,7 @@ class EdgeServer:
         assert isinstance(ws, _EdgeWebSocket)
         conn = ServerConnection(family_id=self.service.family_id, token=self.token, limits=self.limits,
                                 opened_at=time.monotonic())
-        client = _Client(ws, conn, self.service.open_session())
+        client = _Client(ws, conn, self.service.open_session(ws.address))
         self.clients.add(client)
         writer = client.writer = asyncio.create_task(self._writer(client))
         ws.on_control = lambda: self._control(client)
@@ -507,7 +552,7 @@ class EdgeServer:
 
     def _dispatch(self, client: _Client, event: ServerEvent) -> None:
         if isinstance(event, Generate):
-            refusal = self.service.refusal()
+            refusal = self.service.refusal(client.session, event.request_id)
             if refusal is not None:
                 client.conn.send_error(event.request_id, refusal.code, refusal.message)
                 return
@@ -523,6 +568,11 @@ class EdgeServer:
             self.service.rating(event, client.session)  # counted once per request
         elif isinstance(event, FrameRejected):  # its Error is already queued
             self.service.rejected(event.error.code)
+            if event.error.code == "unauthorized":
+                held = self._unauthorized_log.ready()
+                if held is not None:
+                    log.warning("refused a missing or wrong token from %s (%d more refused in the last %.0f s)",
+                                client.ws.address, held, ACCEPT_LOG_INTERVAL_S)
 
     # ------------------------------------------------------------------ one request
 
@@ -533,13 +583,16 @@ class EdgeServer:
             hello = conn.hello
             ticket = self.service.plan(session, request, device_step_s=hello.device_step_s if hello else None)
             conn.send_plan(rid, ticket.plan, seed=ticket.seed, height=ticket.height, width=ticket.width,
-                           scheduler=ticket.scheduler, why=ticket.why)
+                           scheduler=ticket.scheduler, why=ticket.why, notice=ticket.notice)
             self._poke(client)
 
             def on_progress(step: int, total: int) -> None:  # engine thread -> event loop
                 loop.call_soon_threadsafe(self._progress, client, rid, step, total)
 
-            future = self.service.submit(ticket, on_progress)
+            def on_preview(step: int, total: int, rgb: NDArray[np.uint8]) -> None:  # engine thread -> event loop
+                loop.call_soon_threadsafe(self._preview, client, rid, step, total, rgb)
+
+            future = self.service.submit(ticket, on_progress, on_preview)
             outcome = await asyncio.wait_for(asyncio.wrap_future(future), self.config.request_timeout_s)
             if outcome.image is not None:
                 conn.send_result(rid, encode_png(outcome.image), edge_compute_s=outcome.edge_compute_s,
@@ -561,89 +614,241 @@ class EdgeServer:
         client.conn.send_progress(rid, step, total, stage="edge")
         self._poke(client)
 
+    def _preview(self, client: _Client, rid: str, step: int, total: int, rgb: NDArray[np.uint8]) -> None:
+        """A step's progress carrying its live preview (only a request that asked gets one)."""
+        client.conn.send_progress(rid, step, total, stage="edge", preview_png=encode_png(rgb))
+        self._poke(client)
+
+
+# ---------------------------------------------------------------------- start-up
+
+
+class _Readiness:
+    """``/readyz`` while the daemon starts: why it is not ready yet, then whatever its server says.
+
+    Read on the metrics server's thread, set on the main thread: each read sees one whole attribute.
+    """
+
+    def __init__(self) -> None:
+        self.why = "starting"
+        self.server: EdgeServer | None = None
+
+    def __call__(self) -> str | None:
+        server = self.server
+        return self.why if server is None else server.why_not_ready()
+
+
+FamilyLoader = Callable[[], "Family"]
+
+
+class Daemon:
+    """``rise-edge serve`` from start to exit, in the order an operator needs (see the module's docstring).
+
+    ``load`` loads the family (on the engine's thread: :meth:`EdgeServer.with_batching_engine`). The steps are
+    separate so tests can stand between them: :meth:`prepare` (checks, warnings, sockets bound, health served),
+    :meth:`load`, :meth:`serve` (until ``stop`` is set); :meth:`close` releases whatever is left.
+    """
+
+    def __init__(self, config: EdgeConfig, load: FamilyLoader, *, family_folder: str | Path | None = None,
+                 small: str | None = None) -> None:
+        self.config = config
+        self._load = load
+        self.family_folder = family_folder  # where load() reads from, for the checks before it
+        self.small = small  # --small, for the replicas of --engine ray (they load the family themselves)
+        self.metrics = EdgeMetrics()
+        self.readiness = _Readiness()
+        self.sock: socket.socket | None = None
+        self.server: EdgeServer | None = None
+        self.port: int | None = None  # the websocket port bound by prepare() (config.port 0: the system's choice)
+        self.started = threading.Event()  # set once serve() listens (the server is ready)
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics.server.port if self.metrics.server is not None else None
+
+    def prepare(self) -> None:
+        """Check what can be checked without the model, say the warnings, bind both ports, serve the health.
+
+        Raises a :class:`~shared.errors.RiseError` (one line): a bad token file or TLS pair, a port in use.
+        """
+        config = self.config
+        config.token()  # a bad token file is named before anything else
+        config.ssl_context()
+        folder = self.family_folder
+        if (folder is not None and needs_profile(config.scheduler) and config.profile is None
+                and not (Path(folder) / FAMILY_PROFILE).is_file()):
+            raise profile_missing(config.scheduler)
+        for warning in config.warnings():
+            log.warning("%s", warning)
+        self.sock = listen(config.host, config.port, "websocket")
+        self.port = int(self.sock.getsockname()[1])
+        if config.metrics_port is not None:
+            self.metrics.serve(config.metrics_port, config.host, readiness=self.readiness)
+            log.info("health and metrics on http://%s:%d/ (/healthz, /readyz, /metrics)", config.host,
+                     self.metrics_port)
+
+    def load(self) -> EdgeServer:
+        """Load the family and build the server (``/readyz`` says so meanwhile). Blocks for the load."""
+        self.readiness.why = "loading the model family"
+        if self.config.threads is not None:
+            import torch
+
+            torch.set_num_threads(self.config.threads)
+        if self.config.engine == "ray":  # replicas on Ray Serve (edge_server.cluster): only the engine changes
+            from edge_server.cluster import cluster_parts
+
+            if self.family_folder is None:
+                raise RiseError("--engine ray needs the family folder (its replicas load it themselves)")
+            engine, planner = cluster_parts(str(self.family_folder), self.config, small=self.small,
+                                            registry=self.metrics.registry)
+            self.server = EdgeServer(engine, self.config, planner=planner, metrics=self.metrics)
+        else:
+            self.server = EdgeServer.with_batching_engine(self._load, self.config, metrics=self.metrics)
+        self.readiness.server = self.server
+        log.info("config: %s", self.config.described())
+        return self.server
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Serve on the bound socket until ``stop`` is set, then stop gracefully."""
+        assert self.server is not None and self.sock is not None, "prepare() and load() come first"
+        sock, self.sock = self.sock, None  # the server owns it from here
+        await self.server.start(sock)
+        self.started.set()
+        print("rise-edge: ready", flush=True)
+        await stop.wait()
+        log.info("shutting down")
+        await self.server.stop()
+
+    def close(self) -> None:
+        """Release what :meth:`serve` did not (a socket never served, the health server; idempotent)."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        self.metrics.close()
+
+
+def run(config: EdgeConfig, load: FamilyLoader, *, family_folder: str | Path | None = None,
+        small: str | None = None) -> int:
+    """Run the daemon until SIGTERM or SIGINT: 0, or 2 after one line on stderr for a RiseError (a port in use,
+    a bad token file, a family that does not load...)."""
+    daemon = Daemon(config, load, family_folder=family_folder, small=small)
+    try:
+        daemon.prepare()
+        daemon.load()
+        asyncio.run(_serve_until_signalled(daemon))
+    except RiseError as exc:
+        print(f"rise-edge: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers are in place (while the family loads)
+        print("rise-edge: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        daemon.close()
+    return 0
+
+
+async def _serve_until_signalled(daemon: Daemon) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await daemon.serve(stop)
+
 
 # ---------------------------------------------------------------------- command line
 
 
 def build_parser() -> argparse.ArgumentParser:
+    d = default_text
     parser = argparse.ArgumentParser(prog="rise-edge", description="RISE edge server")
     sub = parser.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="serve a model family over websockets")
+    s = sub.add_parser("serve", help="serve a model family over websockets",
+                       description="Serve a model family over websockets. Flags override --config edge.toml.")
     s.add_argument("--family", required=True, help="family folder (the large model's pipeline folder)")
-    s.add_argument("--small", default=None, help="small denoiser (subfolder or path; default unet_small)")
+    s.add_argument("--small", default=None, help="small denoiser: a subfolder or a path (default: unet_small)")
     s.add_argument("--variant", default=None,
                    help="weights variant to load, e.g. fp16 (default: detected for variant-only folders)")
-    s.add_argument("--device", help="auto (default: the first CUDA device, else the CPU), cpu, cuda or cuda:N")
+    s.add_argument("--device", help="auto (the first CUDA device, else the CPU), cpu, cuda or cuda:N "
+                                    f"{d('device')}")
     s.add_argument("--dtype", choices=DTYPE_CHOICES,
-                   help="what the models compute in: auto (default: fp16 on CUDA, fp32 on a CPU), fp32, fp16, bf16")
+                   help=f"what the models compute in (auto: fp16 on CUDA, fp32 on a CPU) {d('dtype')}")
     s.add_argument("--config", default=None, help="edge.toml (flags override it)")
-    s.add_argument("--host")
-    s.add_argument("--port", type=int)
-    s.add_argument("--token-file")
-    s.add_argument("--tls-cert")
-    s.add_argument("--tls-key")
-    s.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
-    s.add_argument("--max-batch-rows", type=int, help="UNet rows per call (2 per guided request)")
-    s.add_argument("--max-queue", type=int, help="requests queued + running before 'busy'")
+    s.add_argument("--host", help=f"address to listen on; 0.0.0.0 for every interface {d('host')}")
+    s.add_argument("--port", type=int, help=f"websocket port (0: any free one) {d('port')}")
+    s.add_argument("--token-file", help="file holding the token devices must present (default: none, no token)")
+    s.add_argument("--tls-cert", help="TLS certificate (PEM), with --tls-key (default: none, plain ws://)")
+    s.add_argument("--tls-key", help="TLS private key (PEM), with --tls-cert")
+    s.add_argument("--metrics-port", type=int,
+                   help="serve Prometheus /metrics, /healthz and /readyz on this port (default: none)")
+    s.add_argument("--max-batch-rows", type=int,
+                   help=f"UNet rows per call (2 per guided request) {d('max_batch_rows')}")
+    s.add_argument("--max-queue", type=int, help=f"requests queued + running before 'busy' {d('max_queue')}")
     s.add_argument("--no-batching", action="store_true", help="one request at a time (baseline)")
-    s.add_argument("--threads", type=int, help="torch intra-op threads for the large model")
+    s.add_argument("--threads", type=int, help="torch intra-op threads for the large model (default: torch's)")
+    s.add_argument("--engine", choices=ENGINE_CHOICES,
+                   help="local: the engine in this process; ray: replicas of it on Ray Serve, one per accelerator "
+                        f"or per CPU slice of --threads CPUs (pip install '.[cluster]') {d('engine')}")
+    s.add_argument("--replicas", type=int, help=f"--engine ray: replicas of the engine {d('replicas')}")
+    s.add_argument("--ray-address", dest="ray_address",
+                   help="--engine ray: join this Ray cluster (auto, or ray://HEAD:10001) (default: start a local "
+                        "Ray instance)")
     s.add_argument("--shutdown-grace", type=float, dest="shutdown_grace_s",
-                   help="seconds in-flight requests get to finish on SIGTERM (default 30)")
+                   help=f"seconds in-flight requests get to finish on SIGTERM {d('shutdown_grace_s')}")
     s.add_argument("--ping-interval", type=float, dest="ping_interval_s",
-                   help="websocket keepalive ping interval in seconds (default 20)")
+                   help=f"websocket keepalive ping interval in seconds {d('ping_interval_s')}")
     s.add_argument("--ping-timeout", type=float, dest="ping_timeout_s",
-                   help="close a connection whose pong is this many seconds late (default 20)")
+                   help=f"close a connection whose pong is this many seconds late {d('ping_timeout_s')}")
     add_flood_flags(s)
-    s.add_argument("--scheduler", help="auto (default: linucb over the family's profile.json or --profile, else "
-                                       "fixed), fixed, linucb, linucb_disjoint, epsilon_greedy, random, edge_only, "
-                                       "device_only or one arm such as N20k10")
-    s.add_argument("--profile", help="measured profile JSON for the bandit scheduler")
-    s.add_argument("--bandit-state", help="file the scheduler's learned state persists to")
-    s.add_argument("--alpha", type=float, help="LinUCB exploration weight (default 0.1)")
-    s.add_argument("--steps", type=int, help="default total steps N")
-    s.add_argument("--split-fraction", type=float, help="default share of steps on the edge")
+    s.add_argument("--scheduler", help=f"{SCHEDULER_HELP} {d('scheduler')}")
+    s.add_argument("--profile", help="measured profile JSON for the bandit scheduler (default: the family's "
+                                     "profile.json if it ships one)")
+    s.add_argument("--bandit-state", help="file the scheduler's learned state persists to (default: none)")
+    s.add_argument("--alpha", type=float, help=f"LinUCB exploration weight (default: {DEFAULT_ALPHA})")
+    s.add_argument("--speculative-ratio", type=float, dest="speculative_ratio",
+                   help="speculative relay: the device starts alone at once when the predicted wait for the "
+                        "handoff is at least this times k of its steps, e.g. 0.25 (default: off)")
+    s.add_argument("--steps", type=int, help=f"default total steps N, at most the limits' max_steps {d('steps')}")
+    s.add_argument("--split-fraction", type=float, help=f"default share of steps on the edge {d('split_fraction')}")
     s.add_argument("--sampler", choices=SAMPLER_NAMES,
                    help="default sampler (default: the family's own: lcm for LCM families, else dpmpp_2m)")
-    s.add_argument("--guidance", type=float, help="default guidance scale (default 7.5)")
+    s.add_argument("--guidance", type=float, help=f"default guidance scale {d('guidance')}")
     return parser
 
 
-async def _serve_until_signalled(server: EdgeServer) -> None:
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print("rise-edge: ready", flush=True)
-    await stop.wait()
-    log.info("signal received: shutting down")
-    await server.stop()
+def configure_logging() -> None:
+    """The daemon's log: INFO to stderr, one line per record, websockets' own per-connection lines kept to warnings."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # websockets logs every connection opened and closed at INFO: a connection flood would write the log at its rate.
+    logging.getLogger("websockets").setLevel(logging.WARNING)
+    silence_library_noise()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # websockets logs every connection opened and closed at INFO: a connection flood would write the log at its rate.
-    logging.getLogger("websockets").setLevel(logging.WARNING)
+    configure_logging()
     try:
         config = config_from_args(args)
-        config.token()  # a bad token file is named before any weights load
-        if config.threads is not None:
-            if config.threads < 1:
-                raise ConfigError(f"--threads must be >= 1, got {config.threads}")
-            torch.set_num_threads(config.threads)
-        placement = resolve_placement(config.device, config.dtype)
-        log.info("computing on %s", placement.describe())
-        # Loaded on the engine's thread, so all of the edge's torch work shares one OpenMP pool.
-        server = EdgeServer.with_batching_engine(
-            lambda: load_family(args.family, args.small, variant=config.variant, placement=placement), config
-        )
-        log.info("config: %s", config.described())
-        asyncio.run(_serve_until_signalled(server))
     except RiseError as exc:
         print(f"rise-edge: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+
+    def load() -> Family:  # runs on the engine's thread, so all of the edge's torch work shares one OpenMP pool
+        from edge_server.family import load_family
+        from edge_server.placement import resolve_placement
+
+        placement = resolve_placement(config.device, config.dtype)
+        log.info("computing on %s", placement.describe())
+        return load_family(args.family, args.small, variant=config.variant, placement=placement)
+
+    if config.engine == "ray":  # without the cluster extra: one line, before any port is bound
+        from edge_server.cluster import require_ray
+
+        try:
+            require_ray()
+        except RiseError as exc:
+            print(f"rise-edge: error: {exc}", file=sys.stderr)
+            return 2
+    return run(config, load, family_folder=args.family, small=args.small)
 
 
 def _address(peername: object) -> str:

@@ -31,16 +31,23 @@ from numpy.typing import NDArray
 
 from edge_server.batching import DenoiseJob, batched_step, pick_batch
 from edge_server.family import Conditioning, Family, encode_prompts
+from edge_server.preview import PreviewRenderer
 from edge_server.relay import decode_latents, prepare
 from edge_server.threads import StepEfficiency
 from shared.errors import RiseError
 from shared.handoff import encode_handoff
+from shared.preview import preview_due
 from shared.relay_plan import RelayPlan
 
 log = logging.getLogger("rise.engine")
 
-ProgressCallback = Callable[[int, int], None]  # (steps done, split); called on the engine's thread
+# (steps done, split); called on the engine's thread. An adaptive plan's split is its most edge steps
+# until x0 settles: the call after the settling step reports (s, s).
+ProgressCallback = Callable[[int, int], None]
 BatchCallback = Callable[[int, int], None]  # (requests, rows) per UNet call; called on the engine's thread
+# (steps done, split, preview RGB (h, w, 3) uint8) on the steps a preview is due, in place of the progress
+# callback for that step (one message to the client); on the engine's thread
+PreviewCallback = Callable[[int, int, NDArray[np.uint8]], None]
 
 
 class EngineBusy(RiseError):
@@ -69,6 +76,8 @@ class EdgeRequest:
     height: int | None = None
     width: int | None = None
     on_progress: ProgressCallback | None = None
+    preview_every: int | None = None  # a live preview every that many steps (and the last); None: none
+    on_preview: PreviewCallback | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,9 @@ class EdgeOutcome:
     edge_compute_s: float  # admitted -> outcome ready (shared with co-batched requests)
     handoff: bytes | None = None  # kind "handoff": the encoded handoff (shared.handoff, safetensors)
     image: NDArray[np.uint8] | None = None  # kind "image" (decode_on="edge"): (H, W, 3) uint8
+    # the large-model steps the edge ran: the plan's split, or where an adaptive plan handed off
+    # (the handoff's split says the same); None where an engine does not say
+    edge_steps: int | None = None
 
 
 @dataclass(frozen=True)
@@ -153,6 +165,7 @@ class BatchingEngine:
         self.max_queue = max_queue
         self.batching = batching
         self._on_batch = on_batch  # (requests, rows) per UNet call, for metrics
+        self._renderer: PreviewRenderer | None = None  # the live previews' (the worker's), made when first asked
         self._adapt_threads = adapt_threads
         self._lock = threading.Condition()
         self._queued: deque[_Entry] = deque()
@@ -211,7 +224,9 @@ class BatchingEngine:
             self._lock.notify()
 
     def stats(self) -> EngineStats:
-        """A snapshot (copied under the lock), safe to keep and read from any thread."""
+        """A snapshot (copied under the lock), safe to keep and read from any thread.
+
+        An adaptive request counts the most steps it may still run (it may hand off earlier)."""
         with self._lock:
             running = tuple(max(e.job.stop_at - e.job.next_step, 0) if e.job is not None else e.request.plan.split
                             for e in self._active)
@@ -320,11 +335,34 @@ class BatchingEngine:
             if self._on_batch is not None:
                 self._on_batch(len(batch), rows)
             for entry in ready:
-                if entry.job in batch and entry.request.on_progress is not None:
-                    entry.request.on_progress(entry.job.next_step, entry.job.stop_at)
+                if entry.job in batch:
+                    self._report_step(entry)
         for entry in ready:
             if entry.job is not None and entry.job.done and not entry.future.done():
                 self._finish(entry)
+
+    def _report_step(self, entry: _Entry) -> None:
+        """A step done: its live preview where one is due (x0 through the family's projection), else its progress.
+
+        Rendering is a few multiply-adds a latent pixel, on this thread (the projection is fitted on the
+        first preview); the PNG is the API layer's. A preview that fails is logged and the step reported
+        as plain progress: a preview never fails its request.
+        """
+        r, job = entry.request, entry.job
+        assert job is not None
+        step, total = job.next_step, job.stop_at
+        if r.on_preview is not None and job.x0 is not None and preview_due(step, total, r.preview_every):
+            try:
+                if self._renderer is None:
+                    self._renderer = PreviewRenderer(self.family)
+                rgb = self._renderer.render(job.x0)
+            except Exception:
+                log.exception("preview of request %s failed; it goes on without", r.request_id)
+            else:
+                r.on_preview(step, total, rgb)
+                return
+        if r.on_progress is not None:
+            r.on_progress(step, total)
 
     def _retry_after_s(self, waiting: int) -> float:
         """When a queue slot should free (under the lock): the requests running finish in order of their
@@ -363,7 +401,7 @@ class BatchingEngine:
             self._edge_s_ewma = 0.8 * self._edge_s_ewma + 0.2 * edge_s
         queue_s = entry.admitted - entry.submitted
         entry.future.set_result(EdgeOutcome("image" if image is not None else "handoff", queue_s, edge_s,
-                                            handoff=handoff, image=image))
+                                            handoff=handoff, image=image, edge_steps=job.next_step))
 
     def _fail(self, entry: _Entry, exc: BaseException) -> None:
         with self._lock:

@@ -36,6 +36,8 @@ from diffusers import (
 from diffusers.utils import logging as diffusers_logging
 
 from edge_server.placement import CPU_FP32, Placement
+from shared.demo_grammar.understanding import GRAMMAR_NAME as DEMO_GRAMMAR
+from shared.demo_grammar.understanding import PromptReading, read_prompt_as
 from shared.errors import ConfigError, FamilyError
 from shared.samplers import SAMPLER_NAMES, make_sampler
 
@@ -67,6 +69,9 @@ SCHEDULER_CLASSES = frozenset({
 })
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 LCM_SAMPLER = "lcm"
+#: The family's own metadata file (``lab.demo_family.train`` writes it); its ``prompt_grammar`` names the grammar
+#: the family was trained on (``"demo"``), see :func:`detect_prompt_grammar`.
+FAMILY_INFO = "training.json"
 
 
 # For mypy, diffusers' top-level names are its torch-less placeholder classes (its __init__ imports
@@ -92,6 +97,8 @@ class Family:
     time_cond_proj_dim: int | None = None
     variant: str | None = None
     placement: Placement = CPU_FP32
+    prompt_grammar: str | None = None  # the grammar its prompts follow ("demo"), None: free text
+    text_max_length: int = 77  # the tokenizer's max length: what the text encoder reads, start and end included
     _uncond: Conditioning | None = field(default=None, repr=False)
 
     @property
@@ -111,6 +118,14 @@ class Family:
     def default_sampler(self) -> str:
         """The sampler a request gets when none is asked for: lcm for LCM families, else DPM-Solver++ 2M."""
         return LCM_SAMPLER if LCM_SAMPLER in self.samplers else "dpmpp_2m"
+
+    def read_prompt(self, text: str, seed: int) -> PromptReading | None:
+        """How this family reads ``text`` for ``seed`` (its grammar's tolerant reader); None for free-text families.
+
+        The reading's ``prompt`` is what to encode, its ``message`` the one line for the user, and a reading
+        with no ``scene`` understood nothing: refuse it (``message`` says why) rather than draw a blank.
+        """
+        return read_prompt_as(self.prompt_grammar, text, seed, max_words=self.text_max_length - 2)
 
     def check_sampler(self, sampler: str) -> None:
         """ConfigError unless this family runs ``sampler`` (an LCM family runs only lcm, others all but lcm)."""
@@ -272,6 +287,24 @@ def detect_variant(folders: list[Path], variant: str | None) -> str | None:
     return variants[0]
 
 
+def detect_prompt_grammar(folder: str | Path) -> str | None:
+    """The prompt grammar a family folder declares, or None (free text, the usual case).
+
+    ``training.json``'s ``"prompt_grammar"`` key; a ``training.json`` without the key that
+    ``lab.demo_family.train`` wrote (its ``command`` names the trainer) is the demo family's (``"demo"``).
+    """
+    path = Path(folder) / FAMILY_INFO
+    if not path.is_file():
+        return None
+    info = _read_json(path)
+    grammar = info.get("prompt_grammar")
+    if grammar is not None:
+        if not isinstance(grammar, str) or not grammar:
+            raise FamilyError(f"{path}: prompt_grammar must be a name such as 'demo', got {grammar!r}")
+        return grammar
+    return DEMO_GRAMMAR if "demo_family.train" in str(info.get("command", "")) else None
+
+
 def _family_id(folder: Path, name: str, parts: tuple[str, ...]) -> str:
     """Content id of the latent + text space: the VAE's and text encoders' weights and configs."""
     digest = hashlib.sha256()
@@ -314,6 +347,7 @@ def load_family(folder: str | Path, small: str | None = None, *, variant: str | 
         check_unet_inputs(cfg, role, kind)
     check_compatible(large_cfg, small_cfg, vae_cfg)
     samplers = _family_samplers(folder, scheduler_cfg, large_cfg)
+    grammar = detect_prompt_grammar(folder)
     weight_folders = [folder / p for p in _COMPONENTS[kind] if p not in ("tokenizer", "tokenizer_2", "scheduler")]
     family_variant = detect_variant(weight_folders, variant)
     small_variant = detect_variant([small_folder], variant)
@@ -363,6 +397,8 @@ def load_family(folder: str | Path, small: str | None = None, *, variant: str | 
         time_cond_proj_dim=None if proj is None else int(proj),
         variant=family_variant,
         placement=placement,
+        prompt_grammar=grammar,
+        text_max_length=int(pipeline.tokenizer.model_max_length),
     )
 
 

@@ -1,5 +1,10 @@
 """Prometheus metrics of the edge daemon (prometheus-client), on a registry of their own, and their HTTP server.
 
+The HTTP server (``--metrics-port``) answers three paths, GET or HEAD: ``/metrics`` (Prometheus),
+``/healthz`` (200 while the process runs: it is alive) and ``/readyz`` (200 once the family is
+loaded and the engine takes requests; 503 with the reason while the family loads, while draining
+on SIGTERM, or once the engine stopped). Any other path is 404.
+
 :class:`MetricsServer` replaces ``prometheus_client.start_http_server``, which starts a thread per
 connection and never times a read out (1,000 half-open connections made 1,000 threads that lived
 for ever). Here one thread runs an asyncio loop of its own (so a stalled daemon loop does not stall
@@ -13,20 +18,30 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 
+from edge_server.listen import listen
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 #: Longest request head (request line and headers) read; a longer one closes the connection.
 MAX_HEAD_BYTES = 8192
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+PATHS = ("/metrics", "/healthz", "/readyz")
+
+#: Why the edge does not take requests now, or None when it does (``/readyz``); called on the server's thread.
+ReadinessProbe = Callable[[], str | None]
+
+
+def _not_told() -> str | None:
+    return "readiness is not reported by this server"
 
 
 class EdgeMetrics:
@@ -56,15 +71,16 @@ class EdgeMetrics:
         self.batch_rows.observe(rows)
 
     def serve(self, port: int, host: str = "127.0.0.1", *, read_timeout_s: float = 5.0,
-              max_connections: int = 32) -> MetricsServer:
-        """Expose /metrics over HTTP on one background thread (port 0: any free one); :meth:`close` stops it.
+              max_connections: int = 32, readiness: ReadinessProbe | None = None) -> MetricsServer:
+        """Expose /metrics, /healthz and /readyz over HTTP on one background thread (port 0: any free one);
+        :meth:`close` stops it. ``readiness`` answers /readyz (None: always 503, nobody says it is ready).
 
-        The port is bound before this returns, so a port in use raises ``OSError`` here.
+        The port is bound before this returns, so a port in use raises :class:`~edge_server.listen.BindError`.
         """
         if self.server is not None:
             raise RuntimeError(f"metrics are already served on port {self.server.port}")
         self.server = MetricsServer(self.registry, port, host, read_timeout_s=read_timeout_s,
-                                    max_connections=max_connections)
+                                    max_connections=max_connections, readiness=readiness)
         return self.server
 
     def close(self) -> None:
@@ -74,21 +90,34 @@ class EdgeMetrics:
             self.server = None
 
 
-def http_response(head: bytes, registry: CollectorRegistry) -> bytes:
+def http_response(head: bytes, registry: CollectorRegistry, readiness: ReadinessProbe = _not_told) -> bytes:
     """The whole HTTP/1.1 response to one request head (request line and headers, up to the blank line).
 
-    As ``start_http_server`` did: the format the ``Accept`` header asks for (OpenMetrics for a Prometheus
-    that asks, else the text format), gzipped when ``Accept-Encoding`` allows; but only at ``/metrics``.
+    ``/metrics`` as ``start_http_server`` did: the format the ``Accept`` header asks for (OpenMetrics for a
+    Prometheus that asks, else the text format), gzipped when ``Accept-Encoding`` allows. ``/healthz``: 200.
+    ``/readyz``: 200, or 503 with what ``readiness()`` says is missing. Anything else: 404.
     """
     request_line, *header_lines = head.decode("latin-1").split("\r\n")
     parts = request_line.split()
     if len(parts) != 3 or not parts[2].startswith("HTTP/"):
         return _response(400, b"bad request line\n")
     method, target, _ = parts
-    if urlsplit(target).path != "/metrics":
-        return _response(404, b"only /metrics is served here\n")
+    path = urlsplit(target).path
+    if path not in PATHS:
+        return _response(404, f"not found; served here: {', '.join(PATHS)}\n".encode())
     if method not in ("GET", "HEAD"):
         return _response(405, b"use GET\n", extra=("Allow: GET, HEAD",))
+    send_body = method == "GET"
+    if path == "/healthz":
+        return _response(200, b"ok\n", send_body=send_body)
+    if path == "/readyz":
+        try:
+            why_not = readiness()
+        except Exception as exc:  # a broken probe reads as not ready, never as a dead server
+            why_not = f"the readiness check failed: {exc}"
+        if why_not is None:
+            return _response(200, b"ready\n", send_body=send_body)
+        return _response(503, f"not ready: {why_not}\n".encode(), send_body=send_body)
     headers: dict[str, str] = {}
     extra: tuple[str, ...]
     for line in header_lines:
@@ -99,7 +128,7 @@ def http_response(head: bytes, registry: CollectorRegistry) -> bytes:
     body, extra = encoder(registry), ()
     if gzip_accepted(headers.get("accept-encoding", "")):
         body, extra = gzip.compress(body), ("Content-Encoding: gzip",)
-    return _response(200, body, content_type=content_type, extra=extra, send_body=method == "GET")
+    return _response(200, body, content_type=content_type, extra=extra, send_body=send_body)
 
 
 def _response(status: int, body: bytes, *, content_type: str = "text/plain; charset=utf-8",
@@ -110,14 +139,17 @@ def _response(status: int, body: bytes, *, content_type: str = "text/plain; char
 
 
 class MetricsServer:
-    """HTTP ``/metrics`` of ``registry`` on ``host:port``, served by one thread whatever the clients do.
+    """HTTP ``/metrics`` of ``registry`` (and ``/healthz``, ``/readyz``) on ``host:port``, served by one
+    thread whatever the clients do.
 
-    The socket is bound in the constructor (``port`` 0: any free one, see :attr:`port`); :meth:`stop`
-    closes it and every open connection and joins the thread.
+    The socket is bound in the constructor (``port`` 0: any free one, see :attr:`port`); a port in use is a
+    :class:`~edge_server.listen.BindError`. :meth:`stop` closes it and every open connection and joins the
+    thread. ``readiness`` answers ``/readyz`` (see :func:`http_response`).
     """
 
     def __init__(self, registry: CollectorRegistry, port: int = 0, host: str = "127.0.0.1", *,
-                 read_timeout_s: float = 5.0, max_connections: int = 32) -> None:
+                 read_timeout_s: float = 5.0, max_connections: int = 32,
+                 readiness: ReadinessProbe | None = None) -> None:
         if not read_timeout_s > 0:
             raise ValueError(f"read_timeout_s must be > 0, got {read_timeout_s}")
         if max_connections < 1:
@@ -125,8 +157,8 @@ class MetricsServer:
         self.registry = registry
         self.read_timeout_s = read_timeout_s
         self.max_connections = max_connections
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-        self._sock = socket.create_server((host, port), family=family, backlog=128)
+        self.readiness: ReadinessProbe = readiness or _not_told
+        self._sock = listen(host, port, "metrics", backlog=128)
         self.port: int = self._sock.getsockname()[1]
         # Insertion order is age: the first key is the oldest connection, the one a new one closes.
         self._open: dict[asyncio.StreamWriter, None] = {}
@@ -193,7 +225,7 @@ class MetricsServer:
             self._handlers.add(task)
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.read_timeout_s)
-            writer.write(http_response(head, self.registry))
+            writer.write(http_response(head, self.registry, self.readiness))
             await asyncio.wait_for(writer.drain(), self.read_timeout_s)
         except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass  # slow, silent, gone or oversized: closed below without an answer

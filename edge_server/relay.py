@@ -21,6 +21,7 @@ from edge_server.scheduler_bridge import diffusers_scheduler
 from edge_server.torch_types import as_pipeline, as_scheduler
 from shared.errors import ConfigError
 from shared.handoff import Handoff
+from shared.relay_modes import HandoffRule
 from shared.relay_plan import RelayPlan
 
 StepCallback = Callable[[int, int], None]  # (steps done, total steps)
@@ -74,6 +75,7 @@ def prepare(family: Family, prompt: str, plan: RelayPlan, seed: int, *,
         added_uncond=added_uncond,
         timestep_cond=guidance_embedding(family, float(plan.guidance_scale)),
         generator=generator,
+        settle_rule=HandoffRule.of(plan),  # adaptive plans stop early once x0 settles
     )
 
 

@@ -4,7 +4,8 @@ Given a :class:`~shared.protocol.Generate` and the connection it came on (a :cla
 the service plans it (a :class:`~shared.planning.Planner` over the engine's live load), fills in
 the defaults (seed, image size), submits it to the :class:`~edge_server.engine.Engine`, and keeps
 the per-request bookkeeping: what is in flight, which delivered plans await the device's report,
-the planner's feedback when that report arrives, ratings, and the Prometheus metrics. The asyncio
+the planner's feedback when that report arrives, ratings, the Prometheus metrics and one log line per
+request once its record is complete (``rise.edge.requests``, format in :mod:`edge_server.logs`). The asyncio
 daemon (``edge_server.daemon``) only moves frames: websocket <-> protocol events <-> these calls.
 Every call here is synchronous and runs on the caller's thread (the daemon's event loop), so
 tests drive it with a fake engine and no sockets, sleeps or event loop.
@@ -22,7 +23,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_server.config import EdgeConfig
+from edge_server.config import FAMILY_PROFILE as FAMILY_PROFILE  # re-exported: where it was defined before
+from edge_server.config import EdgeConfig, check_scheduler, profile_missing
 from edge_server.engine import (
     BatchCallback,
     BatchingEngine,
@@ -32,17 +34,28 @@ from edge_server.engine import (
     EngineBusy,
     EngineClosed,
     EngineStats,
+    PreviewCallback,
     ProgressCallback,
     RequestCancelled,
 )
 from edge_server.family import Family
+from edge_server.logs import REQUEST_LOGGER, request_line
 from edge_server.metrics import EdgeMetrics
-from shared.errors import ConfigError, RiseError
+from shared.demo_grammar.understanding import PromptReading
+from shared.errors import RiseError
 from shared.planning import FixedPlanner, PlanContext, Planner
 from shared.protocol import Generate, ProtocolLimits, Rating, Report
 from shared.relay_plan import RelayPlan
 
 log = logging.getLogger("rise.edge")
+request_log = logging.getLogger(REQUEST_LOGGER)
+
+#: The ``scheduler`` a plan frame names when the client pinned the configuration (no policy chose it).
+PINNED = "pinned"
+#: How a family reads a prompt for a seed (``Family.read_prompt``); None: free text, encoded as typed.
+PromptReader = Callable[[str, int], PromptReading | None]
+MAX_NOTICE_CHARS = 512  # what a plan frame's notice may carry ...
+MAX_ERROR_CHARS = 1024  # ... and an error frame's message
 
 #: Delivered requests remembered per connection for their report; devices that never report are forgotten.
 MAX_AWAITING_REPORT = 256
@@ -59,10 +72,6 @@ PINNED_LEARN_COST = 4.0
 MAX_RATED = 1024  # request ids per connection whose rating was counted (repeats count once)
 
 
-#: The measured profile a family folder may ship (``python -m shared.bandit.profile`` builds one).
-FAMILY_PROFILE = "profile.json"
-
-
 def make_planner(config: EdgeConfig, *, default_sampler: str = "dpmpp_2m",
                  family_profile: str | Path | None = None) -> Planner:
     """The scheduler the config names: the fixed policy, or a bandit/baseline over a measured profile.
@@ -73,16 +82,13 @@ def make_planner(config: EdgeConfig, *, default_sampler: str = "dpmpp_2m",
     """
     sampler = config.sampler or default_sampler
     profile = config.profile or (str(family_profile) if family_profile is not None else None)
-    scheduler = config.scheduler
+    scheduler = check_scheduler("--scheduler", config.scheduler)  # a name in --help's list, before "needs"
     if scheduler == "auto":
         scheduler = "linucb" if profile is not None else "fixed"
     if scheduler == "fixed":
         return FixedPlanner(config.steps, config.split_fraction, sampler, config.guidance)
     if profile is None:
-        raise ConfigError(
-            f"--scheduler {config.scheduler} needs --profile PROFILE.json "
-            "(made by: python -m shared.bandit.profile --eval EVAL.json ... --out PROFILE.json)"
-        )
+        raise profile_missing(config.scheduler)
     from shared.bandit.planner import BanditPlanner
     from shared.bandit.profile import load_profile
 
@@ -90,6 +96,7 @@ def make_planner(config: EdgeConfig, *, default_sampler: str = "dpmpp_2m",
         load_profile(profile), scheduler, config.bandit_state,
         sampler=sampler, guidance_scale=config.guidance,
         edge_capacity=max(1, config.max_batch_rows // 2), alpha=config.alpha,
+        speculative_ratio=config.speculative_ratio,
     )
 
 
@@ -123,10 +130,23 @@ class Ticket:
     height: int
     width: int
     started: float  # perf_counter when planning began (the edge_total stage)
+    prompt: str | None = None  # what the family is given, when its reading differs from what was typed
+    notice: str | None = None  # one line for the user on how the prompt was read (the plan frame's notice)
 
     @property
     def request_id(self) -> str:
         return self.request.request_id
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """A request whose outcome went out: when (perf_counter) and the engine's times, until its report."""
+
+    ticket: Ticket
+    at: float
+    queue_s: float
+    edge_s: float
+    edge_steps: int | None = None  # where the handoff happened (an adaptive plan's may be before its split)
 
 
 @dataclass
@@ -134,9 +154,9 @@ class Session:
     """One connection's bookkeeping: its requests in flight and the delivered ones awaiting a report."""
 
     id: int
+    peer: str | None = None  # the peer's address, for the log
     in_flight: dict[str, Ticket] = field(default_factory=dict)  # planned, not yet ended
-    # delivered, with when the outcome went out (perf_counter), oldest first
-    awaiting_report: OrderedDict[str, tuple[Ticket, float]] = field(default_factory=OrderedDict)
+    awaiting_report: OrderedDict[str, Delivered] = field(default_factory=OrderedDict)  # oldest first
     learn_tokens: float = LEARN_BURST  # what this connection may still teach the scheduler (token bucket)
     learn_refilled: float | None = None  # when the bucket was last refilled (None: never used)
     rated: OrderedDict[str, None] = field(default_factory=OrderedDict)  # requests whose rating was counted
@@ -153,8 +173,10 @@ class RequestService:
     """
 
     def __init__(self, engine: Engine, config: EdgeConfig, *, planner: Planner | None = None,
-                 metrics: EdgeMetrics | None = None, clock: Callable[[], float] = time.perf_counter) -> None:
+                 metrics: EdgeMetrics | None = None, clock: Callable[[], float] = time.perf_counter,
+                 read_prompt: PromptReader | None = None) -> None:
         self.engine = engine
+        self._read_prompt = read_prompt  # the family's reader (the demo family's grammar); None: free text
         self._clock = clock  # perf_counter-like: the report bounds and learning budgets use it
         self.config = config
         self.metrics = metrics or EdgeMetrics()
@@ -179,61 +201,90 @@ class RequestService:
 
     # ------------------------------------------------------------------ connections
 
-    def open_session(self) -> Session:
+    def open_session(self, peer: str | None = None) -> Session:
+        """A new connection (``peer``: its address, named in the request lines)."""
         self._sessions += 1
         self.metrics.connections.inc()
-        return Session(self._sessions)
+        return Session(self._sessions, peer)
 
     def close_session(self, session: Session, request_ids: Iterable[str] = ()) -> None:
-        """The connection is gone: drop its requests in the engine (``request_ids``: those the protocol had)."""
+        """The connection is gone: drop its requests in the engine (``request_ids``: those the protocol had).
+
+        Its requests still in flight end as ``cancelled``, its delivered ones as ``unreported`` (logged)."""
         for request_id in {*session.in_flight, *request_ids}:
             self.engine.cancel(session.key(request_id))
+        for ticket in session.in_flight.values():
+            self._log(session, ticket.request_id, ticket, code="cancelled")
+        for delivered in session.awaiting_report.values():
+            self._log_delivered(session, delivered, None)
         session.in_flight.clear()
         session.awaiting_report.clear()
         self.metrics.connections.dec()
 
     # ------------------------------------------------------------------ one request
 
-    def refusal(self) -> RequestFailed | None:
-        """The error a new request gets right away (the edge is draining), counted; ``None`` = accept it."""
+    def refusal(self, session: Session | None = None, request_id: str | None = None) -> RequestFailed | None:
+        """The error a new request gets right away (the edge is draining), counted (and logged when the
+        session and request are given); ``None`` = accept it."""
         if not self.draining:
             return None
         self.metrics.errors.labels("shutting_down").inc()
+        if session is not None and request_id is not None:
+            self._log(session, request_id, None, code="shutting_down")
         return RequestFailed("shutting_down", "the edge server is shutting down")
 
     def plan(self, session: Session, request: Generate, *, device_step_s: float | None = None) -> Ticket:
         """Choose the configuration over the engine's current load and fill in seed and size.
 
         ``device_step_s`` is the device's small-model step time from its hello. A request the
-        planner cannot serve as asked raises (see :meth:`failed` for the error it becomes).
+        planner cannot serve as asked raises (see :meth:`failed` for the error it becomes), and so
+        does a prompt the family understands nothing of (``invalid_request``, saying what it can draw:
+        never a silent blank picture). What it understood in part is drawn, the ticket's ``notice``
+        saying how it was read.
         """
         started = self._clock()
+        seed = request.seed if request.seed is not None else secrets.randbelow(2**63)
+        reading = self._read_prompt(request.prompt, seed) if self._read_prompt is not None else None
+        if reading is not None and reading.scene is None:
+            why_not = reading.message or "the prompt names nothing this family draws"
+            raise RequestFailed("invalid_request", why_not[:MAX_ERROR_CHARS])
+        notice = reading.message if reading is not None else None
+        if notice is not None and len(notice) > MAX_NOTICE_CHARS:
+            notice = notice[: MAX_NOTICE_CHARS - 3] + "..."
         stats = self.engine.stats()
         context = PlanContext(stats.queued, stats.active, request.device_load, request.rtt_s, request.bandwidth_bps,
                               device_step_s, stats.running_steps, stats.queued_steps)
         plan, why = self.planner.choose(request, context)
         ticket = Ticket(
-            key=session.key(request.request_id), request=request, plan=plan, why=why, scheduler=self.planner.name,
-            seed=request.seed if request.seed is not None else secrets.randbelow(2**63),
+            key=session.key(request.request_id), request=request, plan=plan, why=why,
+            scheduler=PINNED if request.pinned is not None else self.planner.name, seed=seed,
             height=request.height or self.default_size, width=request.width or self.default_size, started=started,
+            prompt=reading.prompt if reading is not None and reading.prompt != request.prompt else None,
+            notice=notice,
         )
         session.in_flight[request.request_id] = ticket
         return ticket
 
-    def submit(self, ticket: Ticket, on_progress: ProgressCallback | None = None) -> Future[EdgeOutcome]:
+    def submit(self, ticket: Ticket, on_progress: ProgressCallback | None = None,
+               on_preview: PreviewCallback | None = None) -> Future[EdgeOutcome]:
         """Hand the planned request to the engine. Raises EngineBusy / EngineClosed (see :meth:`failed`).
 
-        ``on_progress(step, split)`` is called on the engine's thread.
+        ``on_progress(step, split)`` is called on the engine's thread; ``on_preview(step, split, rgb)``
+        instead of it on the steps the request asked a live preview for (``Generate.preview_every``).
         """
-        return self.engine.submit(EdgeRequest(ticket.key, ticket.request_id, ticket.request.prompt, ticket.plan,
-                                              ticket.seed, ticket.height, ticket.width, on_progress))
+        prompt = ticket.prompt if ticket.prompt is not None else ticket.request.prompt
+        every = ticket.request.preview_every
+        return self.engine.submit(EdgeRequest(ticket.key, ticket.request_id, prompt, ticket.plan,
+                                              ticket.seed, ticket.height, ticket.width, on_progress,
+                                              preview_every=every, on_preview=on_preview if every else None))
 
     def delivered(self, session: Session, ticket: Ticket, outcome: EdgeOutcome) -> None:
         """The outcome went out: the request now awaits its report; its stages go to the metrics."""
         session.in_flight.pop(ticket.request_id, None)
-        session.awaiting_report[ticket.request_id] = (ticket, self._clock())
+        session.awaiting_report[ticket.request_id] = Delivered(ticket, self._clock(), outcome.queue_s,
+                                                               outcome.edge_compute_s, outcome.edge_steps)
         while len(session.awaiting_report) > MAX_AWAITING_REPORT:
-            session.awaiting_report.popitem(last=False)
+            self._log_delivered(session, session.awaiting_report.popitem(last=False)[1], None)
         plan = ticket.plan
         self.metrics.requests.labels(plan.num_inference_steps, plan.split, plan.sampler, plan.decode_on).inc()
         self.metrics.stage_seconds.labels("queue").observe(outcome.queue_s)
@@ -242,9 +293,10 @@ class RequestService:
 
     def failed(self, session: Session, request_id: str, exc: BaseException) -> RequestFailed:
         """The request ended with ``exc``: the protocol error to send (counted). A timeout also cancels it."""
-        session.in_flight.pop(request_id, None)
+        ticket = session.in_flight.pop(request_id, None)
         failure = self._as_failure(session, request_id, exc)
         self.metrics.errors.labels(failure.code).inc()
+        self._log(session, request_id, ticket, code=failure.code)
         return failure
 
     def _as_failure(self, session: Session, request_id: str, exc: BaseException) -> RequestFailed:
@@ -288,7 +340,8 @@ class RequestService:
         entry = session.awaiting_report.pop(report.request_id, None)
         if entry is None:
             return False
-        ticket, delivered_at = entry
+        self._log_delivered(session, entry, report)
+        ticket, delivered_at = entry.ticket, entry.at
         now = self._clock()
         rtt = min(max(report.rtt_s or 0.0, 0.0), MAX_SLACK_RTT_S)
         lowest, highest = delivered_at - ticket.started, now - ticket.started + REPORT_SLACK_S + 2 * rtt
@@ -332,6 +385,32 @@ class RequestService:
             return False
         session.learn_tokens -= cost
         return True
+
+    # ------------------------------------------------------------------ the request log
+
+    def _log_delivered(self, session: Session, delivered: Delivered, report: Report | None) -> None:
+        self._log(session, delivered.ticket.request_id, delivered.ticket, queue_s=delivered.queue_s,
+                  edge_s=delivered.edge_s, report=report, edge_steps=delivered.edge_steps)
+
+    def _log(self, session: Session, request_id: str, ticket: Ticket | None, *, code: str | None = None,
+             queue_s: float | None = None, edge_s: float | None = None, report: Report | None = None,
+             edge_steps: int | None = None) -> None:
+        """The request's one line (edge_server.logs): written once its record is complete.
+
+        ``split`` is where the handoff happened when the engine said (an adaptive plan's), else the plan's.
+        """
+        if not request_log.isEnabledFor(logging.INFO):
+            return
+        plan = ticket.plan if ticket is not None else None
+        outcome = "error" if code is not None else "ok" if report is not None else "unreported"
+        request_log.info("%s", request_line(
+            id=request_id, conn=session.id, peer=session.peer, outcome=outcome, code=code,
+            steps=plan.num_inference_steps if plan else None,
+            split=edge_steps if edge_steps is not None else plan.split if plan else None,
+            sampler=plan.sampler if plan else None, decode=plan.decode_on if plan else None,
+            scheduler=ticket.scheduler if ticket else None, why=ticket.why if ticket else None,
+            queue_s=queue_s, edge_s=edge_s, device_s=report.device_compute_s if report else None,
+            transfer_s=report.transfer_s if report else None, total_s=report.total_latency_s if report else None))
 
     def rejected(self, code: str) -> None:
         """The protocol refused a frame and queued an error with ``code``: count it."""

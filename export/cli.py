@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true", help="replace a previous bundle in --out")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads for loading, tracing and validating (default: torch's)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="a progress bar on stderr, a step per graph exported and validated "
+                        "(default: when stderr is a terminal)")
     return parser
 
 
@@ -97,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Heavy imports (torch, optimum) only once the arguments are known to be well formed.
         from export.onnx_export import ExportOptions, export_bundle
+        from export.progress import echo
 
         if args.threads is not None:
             if args.threads < 1:
@@ -108,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             family=args.family, out=args.out, small=args.small, variant=args.variant, dtype=args.dtype,
             quantize=args.quantize, from_onnx=args.from_onnx, opset=args.opset, force=args.force,
         )
-        result = export_bundle(options, log=lambda message: print(f"{PROG}: {message}", flush=True))
+        result = export_bundle(options, log=lambda message: echo(f"{PROG}: {message}"), progress=args.progress)
     except RiseError as exc:
         message = " ".join(str(exc).split())  # one line, whatever the message held
         print(f"{PROG}: error: {message}", file=sys.stderr)

@@ -283,10 +283,13 @@ def export_bundle(
     *,
     family: Family | None = None,
     log: Callable[[str], None] = _quiet,
+    progress: bool | None = None,
 ) -> ExportResult:
     """Export a device bundle as ``options`` say; return its manifest and phase timings.
 
-    ``family`` skips loading when the caller already holds it (tests, the demo). Raises
+    ``family`` skips loading when the caller already holds it (tests, the demo). ``progress``: a bar
+    on stderr with a step per graph exported, converted and validated (``None``: when stderr is a
+    terminal; :mod:`export.progress`); ``log`` gets a line per step as well. Raises
     ConfigError / FamilyError / ExportError (all RiseError) for anything a user can fix;
     a family of a kind we cannot run is refused (FamilyError) before any graph is exported.
     """
@@ -295,6 +298,8 @@ def export_bundle(
     from safetensors.numpy import save_file
 
     from edge_server.family import load_family, uncond_conditioning
+    from edge_server.preview import fit_family_projection
+    from export.progress import bar
     from export.quantize import convert_to_fp16, copy_graph, quantize_int8
     from export.tokenizer import write_bundle_tokenizer
     from export.validate import default_shapes, validate_graph
@@ -320,17 +325,26 @@ def export_bundle(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.rise-export-", dir=out.parent))
+    # Steps: optimum's export (or taking the graphs), each graph copied or converted, the side
+    # files, each graph validated.
+    pbar = bar("rise-export", 2 + 2 * len(names), progress)
+
+    def step(what: str) -> None:
+        pbar.set_description_str(what)
+        log(what)
+
     try:
         bundle = stage / "bundle"
         bundle.mkdir()
         phase = time.perf_counter()
         if options.from_onnx is None:
             source, raw = "pytorch", stage / "optimum"
-            log(f"exporting {', '.join(n for n in names if n != 'unet')}, unet (small) with optimum")
+            step(f"exporting {', '.join(n for n in names if n != 'unet')}, unet (small) with optimum")
             optimum_export(family, raw, options.opset)
         else:
             source, raw = "onnx", Path(options.from_onnx)
-            log(f"taking the graphs from {raw}")
+            step(f"taking the graphs from {raw}")
+        pbar.update(1)
         timings["export"] = time.perf_counter() - phase
 
         phase = time.perf_counter()
@@ -340,21 +354,23 @@ def export_bundle(
             dst.parent.mkdir(parents=True)
             info: dict[str, Any] = {"quantization": None, "quantized_op_types": [], "note": None}
             if options.quantize == "int8":
-                log(f"quantizing {name} to int8")
+                step(f"quantizing {name} to int8")
                 q = quantize_int8(src, dst)
                 info.update(
                     quantization="int8" if q.quantized else None, quantized_op_types=q.op_types, note=q.note
                 )
             elif options.dtype == "fp16" and _weights_dtype(src) != "fp16":
-                log(f"converting {name} to fp16")
+                step(f"converting {name} to fp16")
                 convert_to_fp16(src, dst)
             else:
+                pbar.set_description_str(f"copying {name}")
                 copy_graph(src, dst)
             _copy_side_files(src.parent, dst.parent)
             graph_info[name] = info
+            pbar.update(1)
         timings["convert"] = time.perf_counter() - phase
 
-        log("writing scheduler, tokenizer(s), unconditional embedding and model_index.json")
+        step("writing scheduler, tokenizer(s), unconditional embedding and model_index.json")
         pipeline: Any = family.pipeline  # diffusers sets a pipeline's modules at runtime: untyped for mypy
         pipeline.scheduler.save_pretrained(bundle / "scheduler")
         tok = write_bundle_tokenizer(pipeline.tokenizer, Path(family.folder) / "tokenizer", bundle / "tokenizer")
@@ -376,6 +392,7 @@ def export_bundle(
         save_file(tensors, str(bundle / UNCOND_FILE))
         index = model_index(small_pipeline(family), family.pipeline_class)
         (bundle / MODEL_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        pbar.update(1)
 
         phase = time.perf_counter()
         unet_config = family.small_unet.config  # type: ignore[attr-defined]  # diffusers' runtime config
@@ -392,7 +409,7 @@ def export_bundle(
             info = graph_info[name]
             weights = _weights_dtype(path)
             check_dtype = "int8" if info["quantization"] == "int8" else weights
-            log(f"validating {name} ({check_dtype}) against PyTorch at two shapes")
+            step(f"validating {name} ({check_dtype}) against PyTorch at two shapes")
             result = validate_graph(
                 name, path, modules[name], check_dtype, shapes, seed=options.seed, tokenizer=tokenizers.get(name),
                 required_inputs=extra_inputs.get(name, ()), required_outputs=extra_outputs.get(name, ()),
@@ -410,6 +427,8 @@ def export_bundle(
                 max_abs_error=result.max_abs_error,
                 note=info["note"],
             )
+            pbar.update(1)
+            pbar.set_postfix_str(f"{name}: max-abs err {result.max_abs_error:.1e}", refresh=False)
         timings["validate"] = time.perf_counter() - phase
 
         vae_config = pipeline.vae.config
@@ -447,11 +466,14 @@ def export_bundle(
             added_cond_names=list(SDXL_ADDED_COND) if sdxl else [],
             tokenizer_2=None if tok_2 is None else _tokenizer_info("tokenizer_2", tok_2),
             uncond_pooled_shape=None if pooled is None else list(pooled.shape),
+            prompt_grammar=family.prompt_grammar,
+            preview_projection=fit_family_projection(family).to_dict(),
         )
         (bundle / MANIFEST_NAME).write_text(manifest.to_json())
         verify_bundle_files(bundle, load_manifest(bundle))  # the reader's own check, before we publish
         _place(bundle, out, stage)
     finally:
+        pbar.close()
         shutil.rmtree(stage, ignore_errors=True)
     timings["total"] = time.perf_counter() - start
     log(f"bundle written to {out}")

@@ -3,6 +3,11 @@
 ``rise-relay`` is the command-line face; :func:`relay_once` the Python one. The handoff is
 serialized and parsed back exactly as it would cross the network, so what this measures
 (per-stage time, handoff bytes) is what the networked service pays, minus the transfer.
+
+For a family with a prompt grammar (the demo family), ``rise-relay`` reads the prompt as the edge
+does (:meth:`~edge_server.family.Family.read_prompt`): it encodes the family's reading, says in
+one line on stderr what it did not understand or filled in, and refuses (exit 2) a prompt of which
+the family would draw nothing. :func:`relay_once` encodes the prompt it is given, as is.
 """
 
 from __future__ import annotations
@@ -118,7 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         if bundle.family_id != family.family_id:
             raise RiseError(f"bundle {args.bundle} was exported from family {bundle.family_id}, "
                             f"not from {family.family_id}")
-        result = relay_once(family, bundle, args.prompt, plan, args.seed, height=args.height, width=args.width)
+        reading = family.read_prompt(args.prompt, args.seed)
+        if reading is not None and reading.scene is None:
+            raise RiseError(reading.message or "the family understood nothing in the prompt")
+        if reading is not None and reading.message is not None:
+            print(f"rise-relay: note: {reading.message}", file=sys.stderr)
+        prompt = args.prompt if reading is None else reading.prompt
+        result = relay_once(family, bundle, prompt, plan, args.seed, height=args.height, width=args.width)
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(result.image).save(out)
@@ -128,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"family {family.family_id}: loaded in {t1 - t0:.2f} s; bundle verified and loaded in {t2 - t1:.2f} s")
     print(f"plan: N={plan.num_inference_steps} K={plan.split} sampler={plan.sampler} "
           f"guidance={plan.guidance_scale} seed={args.seed}")
+    if prompt != args.prompt:
+        print(f"prompt drawn: {prompt}")
     labels = {
         "edge_s": f"edge: text encoding + {plan.edge_steps} large-model steps (PyTorch)",
         "handoff_encode_s": "handoff encode",

@@ -103,6 +103,7 @@ from typing import Any
 import numpy as np
 
 from lab.hardware import Hardware, HardwareError, hardware_from_profile, load_hardware
+from lab.progress import bar, counting
 from shared.bandit import (
     BanditError,
     Context,
@@ -450,6 +451,10 @@ class Simulation:
             [min(int(round(p.start * n)), n) for p in SCENARIOS[config.scenario][1:]] + [n],
             SCENARIOS[config.scenario], strict=True)]
 
+    def new_edge(self) -> Edge:
+        """An idle edge of this simulation's batch and step times."""
+        return Edge(self.T, self.max_batch)
+
     # ---------------------------------------------------------------- policies
 
     def baselines(self) -> dict[str, int]:
@@ -741,12 +746,12 @@ def run_seeds(profile: Profile, config: SimConfig, names: Sequence[str] | None, 
 
 
 def sustained_load(profile: Profile, config: SimConfig, names: Sequence[str], loads: Sequence[float],
-                   seeds: int) -> dict[str, float | None]:
+                   seeds: int, progress: Callable[[str], None] | None = None) -> dict[str, float | None]:
     """Per policy, the highest of ``loads`` at which its mean p95 latency over ``seeds`` stays within
-    ``P95_TARGET_S`` (``None``: none of them)."""
+    ``P95_TARGET_S`` (``None``: none of them); ``progress`` as in :func:`run_seeds`."""
     best: dict[str, float | None] = dict.fromkeys(names)
     for rho in sorted(loads):
-        _, results = run_seeds(profile, replace(config, edge_load=rho), names, seeds)
+        _, results = run_seeds(profile, replace(config, edge_load=rho), names, seeds, progress)
         for name in names:
             p95 = float(np.mean([r[name].summary(config.warmup)["latency_p95_s"] for r in results]))
             if p95 <= P95_TARGET_S:
@@ -907,7 +912,9 @@ def plot(sim: Simulation, figures: dict[str, Any], results: dict[str, RunResult]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rise-sim", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="More than one edge: rise-sim --edges 2,8,64 [...] compares request "
+                                            "routers (rise-sim --edges 2 --help).")
     parser.add_argument("--profile", default=str(DEMO_PROFILE),
                         help="a RISE profile JSON: quality per arm (and times without --hardware); default: the "
                              "demo family's, models/demo/family/profile.json")
@@ -942,6 +949,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="N of the fixed baselines (default: the profile's middle N)")
     parser.add_argument("--sustain", help="comma-separated loads rho: report the highest at which each of linucb, "
                                           "the best fixed arm and the references keeps p95 <= 5 s")
+    parser.add_argument("--speculative", action="store_true",
+                        help="compare device-only, the plain relay and the speculative relay (always, and by the "
+                             "planner's rule) on one relay arm at --edge-load (lab/speculative_sim.py)")
     parser.add_argument("--json", dest="json_out", help="write the figures (and each seed's summaries) here")
     parser.add_argument("--plots", help="folder for gain, latency-quality and price plots (matplotlib)")
     return parser
@@ -972,16 +982,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                            quality_shift=args.quality_shift, queue_threshold=args.queue_threshold,
                            congestion=not args.no_congestion)
         started = time.perf_counter()
+        if args.speculative:
+            from lab.speculative_sim import compare, format_comparison
+
+            doc = compare(Simulation(profile, config))
+            print(format_comparison(doc))
+            print(f"  ({time.perf_counter() - started:.1f} s)")
+            if args.json_out:
+                Path(args.json_out).write_text(json.dumps({"config": dict(vars(config)), **doc}, indent=1) + "\n")
+            return 0
         names = args.policies.split(",") if args.policies else None
-        sims, results = run_seeds(profile, config, names, args.seeds,
-                                  progress=lambda line: print(line, file=sys.stderr))
+        with bar(desc="rise-sim seeds", total=args.seeds, unit="seed") as seeds_bar:  # on a terminal only
+            sims, results = run_seeds(profile, config, names, args.seeds, progress=counting(seeds_bar))
         per_seed = [{n: r.summary(config.warmup, sims[0].phases) for n, r in seed.items()} for seed in results]
         figures = aggregate(per_seed)
         figures["adaptation"] = adaptation_over_seeds(sims, results)
         if args.sustain:
             loads = [float(x) for x in args.sustain.split(",")]
             tracked = [n for n in ("linucb", figures["best_fixed"], *REFERENCES) if n is not None and n in per_seed[0]]
-            figures["sustained_load"] = sustained_load(profile, config, tracked, loads, args.seeds)
+            with bar(desc="rise-sim sustained load", total=len(loads) * args.seeds, unit="seed") as load_bar:
+                figures["sustained_load"] = sustained_load(profile, config, tracked, loads, args.seeds,
+                                                           progress=lambda _: load_bar.update(1))
         print(format_table(sims[0], figures, results[0]))
         print(f"  ({time.perf_counter() - started:.1f} s)")
         if args.json_out:

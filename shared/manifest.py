@@ -17,7 +17,9 @@ An SDXL bundle (``family_kind`` "sdxl") also has ``text_encoder_2/model.onnx`` a
 LCM bundle runs only the ``lcm`` sampler (``samplers``); a distilled UNet
 (``time_cond_proj_dim``) takes the guidance scale as ``timestep_cond`` (``guidance``
 "embedding", see ``shared.guidance``). Those keys are absent from bundles written before
-them, which read as SD1.x bundles.
+them, which read as SD1.x bundles. ``prompt_grammar`` names the grammar the family's prompts
+follow (``"demo"``: :mod:`shared.demo_grammar`), absent or null for free text: a device reads a
+prompt with that grammar's tolerant reader before it encodes one itself.
 
 The manifest lists the sha256 and size of every other file, so a device checks the whole
 bundle with :func:`verify_bundle_files` before it loads a graph. This module is read on
@@ -29,13 +31,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Union
 
-from shared.errors import BundleError, IntegrityError
+from shared.errors import BundleError, ConfigError, IntegrityError
 from shared.validation import check_bool, check_family_id, check_float, check_int, check_str, loads_strict
 
 MANIFEST_NAME = "manifest.json"
@@ -50,6 +53,7 @@ UNCOND_POOLED_TENSOR = "uncond_text_embeds"  # SDXL: the pooled unconditional em
 FAMILY_KINDS = ("sd", "sdxl")
 GUIDANCE_MODES = ("cfg", "embedding")
 DEFAULT_SAMPLERS = ("ddim", "euler", "dpmpp_2m")
+_GRAMMAR_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,10 @@ class BundleManifest:
     added_cond_names: list[str] = dataclasses.field(default_factory=list)  # SDXL: ["text_embeds", "time_ids"]
     tokenizer_2: TokenizerInfo | None = None  # SDXL's second tokenizer
     uncond_pooled_shape: list[int] | None = None  # SDXL: (1, P) of UNCOND_POOLED_TENSOR
+    prompt_grammar: str | None = None  # the grammar of the family's prompts ("demo"); None: free text
+    # The live preview's latent-to-RGB projection the edge fitted (shared.preview.LatentProjection.to_dict);
+    # absent from bundles written before it (the device then fits a rougher one itself).
+    preview_projection: dict[str, list[float]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict."""
@@ -200,6 +208,17 @@ class BundleManifest:
                               "scale needs its width, and only then")
         if not self.samplers:
             raise BundleError("manifest key 'samplers' is empty")
+        if self.prompt_grammar is not None and not _GRAMMAR_NAME.fullmatch(self.prompt_grammar):
+            raise BundleError(f"manifest key 'prompt_grammar' is {self.prompt_grammar!r}, expected a short name "
+                              "such as 'demo' (or null)")
+        if self.preview_projection is not None:
+            # numpy: imported only for a manifest that has a projection (this module itself needs none)
+            from shared.preview import LatentProjection
+
+            try:
+                LatentProjection.from_dict(self.preview_projection, self.latent_channels)
+            except ConfigError as exc:
+                raise BundleError(f"manifest key {exc}") from None
         sdxl = self.family_kind == "sdxl"
         required = GRAPH_NAMES + ((SDXL_GRAPH,) if sdxl else ())
         if sdxl and (self.tokenizer_2 is None or self.uncond_pooled_shape is None or not self.added_cond_names):

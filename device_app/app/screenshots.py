@@ -10,7 +10,13 @@ gallery and screenshots it::
         --settings /tmp/s.json [--server ws://127.0.0.1:8765 --token-file F] \\
         --prompt "a red bag" --out /tmp/shots --state /tmp/shots/state.json
 
-Exit status 0 when every generation finished and both screenshots were written; 3 when
+``--cancel`` presses Cancel once the first request's plan has arrived (and waits for the
+app to say so) before the prompts; ``--open-first`` re-opens the gallery's newest image into the
+result view; ``--check-layout`` records :func:`~device_app.app.layout_check.layout_problems`
+for every screen shown (main, main with details, gallery, settings). Without ``--prompt`` the
+app only starts (what a restarted app shows: its gallery).
+
+Exit status 0 when every step finished and the screenshots were written; 3 when
 something timed out or failed (the state file says what the widgets showed then).
 """
 
@@ -32,11 +38,18 @@ os.environ.setdefault("KIVY_LOG_MODE", "PYTHON")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m device_app.app.screenshots", description=__doc__.split("\n\n")[0])
-    p.add_argument("--bundle", required=True)
+    p.add_argument("--bundle", default=None, help="device bundle (default: the one in the settings)")
     p.add_argument("--settings", required=True, help="settings file (created)")
-    p.add_argument("--server", default="", help="edge URL (empty: no edge, device only)")
+    p.add_argument("--server", default=None, help="edge URL (empty: no edge, device only; default: the settings')")
     p.add_argument("--token-file", default=None)
-    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several images)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several images)")
+    p.add_argument("--seed", default="random", help="what to type in the seed field")
+    p.add_argument("--cancel", default=None, metavar="PROMPT",
+                   help="generate PROMPT and press Cancel once its plan arrived, before the --prompt ones")
+    p.add_argument("--preview-shot", action="store_true",
+                   help="with --cancel: wait for the live preview to show, screenshot preview.png, then cancel")
+    p.add_argument("--open-first", action="store_true", help="re-open the gallery's newest image (after the rest)")
+    p.add_argument("--check-layout", action="store_true", help="record widgets that do not fit, on every screen")
     p.add_argument("--preference", type=float, default=0.5)
     p.add_argument("--offline-steps", type=int, nargs=2, default=(4, 8), metavar=("MIN", "MAX"))
     p.add_argument("--rate", type=int, choices=(-1, 1), default=None, help="press this rating after the last image")
@@ -59,38 +72,50 @@ def main(argv: list[str] | None = None) -> int:
     from kivy.core.window import Window
 
     from device_app.app.app import RiseApp, make_controller
+    from device_app.app.layout_check import layout_problems
     from device_app.token_file import read_token
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    token = read_token(args.token_file) if args.token_file else ""
+    changes: dict[str, Any] = {}
+    if args.server is not None:
+        changes["server_url"] = args.server
+    if args.token_file:
+        changes["token"] = read_token(args.token_file)
     controller = make_controller(
         args.settings, bundle=args.bundle, threads=args.threads, open_timeout=args.open_timeout,
-        save_dir=out / "saved", server_url=args.server, token=token, preference=args.preference,
-        offline_min_steps=args.offline_steps[0], offline_max_steps=args.offline_steps[1],
+        save_dir=out / "saved", preference=args.preference,
+        offline_min_steps=args.offline_steps[0], offline_max_steps=args.offline_steps[1], **changes,
     )
     app = RiseApp(controller)
-    state: dict[str, Any] = {"ok": False, "phases": {}, "events": []}
+    state: dict[str, Any] = {"ok": False, "phases": {}, "events": [], "layout": {}}
     deadline = time.monotonic() + args.timeout
 
+    def main_ids() -> Any:  # Kivy's ids: untyped
+        return app.screens.get_screen("main").ids
+
     def widgets() -> dict[str, Any]:
-        ids = app.screens.get_screen("main").ids
+        ids = main_ids()
         image = ids.result_image
         iw, ih = image.norm_image_size
         cx, cy = image.to_window(*image.center)
         return {
             "window_size": list(Window.size),
             "screen": app.screens.current,
+            "wide": app.ui.wide,
             "status": ids.status_label.text,
             "progress_value": ids.progress_bar.value,
             "progress_max": ids.progress_bar.max,
             "progress_text": ids.progress_label.text,
             "generate_text": ids.generate_button.text,
             "generate_disabled": ids.generate_button.disabled,
+            "prompt_hint": ids.prompt_input.hint_text,
+            "prompt_note": ids.prompt_note_label.text,
             "result_prompt": ids.prompt_label.text,
             "result_text": ids.result_label.text,
+            "details": ids.details_label.text,
             "link": ids.link_label.text,
-            "load": ids.load_label.text,
+            "link_state": app.ui.link_state,
             "gallery_button": ids.gallery_button.text,
             "rate_up": ids.rate_up.state,
             "rate_down": ids.rate_down.state,
@@ -98,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
             # the drawn image in window pixels, origin bottom-left
             "image_rect": [cx - iw / 2, cy - ih / 2, iw, ih],
             "history": len(controller.history),
+            "history_prompts": [h.prompt for h in controller.history],
+            "history_seeds": [h.info.seed for h in controller.history],
             "gallery_cells": len(app.screens.get_screen("gallery").ids.grid.children),
+            "gallery_files": sorted(p.name for p in controller.gallery_dir.glob("*.png")),
         }
 
     def finish(ok: bool, why: str = "") -> None:
@@ -132,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         def run() -> bool:
             if not ready():
                 return False
-            # The indicators (link, load) are resampled every 1.5 s: not part of what must settle.
-            shown = {k: v for k, v in widgets().items() if k not in ("link", "load")}
+            # The link indicator is resampled every 1.5 s: not part of what must settle.
+            shown = {k: v for k, v in widgets().items() if k not in ("link", "link_state")}
             frame = Clock.frames_displayed
             if not last or last[0] != shown:
                 last[:] = [shown, frame]
@@ -141,15 +169,26 @@ def main(argv: list[str] | None = None) -> int:
             return bool(frame >= last[1] + frames)
         return run
 
-    def gallery_shown() -> bool:
-        screens = app.screens
-        return bool(screens.current_screen.name == "gallery" and not screens.transition.is_active)
+    def screen_shown(name: str) -> Callable[[], bool]:
+        def run() -> bool:
+            screens = app.screens
+            return bool(screens.current_screen.name == name and not screens.transition.is_active)
+        return run
 
     def press_generate(prompt: str) -> None:
-        ids = app.screens.get_screen("main").ids
-        ids.prompt_input.text = prompt
+        ids = main_ids()
+        for box, text in ((ids.prompt_input, prompt), (ids.seed_input, args.seed)):
+            box.text = ""
+            box.insert_text(text)  # as typed: the box scrolls to the cursor as it would for a user
         ids.generate_button.dispatch("on_release")
         state["events"].append(f"generate {prompt!r}: busy={controller.busy}")
+
+    def press_cancel() -> None:
+        if not controller.busy:
+            raise RuntimeError(f"nothing to cancel: {controller.status}")
+        ids = main_ids()
+        state["events"].append(f"cancel: button {ids.generate_button.text!r}")
+        ids.generate_button.dispatch("on_release")  # while busy it reads "Cancel"
 
     def generation_over() -> bool:
         if controller.busy:
@@ -161,19 +200,52 @@ def main(argv: list[str] | None = None) -> int:
     def record(phase: str) -> Callable[[], None]:
         return lambda: state["phases"].__setitem__(phase, widgets())
 
+    def check_layout(phase: str) -> Callable[[], None]:
+        def run() -> None:
+            if args.check_layout:
+                state["layout"][phase] = layout_problems(app.screens.current_screen, tuple(Window.size))
+        return run
+
+    def look_at(phase: str) -> list[Callable[[], bool]]:
+        return [settled(), later(record(phase)), later(check_layout(phase))]
+
+    steps += [settled(lambda: app.ui.link_state not in ("connecting",)), later(record("start")),
+              later(check_layout("start"))]
+    if args.cancel is not None:
+        steps += [later(functools.partial(press_generate, args.cancel)),
+                  lambda: controller.plan is not None or not controller.busy,  # the edge has the request
+                  later(check_layout("busy"))]
+        if args.preview_shot:
+            steps += [lambda: controller.preview is not None or not controller.busy, *look_at("preview"),
+                      later(lambda: state.__setitem__("preview_png", shot("preview")))]
+        steps += [later(press_cancel), lambda: not controller.busy, *look_at("cancelled")]
     for prompt in args.prompt:
         steps += [later(functools.partial(press_generate, prompt)), generation_over]
-    steps += [settled(), later(record("finished")), later(lambda: state.__setitem__("main_png", shot("main")))]
+    if args.prompt:
+        steps += [*look_at("finished"), later(lambda: state.__setitem__("main_png", shot("main")))]
+        if args.check_layout:
+            steps += [later(lambda: main_ids().details_button.dispatch("on_release")), *look_at("details"),
+                      later(lambda: state.__setitem__("details_png", shot("details"))),
+                      later(lambda: main_ids().details_button.dispatch("on_release"))]
     if args.rate is not None:
-        def ids_of() -> Any:  # Kivy's ids: untyped
-            return app.screens.get_screen("main").ids
-
         button = "rate_up" if args.rate == 1 else "rate_down"
-        steps += [later(lambda: getattr(ids_of(), button).dispatch("on_release")),
-                  lambda: controller.status.startswith(("Rating sent", "Rating not sent", "Rated")),
+        steps += [later(lambda: getattr(main_ids(), button).dispatch("on_release")),
+                  lambda: controller.status.startswith(("Rating sent", "Rating kept", "Rated")),
                   settled(), later(record("rated"))]
-    steps += [later(lambda: app.show("gallery")), settled(gallery_shown), later(record("gallery")),
-              later(lambda: state.__setitem__("gallery_png", shot("gallery")))]
+    steps += [later(lambda: app.show("gallery")), settled(screen_shown("gallery")), later(record("gallery")),
+              later(check_layout("gallery")), later(lambda: state.__setitem__("gallery_png", shot("gallery")))]
+    if args.open_first:
+        def open_first() -> None:
+            cells = list(reversed(app.screens.get_screen("gallery").ids.grid.children))
+            if not cells:
+                raise RuntimeError("the gallery is empty: nothing to open")
+            cells[0].open()
+
+        steps += [later(open_first), settled(screen_shown("main")), *look_at("reopened")]
+    if args.check_layout:
+        steps += [later(lambda: app.show("settings")), settled(screen_shown("settings")), later(record("settings")),
+                  later(check_layout("settings")), later(lambda: state.__setitem__("settings_png", shot("settings"))),
+                  later(lambda: app.show("main"))]
 
     def tick(_dt: float) -> None:
         try:
@@ -190,7 +262,10 @@ def main(argv: list[str] | None = None) -> int:
             return
         finish(True)
 
-    app.bind(on_start=lambda _app: Clock.schedule_once(tick, 0.5))
+    def started(_app: Any) -> None:  # returns None: a true return would stop Kivy calling the app's own on_start
+        Clock.schedule_once(tick, 0.5)
+
+    app.bind(on_start=started)
     app.run()
     if args.state:
         Path(args.state).write_text(json.dumps(state, indent=2, default=str) + "\n")

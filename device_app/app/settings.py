@@ -30,7 +30,8 @@ class Settings:
     ``server_url`` empty = no edge (every image is made on the device). ``preference``:
     0 = fastest .. 1 = best quality, sent with every request and used for the offline
     step count (``offline_min_steps`` .. ``offline_max_steps``). ``bundle``: the device
-    bundle folder. ``save_dir``: where the gallery saves images (empty: the app's default).
+    bundle folder. ``save_dir``: where "Save" puts a copy of an image (empty: ``~/Pictures/rise``).
+    ``gallery_dir``: the gallery's folder, kept across restarts (empty: ``gallery/`` in the app's user data folder).
     """
 
     server_url: str = ""
@@ -38,6 +39,7 @@ class Settings:
     preference: float = 0.5
     bundle: str = ""
     save_dir: str = ""
+    gallery_dir: str = ""
     offline_min_steps: int = 8
     offline_max_steps: int = 25
 
@@ -49,7 +51,7 @@ class Settings:
             raise ConfigError("token must be a string without whitespace")  # never echo a token
         object.__setattr__(self, "preference", check_float("preference", self.preference, lo=0.0, hi=1.0,
                                                            error=ConfigError))
-        for name in ("bundle", "save_dir"):
+        for name in ("bundle", "save_dir", "gallery_dir"):
             check_str(name, getattr(self, name), error=ConfigError)
         lo = check_int("offline_min_steps", self.offline_min_steps, lo=1, hi=1000, error=ConfigError)
         hi = check_int("offline_max_steps", self.offline_max_steps, lo=1, hi=1000, error=ConfigError)
@@ -60,8 +62,9 @@ class Settings:
         """A copy with ``changes`` applied (checked like a new one)."""
         if "server_url" in changes:
             changes["server_url"] = str(changes["server_url"]).strip()
-        if "token" in changes:
-            changes["token"] = str(changes["token"]).strip()
+        for name in ("token", "bundle", "save_dir", "gallery_dir"):
+            if name in changes:
+                changes[name] = str(changes[name]).strip()
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

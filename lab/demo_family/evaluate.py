@@ -13,7 +13,14 @@ small UNet for ``[k, N)``) and judged by the demo family's scorer:
 - **speedup** of edge + device compute against large-only (``k = N``).
 
 The ceilings come first: the scorer's adherence on ``--ceiling-scenes`` real held-out scenes,
-and on the same scenes passed through the family's VAE (encode, decode).
+and on the same scenes passed through the family's VAE (encode, decode). They are cached per
+family VAE, scorer, prompt set and ``--ceiling-scenes`` (:mod:`lab.demo_family.ceiling_cache`:
+``$RISE_CACHE_DIR``, else ``~/.cache/rise``; ``--cache-dir``, ``--refresh-ceilings``, ``--no-cache``),
+so only the first run pays for the round trip.
+
+Progress bars (ceilings, then the images of every split) are drawn on stderr when it is a
+terminal (``--progress`` / ``--no-progress`` force them); stdout carries the same lines and table
+as without them.
 
 Without ``--bundle`` the device half runs in PyTorch (the one-process relay of
 :func:`edge_server.relay.prepare` / :func:`~edge_server.batching.batched_step`, prompts batched
@@ -37,7 +44,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, NoReturn, TypedDict
 
 import numpy as np
 import torch
@@ -52,6 +59,9 @@ from shared.errors import RiseError
 from shared.relay_plan import RelayPlan
 from shared.samplers import SAMPLER_NAMES
 
+from ..progress import bar, echo
+from .adaptive import check_adaptive, evaluate_adaptive, format_adaptive_table, parse_taus, parse_window
+from .ceiling_cache import CeilingCache, cached_ceilings, ceiling_key
 from .data import N_CELLS, ItemBank, Scene
 from .scorer import Scorer, adherence, default_scorer, frechet_distance
 
@@ -63,6 +73,10 @@ CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 CEILING_SEED = 1  # the scorer's model card measures its real ceiling on these scenes
 REFERENCE_SEED = 2  # real renderings of the prompts' scenes (the Fréchet reference)
 SECOND_RENDER_SEED = 3  # another real rendering of the same scenes (the Fréchet ceilings)
+
+
+def _no_tick(_: int) -> None:
+    return None
 
 
 class EvalError(RiseError, ValueError):
@@ -104,8 +118,10 @@ def quality(images: np.ndarray, scenes: Sequence[Scene], scorer: Scorer, referen
 
 
 @torch.no_grad()
-def vae_round_trip(family: Family, images: np.ndarray, batch: int = 256) -> np.ndarray:
-    """Real images through the family's VAE (encode: the posterior mode, decode) as uint8."""
+def vae_round_trip(family: Family, images: np.ndarray, batch: int = 256,
+                   tick: Callable[[int], object] = _no_tick) -> np.ndarray:
+    """Real images through the family's VAE (encode: the posterior mode, decode) as uint8;
+    ``tick(b)`` after each batch of ``b`` images."""
     vae = as_pipeline(family.pipeline).vae
     out = []
     for start in range(0, len(images), batch):
@@ -113,19 +129,25 @@ def vae_round_trip(family: Family, images: np.ndarray, batch: int = 256) -> np.n
         z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mode()
         rec = vae.decode(z).sample.float().cpu()
         out.append(((rec / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
+        tick(len(x))
     return np.concatenate(out)
 
 
 def ceilings(family: Family, scorer: Scorer, bank: ItemBank, n: int, scenes: Sequence[Scene],
-             reference: np.ndarray) -> dict[str, dict[str, Any]]:
+             reference: np.ndarray, tick: Callable[[int], object] = _no_tick) -> dict[str, dict[str, Any]]:
     """Real and VAE ceilings: adherence on ``n`` random real held-out scenes (and through the VAE);
-    Fréchet distance of another real rendering of the prompts' scenes (and of it through the VAE)."""
+    Fréchet distance of another real rendering of the prompts' scenes (and of it through the VAE).
+
+    ``tick(b)`` as ``b`` more images went through the VAE: ``n + len(scenes)`` in all, the bulk of the work.
+    """
+    if n < 1:
+        raise EvalError(f"ceiling scenes must be at least 1, got {n}")
     real, real_scenes, _ = bank.sample(n, np.random.default_rng(CEILING_SEED))
     second = render(bank, scenes, SECOND_RENDER_SEED)
     out = {}
     for name, images, frechet_images in (
         ("real", real, second),
-        ("vae", vae_round_trip(family, real), vae_round_trip(family, second)),
+        ("vae", vae_round_trip(family, real, tick=tick), vae_round_trip(family, second, tick=tick)),
     ):
         adh = adherence(images, real_scenes, scorer)
         out[name] = {
@@ -148,12 +170,16 @@ def render(bank: ItemBank, scenes: Sequence[Scene], seed: int) -> np.ndarray:
 
 @torch.no_grad()
 def generate_torch(family: Family, prompts: Sequence[str], steps: int, k: int, *, sampler: str,
-                   guidance: float, seed: int, batch: int = 32) -> Generated:
-    """All prompts through the one-process relay, ``batch`` requests per UNet call.
+                   guidance: float, seed: int, batch: int = 32,
+                   tick: Callable[[int], object] = _no_tick) -> Generated:
+    """All prompts through the one-process relay, ``batch`` requests per UNet call; ``tick(b)``
+    after each batch of ``b`` images.
 
     Request ``i`` uses seed ``seed + i``; batching changes only float round-off (the step-level
     batching core is tested against one request at a time).
     """
+    if not prompts:
+        raise EvalError("no prompts to generate")
     plan = RelayPlan(steps, k, sampler, guidance)
     images, stats = [], []
     for start in range(0, len(prompts), batch):
@@ -166,13 +192,15 @@ def generate_torch(family: Family, prompts: Sequence[str], steps: int, k: int, *
             trace.append(latent_stats(torch.cat([j.latents for j in jobs])))
         images.append(decode_latents(family, torch.cat([j.latents for j in jobs])))
         stats.append(np.stack(trace, 1))
+        tick(len(jobs))
     return Generated(np.concatenate(images), np.concatenate(stats))
 
 
 @torch.no_grad()
 def time_torch(family: Family, prompts: Sequence[str], steps: int, k: int, *, sampler: str,
-               guidance: float, seed: int, clock: str = "cpu") -> list[dict[str, float]]:
-    """Edge and device compute of single requests (batch of one), in PyTorch."""
+               guidance: float, seed: int, clock: str = "cpu",
+               tick: Callable[[int], object] = _no_tick) -> list[dict[str, float]]:
+    """Edge and device compute of single requests (batch of one), in PyTorch; ``tick(1)`` after each."""
     now = CLOCKS[clock]
     plan = RelayPlan(steps, k, sampler, guidance)
     out = []
@@ -184,14 +212,19 @@ def time_torch(family: Family, prompts: Sequence[str], steps: int, k: int, *, sa
         decode_latents(family, run_alone(family.small_unet, job).latents)
         t2 = now()
         out.append({"edge_s": t1 - t0, "device_s": t2 - t1})
+        tick(1)
     return out
 
 
 def generate_bundle(family: Family, bundle: Any, prompts: Sequence[str], steps: int, k: int, *,
-                    sampler: str, guidance: float, seed: int, clock: str = "cpu") -> Generated:
+                    sampler: str, guidance: float, seed: int, clock: str = "cpu",
+                    tick: Callable[[int], object] = _no_tick) -> Generated:
     """All prompts through the two-sided relay, device half on ONNX Runtime: the calls of
     :func:`~lab.local_relay.relay_once` (edge steps, handoff to bytes and back, then
-    :func:`device_app.finish.finish_handoff`: device steps and decode), timed with ``clock``."""
+    :func:`device_app.finish.finish_handoff`: device steps and decode), timed with ``clock``;
+    ``tick(1)`` after each image."""
+    if not prompts:
+        raise EvalError("no prompts to generate")
     from device_app.finish import finish_handoff
     from edge_server.relay import EdgeRelay
     from shared.handoff import decode_handoff, encode_handoff
@@ -212,6 +245,7 @@ def generate_bundle(family: Family, bundle: Any, prompts: Sequence[str], steps: 
         images.append(finished.image)
         device_s = finished.steps_s + finished.decode_s
         timings.append({"edge_s": t1 - t0, "device_s": device_s, "handoff_s": t2 - t1, "handoff_bytes": len(payload)})
+        tick(1)
     return Generated(np.stack(images), None, timings)
 
 
@@ -281,6 +315,21 @@ def png_size(image: np.ndarray) -> int:
     return buf.tell()
 
 
+#: The counts of :class:`EvalConfig` that must be at least 1 (each one's command-line flag).
+POSITIVE_FIELDS = {"batch": "--batch", "ceiling_scenes": "--ceiling-scenes", "timing_prompts": "--timing-prompts",
+                   "intensity_prompts": "--intensity-prompts"}
+
+
+def check_config(cfg: EvalConfig) -> None:
+    """EvalError for a count below 1 or an unknown clock (the splits: :func:`check_splits`)."""
+    for name, flag in POSITIVE_FIELDS.items():
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value < 1:
+            raise EvalError(f"{flag} must be an integer of at least 1, got {value!r}")
+    if cfg.clock not in CLOCKS:
+        raise EvalError(f"clock must be one of {', '.join(CLOCKS)}, got {cfg.clock!r}")
+
+
 def check_splits(steps: int, splits: Sequence[int]) -> tuple[int, ...]:
     """Sorted unique splits, with ``N`` added (the reference of the speedup); EvalError if out of range."""
     bad = [k for k in splits if not 0 <= k <= steps]
@@ -291,9 +340,15 @@ def check_splits(steps: int, splits: Sequence[int]) -> tuple[int, ...]:
 
 def evaluate(family: Family, prompts: Sequence[str], cfg: EvalConfig, *, bundle: Any = None,
              scorer: Scorer | None = None, data: str | None = None,
-             log: Callable[[str], object] = print) -> dict[str, Any]:
-    """Run the harness; return the report (the ``--json`` document)."""
+             log: Callable[[str], object] = print, cache: CeilingCache | None = None,
+             progress: bool | None = None) -> dict[str, Any]:
+    """Run the harness; return the report (the ``--json`` document).
+
+    ``cache``: where the ceilings are looked up and stored (``None``: always computed);
+    ``progress``: bars on stderr (``None``: when it is a terminal, see :mod:`lab.progress`).
+    """
     scorer = scorer or default_scorer()
+    check_config(cfg)
     splits = check_splits(cfg.steps, cfg.splits)
     try:
         scenes = [prompt_to_scene(p) for p in prompts]
@@ -304,13 +359,21 @@ def evaluate(family: Family, prompts: Sequence[str], cfg: EvalConfig, *, bundle:
     bank = ItemBank.load("test", data)
     reference = scorer.features(render(bank, scenes, REFERENCE_SEED))
     t0 = time.perf_counter()
-    ceil = ceilings(family, scorer, bank, cfg.ceiling_scenes, scenes, reference)
-    log(f"ceilings ({cfg.ceiling_scenes} real held-out scenes, {time.perf_counter() - t0:.0f}s): "
+    vae = as_pipeline(family.pipeline).vae
+    assert isinstance(vae, torch.nn.Module)  # a diffusers AutoencoderKL
+    key = ceiling_key(vae, scorer.net, bank, cfg.ceiling_scenes, scenes,
+                      (CEILING_SEED, REFERENCE_SEED, SECOND_RENDER_SEED))
+
+    def compute() -> dict[str, Any]:
+        with bar(desc="ceilings: VAE round trip", total=cfg.ceiling_scenes + len(scenes), unit="img",
+                 setting=progress) as pbar:
+            return ceilings(family, scorer, bank, cfg.ceiling_scenes, scenes, reference, tick=pbar.update)
+
+    ceil, source = cached_ceilings(key, compute, cache)
+    log(f"ceilings ({cfg.ceiling_scenes} real held-out scenes, {time.perf_counter() - t0:.0f}s, {source}): "
         f"real {ceil['real']['adherence']:.3f}, VAE {ceil['vae']['adherence']:.3f}")
-    if cfg.clock not in CLOCKS:
-        raise EvalError(f"clock must be one of {', '.join(CLOCKS)}, got {cfg.clock!r}")
     kw: _SamplingArgs = {"sampler": cfg.sampler, "guidance": cfg.guidance, "seed": cfg.seed}
-    timed = list(prompts[: max(1, cfg.timing_prompts)])
+    timed = list(prompts[: cfg.timing_prompts])
     n_int = min(len(prompts), cfg.intensity_prompts)
     rows, intensity = [], {}
     # Warm-up of both halves (and ORT's lazily created sessions) before anything is timed.
@@ -318,27 +381,34 @@ def evaluate(family: Family, prompts: Sequence[str], cfg: EvalConfig, *, bundle:
         time_torch(family, timed[:1], cfg.steps, cfg.steps // 2, **kw)
     else:
         generate_bundle(family, bundle, timed[:1], cfg.steps, cfg.steps // 2, clock=cfg.clock, **kw)
-    for k in splits:
-        t0 = time.perf_counter()
-        if bundle is None:
-            gen = generate_torch(family, prompts, cfg.steps, k, batch=cfg.batch, **kw)
-            gen.timings = time_torch(family, timed, cfg.steps, k, clock=cfg.clock, **kw)
-        else:
-            gen = generate_bundle(family, bundle, prompts, cfg.steps, k, clock=cfg.clock, **kw)
-            gen.stats = generate_torch(family, prompts[:n_int], cfg.steps, k, batch=cfg.batch, **kw).stats
-        row: dict[str, Any] = {"k": k, **quality(gen.images, scenes, scorer, reference)}
-        # Median over requests: robust to the other jobs of a shared machine.
-        row["edge_s"] = statistics.median(t["edge_s"] for t in gen.timings)
-        row["device_s"] = statistics.median(t["device_s"] for t in gen.timings)
-        row["compute_s"] = row["edge_s"] + row["device_s"]
-        row["image_bytes"] = int(statistics.median(png_size(im) for im in gen.images[:32]))
-        if "handoff_bytes" in gen.timings[0]:
-            row["handoff_bytes"] = int(max(t["handoff_bytes"] for t in gen.timings))
-        assert gen.stats is not None  # both branches set it from generate_torch
-        intensity[k] = gen.stats[:n_int].mean(0)  # (N + 1, 3)
-        rows.append(row)
-        log(f"  k={k:>3}: adherence {row['adherence']:.3f}, Fréchet {row['frechet']:.2f}, "
-            f"compute {row['compute_s'] * 1000:.0f} ms/image ({time.perf_counter() - t0:.0f}s)")
+    # One bar over every image the splits make: the batch, then the timed (PyTorch) or the
+    # latent-statistics (bundle) requests.
+    per_split = len(prompts) + (len(timed) if bundle is None else n_int)
+    with bar(desc="splits", total=per_split * len(splits), unit="img", setting=progress) as pbar:
+        for k in splits:
+            t0 = time.perf_counter()
+            pbar.set_description(f"split k={k}")
+            if bundle is None:
+                gen = generate_torch(family, prompts, cfg.steps, k, batch=cfg.batch, tick=pbar.update, **kw)
+                gen.timings = time_torch(family, timed, cfg.steps, k, clock=cfg.clock, tick=pbar.update, **kw)
+            else:
+                gen = generate_bundle(family, bundle, prompts, cfg.steps, k, clock=cfg.clock, tick=pbar.update, **kw)
+                gen.stats = generate_torch(family, prompts[:n_int], cfg.steps, k, batch=cfg.batch, tick=pbar.update,
+                                           **kw).stats
+            row: dict[str, Any] = {"k": k, **quality(gen.images, scenes, scorer, reference)}
+            # Median over requests: robust to the other jobs of a shared machine.
+            row["edge_s"] = statistics.median(t["edge_s"] for t in gen.timings)
+            row["device_s"] = statistics.median(t["device_s"] for t in gen.timings)
+            row["compute_s"] = row["edge_s"] + row["device_s"]
+            row["image_bytes"] = int(statistics.median(png_size(im) for im in gen.images[:32]))
+            if "handoff_bytes" in gen.timings[0]:
+                row["handoff_bytes"] = int(max(t["handoff_bytes"] for t in gen.timings))
+            assert gen.stats is not None  # both branches set it from generate_torch
+            intensity[k] = gen.stats[:n_int].mean(0)  # (N + 1, 3)
+            rows.append(row)
+            pbar.set_postfix_str(f"adherence at k={k}: {row['adherence']:.3f}", refresh=False)
+            log(f"  k={k:>3}: adherence {row['adherence']:.3f}, Fréchet {row['frechet']:.2f}, "
+                f"compute {row['compute_s'] * 1000:.0f} ms/image ({time.perf_counter() - t0:.0f}s)")
     cost = step_costs(family, bundle, clock=cfg.clock)
     log(f"per-step cost at batch 2 (CFG): large {cost['large_ms']:.1f} ms, small {cost['small_ms']:.1f} ms, "
         f"ratio {cost['ratio']:.1f}")
@@ -523,8 +593,26 @@ def plot(report: dict[str, Any], folder: str | Path) -> list[Path]:
 # --------------------------------------------------------------------------- command line
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line like every other error of the tool."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rise-eval", description=__doc__.splitlines()[0])
+    parser = _OneLineParser(prog="rise-eval", description=__doc__.splitlines()[0])
     parser.add_argument("--family", required=True,
                         help="family folder (the demo family, or one trained with its grammar)")
     parser.add_argument("--small", default=None, help="small denoiser (default: the family's unet_small/)")
@@ -537,19 +625,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="device bundle of the family: the device half runs on ONNX Runtime")
     parser.add_argument("--prompts", default=str(DEFAULT_PROMPTS_FILE),
                         help="prompt file, one a line (default: prompts.txt)")
-    parser.add_argument("--limit", type=int, default=None, help="use the first L prompts only")
+    parser.add_argument("--limit", type=positive_int, default=None, help="use the first L prompts only")
     parser.add_argument("--steps", type=int, default=20, help="total steps N (default 20)")
     parser.add_argument("--splits", default="0,2,4,6,8,10,12,16,20",
                         help="comma-separated k values (N is always added: the speedup's reference)")
     parser.add_argument("--sampler", choices=SAMPLER_NAMES, default="dpmpp_2m")
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=0, help="prompt i uses seed SEED + i")
-    parser.add_argument("--batch", type=int, default=32, help="requests per UNet call when generating in PyTorch")
-    parser.add_argument("--ceiling-scenes", type=int, default=1000, help="real held-out scenes for the ceilings")
-    parser.add_argument("--timing-prompts", type=int, default=8, help="requests timed one at a time per split")
-    parser.add_argument("--intensity-prompts", type=int, default=32,
+    parser.add_argument("--batch", type=positive_int, default=32,
+                        help="requests per UNet call when generating in PyTorch")
+    parser.add_argument("--ceiling-scenes", type=positive_int, default=1000,
+                        help="real held-out scenes for the ceilings")
+    parser.add_argument("--timing-prompts", type=positive_int, default=8, help="requests timed one at a time per split")
+    parser.add_argument("--intensity-prompts", type=positive_int, default=32,
                         help="prompts averaged in the latent-intensity plot")
-    parser.add_argument("--threads", type=int, default=1, help="torch (and ONNX Runtime) threads")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch (and ONNX Runtime) threads")
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="cpu",
                         help="time compute as the process's CPU time (default: robust on a shared machine; "
                              "use with --threads 1) or as wall time")
@@ -557,11 +647,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", default=None, help="Fashion-MNIST folder (default: $RISE_FASHION_MNIST or Debian's)")
     parser.add_argument("--json", default=None, help="write the figures as JSON here")
     parser.add_argument("--plots", default=None, help="write the plots into this folder")
+    parser.add_argument("--cache-dir", default=None,
+                        help="where the ceilings are cached (default: $RISE_CACHE_DIR, else $XDG_CACHE_HOME/rise, "
+                             "else ~/.cache/rise; files under ceilings/)")
+    cache = parser.add_mutually_exclusive_group()
+    cache.add_argument("--refresh-ceilings", action="store_true",
+                       help="recompute the ceilings and replace the cached ones")
+    cache.add_argument("--no-cache", action="store_true", help="compute the ceilings; neither read nor write the cache")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bars on stderr (default: when stderr is a terminal)")
+    parser.add_argument("--taus", default=None,
+                        help="also evaluate adaptive arms (N, tau): comma-separated x0-settling thresholds in (0, 1] "
+                             "(lab.demo_family.adaptive; rows in the report's \"adaptive\" list)")
+    parser.add_argument("--tau-window", default=None, metavar="K_MIN,K_MAX",
+                        help="the adaptive arms' handoff window in edge steps (default 1,N-1)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, already printed): return, don't exit
+        return exc.code if isinstance(exc.code, int) else 2
     torch.set_num_threads(args.threads)
     try:
         splits = tuple(int(s) for s in args.splits.split(",") if s.strip())
@@ -574,6 +681,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                          args.ceiling_scenes, args.timing_prompts, args.intensity_prompts, args.clock)
         RelayPlan(args.steps, 0, args.sampler, args.guidance)  # checks steps, sampler, guidance up front
         check_splits(args.steps, splits)
+        taus = parse_taus(args.taus)
+        k_min, k_max = parse_window(args.tau_window)
+        check_adaptive(cfg, taus, k_max=k_max, min_split=k_min)  # a bad window is refused before any work
         family = load_family(args.family, args.small, variant=args.variant,
                              placement=resolve_placement(args.device, args.dtype))
         bundle = None
@@ -587,13 +697,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         all_splits = ",".join(map(str, check_splits(args.steps, splits)))
         print(f"rise-eval: {family.family_id}, {len(prompts)} prompts, N={args.steps}, splits {all_splits}",
               flush=True)
-        report = evaluate(family, prompts, cfg, bundle=bundle, scorer=scorer, data=args.data,
-                          log=lambda s: print(s, flush=True))
+        cache = None if args.no_cache else CeilingCache(args.cache_dir, refresh=args.refresh_ceilings)
+        report = evaluate(family, prompts, cfg, bundle=bundle, scorer=scorer, data=args.data, log=echo,
+                          cache=cache, progress=args.progress)
+        if taus:  # adaptive arms in PyTorch beside the fixed rows (their own list: the plots read "rows")
+            scenes = [prompt_to_scene(p) for p in prompts]
+            reference = scorer.features(render(ItemBank.load("test", args.data), scenes, REFERENCE_SEED))
+            report["adaptive"] = evaluate_adaptive(family, prompts, cfg, scorer, reference, taus, k_max=k_max,
+                                                   min_split=k_min, log=echo)
     except (RiseError, OSError) as exc:
         print(f"rise-eval: error: {exc}", file=sys.stderr)
         return 2
     print()
     print(format_table(report))
+    if report.get("adaptive"):
+        print()
+        print(format_adaptive_table(report["adaptive"]))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -69,8 +69,10 @@ from torch.nn import functional as F
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPTokenizerFast
 from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
+from lab.progress import bar, echo
 from lab.tiny_family import SD_SCHEDULER_CONFIG
 from shared.demo_grammar.prompts import MAX_WORDS, eval_scenes, scene_to_prompt, vocabulary
+from shared.demo_grammar.understanding import vocabulary_markdown
 
 from .data import (
     CANVAS,
@@ -345,6 +347,7 @@ class Stage:
     cfg: TrainConfig
     ema_decay: float = 0.0
     record: dict[str, Any] = field(default_factory=dict)
+    progress: bool | None = None  # a bar on stderr (None: when it is a terminal; see lab.progress)
 
     def run(self, ckpt: Path) -> dict[str, torch.nn.Module]:
         """Train to ``steps`` (resuming from ``ckpt`` if present); return the EMA (or live) modules."""
@@ -374,14 +377,14 @@ class Stage:
                 # The step budget changed (see Work): anneal over the new budget from here on.
                 if int(state["step"]) >= self.steps:
                     raise TrainingError(f"{ckpt} is at step {state['step']}, past the new budget of {self.steps}")
-                print(f"[{self.name}] step budget {sched.total_steps} -> {self.steps}", flush=True)
+                echo(f"[{self.name}] step budget {sched.total_steps} -> {self.steps}")
                 sched.total_steps, sched._schedule_phases = self.steps, phases
             self.stream.rng.bit_generator.state = state["stream_rng"]
             torch.set_rng_state(state["torch_rng"])
             start, elapsed, history = int(state["step"]), float(state["elapsed"]), list(state["history"])
             lr_history = list(state.get("lr_history", []))
             running, count = state.get("running", (0.0, 0))  # the loss sum of the log interval under way
-            print(f"[{self.name}] resumed from {ckpt} at step {start}/{self.steps} ({elapsed:.0f}s done)", flush=True)
+            echo(f"[{self.name}] resumed from {ckpt} at step {start}/{self.steps} ({elapsed:.0f}s done)")
 
         def save(step: int) -> None:
             state = {
@@ -401,6 +404,7 @@ class Stage:
             m.train()
         params = [p for g in self.groups for p in g["params"]]
         t0 = last_ckpt = time.perf_counter()
+        pbar = bar(desc=self.name, total=self.steps, initial=start, unit="step", setting=self.progress)
         for step in range(start + 1, self.steps + 1):
             loss = self.loss()
             opt.zero_grad(set_to_none=True)
@@ -411,16 +415,19 @@ class Stage:
             sched.step()
             ema.update(step)
             running, count = running + loss.item(), count + 1
+            pbar.set_postfix_str(f"loss {running / count:.4f}", refresh=False)  # the log interval's mean so far
+            pbar.update(1)
             if step % cfg.log_every == 0 or step == self.steps:
                 history.append([step, round(running / count, 5)])
                 lr_history.append([step, float(f"{opt.param_groups[0]['lr']:.4g}")])
                 now = time.perf_counter()
-                print(f"[{self.name}] step {step}/{self.steps} loss {running / count:.4f} lr {lr_history[-1][1]:.3g} "
-                      f"({elapsed + now - t0:.0f}s, {(now - t0) / (step - start):.3f}s/step)", flush=True)
+                echo(f"[{self.name}] step {step}/{self.steps} loss {running / count:.4f} lr {lr_history[-1][1]:.3g} "
+                     f"({elapsed + now - t0:.0f}s, {(now - t0) / (step - start):.3f}s/step)")
                 running, count = 0.0, 0
             if time.perf_counter() - last_ckpt > cfg.checkpoint_every_s and step < self.steps:
                 save(step)
                 last_ckpt = time.perf_counter()
+        pbar.close()
         elapsed += time.perf_counter() - t0
         for m in (*self.modules.values(), *ema.shadow.values()):
             m.eval()
@@ -668,10 +675,12 @@ def train_family(
     command: str = "",
     stop_after: str | None = None,
     redo: str | None = None,
+    progress: bool | None = None,
 ) -> Path | None:
     """Run (or resume) every stage, then write the family to ``out``; ``None`` if ``stop_after`` stopped it.
 
-    ``redo`` retrains that stage and the later ones from scratch (the earlier ones are kept).
+    ``redo`` retrains that stage and the later ones from scratch (the earlier ones are kept);
+    ``progress``: a bar per stage on stderr, loss in its postfix (``None``: when stderr is a terminal).
     """
     out = Path(out)
     work_dir = Path(work) if work is not None else out.with_name(out.name + ".work")
@@ -695,7 +704,7 @@ def train_family(
             "lr": cfg.vae_lr, "name": "vae",
         }]
         stage = Stage("vae", {"vae": vae}, groups,  # type: ignore[dict-item]  # diffusers placeholder
-                      cfg.vae_steps, cfg.vae_batch, _vae_loss(vae, s, cfg.vae_batch), s, cfg)
+                      cfg.vae_steps, cfg.vae_batch, _vae_loss(vae, s, cfg.vae_batch), s, cfg, progress=progress)
         vae = cast(AutoencoderKL, stage.run(w.ckpt("vae"))["vae"])  # run() returns the modules it was given
         sf = latent_scaling_factor(vae, s)
         vae.register_to_config(scaling_factor=sf)  # type: ignore[attr-defined]  # diffusers placeholder
@@ -713,12 +722,12 @@ def train_family(
             {"params": list(te.parameters()) + list(probe.parameters()), "lr": cfg.text_lr, "name": "text_encoder"}
         ]
         stage = Stage("text", {"text_encoder": te, "probe": probe}, groups, cfg.text_steps, cfg.text_batch,
-                      _text_loss(te, probe, fast_tokenizer, s, cfg.text_batch), s, cfg)
+                      _text_loss(te, probe, fast_tokenizer, s, cfg.text_batch), s, cfg, progress=progress)
         result = stage.run(w.ckpt("text"))
         # run() returns the modules it was given (as nn.Module): the encoder and the probe built above.
         te_trained, probe_trained = cast(CLIPTextModel, result["text_encoder"]), cast(SceneProbe, result["probe"])
         accuracy = parse_accuracy(te_trained, probe_trained, fast_tokenizer, stream("text"))
-        print(f"[text] probe accuracy on fresh prompts: {accuracy}", flush=True)
+        echo(f"[text] probe accuracy on fresh prompts: {accuracy}")
         w.finish("text", {"text_encoder": result["text_encoder"]},
                  {**stage.record, "parse_accuracy": accuracy,
                   "loss": "cross-entropy of a per-cell attention probe: category or empty, and colour"})
@@ -737,7 +746,7 @@ def train_family(
         stage = Stage("large", {"unet": unet}, groups,  # type: ignore[dict-item]  # diffusers placeholder
                       cfg.large_steps, cfg.large_batch,
                       _denoiser_loss(unet, te, fast_tokenizer, vae, s, cfg, cfg.large_batch),
-                      s, cfg, ema_decay=cfg.ema_decay)
+                      s, cfg, ema_decay=cfg.ema_decay, progress=progress)
         result = stage.run(w.ckpt("large"))
         w.finish("large", result, {**stage.record, "uncond_p": cfg.uncond_p,
                                     "loss": "MSE(epsilon) on SD's scaled-linear schedule, t uniform in [0, 1000), "
@@ -759,7 +768,7 @@ def train_family(
                       cfg.small_steps, cfg.small_batch,
                       _denoiser_loss(small, te, fast_tokenizer, vae, s, cfg, cfg.small_batch, teacher=teacher,
                                      focus_t=cfg.small_focus_t, focus_p=cfg.small_focus_p),
-                      s, cfg, ema_decay=cfg.ema_decay)
+                      s, cfg, ema_decay=cfg.ema_decay, progress=progress)
         result = stage.run(w.ckpt("small"))
         w.finish("small", result, {**stage.record, "distill_weight": cfg.distill_weight, "uncond_p": cfg.uncond_p,
                                     "loss": f"MSE(epsilon, noise) + {cfg.distill_weight:g} x MSE(epsilon, large UNet's "
@@ -771,6 +780,7 @@ def train_family(
     save_family(out, vae, te, tokenizer, unet, small)
     info = {
         "seed": seed, "command": command, "config": asdict(cfg),
+        "prompt_grammar": "demo",  # edge_server.family.detect_prompt_grammar: prompts follow shared.demo_grammar
         "stages": {name: w.record(name) for name in STAGES},
         "changes": w.changes,
         "params": {
@@ -950,6 +960,8 @@ def write_model_card(folder: str | Path, eval_json: str | Path | None = None) ->
         "with a colour and a cell of a 3x3 grid, e.g. *a red sneaker in the top left and a pair of blue jeans",
         "on the right*); the scorer in `models/demo/scorer/` measures how well a picture follows its prompt.",
         "",
+        *vocabulary_markdown().replace("### ", "## ", 1).splitlines(),
+        "",
         "## Architecture",
         "",
         "| part | what | size on disk |",
@@ -1109,6 +1121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="write a family from the run under way in the work folder to DIR, then exit")
     parser.add_argument("--card-only", action="store_true", help="only rewrite README.md from training.json")
     parser.add_argument("--eval-json", type=Path, default=None, help="with --card-only: add a rise-eval --json report")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="a bar per stage on stderr, loss in its postfix (default: when stderr is a terminal)")
     args = parser.parse_args(argv)
     if args.card_only:
         print(f"wrote {write_model_card(args.out, args.eval_json)}")
@@ -1128,7 +1142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         out = train_family(args.out, replace(cfg), seed=args.seed, work=args.work, data=args.data,
-                           command=command, stop_after=args.stop_after, redo=args.redo)
+                           command=command, stop_after=args.stop_after, redo=args.redo, progress=args.progress)
     except TrainingError as exc:
         parser.error(str(exc))
     if out is None:

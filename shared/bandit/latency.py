@@ -23,6 +23,10 @@ reports its batch's remaining steps and its queue (``PlanContext.edge_running``/
 from counts alone it is ``k_a * T[b]`` (``b`` the batch with it) plus, in ``edge_wait``, a full
 batch of mean edge steps for every ``B`` queued.
 
+``k_a`` of an adaptive arm (hand off once x0 settles, :mod:`shared.relay_modes`) is the edge steps
+it is expected to run: the profile's measured mean at the prompt's level when the features are
+given the profile, else its window's midpoint (:func:`expected_edge_steps`).
+
 The features come from what the edge knows when it plans: the device's reported RTT,
 bandwidth and load and its step time from its hello, the edge's own queue and batch, and the
 profile's timing (edge step by batch size, decode and text-encoding times, payload sizes).
@@ -39,11 +43,12 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from numpy.typing import NDArray
 
+from shared.prompt_features import MAX_LEVEL
 from shared.relay_plan import RelayPlan
 
 from .context import DEFAULT_BANDWIDTH_BPS, DEFAULT_DEVICE_LOAD, DEFAULT_RTT_S, Observation
 from .errors import BanditError
-from .profile import Timing
+from .profile import Profile, Timing
 
 FloatArray = NDArray[np.float64]
 
@@ -80,7 +85,39 @@ def batch_step_times(edge_step_s: float, measured: Mapping[int, float] | None, m
     return out
 
 
+def expected_edge_steps(arms: Sequence[RelayPlan],
+                        profile: Profile | None = None) -> tuple[tuple[int, ...], FloatArray]:
+    """``(levels, table)``: ``table[l, a]`` the edge steps arm ``a`` is expected to run at ``levels[l]``.
+
+    A fixed arm runs its split; an adaptive one the profile's measured mean at that level, or its
+    window's midpoint where the profile has none (or there is no profile: one level, ``(1,)``)."""
+    levels = tuple(profile.levels) if profile is not None else (1,)
+    table = np.empty((len(levels), len(arms)))
+    for a, arm in enumerate(arms):
+        for i, level in enumerate(levels):
+            if profile is not None:
+                table[i, a] = profile.expected_edge_steps(arm, level)
+            elif arm.handoff_tau is None:
+                table[i, a] = arm.split
+            else:
+                table[i, a] = (arm.first_split + arm.split) / 2.0
+    return levels, table
+
+
 _JOINING = -1  # the request being planned, in the projected queue
+
+
+def _step_time(step_times: Sequence[float], requests: int) -> float:
+    """One step of ``requests`` requests: the batched time, and one more full batch per ``B`` past the first.
+
+    An engine admits more requests than fit one UNet call (it batches rows, not requests): those
+    steps take several calls.
+    """
+    batch = len(step_times) - 1
+    if requests <= batch:
+        return float(step_times[requests])
+    calls, rest = divmod(requests, batch)
+    return calls * float(step_times[batch]) + float(step_times[rest])
 
 
 def edge_schedule(step_times: Sequence[float], running: Sequence[int], queued: Sequence[int], kmax: int, *,
@@ -119,7 +156,7 @@ def edge_schedule(step_times: Sequence[float], running: Sequence[int], queued: S
                 joined = True
             else:
                 rem.append(nxt)
-        dt = T[len(rem) + joined]
+        dt = _step_time(T, len(rem) + joined)
         m = min(rem) if rem else kmax
         if joined:
             m = min(m, kmax - done)
@@ -138,32 +175,39 @@ class LatencyFeatures:
     """Builds the ``(arms, len(LATENCY_FEATURES))`` latency features of a request (see the module doc).
 
     ``timing`` is a :class:`~shared.bandit.profile.Timing`; ``capacity`` the edge's batch in
-    requests (``max_batch_rows // 2`` with guidance)."""
+    requests (``max_batch_rows // 2`` with guidance); ``profile`` (optional) gives adaptive arms
+    their measured edge steps per level (without it: the middle of their window)."""
 
     names = LATENCY_FEATURES
 
     def __init__(self, arms: Sequence[RelayPlan], timing: Timing, capacity: int, *,
-                 batch_beta: float = DEFAULT_BATCH_BETA) -> None:
+                 batch_beta: float = DEFAULT_BATCH_BETA, profile: Profile | None = None) -> None:
         if capacity < 1:
             raise BanditError(f"the edge's capacity must be at least 1 request, got {capacity}")
         self.timing, self.capacity = timing, int(capacity)
         self.T = batch_step_times(timing.edge_step_s, timing.edge_batch_step_s, self.capacity, batch_beta)
-        self.k = np.asarray([a.split for a in arms], dtype=np.float64)
-        self.k_int = self.k.astype(np.int64)
-        self.kmax = int(self.k_int.max()) if len(arms) else 0
+        self.levels, self.k_by_level = expected_edge_steps(arms, profile)
+        self.k = self.k_by_level.mean(axis=0)  # expected edge steps per arm, over the levels
+        self.kmax = int(np.ceil(self.k_by_level.max())) if len(arms) else 0
         self.uses_edge = (self.k > 0).astype(np.float64)
+        self.n_steps = np.asarray([a.num_inference_steps for a in arms], dtype=np.float64)
         edge_decode = np.asarray([a.decode_on == "edge" for a in arms], dtype=np.float64)
-        device_decode = 1.0 - edge_decode
+        # the device's decode in reference device steps
+        self.decode_ref_steps = (1.0 - edge_decode) * timing.device_decode_s / timing.device_step_s
         self.edge_fixed = timing.text_encode_s + edge_decode * timing.edge_decode_s
         self.bits = 8.0 * np.where(edge_decode > 0, timing.image_bytes, timing.handoff_bytes)
-        # device seconds per second of the reference device's step: steps + decode in reference steps
-        self.device_ref_steps = (np.asarray([a.device_steps for a in arms], dtype=np.float64)
-                                 + device_decode * timing.device_decode_s / timing.device_step_s)
         edge_ks = self.k[self.k > 0]
         self.mean_edge_steps = float(edge_ks.mean()) if len(edge_ks) else 0.0
         self._out = np.empty((len(arms), len(LATENCY_FEATURES)))
-        self._out[:, 4] = self.k * self.T[self.capacity]
         self._out[:, 9] = 1.0
+
+    def edge_steps(self, complexity: float) -> FloatArray:
+        """Every arm's expected edge steps for a prompt of this complexity (the nearest profiled level)."""
+        level = complexity * MAX_LEVEL
+        distance = np.abs(np.asarray(self.levels, dtype=np.float64) - level)
+        row = int(np.flatnonzero(distance == distance.min())[-1])  # ties go to the harder level, as the profile's
+        steps: FloatArray = self.k_by_level[row]
+        return steps
 
     @property
     def dim(self) -> int:
@@ -179,20 +223,23 @@ class LatencyFeatures:
         load = DEFAULT_DEVICE_LOAD if obs.device_load is None else min(max(float(obs.device_load), 0.0), 1.0)
         step = self.timing.device_step_s if obs.device_step_s is None else max(float(obs.device_step_s), 0.0)
         cap = self.capacity
-        device = self.device_ref_steps * step
+        k = self.edge_steps(obs.complexity) if len(self.levels) > 1 else self.k_by_level[0]
+        device = (self.n_steps - k + self.decode_ref_steps) * step  # its steps + decode, at this device's step
         out = self._out.copy()
         out[:, 0] = self.edge_fixed
         out[:, 1] = rtt
         out[:, 2] = self.bits / bandwidth
+        out[:, 4] = k * self.T[cap]
         if obs.edge_running is not None:  # the engine's own batch and queue: project its schedule
             finish = np.asarray(edge_schedule(self.T, obs.edge_running, obs.edge_queued or (), self.kmax))
-            out[:, 3] = finish[self.k_int]
+            # an adaptive arm's expected steps fall between two step boundaries: interpolate
+            out[:, 3] = np.interp(k, np.arange(len(finish), dtype=np.float64), finish)
             out[:, 5] = 0.0
         else:  # only counts: each `cap` queued requests are one full batch of mean edge steps ahead
             batch = min(max(int(obs.active), 0) + 1, cap)
             ahead = max(int(obs.queue_depth), 0) + (1 if obs.active >= cap else 0)
             wait = (ahead / cap) * self.mean_edge_steps * self.T[cap] if ahead else 0.0
-            out[:, 3] = self.k * self.T[batch]
+            out[:, 3] = k * self.T[batch]
             out[:, 5] = self.uses_edge * wait
         out[:, 6] = device
         out[:, 7] = device * load

@@ -36,6 +36,14 @@ around :meth:`context` (request and :class:`PlanContext` -> :class:`Observation`
 (``rise-sim``) has no prompts or wire messages, only their features, so it calls those three
 directly: what it judges is the policy the daemon runs.
 
+Speculative relay (``speculative_ratio``, off by default): a chosen plan that can be speculative
+(``k >= 1``, decode on the device) goes out with ``RelayPlan.speculative`` set when the edge's
+forecast of its handoff (:meth:`BanditPlanner.predicted_handoff_s`: text encoding, the queue and
+its ``k`` batched steps projected from the engine's batch, one round trip, the transfer) is long
+against the device doing those steps itself (:func:`shared.planning.speculative_wanted`). The
+arm learnt is the plain one: only a report of a relay that won comes back (a device that finished
+alone cancels, and the edge learns nothing from that request: its relay was never delivered).
+
 Persistence: :meth:`save` writes the policy's state atomically (:mod:`shared.bandit.persistence`);
 it is also called every ``save_every`` updates, so a ``kill -9`` loses at most that many.
 A state saved for other arms or features is refused with :class:`~shared.bandit.StateError`.
@@ -44,6 +52,7 @@ A state saved for other arms or features is refused with :class:`~shared.bandit.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -76,9 +85,9 @@ from shared.bandit import (
 )
 from shared.bandit.congestion import CongestionPrice
 from shared.bandit.factored import FactoredLinUCB, quality_features
-from shared.bandit.latency import LatencyFeatures
+from shared.bandit.latency import LATENCY_PRIOR, LatencyFeatures
 from shared.bandit.reward import LATENCY_SCALE_S
-from shared.planning import PlanContext
+from shared.planning import PlanContext, speculative_wanted
 from shared.prompt_features import prompt_features
 from shared.protocol import Generate, Report
 from shared.relay_plan import RelayPlan
@@ -114,6 +123,8 @@ class BanditPlanner:
     :class:`~shared.bandit.congestion.CongestionPrice`, or True: one over the profile's batched step
     times) prices each arm's edge steps when given.
     ``state_path`` (optional) is loaded if it exists and written by :meth:`save`.
+    ``speculative_ratio`` (``None``: never) marks a chosen plan speculative when its predicted
+    handoff is at least that share of the device's time for its edge steps (see the module doc).
     """
 
     def __init__(
@@ -130,8 +141,14 @@ class BanditPlanner:
         edge_capacity: int = 8,
         handoff_bytes: int = 2**20,
         device_step_ref_s: float = 1.0,
+        speculative_ratio: float | None = None,
     ) -> None:
         self.arms = check_arms(arms)
+        if speculative_ratio is not None and not (0 < speculative_ratio < float("inf")):
+            raise BanditError(f"speculative_ratio must be a number > 0 (or None: never), got {speculative_ratio!r}")
+        if speculative_ratio is not None and profile is None:
+            raise BanditError("a speculative relay needs a profile (its timing forecasts the handoff)")
+        self.speculative_ratio = speculative_ratio
         if policy.n_arms != len(self.arms):
             raise BanditError(f"the policy has {policy.n_arms} arms, the planner {len(self.arms)}")
         self.policy = policy
@@ -145,7 +162,7 @@ class BanditPlanner:
         if profile is not None:
             builder = context_builder or ContextBuilder.from_profile(profile, active_ref=float(edge_capacity))
             self.latency_features: LatencyFeatures | None = LatencyFeatures(self.arms, profile.timing,
-                                                                            self.edge_capacity)
+                                                                            self.edge_capacity, profile=profile)
         else:
             builder = context_builder or ContextBuilder(handoff_bytes, device_step_ref_s,
                                                         active_ref=float(edge_capacity))
@@ -167,7 +184,8 @@ class BanditPlanner:
         self.labels = [arm_label(a) for a in self.arms]
         self._index = {arm: i for i, arm in enumerate(self.arms)}
         self._steps = np.asarray([a.num_inference_steps for a in self.arms])
-        self._edge_steps = np.asarray([a.split for a in self.arms], dtype=np.float64)
+        self._edge_steps = (self.latency_features.k if self.latency_features is not None  # adaptive: expected
+                            else np.asarray([a.split for a in self.arms], dtype=np.float64))
         self.rating_weight = rating_weight
         self._quality: dict[tuple[int, int], float] = {}  # (arm, level) -> the profile's quality (immutable)
         self._quality_rows: dict[int, FloatArray] = {}  # level -> every arm's, for the factored scheduler
@@ -203,6 +221,7 @@ class BanditPlanner:
         alpha: float | None = None,
         congestion: bool | CongestionPrice = True,
         seed: int = 0,
+        speculative_ratio: float | None = None,
         **policy_options: Any,
     ) -> BanditPlanner:
         """The arms of ``profile`` and a policy by name: ``linucb`` (the factored scheduler,
@@ -215,7 +234,8 @@ class BanditPlanner:
         edge's batch in requests (``max_batch_rows // 2`` with guidance). The two LinUCBs pay the
         congestion price (``congestion``: True = the default :class:`CongestionPrice`, False = none).
         ``arms`` replaces the profile's plans (``sampler``, ``guidance_scale`` and ``edge_decode`` then
-        play no part), e.g. a subset of them."""
+        play no part), e.g. a subset of them. ``speculative_ratio`` turns the speculative relay on
+        (:data:`~shared.planning.DEFAULT_SPECULATIVE_RATIO` is the usual value; ``None``: off)."""
         if arms is None:
             arms = profile.plans(sampler=sampler, guidance_scale=guidance_scale, edge_decode=edge_decode)
         else:
@@ -245,7 +265,8 @@ class BanditPlanner:
             chosen = make_policy(policy, len(arms), dim, seed=seed, **policy_options)
         price = congestion if chosen.kind in PRICED_KINDS else False
         return cls(arms, chosen, profile, state_path, context_builder=builder, congestion=price,
-                   edge_capacity=edge_capacity, save_every=save_every, rating_weight=rating_weight)
+                   edge_capacity=edge_capacity, save_every=save_every, rating_weight=rating_weight,
+                   speculative_ratio=speculative_ratio)
 
     # ------------------------------------------------------------------ Planner
 
@@ -253,7 +274,7 @@ class BanditPlanner:
         features = prompt_features(request.prompt)
         obs, ctx = self.context(features.complexity, request.preference, context, level=features.level)
         if request.pinned is not None:
-            arm = self._index.get(request.pinned)
+            arm = self._index.get(_plain(request.pinned))
             self._remember(request, arm, ctx, features.level)
             what = arm_label(request.pinned) + ("" if arm is not None else ", not one of the scheduler's arms")
             return request.pinned, f"pinned by the client ({what})"
@@ -271,7 +292,15 @@ class BanditPlanner:
             plan = _rescaled(plan, request.steps)
             head += f" scaled to {arm_label(plan)} (no arm has {request.steps} steps; not learned from)"
         where = "edge" if plan.decode_on == "edge" else "device"
-        why = (f"{head} (edge {plan.split}/{plan.num_inference_steps} steps, decode on {where})"
+        spec = ""
+        if self.speculative_ratio is not None:
+            forecast = self.predicted_handoff_s(ctx, arm)
+            step_s = self.device_step_s(obs)
+            if not rescale and speculative_wanted(plan, forecast, step_s, ratio=self.speculative_ratio):
+                plan = dataclasses.replace(plan, speculative=True)
+                spec = (f", speculative: handoff in ~{forecast:.2f} s vs {plan.split} device steps "
+                        f"{plan.split * step_s:.2f} s")
+        why = (f"{head} (edge {plan.split}/{plan.num_inference_steps} steps, decode on {where}{spec})"
                f"{'; ' + score if score else ''}, best of {allowed} arms; {describe(obs)}")
         self._remember(request, None if rescale else arm, ctx, features.level)
         return plan, why[:512]
@@ -280,17 +309,32 @@ class BanditPlanner:
         entry = self._pending.pop(id(request), None)
         if entry is not None and entry[0] is request:
             _, arm, ctx, level = entry
-            if arm is not None and self.arms[arm] != plan:  # the daemon served another plan: learn that one
-                arm = self._index.get(plan)
+            if arm is not None and self.arms[arm] != _plain(plan):  # the daemon served another plan: learn that
+                arm = self._index.get(_plain(plan))
         else:  # planned before a restart (or forgotten): rebuild the context from the report
             features = prompt_features(request.prompt)
             seen = PlanContext(queue_depth=0, active=0, device_load=report.device_load, rtt_s=report.rtt_s,
                                bandwidth_bps=report.bandwidth_bps)
             _, ctx = self.context(features.complexity, request.preference, seen, level=features.level, price=False)
-            arm, level = self._index.get(plan), features.level
+            arm, level = self._index.get(_plain(plan)), features.level
         if arm is None:
             return
         self.learn(arm, ctx, level, request.preference, report.total_latency_s, report.rating)
+
+    def predicted_handoff_s(self, context: Context, arm: int) -> float:
+        """The edge's forecast, from planning, of ``arm`` 's handoff reaching the device: the latency
+        features' edge and link terms (text encoding, queue wait, its batched steps, RTT, transfer)
+        at their arithmetic weights (``inf`` without a profile's features)."""
+        phi = context.latency_x
+        if phi is None:
+            return float("inf")
+        return float(phi[arm, :6] @ np.asarray(LATENCY_PRIOR[:6]))
+
+    def device_step_s(self, obs: Observation) -> float:
+        """The device's step time: from its hello, else the profile's reference device's."""
+        if obs.device_step_s is not None and obs.device_step_s > 0:
+            return float(obs.device_step_s)
+        return self.profile.timing.device_step_s if self.profile is not None else 0.0
 
     def feature_spec(self) -> list[str]:
         """What a saved state is valid for: the context's features and scales, and the latency features."""
@@ -388,6 +432,11 @@ class BanditPlanner:
         self._pending[id(request)] = (request, arm, context, level)
         while len(self._pending) > _MAX_PENDING:
             self._pending.popitem(last=False)
+
+
+def _plain(plan: RelayPlan) -> RelayPlan:
+    """The arm a served plan is: the speculative flag is how it was run, not which configuration."""
+    return dataclasses.replace(plan, speculative=False) if plan.speculative else plan
 
 
 def _rescaled(plan: RelayPlan, steps: int) -> RelayPlan:

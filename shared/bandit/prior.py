@@ -10,7 +10,8 @@ the edge:
 
 - quality: ``q_a(c) ~ a0 + a1 c + a2 c^2``, least squares over the profile's levels with
   ``c = level / MAX_LEVEL`` (the complexity of a demo prompt of that many items);
-- ``1 - w``: ``1 - (text encoding + k edge steps + edge decode) / L_s``;
+- ``1 - w``: ``1 - (text encoding + k edge steps + edge decode) / L_s`` (an adaptive arm's ``k``:
+  the mean edge steps the profile measured for it, :meth:`~.profile.Profile.expected_edge_steps`);
 - RTT: ``-1`` (one round trip); transfer: ``-payload_a / handoff_bytes`` (a PNG for
   edge-decode arms, the handoff otherwise);
 - device speed ``s``: ``-(N - k device steps + device decode) / L_s`` on the reference device;
@@ -69,14 +70,16 @@ def profile_prior(profile: Profile, arms: Sequence[RelayPlan], builder: ContextB
     batch = max(1, int(round(builder.active_ref)))
     measured = tm.edge_batch_step_s or {}
     step_b = measured[batch] if batch in measured else batch * tm.edge_step_s
-    edge_ks = [a.split for a in arms if a.split > 0]
+    steps = [profile.expected_edge_steps(a) for a in arms]  # an adaptive arm: its measured mean edge steps
+    edge_ks = [k for k in steps if k > 0]
     request_edge_s = (sum(edge_ks) / len(edge_ks)) * step_b if edge_ks else 0.0
     theta = np.zeros((len(arms), len(FEATURE_NAMES)))
-    for i, arm in enumerate(arms):
+    for i, (arm, k) in enumerate(zip(arms, steps, strict=True)):
         for p, name in enumerate(("w", "w*c", "w*c^2")):
             theta[i, col[name]] = quality[i, p]
-        edge = tm.text_encode_s + arm.split * tm.edge_step_s + (tm.edge_decode_s if arm.decode_on == "edge" else 0.0)
-        device = arm.device_steps * tm.device_step_s + (tm.device_decode_s if arm.decode_on == "device" else 0.0)
+        edge = tm.text_encode_s + k * tm.edge_step_s + (tm.edge_decode_s if arm.decode_on == "edge" else 0.0)
+        device = ((arm.num_inference_steps - k) * tm.device_step_s
+                  + (tm.device_decode_s if arm.decode_on == "device" else 0.0))
         payload = tm.image_bytes if arm.decode_on == "edge" else tm.handoff_bytes
         theta[i, col["1-w"]] = 1.0 - edge / ref
         theta[i, col["(1-w)*rtt"]] = -1.0

@@ -25,12 +25,17 @@ File format (JSON, ``"format": "rise-profile"``, ``"version": 1``)::
         "image_bytes": 400000,            # PNG of an edge-decoded image
         "edge_batch_step_s": {"1": 0.05, "4": 0.09} | null   # batched step by requests in the batch
       },
-      "arms": [{"steps": 20, "split": 10, "quality": [0.93, 0.90, ...], "frechet": 12.3 | null}, ...],
+      "arms": [{"steps": 20, "split": 10, "quality": [0.93, 0.90, ...], "frechet": 12.3 | null}, ...,
+               {"steps": 20, "split": 19, "tau": 0.05, "min_split": 2,      # an adaptive arm (N, tau)
+                "quality": [...], "edge_steps": [4.1, 5.0, ...], "frechet": null}],
       "sources": ["eval_n20.json", ...]
     }
 
 ``quality[i]`` is the arm's quality at ``levels[i]``. The decode site does not change
-quality (same VAE), so one entry serves both decode sites of an edge-only arm.
+quality (same VAE), so one entry serves both decode sites of an edge-only arm. An adaptive arm
+(:mod:`shared.relay_modes`: hand off once x0 settles below ``tau``, in ``[min_split, split]``)
+also says ``edge_steps[i]``, the mean edge steps it measured at ``levels[i]``: the latency of an
+adaptive arm is priced from them (:meth:`Profile.expected_edge_steps`).
 
 Building one: ``python -m shared.bandit.profile --eval EVAL.json[:N] [...] --out profile.json``
 reads ``rise-eval --json`` files (``{"ceilings": {...}, "rows": [{"k", "adherence",
@@ -46,7 +51,10 @@ e.g. with a benchmark's step times on the real edge GPU; ``handoff_bytes`` and
 largest handoff payload and the median PNG size), else from the bench file or
 ``--handoff-bytes``/``--image-bytes`` (``rise-relay`` prints the handoff size). Without a
 measured ``edge_decode_s`` the edge decode takes the device's decode time: the harness measures
-both halves on one machine.
+both halves on one machine. A row with ``tau`` (``rise-eval --taus``) is an adaptive arm: ``k`` is
+its most edge steps, ``min_split`` its fewest, ``edge_steps_by_items`` / ``edge_steps_mean`` what it
+used; the time fits use the fixed rows only. The adaptive rows may also sit in the document's
+``"adaptive"`` list (``rise-eval --taus`` writes them there, beside the fixed ``"rows"``).
 """
 
 from __future__ import annotations
@@ -61,6 +69,7 @@ from typing import Any
 
 import numpy as np
 
+from shared.relay_modes import HandoffRule
 from shared.relay_plan import RelayPlan
 from shared.validation import (
     check_float,
@@ -129,14 +138,45 @@ class Timing:
         return out
 
 
+ArmKey = tuple[int, int, float | None, int | None]  # (N, k, tau, first split): one measured configuration
+
+
+def arm_key(plan: RelayPlan) -> ArmKey:
+    """What a profile row is looked up by: ``(N, k, None, None)`` for a fixed split, else ``(N, k, tau, first)``."""
+    if plan.handoff_tau is None:
+        return (plan.num_inference_steps, plan.split, None, None)
+    return (plan.num_inference_steps, plan.split, float(plan.handoff_tau), plan.first_split)
+
+
 @dataclass(frozen=True)
 class ArmQuality:
-    """One configuration's measured quality per level (aligned with :attr:`Profile.levels`)."""
+    """One configuration's measured quality per level (aligned with :attr:`Profile.levels`).
+
+    An adaptive arm (``tau`` set) hands off in ``[min_split or 1, split]`` and measured its mean
+    edge steps per level (``edge_steps``)."""
 
     steps: int
     split: int
     quality: tuple[float, ...]
     frechet: float | None = None
+    tau: float | None = None
+    min_split: int | None = None
+    edge_steps: tuple[float, ...] | None = None
+
+    def plan(self, sampler: str = "dpmpp_2m", guidance_scale: float = 7.5) -> RelayPlan:
+        """The relay plan of this row (a ``ValueError`` if it is not a valid one)."""
+        return RelayPlan(self.steps, self.split, sampler, guidance_scale, handoff_tau=self.tau,
+                         min_split=self.min_split)
+
+    @property
+    def key(self) -> ArmKey:
+        return arm_key(self.plan())
+
+    @property
+    def where(self) -> str:
+        if self.tau is None:
+            return f"arm N={self.steps} k={self.split}"
+        return f"arm N={self.steps} k={self.min_split or 1}-{self.split} tau={self.tau:g}"
 
 
 @dataclass(frozen=True)
@@ -162,34 +202,62 @@ class Profile:
             raise ProfileError("a profile needs at least one arm")
         seen = set()
         for arm in self.arms:
-            where = f"arm N={arm.steps} k={arm.split}"
+            where = arm.where
             try:
-                RelayPlan(arm.steps, arm.split)
+                plan = arm.plan()
             except ValueError as exc:
                 raise ProfileError(f"{where}: {exc}") from None
-            if (arm.steps, arm.split) in seen:
+            if arm_key(plan) in seen:
                 raise ProfileError(f"{where} appears twice")
-            seen.add((arm.steps, arm.split))
+            seen.add(arm_key(plan))
             if len(arm.quality) != len(levels):
                 raise ProfileError(f"{where}: {len(arm.quality)} quality values for {len(levels)} levels")
             for q in arm.quality:
                 check_float(f"{where} quality", q, lo=0.0, hi=1.0, error=ProfileError)
             if arm.frechet is not None:
                 check_float(f"{where} frechet", arm.frechet, lo=0.0, error=ProfileError)
+            if arm.edge_steps is not None:
+                if arm.tau is None:
+                    raise ProfileError(f"{where}: edge_steps are measured for adaptive arms (with tau) only")
+                if len(arm.edge_steps) != len(levels):
+                    raise ProfileError(f"{where}: {len(arm.edge_steps)} edge_steps values for {len(levels)} levels")
+                for e in arm.edge_steps:
+                    check_float(f"{where} edge_steps", e, lo=plan.first_split, hi=plan.split, error=ProfileError)
         object.__setattr__(self, "levels", levels)
-        index = {(a.steps, a.split): i for i, a in enumerate(self.arms)}
+        index = {a.key: i for i, a in enumerate(self.arms)}
         object.__setattr__(self, "_index", index)  # a cache, not a field
 
     @property
-    def _arm_index(self) -> dict[tuple[int, int], int]:
-        """The ``(N, k) -> arms`` position cache that ``__post_init__`` set (not a field, so not declared)."""
-        index: dict[tuple[int, int], int] = self.__dict__["_index"]
+    def _arm_index(self) -> dict[ArmKey, int]:
+        """The ``arm_key -> arms`` position cache that ``__post_init__`` set (not a field, so not declared)."""
+        index: dict[ArmKey, int] = self.__dict__["_index"]
         return index
 
     # ------------------------------------------------------------------ lookups
 
     def has(self, plan: RelayPlan) -> bool:
-        return (plan.num_inference_steps, plan.split) in self._arm_index
+        return arm_key(plan) in self._arm_index
+
+    def _arm(self, plan: RelayPlan) -> ArmQuality:
+        try:
+            return self.arms[self._arm_index[arm_key(plan)]]
+        except KeyError:
+            if plan.handoff_tau is None:
+                raise ProfileError(f"the profile has no N={plan.num_inference_steps} k={plan.split}") from None
+            raise ProfileError(f"the profile has no adaptive N={plan.num_inference_steps} "
+                               f"k={plan.first_split}-{plan.split} tau={plan.handoff_tau:g}") from None
+
+    def expected_edge_steps(self, plan: RelayPlan, level: int | None = None) -> float:
+        """The edge steps ``plan`` runs: its split, or for an adaptive plan the profile's measured mean at
+        the level nearest ``level`` (``None``: the mean over levels), else its window's midpoint."""
+        if plan.handoff_tau is None:
+            return float(plan.split)
+        measured = self._arm(plan).edge_steps if self.has(plan) else None
+        if measured is None:
+            rule = HandoffRule.of(plan)
+            assert rule is not None
+            return rule.midpoint
+        return float(np.mean(measured)) if level is None else float(measured[self.level_index(level)])
 
     def level_index(self, level: int) -> int:
         """Index of the profiled level nearest to ``level`` (ties go to the harder level)."""
@@ -197,12 +265,8 @@ class Profile:
         return int(np.flatnonzero(np.abs(levels - level) == np.abs(levels - level).min())[-1])
 
     def quality(self, plan: RelayPlan, level: int) -> float:
-        """Measured quality of ``plan`` 's ``(N, k)`` at the profiled level nearest ``level``."""
-        try:
-            arm = self.arms[self._arm_index[(plan.num_inference_steps, plan.split)]]
-        except KeyError:
-            raise ProfileError(f"the profile has no N={plan.num_inference_steps} k={plan.split}") from None
-        return arm.quality[self.level_index(level)]
+        """Measured quality of ``plan`` 's ``(N, k)`` (or ``(N, tau)``) at the profiled level nearest ``level``."""
+        return self._arm(plan).quality[self.level_index(level)]
 
     def quality_table(self, plans: Sequence[RelayPlan]) -> np.ndarray:
         """``(len(plans), len(levels))`` quality of each plan at each level."""
@@ -210,20 +274,27 @@ class Profile:
 
     def plans(self, *, sampler: str = "dpmpp_2m", guidance_scale: float = 7.5,
               edge_decode: bool = True) -> list[RelayPlan]:
-        """One arm per profiled ``(N, k)`` (sorted), plus edge-decode twins of edge-only arms."""
+        """One arm per profiled ``(N, k)`` (sorted), plus edge-decode twins of edge-only arms; then, per N,
+        the adaptive arms ``(N, tau)`` the profile measured (after the fixed ones, so fixed arms keep
+        their order and labels)."""
         plans = []
-        for arm in sorted(self.arms, key=lambda a: (a.steps, a.split)):
+        fixed = [a for a in self.arms if a.tau is None]
+        adaptive = [a for a in self.arms if a.tau is not None]
+        for arm in sorted(fixed, key=lambda a: (a.steps, a.split)):
             plans.append(RelayPlan(arm.steps, arm.split, sampler, guidance_scale))
             if edge_decode and arm.split == arm.steps:
                 plans.append(RelayPlan(arm.steps, arm.split, sampler, guidance_scale, decode_on="edge"))
+        for arm in sorted(adaptive, key=lambda a: (a.steps, a.split, a.min_split or 1, a.tau or 0.0)):
+            plans.append(arm.plan(sampler, guidance_scale))
         return check_arms(plans)
 
     def nominal_latency_s(self, plan: RelayPlan, device_slowdown: float = 1.0) -> float:
         """Compute-only latency of ``plan``: one request alone on the edge, the reference device
-        slowed by ``device_slowdown``, no link cost."""
+        slowed by ``device_slowdown``, no link cost (an adaptive plan: its mean edge steps)."""
         t = self.timing
-        edge = t.text_encode_s + plan.split * t.edge_step_s
-        device = plan.device_steps * t.device_step_s * device_slowdown
+        edge_steps = self.expected_edge_steps(plan)
+        edge = t.text_encode_s + edge_steps * t.edge_step_s
+        device = (plan.num_inference_steps - edge_steps) * t.device_step_s * device_slowdown
         decode = t.edge_decode_s if plan.decode_on == "edge" else t.device_decode_s * device_slowdown
         return edge + device + decode
 
@@ -246,8 +317,7 @@ class Profile:
             "levels": list(self.levels),
             "ceilings": dict(self.ceilings),
             "timing": self.timing.to_dict(),
-            "arms": [{"steps": a.steps, "split": a.split, "quality": list(a.quality), "frechet": a.frechet}
-                     for a in self.arms],
+            "arms": [_arm_dict(a) for a in self.arms],
             "sources": list(self.sources),
         }
 
@@ -271,8 +341,14 @@ class Profile:
             for i, arm in enumerate(read_list(doc, "arms", error=ProfileError)):
                 if not isinstance(arm, dict) or not {"steps", "split", "quality"} <= set(arm):
                     raise ProfileError(f"arms[{i}] needs steps, split and quality")
+                odd = sorted(set(arm) - _ARM_KEYS)
+                if odd:
+                    raise ProfileError(f"arms[{i}]: unknown field(s) {', '.join(odd)}")
                 quality = read_list(arm, "quality", where=f"arms[{i}]", error=ProfileError)
-                parsed.append(ArmQuality(arm["steps"], arm["split"], tuple(quality), arm.get("frechet")))
+                edge_steps = (None if arm.get("edge_steps") is None
+                              else tuple(read_list(arm, "edge_steps", where=f"arms[{i}]", error=ProfileError)))
+                parsed.append(ArmQuality(arm["steps"], arm["split"], tuple(quality), arm.get("frechet"),
+                                         tau=arm.get("tau"), min_split=arm.get("min_split"), edge_steps=edge_steps))
             levels = read_list(doc, "levels", error=ProfileError)
             return cls(
                 levels=tuple(levels), arms=tuple(parsed), timing=Timing(**timing),
@@ -282,6 +358,19 @@ class Profile:
             )
         except (ProfileError, TypeError) as exc:  # TypeError: Timing(**timing) with an odd key set
             raise ProfileError(f"{where}: {exc}") from None
+
+
+_ARM_KEYS = {"steps", "split", "quality", "frechet", "tau", "min_split", "edge_steps"}
+
+
+def _arm_dict(arm: ArmQuality) -> dict[str, Any]:
+    """A profile row as the file has it; a fixed arm's has exactly the keys it had before adaptive arms."""
+    out: dict[str, Any] = {"steps": arm.steps, "split": arm.split, "quality": list(arm.quality),
+                           "frechet": arm.frechet}
+    if arm.tau is not None:
+        out.update(tau=arm.tau, min_split=arm.min_split,
+                   edge_steps=None if arm.edge_steps is None else list(arm.edge_steps))
+    return out
 
 
 def load_profile(path: str | Path) -> Profile:
@@ -307,18 +396,21 @@ def profile_from_eval(
 
     See the module doc for how N, quality and per-step times are read.
     """
-    rows: list[tuple[int, int, dict[str, Any], str]] = []  # (N, k, row, source)
+    rows: list[tuple[int, int, dict[str, Any], str]] = []  # (N, k, row, source); k: the most edge steps
     ceilings: dict[str, Any] = {}
     sources: list[str] = []
     metas: list[Mapping[str, Any]] = []
     for doc, steps, source in evals:
         if not isinstance(doc, Mapping) or not isinstance(doc.get("rows"), list) or not doc["rows"]:
             raise ProfileError(f"{source}: not a rise-eval --json document (needs a non-empty \"rows\" list)")
+        adaptive = doc.get("adaptive", [])
+        if not isinstance(adaptive, list):
+            raise ProfileError(f"{source}: \"adaptive\" is not a list of rows")
         raw_meta = doc.get("meta")
         meta: Mapping[str, Any] = raw_meta if isinstance(raw_meta, Mapping) else {}
         metas.append(meta)
         file_steps = steps or _steps_of(doc) or _steps_of(meta)
-        for i, row in enumerate(doc["rows"]):
+        for i, row in enumerate([*doc["rows"], *adaptive]):
             if not isinstance(row, Mapping):
                 raise ProfileError(f"{source}: rows[{i}] is not an object")
             n = file_steps or _steps_of(row)
@@ -336,14 +428,25 @@ def profile_from_eval(
     if not levels:
         raise ProfileError("no row has adherence_by_items: the profile needs quality per complexity level")
     arms = []
-    for n, k, row, src in sorted(rows, key=lambda r: (r[0], r[1])):
+    for n, k, row, src in sorted(rows, key=lambda r: (r[0], r[1], r[2].get("tau") is not None)):
         overall = check_float(f"{src} N={n} k={k} adherence", row.get("adherence"), lo=0.0, hi=1.0, error=ProfileError)
         by_level = {_level(key, src): v for key, v in (row.get("adherence_by_items") or {}).items()}
         quality = tuple(check_float(f"{src} N={n} k={k} adherence_by_items[{lv}]", by_level.get(lv, overall),
                                     lo=0.0, hi=1.0, error=ProfileError) for lv in levels)
         frechet = row.get("frechet")
         frechet = None if frechet is None else check_float(f"{src} frechet", frechet, lo=0.0, error=ProfileError)
-        arms.append(ArmQuality(n, k, quality, frechet))
+        if row.get("tau") is None:
+            arms.append(ArmQuality(n, k, quality, frechet))
+            continue
+        where = f"{src} N={n} k={k} tau={row['tau']}"
+        tau = check_float(f"{where}: tau", row["tau"], lo=0.0, hi=1.0, lo_open=True, error=ProfileError)
+        min_split = row.get("min_split")
+        first = 1 if min_split is None else check_int(f"{where}: min_split", min_split, lo=1, hi=k, error=ProfileError)
+        mean = check_float(f"{where}: edge_steps_mean", row.get("edge_steps_mean"), lo=first, hi=k, error=ProfileError)
+        by_steps = {_level(key, src): v for key, v in (row.get("edge_steps_by_items") or {}).items()}
+        edge_steps = tuple(check_float(f"{where}: edge_steps_by_items[{lv}]", by_steps.get(lv, mean), lo=first, hi=k,
+                                       error=ProfileError) for lv in levels)
+        arms.append(ArmQuality(n, k, quality, frechet, tau=tau, min_split=min_split, edge_steps=edge_steps))
 
     timing = _fit_timing(rows)
     for key in ("handoff_bytes", "image_bytes"):  # rise-eval --bundle measures them (meta)
@@ -395,6 +498,8 @@ def _fit_timing(rows: Sequence[tuple[int, int, Mapping[str, Any], str]]) -> dict
 
     ek, es, dk, ds = [], [], [], []
     for n, k, row, src in rows:
+        if row.get("tau") is not None:  # adaptive rows: their timed requests used varying edge steps
+            continue
         for key in ("edge_s", "device_s"):
             if key not in row:
                 raise ProfileError(f"{src}: N={n} k={k} has no {key!r} (per-image seconds)")

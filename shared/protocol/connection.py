@@ -63,6 +63,7 @@ that a flooding or non-reading peer never completes.
 
 from __future__ import annotations
 
+import base64
 import hmac
 import math
 from collections import OrderedDict
@@ -575,16 +576,21 @@ class ServerConnection(_Connection):
     # ----------------------------------------------------------------- sending
 
     def send_plan(
-        self, request_id: str, plan: RelayPlan, *, seed: int, height: int, width: int, scheduler: str, why: str
+        self, request_id: str, plan: RelayPlan, *, seed: int, height: int, width: int, scheduler: str, why: str,
+        notice: str | None = None,
     ) -> None:
-        """Queue the chosen configuration; it must honour what the request pinned (plan, steps, seed, size)."""
+        """Queue the chosen configuration; it must honour what the request pinned (plan, steps, seed, size).
+
+        ``notice`` is the one line for the user about how the prompt was read (``Plan.notice``).
+        """
         request = self._live(request_id)
         if request is None or request.cancelling:
             return
         if request.plan is not None:
             raise _usage(f"send_plan: request {request_id!r} already has a plan", request_id)
         message = _built(
-            Plan, request_id=request_id, plan=plan, seed=seed, height=height, width=width, scheduler=scheduler, why=why
+            Plan, request_id=request_id, plan=plan, seed=seed, height=height, width=width, scheduler=scheduler,
+            why=why, notice=notice,
         )
         assert isinstance(message, Plan)
         self._check_outgoing(message, request_id)
@@ -594,14 +600,21 @@ class ServerConnection(_Connection):
         request.plan = message
         self._queue(message)
 
-    def send_progress(self, request_id: str, step: int, total: int, stage: str = "edge") -> None:
-        """Queue a progress update (dropped if the request is being cancelled)."""
+    def send_progress(self, request_id: str, step: int, total: int, stage: str = "edge", *,
+                      preview_png: bytes | None = None) -> None:
+        """Queue a progress update (dropped if the request is being cancelled), with a preview if one is given.
+
+        A preview goes only to a request that asked for one (``Generate.preview_every``).
+        """
         request = self._live(request_id)
         if request is None or request.cancelling:
             return
         if request.plan is None:
             raise _usage(f"send_progress: send the plan of {request_id!r} first", request_id)
-        message = _built(Progress, request_id=request_id, stage=stage, step=step, total=total)
+        if preview_png is not None and request.generate.preview_every is None:
+            raise _usage(f"send_progress: request {request_id!r} asked for no previews", request_id)
+        preview = None if preview_png is None else base64.b64encode(preview_png).decode("ascii")
+        message = _built(Progress, request_id=request_id, stage=stage, step=step, total=total, preview=preview)
         self._check_outgoing(message, request_id)
         self._queue(message)
 

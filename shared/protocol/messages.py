@@ -22,6 +22,8 @@ named for their cause.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import json
 import re
@@ -259,6 +261,9 @@ class _Message:
     LENIENT: ClassVar[bool] = False
     #: Converters from JSON values to field values (lists -> tuples, objects -> dataclasses).
     WIRE_IN: ClassVar[Mapping[str, Callable[[str, Any], Any]]] = {}
+    #: Optional fields left out of the frame while ``None``: fields added after the first
+    #: release, so a peer that predates them reads every frame that does not use them.
+    OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset()
 
     def __post_init__(self) -> None:
         self._validate()
@@ -333,11 +338,13 @@ class Generate(_Message):
     and must be one of the server's ``allowed_sizes``. ``pinned`` fixes the relay
     configuration instead of letting the scheduler choose; ``steps`` fixes only ``N``.
     ``device_load``, ``rtt_s`` and ``bandwidth_bps`` are the device's current context
-    for the scheduler.
+    for the scheduler. ``preview_every`` asks for a live preview on every that-many edge
+    steps (:class:`Progress` ``preview``); ``None``: no previews.
     """
 
     TYPE: ClassVar[str] = "generate"
     WIRE_IN: ClassVar[Mapping[str, Callable[[str, Any], Any]]] = {}  # set below
+    OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset({"preview_every"})
     request_id: str
     prompt: str
     preference: float = 0.5
@@ -349,6 +356,7 @@ class Generate(_Message):
     device_load: float | None = None
     rtt_s: float | None = None
     bandwidth_bps: float | None = None
+    preview_every: int | None = None
 
     def _validate(self) -> None:
         _identifier("request_id", self.request_id)
@@ -370,6 +378,7 @@ class Generate(_Message):
         self._set("rtt_s", _opt(_float, "rtt_s", self.rtt_s, 0.0, _MAX_RTT_S))
         bandwidth = _opt(_float, "bandwidth_bps", self.bandwidth_bps, 0.0, _MAX_BANDWIDTH_BPS, lo_open=True)
         self._set("bandwidth_bps", bandwidth)
+        _opt(_int, "preview_every", self.preview_every, 1, MAX_STEPS)
 
 
 @dataclass(frozen=True)
@@ -378,11 +387,14 @@ class Plan(_Message):
 
     ``seed``, ``height`` and ``width`` are the values actually used (the server fills in
     what the request left open); ``scheduler`` names the policy that chose (``"linucb"``,
-    ``"pinned"``, ``"edge_only"``...); ``why`` is one short human-readable line.
+    ``"pinned"``, ``"edge_only"``...); ``why`` is one short human-readable line. ``notice``
+    is one line for the user about the prompt itself (words the family did not understand,
+    an item it placed), ``None`` when it was read as written.
     """
 
     TYPE: ClassVar[str] = "plan"
     WIRE_IN: ClassVar[Mapping[str, Callable[[str, Any], Any]]] = {}  # set below
+    OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset({"notice"})
     request_id: str
     plan: RelayPlan
     seed: int
@@ -390,6 +402,7 @@ class Plan(_Message):
     width: int
     scheduler: str
     why: str
+    notice: str | None = None
 
     def _validate(self) -> None:
         _identifier("request_id", self.request_id)
@@ -399,18 +412,27 @@ class Plan(_Message):
         _int("width", self.width, 8, _MAX_SIDE)
         _identifier("scheduler", self.scheduler)
         _text("why", self.why, max_chars=512, allow_empty=True)
+        if self.notice is not None:
+            _text("notice", self.notice, max_chars=512, allow_empty=False)
 
 
 @dataclass(frozen=True)
 class Progress(_Message):
     """Server -> client: ``step`` of ``total`` steps done at ``stage`` (the edge sends ``"edge"``;
-    a client reports its own ORT steps to its UI with the same type and ``"device"``)."""
+    a client reports its own ORT steps to its UI with the same type and ``"device"``).
+
+    ``preview`` is a small PNG of the picture forming (the predicted clean latent through the
+    family's linear latent-to-RGB projection), base64 in the frame; only when the request asked
+    (``Generate.preview_every``), at most :data:`MAX_PREVIEW_BYTES` decoded.
+    """
 
     TYPE: ClassVar[str] = "progress"
+    OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset({"preview"})
     request_id: str
     stage: Stage
     step: int
     total: int
+    preview: str | None = None
 
     def _validate(self) -> None:
         _identifier("request_id", self.request_id)
@@ -419,6 +441,17 @@ class Progress(_Message):
         _int("step", self.step, 0, MAX_STEPS)
         if self.step > self.total:
             _fail("invalid_request", "step", f"at most total={self.total}", str(self.step))
+        if self.preview is not None:
+            _preview_png("preview", self.preview)
+
+    @classmethod
+    def with_preview(cls, request_id: str, stage: Stage, step: int, total: int, png: bytes) -> Progress:
+        """A progress message carrying ``png`` (encoded for the text frame)."""
+        return cls(request_id, stage, step, total, preview=base64.b64encode(png).decode("ascii"))
+
+    def preview_png(self) -> bytes | None:
+        """The preview's PNG bytes (validated when the message was built), or ``None``."""
+        return None if self.preview is None else base64.b64decode(self.preview, validate=True)
 
 
 @dataclass(frozen=True)
@@ -585,7 +618,10 @@ def encode(message: Message) -> str:
         raise ProtocolError(f"message: expected a protocol message, got {_type_name(message)}", code="internal")
     obj: dict[str, Any] = {"type": message.TYPE}
     for f in dataclasses.fields(message):
-        obj[f.name] = _to_wire(getattr(message, f.name))
+        value = getattr(message, f.name)
+        if value is None and f.name in message.OMIT_IF_NONE:
+            continue
+        obj[f.name] = _to_wire(value)
     return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
@@ -669,10 +705,12 @@ def plan_conflict(request: Generate, plan: Plan) -> str | None:
 def handoff_conflict(handoff: Handoff, plan: Plan) -> str | None:
     """Why a decoded handoff is not the one ``plan`` announced (request, steps, split, sampler...), or ``None``."""
     p = plan.plan
+    if not p.accepts_split(handoff.split):
+        allowed = str(p.split) if not p.adaptive else f"a step in [{p.first_split}, {p.split}]"
+        return f"split: expected {allowed} (from the plan), got {_show(handoff.split)}"
     for name, got, want in (
         ("request_id", handoff.request_id, plan.request_id),
         ("num_inference_steps", handoff.num_inference_steps, p.num_inference_steps),
-        ("split", handoff.split, p.split),
         ("sampler", handoff.sampler, p.sampler),
         ("guidance_scale", float(handoff.guidance_scale), float(p.guidance_scale)),
         ("seed", handoff.seed, plan.seed),
@@ -687,13 +725,21 @@ def handoff_conflict(handoff: Handoff, plan: Plan) -> str | None:
 
 def _to_wire(value: Any) -> Any:
     if isinstance(value, RelayPlan):
-        return {
+        wire: dict[str, int | float | str | bool] = {
             "num_inference_steps": value.num_inference_steps,
             "split": value.split,
             "sampler": value.sampler,
             "guidance_scale": float(value.guidance_scale),
             "decode_on": value.decode_on,
         }
+        # The newer keys only when used: a fixed-split plan reads as it always did.
+        if value.handoff_tau is not None:
+            wire["handoff_tau"] = float(value.handoff_tau)
+        if value.min_split is not None:
+            wire["min_split"] = value.min_split
+        if value.speculative:
+            wire["speculative"] = True
+        return wire
     if isinstance(value, ProtocolLimits):
         return value.to_wire()
     if isinstance(value, tuple):
@@ -702,6 +748,7 @@ def _to_wire(value: Any) -> Any:
 
 
 _PLAN_FIELDS = frozenset({"num_inference_steps", "split", "sampler", "guidance_scale", "decode_on"})
+_PLAN_OPTIONAL = frozenset({"handoff_tau", "min_split", "speculative"})
 
 
 def _plan_in(name: str, value: Any) -> RelayPlan | None:
@@ -709,7 +756,7 @@ def _plan_in(name: str, value: Any) -> RelayPlan | None:
         return None
     if not isinstance(value, dict):
         _fail("bad_message", name, "a JSON object", _type_name(value))
-    _check_keys(value, required=_PLAN_FIELDS, known=_PLAN_FIELDS, where=name, prefix=f"{name}.")
+    _check_keys(value, required=_PLAN_FIELDS, known=_PLAN_FIELDS | _PLAN_OPTIONAL, where=name, prefix=f"{name}.")
     try:
         return RelayPlan(**value)
     except ConfigError as exc:
@@ -842,6 +889,21 @@ def _relay_plan(name: str, value: Any) -> RelayPlan:
         expected = "decode_on='edge' only with split == num_inference_steps (edge-only)"
         _fail("invalid_request", name, expected, f"split={value.split} of {value.num_inference_steps}")
     return value
+
+
+#: The largest preview a progress message may carry (decoded PNG bytes): "a few KB".
+MAX_PREVIEW_BYTES = 16 * 1024
+
+
+def _preview_png(name: str, value: Any) -> bytes:
+    text = check_str(name, value, max_len=4 * ((MAX_PREVIEW_BYTES + 2) // 3), error=ProtocolError)
+    try:
+        png = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        _fail("bad_message", name, "base64 of a PNG", "text that is not base64")
+    if not png.startswith(PNG_SIGNATURE):
+        _fail("bad_message", name, "base64 of a PNG", "bytes without the PNG signature")
+    return png
 
 
 def _valid(check: Callable[[str, Any], Any], name: str, value: Any) -> bool:

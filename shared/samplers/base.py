@@ -36,6 +36,7 @@ class Sampler(Protocol):
     name: str
     timesteps: np.ndarray  # length N after set_timesteps(N); int64, or float32 where diffusers' are fractional (Euler)
     init_noise_sigma: float
+    last_x0: np.ndarray | None  # the clean latent the last step predicted (None before one): the live preview's
 
     def set_timesteps(self, num_inference_steps: int) -> None: ...
 

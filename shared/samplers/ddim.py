@@ -63,6 +63,7 @@ class DDIMSampler(StepIndexState):
     """Deterministic DDIM in numpy; ``step`` matches ``DDIMScheduler.step(eta=0)``."""
 
     name = "ddim"
+    last_x0: np.ndarray | None = None  # the clean latent the last step predicted (the live preview's)
 
     def __init__(self, scheduler_config: Mapping[str, Any] | None = None) -> None:
         cfg = resolve_config(scheduler_config, DDIM_DEFAULTS)
@@ -134,5 +135,6 @@ class DDIMSampler(StepIndexState):
         prev_sample = np.sqrt(alpha_prod_t_prev) * pred_original_sample + pred_sample_direction
 
         prev_sample = check_result(self.name, prev_sample, self.step_index)
+        self.last_x0 = pred_original_sample  # the live preview draws it
         self.step_index += 1
         return prev_sample

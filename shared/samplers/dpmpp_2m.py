@@ -109,6 +109,7 @@ class DPMSolverPP2MSampler:
     """DPM-Solver++(2M) in numpy; ``step`` matches ``DPMSolverMultistepScheduler.step``."""
 
     name = "dpmpp_2m"
+    last_x0: np.ndarray | None = None  # the clean latent the last step predicted (the live preview's)
 
     def __init__(self, scheduler_config: Mapping[str, Any] | None = None) -> None:
         cfg = resolve_config(scheduler_config, DPMPP_2M_DEFAULTS)
@@ -271,6 +272,7 @@ class DPMSolverPP2MSampler:
         )
 
         x0 = self._data_prediction(model_output, sample)
+        self.last_x0 = x0  # the live preview draws it
         self.model_outputs = [self.model_outputs[1], x0]
         if self.lower_order_nums < 1 or lower_order_final:
             prev_sample = self._first_order(x0, sample)

@@ -71,6 +71,7 @@ class EulerSampler(StepIndexState):
     """Euler in numpy; ``scale_model_input``/``step`` match ``EulerDiscreteScheduler``."""
 
     name = "euler"
+    last_x0: np.ndarray | None = None  # the clean latent the last step predicted (the live preview's)
 
     def __init__(self, scheduler_config: Mapping[str, Any] | None = None) -> None:
         cfg = resolve_config(scheduler_config, EULER_DEFAULTS)
@@ -166,5 +167,6 @@ class EulerSampler(StepIndexState):
         prev_sample = sample + derivative * dt
 
         prev_sample = check_result(self.name, prev_sample, self.step_index)
+        self.last_x0 = pred_original_sample  # the live preview draws it
         self.step_index += 1
         return prev_sample

@@ -109,6 +109,7 @@ class LCMSampler:
     """Multistep LCM in numpy; ``step`` matches ``LCMScheduler.step`` given the same noise."""
 
     name = "lcm"
+    last_x0: np.ndarray | None = None  # the clean latent the last step predicted (the live preview's)
 
     def __init__(self, scheduler_config: Mapping[str, Any] | None = None) -> None:
         cfg = resolve_config(scheduler_config, LCM_DEFAULTS)
@@ -222,6 +223,7 @@ class LCMSampler:
             pred_original_sample = np.clip(pred_original_sample, -bound, bound)
 
         denoised = c_out * pred_original_sample + c_skip * sample
+        self.last_x0 = denoised  # the live preview draws it
         if noise is None:
             prev_sample = denoised
         else:

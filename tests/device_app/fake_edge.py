@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import io
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,7 +57,10 @@ class FakeEdge:
     policy the client cannot check). ``busy_first``: the first n requests get ``busy``
     with ``retry_after_s``. ``vanish_after_plan``: the server drops the TCP connection
     (no close frame) right after sending a plan. ``stall``: the server sends the plan and
-    then nothing.
+    then nothing. ``speculative``: the plans it makes say so. ``hold_handoff``: awaited after the
+    edge's steps, before the handoff goes out (a late edge, without clocks); :attr:`cancelled` is
+    set when a ``cancel`` arrives. ``preview_png``: sent as the preview of every
+    ``preview_every``-th edge step of a request that asked for previews.
     """
 
     family: Family
@@ -69,6 +73,9 @@ class FakeEdge:
     retry_after_s: float = 0.05
     vanish_after_plan: bool = False
     stall: bool = False
+    speculative: bool = False
+    hold_handoff: Callable[[], Awaitable[object]] | None = None
+    preview_png: bytes | None = None
     served: dict[str, Served] = field(default_factory=dict)  # by request id
     reports: list[Report] = field(default_factory=list)
     ratings: list[Rating] = field(default_factory=list)
@@ -82,6 +89,7 @@ class FakeEdge:
         self._server: Server | None = None
         self._busy_left = self.busy_first
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.cancelled = asyncio.Event()
         side = self.family.default_latent_size * self.family.vae_scale_factor
         self.size = (side, side)
 
@@ -144,6 +152,7 @@ class FakeEdge:
                         self.ratings.append(event)
                     elif isinstance(event, Cancel):
                         self.cancels.append(event)  # the handoff, when ready, becomes a "cancelled" error
+                        self.cancelled.set()
                     elif isinstance(event, Error):
                         self.client_errors.append(event)
                 if conn.close is not None:
@@ -172,7 +181,7 @@ class FakeEdge:
             plan, why, policy = request.pinned, "pinned by the client", "pinned"
         else:
             split = round(steps * self.plan.split / self.plan.num_inference_steps)
-            plan = RelayPlan(steps, split, self.plan.sampler, self.plan.guidance_scale)
+            plan = RelayPlan(steps, split, self.plan.sampler, self.plan.guidance_scale, speculative=self.speculative)
             why, policy = f"fixed policy: edge runs {split} of {steps} steps", "fixed"
         seed = request.seed if request.seed is not None else int(np.random.default_rng().integers(2**31))
         height, width = self.size
@@ -186,8 +195,12 @@ class FakeEdge:
             await asyncio.sleep(3600)
         loop = asyncio.get_running_loop()
 
+        every = request.preview_every
+
         def on_step(step: int, total: int) -> None:  # worker thread -> the loop, in order
-            loop.call_soon_threadsafe(_progress, conn, rid, step, plan.split)
+            # A step with a preview is one progress frame carrying it, as the real edge sends it.
+            preview = self.preview_png if every is not None and step % every == 0 else None
+            loop.call_soon_threadsafe(_progress, conn, rid, step, plan.split, preview)
             loop.call_soon_threadsafe(lambda: self._spawn(flush()))
 
         started: list[float] = []
@@ -200,6 +213,8 @@ class FakeEdge:
 
         out = await loop.run_in_executor(self._executor, work)
         timing = {"edge_compute_s": time.perf_counter() - started[0], "queue_s": started[0] - enqueued}
+        if self.hold_handoff is not None:
+            await self.hold_handoff()
         if isinstance(out, bytes):
             conn.send_result(rid, out, **timing)
             served.payload_bytes = len(out)
@@ -222,6 +237,6 @@ class FakeEdge:
         task.add_done_callback(self._tasks.discard)
 
 
-def _progress(conn: ServerConnection, rid: str, step: int, total: int) -> None:
+def _progress(conn: ServerConnection, rid: str, step: int, total: int, preview: bytes | None = None) -> None:
     if rid in conn.in_flight:
-        conn.send_progress(rid, step, total)
+        conn.send_progress(rid, step, total, preview_png=preview)

@@ -48,7 +48,11 @@ def test_a_valid_file_loads(tmp_path: Path) -> None:
         ("[engine]\nmax_queue = 1.5\n", "max_queue: expected an integer, got float"),
         ('[engine]\nbatching = "yes"\n', "batching: expected true or false, got str"),
         ("[engine]\nbatching = 1\n", "batching: expected true or false, got int"),
-        ("[scheduler]\nsteps = 0\n", "steps: expected an integer in [1, 1000], got 0"),
+        # the bound requests meet (the protocol's max_steps), not the relay plan's own 1000
+        ("[scheduler]\nsteps = 0\n", "steps: expected an integer in [1, 100], got 0 (the [limits] max_steps)"),
+        ("[scheduler]\nsteps = 60\n[limits]\nmax_steps = 50\n", "steps: expected an integer in [1, 50], got 60"),
+        ('[scheduler]\nsteps = "20"\n', "steps: expected an integer, got str"),
+        ('[scheduler]\nscheduler = "foo"\n', "scheduler: expected one of auto, fixed, linucb, linucb_disjoint, "),
         ("[scheduler]\nsplit_fraction = 1.5\n", "split_fraction: expected a finite number in [0, 1], got 1.5"),
         ("[scheduler]\nsplit_fraction = nan\n", "split_fraction: expected a finite number in [0, 1], got nan"),
         ("[scheduler]\nguidance = inf\n", "guidance: expected a finite number"),
@@ -118,3 +122,112 @@ def test_a_bad_flood_flag_is_one_line_naming_the_flag(flags: list[str], message:
     with pytest.raises(ConfigError) as info:
         config_from_args(build_parser().parse_args(["serve", "--family", "f", *flags]))
     assert str(info.value).startswith(message) and "\n" not in str(info.value), str(info.value)
+
+
+def _serve_args(*flags: str) -> EdgeConfig:
+    from edge_server.config import config_from_args
+    from edge_server.daemon import build_parser
+
+    return config_from_args(build_parser().parse_args(["serve", "--family", "f", *flags]))
+
+
+def _serve_help() -> str:
+    """What ``rise-edge serve --help`` prints for the flags, argparse's line wrapping undone."""
+    import contextlib
+    import io
+
+    from edge_server.daemon import build_parser
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["serve", "--help"])
+    assert exited.value.code == 0
+    return " ".join(out.getvalue().split("options:", 1)[1].split())
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        # the limit requests meet (the protocol's max_steps, 100 unless [limits] says otherwise), not 1000
+        (["--steps", "0"], "--steps: expected an integer in [1, 100], got 0"),
+        (["--steps", "101"], "--steps: expected an integer in [1, 100], got 101"),
+        (["--threads", "0"], "--threads: expected an integer >= 1, got 0"),
+        (["--port", "70000"], "--port: expected an integer in [0, 65535], got 70000"),
+        (["--split-fraction", "2"], "--split-fraction: expected a finite number in [0, 1], got 2.0"),
+    ],
+)
+def test_a_bad_flag_is_one_line_naming_the_flag_and_the_real_bound(flags: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        _serve_args(*flags)
+    assert str(info.value) == message
+
+
+def test_an_unknown_scheduler_names_the_same_choices_as_help() -> None:
+    from edge_server.config import SCHEDULER_CHOICES
+
+    with pytest.raises(ConfigError) as info:
+        _serve_args("--scheduler", "foo")
+    message = str(info.value)
+    assert message.startswith("--scheduler: expected one of ") and "needs --profile" not in message
+    listed = message.removeprefix("--scheduler: expected one of ").split(" or ")[0].split(", ")
+    assert tuple(listed) == SCHEDULER_CHOICES
+    assert f"--scheduler SCHEDULER {', '.join(SCHEDULER_CHOICES)}, or one arm" in _serve_help()
+    assert _serve_args("--scheduler", "N20k10e").scheduler == "N20k10e"  # an arm label is a name too
+
+
+def test_help_shows_the_defaults_the_config_has() -> None:
+    text = _serve_help()
+    defaults = EdgeConfig()
+    for flag, value in (("--port PORT", defaults.port), ("--host HOST", defaults.host),
+                        ("--max-queue MAX_QUEUE", defaults.max_queue), ("--steps STEPS", defaults.steps),
+                        ("--max-connections MAX_CONNECTIONS", defaults.max_connections)):
+        after = text.split(flag, 1)[1]
+        assert f"(default: {value})" in after.split(" --", 1)[0], (flag, after[:200])
+
+
+def test_dtype_names_are_the_ones_placement_knows() -> None:
+    from edge_server.config import DTYPE_CHOICES
+    from edge_server.placement import DTYPE_CHOICES as PLACEMENT_DTYPES
+
+    assert DTYPE_CHOICES == PLACEMENT_DTYPES
+
+
+@pytest.mark.parametrize(
+    ("host", "token", "tls", "expected"),
+    [
+        ("127.0.0.1", False, False, None),
+        ("localhost", False, False, None),
+        ("::1", False, False, None),
+        ("0.0.0.0", False, False, "with no token and no TLS"),
+        ("::", False, False, "with no token and no TLS"),
+        ("192.168.1.20", True, False, "without TLS"),
+        ("edge.example.org", False, True, "with no token: anyone who reaches the port"),
+        ("0.0.0.0", True, True, None),
+    ],
+)
+def test_an_exposed_host_without_token_or_tls_is_warned_about(tmp_path: Path, host: str, token: bool, tls: bool,
+                                                              expected: str | None) -> None:
+    token_file = tmp_path / "edge.token"
+    token_file.write_text("tok3n\n")
+    token_file.chmod(0o600)
+    config = EdgeConfig(host=host, token_file=str(token_file) if token else None,
+                        tls_cert="cert.pem" if tls else None, tls_key="key.pem" if tls else None)
+    warnings = config.warnings()
+    if expected is None:
+        assert warnings == []
+    else:
+        [warning] = warnings
+        assert expected in warning and f"{host}:8765" in warning and "\n" not in warning
+
+
+@pytest.mark.parametrize(("mode", "readers"), [(0o600, None), (0o640, "its group"), (0o604, "every user"),
+                                               (0o644, "its group and every user")])
+def test_a_token_file_others_can_read_is_warned_about(tmp_path: Path, mode: int, readers: str | None) -> None:
+    token_file = tmp_path / "edge.token"
+    token_file.write_text("tok3n\n")
+    token_file.chmod(mode)
+    warnings = EdgeConfig(token_file=str(token_file)).warnings()
+    if readers is None:
+        assert warnings == []
+    else:
+        assert warnings == [f"token file {token_file} is readable by {readers} (chmod 600 {token_file})"]

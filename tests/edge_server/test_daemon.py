@@ -103,7 +103,7 @@ def test_one_request_end_to_end_matches_in_process_edge(tiny_family):
     assert isinstance(event, HandoffReceived), event
     plans = [e for e in seen if isinstance(e, Plan)]
     steps = [e.step for e in seen if isinstance(e, Progress)]
-    assert plans[0].plan == plan and plans[0].why == "pinned by the client"
+    assert plans[0].plan == plan and (plans[0].why, plans[0].scheduler) == ("pinned by the client", "pinned")
     assert steps == [1, 2, 3]
     expected = EdgeRelay(tiny_family).start("a red sneaker", plan, 11)
     assert np.abs(event.handoff.latents - expected.latents).max() <= 1e-5 * max(1, np.abs(expected.latents).max())

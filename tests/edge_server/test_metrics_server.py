@@ -14,6 +14,7 @@ import time
 import pytest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
+from edge_server.listen import BindError
 from edge_server.metrics import MAX_HEAD_BYTES, EdgeMetrics, MetricsServer, http_response
 
 #: Upper bound on waiting for something that must happen (a response, a close): generous, never reached when it works.
@@ -120,7 +121,8 @@ def test_serve_binds_before_returning_and_refuses_bad_settings():
     metrics = EdgeMetrics()
     server = metrics.serve(0)
     try:
-        with pytest.raises(OSError):
+        with pytest.raises(BindError, match=f"cannot listen on 127.0.0.1:{server.port} \\(metrics\\): address "
+                                            "already in use"):
             EdgeMetrics().serve(server.port)  # the port is taken by the time serve() returned
         with pytest.raises(RuntimeError, match="already served"):
             metrics.serve(0)
@@ -146,8 +148,49 @@ def test_http_response_routes_without_sockets():
     assert int(headers["content-length"]) == len(body) and gzip.decompress(body).endswith(b"# EOF\n")
     status, headers, body = _parse(http_response(b"HEAD /metrics HTTP/1.1\r\n\r\n", metrics.registry))
     assert status == 200 and body == b"" and int(headers["content-length"]) > 0
-    assert _parse(http_response(b"GET /healthz HTTP/1.1\r\n\r\n", metrics.registry))[0] == 404
-    assert _parse(http_response(b"GET / HTTP/1.1\r\n\r\n", metrics.registry))[0] == 404
+    status, _, body = _parse(http_response(b"GET / HTTP/1.1\r\n\r\n", metrics.registry))
+    assert (status, body) == (404, b"not found; served here: /metrics, /healthz, /readyz\n")
+    assert _parse(http_response(b"GET /metricsx HTTP/1.1\r\n\r\n", metrics.registry))[0] == 404
     status, headers, _ = _parse(http_response(b"POST /metrics HTTP/1.1\r\n\r\n", metrics.registry))
     assert (status, headers["allow"]) == (405, "GET, HEAD")
     assert _parse(http_response(b"\x16\x03\x01 nonsense\r\n\r\n", metrics.registry))[0] == 400
+
+
+def test_healthz_is_alive_and_readyz_says_what_the_probe_says_without_sockets():
+    registry = EdgeMetrics().registry
+    why_not: list[str | None] = ["loading the model family"]
+
+    def get(path: str, method: str = "GET") -> tuple[int, bytes]:
+        status, _, body = _parse(http_response(f"{method} {path} HTTP/1.1\r\n\r\n".encode(), registry,
+                                               lambda: why_not[0]))
+        return status, body
+
+    assert get("/healthz") == (200, b"ok\n")
+    assert get("/readyz") == (503, b"not ready: loading the model family\n")
+    assert get("/readyz", "HEAD") == (503, b"")
+    why_not[0] = None
+    assert get("/readyz") == (200, b"ready\n") and get("/healthz?verbose=1") == (200, b"ok\n")
+    assert get("/readyz", "POST")[0] == 405
+    # Without a probe nobody said it is ready; a probe that raises reads as not ready, and the server lives on.
+    assert _parse(http_response(b"GET /readyz HTTP/1.1\r\n\r\n", registry))[0] == 503
+
+    def broken() -> str | None:
+        raise RuntimeError("boom")
+
+    status, _, body = _parse(http_response(b"GET /readyz HTTP/1.1\r\n\r\n", registry, broken))
+    assert status == 503 and b"boom" in body
+
+
+def test_readyz_over_http_follows_the_probe():
+    state: dict[str, str | None] = {"why": "draining"}
+    metrics = EdgeMetrics()
+    server = metrics.serve(0, readiness=lambda: state["why"])
+    try:
+        assert _get(server.port, "/healthz")[0] == 200
+        status, _, body = _get(server.port, "/readyz")
+        assert (status, body) == (503, b"not ready: draining\n")
+        state["why"] = None
+        assert _get(server.port, "/readyz")[0] == 200
+        assert _get(server.port, "/nope")[0] == 404
+    finally:
+        metrics.close()

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from edge_server.config import EdgeConfig
+from edge_server.config import SCHEDULER_CHOICES, EdgeConfig
 from edge_server.engine import (
     EdgeOutcome,
     EdgeRequest,
@@ -326,3 +326,168 @@ def test_retry_after_follows_the_steps_the_batch_has_left(tiny_family: Family) -
         retry, call_s = retry_with(steps)
         # steps - 1 left (one ran), one UNet call each (2 rows: the batch holds one guided request)
         assert retry == pytest.approx(max(0.1, (steps - 1) * call_s), abs=0.006)
+
+
+# --------------------------------------------------------------------------- the request log line
+
+
+def _request_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, str]]:
+    """The request lines logged, each parsed back into its key=value fields (edge_server.logs' format)."""
+    import shlex
+
+    from edge_server.logs import REQUEST_FIELDS, REQUEST_LOGGER
+
+    lines = []
+    for record in caplog.records:
+        if record.name == REQUEST_LOGGER:
+            word, *pairs = shlex.split(record.getMessage())
+            assert word == "request"
+            fields = dict(pair.split("=", 1) for pair in pairs)
+            assert tuple(fields) == REQUEST_FIELDS  # every key, always, in the documented order
+            lines.append(fields)
+    return lines
+
+
+def test_a_served_request_is_one_line_with_its_plan_times_and_the_devices_report(caplog) -> None:
+    caplog.set_level("INFO", logger="rise.edge.requests")
+    service, engine, _ = make_service()
+    session = service.open_session("10.0.0.7")
+    ticket = service.plan(session, Generate(request_id="r1", prompt="p"))
+    future = service.submit(ticket)
+    engine.complete(ticket.key)
+    service.delivered(session, ticket, future.result(timeout=0))
+    assert _request_lines(caplog) == []  # the device's times are still to come
+    service.report(session, Report(request_id="r1", device_compute_s=0.25, transfer_s=0.125, total_latency_s=0.5))
+    service.report(session, report("r1"))  # a replayed report is no second line
+    [line] = _request_lines(caplog)
+    assert line == {"id": "r1", "conn": str(session.id), "peer": "10.0.0.7", "outcome": "ok", "code": "-",
+                    "steps": "6", "split": "3", "sampler": "ddim", "decode": "device", "scheduler": "recording",
+                    "why": ticket.why, "queue_s": "0.010", "edge_s": "0.020", "device_s": "0.250",
+                    "transfer_s": "0.125", "total_s": "0.500"}
+
+
+def test_failed_cancelled_and_unreported_requests_get_their_one_line(caplog) -> None:
+    caplog.set_level("INFO", logger="rise.edge.requests")
+    service, engine, _ = make_service(FakeEngine(max_queue=2))
+    session = service.open_session("127.0.0.1")
+    busy = [service.plan(session, Generate(request_id=rid, prompt="p")) for rid in ("a", "b", "c")]
+    service.submit(busy[0])
+    service.submit(busy[1])
+    with pytest.raises(EngineBusy) as info:
+        service.submit(busy[2])
+    service.failed(session, "c", info.value)
+    future = engine.pending[busy[1].key][1]
+    engine.complete(busy[1].key)
+    service.delivered(session, busy[1], future.result(timeout=0))
+    service.failed(session, "x", ConfigError("steps: expected an integer in [1, 100], got 0"))  # refused at planning
+    service.close_session(session)  # "a" still in flight, "b" delivered without a report
+    service.draining = True
+    service.refusal(service.open_session("127.0.0.2"), "late")
+    lines = {line["id"]: line for line in _request_lines(caplog)}
+    assert set(lines) == {"a", "b", "c", "x", "late"}  # one line each
+    assert (lines["c"]["outcome"], lines["c"]["code"], lines["c"]["steps"], lines["c"]["edge_s"]) == (
+        "error", "busy", "6", "-")
+    assert (lines["x"]["outcome"], lines["x"]["code"], lines["x"]["steps"]) == ("error", "invalid_request", "-")
+    assert (lines["a"]["outcome"], lines["a"]["code"]) == ("error", "cancelled")
+    assert (lines["b"]["outcome"], lines["b"]["code"], lines["b"]["edge_s"], lines["b"]["device_s"]) == (
+        "unreported", "-", "0.020", "-")
+    assert (lines["late"]["outcome"], lines["late"]["code"], lines["late"]["peer"]) == (
+        "error", "shutting_down", "127.0.0.2")
+
+
+def test_a_pinned_plan_is_reported_as_pinned_not_as_the_policys_choice() -> None:
+    service, _, _ = make_service()
+    session = service.open_session()
+    chosen = service.plan(session, Generate(request_id="r1", prompt="p"))
+    pinned = service.plan(session, Generate(request_id="r2", prompt="p", pinned=RelayPlan(4, 2, "ddim", 5.0)))
+    assert chosen.scheduler == "recording"
+    assert (pinned.scheduler, pinned.why) == ("pinned", "pinned by the client")
+
+
+def test_an_unknown_scheduler_lists_the_choices_and_does_not_ask_for_a_profile() -> None:
+    from edge_server.service import make_planner
+
+    with pytest.raises(ConfigError) as info:
+        make_planner(EdgeConfig(scheduler="foo"))
+    message = str(info.value)
+    assert "needs --profile" not in message and "'foo'" in message
+    assert f"one of {', '.join(SCHEDULER_CHOICES)} or an arm such as N20k10" in message
+    with pytest.raises(ConfigError, match="--scheduler linucb needs --profile"):  # a known name still needs one
+        make_planner(EdgeConfig(scheduler="linucb"))
+
+
+@pytest.mark.parametrize("name", [*(n for n in SCHEDULER_CHOICES if n not in ("auto", "fixed")), "N20k8"])
+def test_every_scheduler_named_in_help_is_one_the_planner_builds(name: str, tmp_path) -> None:
+    from edge_server.service import make_planner
+    from shared.bandit.profile import save_profile
+    from tests.helpers import synthetic_profile
+
+    profile = tmp_path / "profile.json"
+    save_profile(profile, synthetic_profile())
+    planner = make_planner(EdgeConfig(scheduler=name, profile=str(profile)))
+    assert planner.name  # built, not refused
+
+
+def test_the_speculative_ratio_reaches_the_planner_from_the_flag(tmp_path) -> None:
+    from edge_server.config import config_from_args
+    from edge_server.daemon import build_parser
+    from edge_server.service import make_planner
+    from shared.bandit.planner import BanditPlanner
+    from shared.bandit.profile import save_profile
+    from tests.helpers import synthetic_profile
+
+    profile = tmp_path / "profile.json"
+    save_profile(profile, synthetic_profile())
+    args = ["serve", "--family", "f", "--profile", str(profile), "--scheduler", "linucb"]
+    config = config_from_args(build_parser().parse_args([*args, "--speculative-ratio", "0.25"]))
+    planner, default = make_planner(config), make_planner(config_from_args(build_parser().parse_args(args)))
+    assert isinstance(planner, BanditPlanner) and isinstance(default, BanditPlanner)
+    assert planner.speculative_ratio == 0.25 and default.speculative_ratio is None
+    with pytest.raises(ConfigError, match="--speculative-ratio"):
+        config_from_args(build_parser().parse_args([*args, "--speculative-ratio", "0"]))
+
+
+# --------------------------------------------------------------------------- how the family reads the prompt
+
+
+def _demo_reader(text: str, seed: int):
+    from shared.demo_grammar.understanding import GRAMMAR_NAME, read_prompt_as
+
+    return read_prompt_as(GRAMMAR_NAME, text, seed)
+
+
+def test_a_prompt_read_in_part_is_drawn_as_read_and_the_plan_says_how() -> None:
+    engine = FakeEngine()
+    service = RequestService(engine, EdgeConfig(), planner=RecordingPlanner(), metrics=EdgeMetrics(),
+                             read_prompt=_demo_reader)
+    session = service.open_session()
+    ticket = service.plan(session, Generate(request_id="r1", prompt="a green bag", seed=3))
+    expected = _demo_reader("a green bag", 3)
+    assert expected is not None and expected.prompt != "a green bag"
+    assert (ticket.prompt, ticket.notice) == (expected.prompt, expected.message)
+    assert ticket.notice  # it says how it was read (the family's words)
+    service.submit(ticket)
+    assert engine.pending[ticket.key][0].prompt == expected.prompt  # the family is given what it can draw
+    exact = service.plan(session, Generate(request_id="r2", prompt="a red bag in the top left", seed=3))
+    assert (exact.prompt, exact.notice) == (None, None)  # read as typed: nothing to say
+    service.submit(exact)
+    assert engine.pending[exact.key][0].prompt == "a red bag in the top left"
+
+
+def test_a_prompt_the_family_understands_nothing_of_is_refused_not_drawn_blank(caplog) -> None:
+    from edge_server.service import RequestFailed
+
+    caplog.set_level("INFO", logger="rise.edge.requests")
+    engine = FakeEngine()
+    service = RequestService(engine, EdgeConfig(), planner=RecordingPlanner(), metrics=EdgeMetrics(),
+                             read_prompt=_demo_reader)
+    session = service.open_session()
+    with pytest.raises(RequestFailed) as info:
+        service.plan(session, Generate(request_id="r1", prompt="a cat on a sofa", seed=1))
+    failure = service.failed(session, "r1", info.value)
+    reading = _demo_reader("a cat on a sofa", 1)
+    assert reading is not None and reading.scene is None and reading.message
+    assert (failure.code, failure.message) == ("invalid_request", reading.message)  # the family's own explanation
+    assert '"cat"' in failure.message  # it names what it did not understand
+    assert engine.pending == {}  # nothing reached the engine
+    assert [line["code"] for line in _request_lines(caplog)] == ["invalid_request"]

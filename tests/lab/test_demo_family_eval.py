@@ -14,6 +14,12 @@ ROW_KEYS = {"k", "adherence", "adherence_by_items", "frechet", "edge_s", "device
 PLOTS = ("quality_vs_split.png", "quality_latency.png", "latent_intensity.png")
 
 
+@pytest.fixture(autouse=True)
+def _own_ceiling_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """rise-eval caches its ceilings under $RISE_CACHE_DIR: a test's own folder, never the user's."""
+    monkeypatch.setenv("RISE_CACHE_DIR", str(tmp_path / "cache"))
+
+
 @pytest.fixture(scope="module")
 def fashion_mnist() -> None:
     try:
@@ -88,6 +94,43 @@ def test_bad_splits_and_prompts_are_refused(untrained_family: Path, tmp_path: Pa
     bad.write_text("a cat on a mat\n")
     assert main(["--family", str(untrained_family), "--prompts", str(bad), "--steps", "2", "--splits", "0"]) == 2
     assert "grammar" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flag", "value"), [
+    ("--intensity-prompts", "0"), ("--intensity-prompts", "-3"), ("--ceiling-scenes", "0"), ("--timing-prompts", "0"),
+    ("--batch", "0"), ("--limit", "0"), ("--limit", "-1"), ("--threads", "0"), ("--threads", "two"),
+])
+def test_counts_below_one_get_one_line_before_any_work(flag: str, value: str, untrained_family: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from lab.demo_family.evaluate import main
+
+    assert main(["--family", str(untrained_family), flag, value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"rise-eval: error: argument {flag}: ") and "at least 1" in err[0]
+
+
+@pytest.mark.parametrize("field", ["intensity_prompts", "ceiling_scenes", "timing_prompts", "batch"])
+def test_evaluate_refuses_a_zero_count_up_front(field: str, untrained_family: Path) -> None:
+    from dataclasses import replace
+
+    from edge_server.family import load_family
+    from lab.demo_family.evaluate import EvalConfig, EvalError, evaluate
+
+    cfg = replace(EvalConfig(steps=2, splits=(0,)), **{field: 0})
+    with pytest.raises(EvalError, match=f"--{field.replace('_', '-')} must be an integer of at least 1, got 0"):
+        evaluate(load_family(untrained_family), ["a picture of some red pants in the bottom middle"], cfg)
+
+
+def test_one_intensity_prompt_is_enough(fashion_mnist: None, untrained_family: Path, tmp_path: Path) -> None:
+    from lab.demo_family.evaluate import main
+
+    out = tmp_path / "eval.json"
+    assert main(["--family", str(untrained_family), "--limit", "3", "--steps", "2", "--splits", "1",
+                 "--ceiling-scenes", "8", "--timing-prompts", "1", "--intensity-prompts", "1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["meta"]["intensity_prompts"] == 1
+    assert all(np.isfinite(v).all() for k in report["intensity"].values() for v in k.values())
+    assert np.isfinite(report["rows"][0]["handoff_deviation"]["std_rel"])
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -253,3 +254,67 @@ def test_uses_the_device_speed_when_the_context_has_it():
     device = LATENCY_FEATURES.index("device")
     np.testing.assert_allclose(context.latency_x[:, device], 4 * reference.latency_x[:, device])
     assert (reference.latency_x[:, device] > 0).sum() > 0
+
+
+# --------------------------------------------------------------------------- speculative relay
+
+from shared.planning import speculative_switch, speculative_wanted  # noqa: E402  (this section's rules)
+
+
+@pytest.mark.parametrize(
+    ("own_total", "own_done", "relay_total", "split", "slack", "switch"),
+    [
+        (20, 0, 20, 10, 0.0, True),  # nothing done yet: the handoff saves 10 steps
+        (20, 9, 20, 10, 0.0, True),
+        (20, 10, 20, 10, 0.0, True),  # a tie switches: same time, the relay's quality
+        (20, 11, 20, 10, 0.0, False),  # finishing alone is one step sooner
+        (20, 11, 20, 10, 1.0, True),  # ... unless a step of latency buys the relay's quality
+        (20, 20, 20, 10, 0.0, False),  # done: never switch
+        (10, 2, 20, 15, 0.0, True),  # different N: 5 relay steps left vs 8 own
+        (10, 6, 20, 15, 0.0, False),
+    ],
+)
+def test_the_switch_rule(own_total, own_done, relay_total, split, slack, switch):
+    assert speculative_switch(own_total, own_done, relay_total, split, slack_steps=slack) is switch
+
+
+@pytest.mark.parametrize(("args", "message"), [((20, 21, 20, 10), "own_done"), ((20, 0, 20, 21), "handoff_split"),
+                                               ((0, 0, 20, 10), "own_total")])
+def test_the_switch_rule_refuses_impossible_counts(args, message):
+    with pytest.raises(ValueError, match=message):
+        speculative_switch(*args)
+
+
+@pytest.mark.parametrize(
+    ("plan", "forecast", "step", "wanted"),
+    [
+        (RelayPlan(20, 10), 0.4, 0.2, False),  # handoff in 0.4 s, the device needs 2 s for those steps
+        (RelayPlan(20, 10), 0.5, 0.2, True),  # a quarter of the device's time: in doubt, speculate
+        (RelayPlan(20, 10), 30.0, 0.2, True),
+        (RelayPlan(20, 0), 30.0, 0.2, False),  # device-only: nothing to speculate on
+        (RelayPlan(20, 20, decode_on="edge"), 30.0, 0.2, False),  # the edge decodes: no device run to race
+        (RelayPlan(20, 10), float("nan"), 0.2, False),  # nothing known: a plain relay
+        (RelayPlan(20, 10), 30.0, 0.0, False),
+    ],
+)
+def test_when_the_planner_wants_a_speculative_relay(plan, forecast, step, wanted):
+    assert speculative_wanted(plan, forecast, step) is wanted
+
+
+def test_the_planner_marks_plans_speculative_only_when_the_edge_is_slow_and_learns_the_plain_arm():
+    p = planner(policy="N20k8", speculative_ratio=0.5)
+    step = p.profile.timing.device_step_s
+    light = PlanContext(queue_depth=0, active=0, device_step_s=step, edge_running=(), edge_queued=())
+    plan, why = p.choose(generate("r1"), light)
+    assert not plan.speculative and "speculative" not in why
+    crowd = tuple([20] * 64)
+    heavy = PlanContext(queue_depth=64, active=p.edge_capacity, device_step_s=step,
+                        edge_running=tuple([20] * p.edge_capacity), edge_queued=crowd)
+    request = generate("r2")
+    plan, why = p.choose(request, heavy)
+    assert plan.speculative and "speculative: handoff in" in why
+    assert dataclasses.replace(plan, speculative=False) in p.arms
+    seen = spy_outcomes(p)
+    p.feedback(plan, request, report("r2", latency=3.0))
+    assert [arm for arm, _, _ in seen] == [p.arms.index(dataclasses.replace(plan, speculative=False))]
+    assert not planner(policy="N20k8").choose(generate("r3"), heavy)[0].speculative  # off by default

@@ -87,6 +87,17 @@ def test_with_the_engines_batch_and_queue_the_edge_time_is_its_projected_schedul
     assert edge_schedule(lf.T, (), (), 3) == pytest.approx([0.0, lf.T[1], 2 * lf.T[1], 3 * lf.T[1]])  # alone
 
 
+def test_more_requests_running_than_one_call_holds_take_several_calls_per_step():
+    """The engine admits requests up to its rows, two rows each under guidance: the planner's capacity in
+    requests can be below what runs. That once raised IndexError in the served path; now each step of
+    the over-full batch costs a full call per capacity's worth, and the planned request waits for a slot."""
+    lf = LatencyFeatures(ARMS, TIMING, capacity=2)
+    finish = edge_schedule(lf.T, (5, 5, 5, 5), (), 3)  # four running, capacity two: two calls a step
+    assert finish[1] == pytest.approx(5 * 2 * lf.T[2] + lf.T[1])  # it joins when they are done
+    phi = lf.build(Observation(complexity=0.5, preference=0.5, queue_depth=0, active=4, edge_running=(5, 5, 5, 5)))
+    assert np.isfinite(phi).all()
+
+
 def test_a_link_that_drops_is_priced_through_the_transfer_not_clipped_away():
     fine, dropped = features(bandwidth_bps=20e6), features(bandwidth_bps=50e3)
     assert dropped[1, COL["transfer"]] == pytest.approx(8 * 300_000 / 50e3)  # 48 s: still linear

@@ -1,0 +1,36 @@
+"""``rise-export``'s progress bar: tqdm on stderr, drawn only when stderr is a terminal.
+
+The lab's tools follow the same policy (``lab/progress.py``; export sits below the lab and cannot
+import it). stdout keeps exactly the lines and table it had: lines printed while the bar is drawn
+go through :func:`echo`.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+
+def enabled(setting: bool | None, stream: TextIO) -> bool:
+    """``setting`` if given (``--progress`` / ``--no-progress``), else whether ``stream`` is a terminal."""
+    if setting is not None:
+        return setting
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):  # no isatty, or closed: not a terminal
+        return False
+
+
+def bar(desc: str, total: int, setting: bool | None = None) -> Any:
+    """A tqdm bar of ``total`` steps on stderr (disabled: it costs nothing and prints nothing)."""
+    stream = sys.stderr  # at call time: a caller (or a test) may have replaced it
+    return tqdm(desc=desc, total=total, unit="step", file=stream, disable=not enabled(setting, stream),
+                dynamic_ncols=True, leave=True)
+
+
+def echo(line: str) -> None:
+    """``print(line, flush=True)`` on stdout without tearing the bar."""
+    with tqdm.external_write_mode(file=sys.stdout):
+        print(line, flush=True)
