@@ -48,6 +48,8 @@ from shared.errors import ConfigError, RiseError
 from shared.relay_plan import RelayPlan
 
 if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
     from prometheus_client import CollectorRegistry
 
     from edge_server.config import EdgeConfig
@@ -150,6 +152,7 @@ class WireRequest:
     seed: int
     height: int | None
     width: int | None
+    preview_every: int | None = None  # the live preview the request asked for (EdgeRequest.preview_every)
 
 
 EventKind = Literal["accepted", "progress", "outcome", "error"]
@@ -167,6 +170,7 @@ class ReplicaEvent:
     step_times: dict[int, float] = field(default_factory=dict)  # measured seconds per UNet call, by requests
     step: int = 0  # progress: steps done ...
     split: int = 0  # ... of this many
+    preview: NDArray[np.uint8] | None = None  # progress: the step's live preview, where one was due
     outcome: EdgeOutcome | None = None
     error: ErrorKind | None = None
     message: str = ""
@@ -281,16 +285,18 @@ class EdgeReplica:
 
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
-        latest: list[tuple[int, int]] = []
+        latest: list[tuple[int, int, NDArray[np.uint8] | None]] = []
 
-        def on_progress(step: int, split: int) -> None:  # the engine's thread
+        def on_step(step: int, split: int, preview: NDArray[np.uint8] | None = None) -> None:  # the engine's thread
             def note() -> None:
-                latest.append((step, split))
+                latest.append((step, split, preview))
                 wake.set()
             loop.call_soon_threadsafe(note)
 
+        # A preview is best effort here as everywhere: when several steps wait, only the latest goes.
         request = EdgeRequest(wire.key, wire.request_id, wire.prompt, wire.plan, wire.seed, wire.height, wire.width,
-                              on_progress)
+                              on_step, preview_every=wire.preview_every,
+                              on_preview=on_step if wire.preview_every else None)
         try:
             future = self.engine.submit(request)
         except Exception as exc:
@@ -304,10 +310,10 @@ class EdgeReplica:
                 await wake.wait()
                 wake.clear()
                 if latest:
-                    step, split = latest[-1]
+                    step, split, preview = latest[-1]
                     latest.clear()
                     if not future.done():
-                        yield self._event("progress", step=step, split=split)
+                        yield self._event("progress", step=step, split=split, preview=preview)
                 if future.done():
                     break
         except (asyncio.CancelledError, GeneratorExit):
@@ -320,8 +326,8 @@ class EdgeReplica:
             return
         outcome = future.result()
         if latest:  # the last step's progress came with the outcome: it goes first, as on one engine
-            step, split = latest[-1]
-            yield self._event("progress", step=step, split=split)
+            step, split, preview = latest[-1]
+            yield self._event("progress", step=step, split=split, preview=preview)
         yield self._event("outcome", outcome=outcome)
 
     def record_routing_stats(self) -> dict[str, Any]:
@@ -767,7 +773,8 @@ class RayEngine:
         from edge_server.engine import EngineBusy
 
         r = flight.request
-        wire = WireRequest(r.key, r.request_id, r.prompt, r.plan, r.seed, r.height, r.width)
+        wire = WireRequest(r.key, r.request_id, r.prompt, r.plan, r.seed, r.height, r.width,
+                           preview_every=r.preview_every if r.on_preview is not None else None)
         attempt = 0
         while True:
             attempt += 1
@@ -781,7 +788,9 @@ class RayEngine:
                         flight.replica = event.replica
                     elif event.kind == "progress":
                         started = True
-                        if r.on_progress is not None:
+                        if event.preview is not None and r.on_preview is not None:
+                            r.on_preview(event.step, event.split, event.preview)  # it stands for the progress
+                        elif r.on_progress is not None:
                             r.on_progress(event.step, event.split)
                     elif event.kind == "outcome":
                         assert event.outcome is not None

@@ -8,6 +8,7 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 
+import numpy as np
 import pytest
 
 from edge_server.cluster import (
@@ -114,6 +115,31 @@ def test_a_request_flows_through_its_replica_with_progress_then_outcome():
         assert engine.cluster_stats().in_flight == 0
     finally:
         close_quietly(engine)
+
+
+def test_a_preview_from_the_replica_reaches_the_front_in_place_of_its_progress():
+    asked: list[int | None] = []
+    rgb = np.full((4, 4, 3), 9, np.uint8)
+
+    async def script(wire, attempt):
+        asked.append(wire.preview_every)
+        yield event("accepted")
+        yield event("progress", step=1, split=2)
+        yield event("progress", step=2, split=2, preview=rgb)
+        yield event("outcome", outcome=outcome())
+
+    engine = engine_on(script)
+    seen: list[tuple[str, int]] = []
+    try:
+        with_previews = request(0, lambda s, t: seen.append(("progress", s)))
+        with_previews.preview_every = 2
+        with_previews.on_preview = lambda s, t, image: seen.append(("preview", s)) if image is rgb else None
+        engine.submit(with_previews).result(10)
+        engine.submit(request(1)).result(10)  # asked for none: the replica is asked for none
+    finally:
+        close_quietly(engine)
+    assert seen == [("progress", 1), ("preview", 2)]
+    assert asked == [2, None]
 
 
 def test_a_replica_dying_before_the_steps_started_means_another_submission():
