@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--routers", default="soonest,pow2", help="routers compared at 2 replicas")
     parser.add_argument("--max-batch-rows", type=int, default=16)
     parser.add_argument("--json", type=Path, default=REPO / "bench/results/cluster_bench.json")
+    parser.add_argument("--machine-note", default="", help="what else ran on the machine, for the JSON")
     args = parser.parse_args()
 
     # Ray starts its workers at nice 15: on a machine shared with other work the replicas would lose the CPU to
@@ -124,7 +125,8 @@ def main() -> None:
     routers = [r for r in args.routers.split(",") if r]
     layouts = [(1, routers[0])] + [(2, router) for router in routers]
     out: dict[str, Any] = {
-        "machine": f"{platform.node()} ({os.cpu_count()} CPUs, shared with other engineers' jobs while it ran)",
+        "machine": f"{platform.node()} ({os.cpu_count()} CPUs{', ' + args.machine_note if args.machine_note else ''}; "
+                   "the 8 device clients finish their steps on ORT in this process, on the same CPUs)",
         "family": str(args.family), "steps": args.steps, "split": args.split, "clients": args.clients,
         "requests_per_round": args.requests, "rounds": args.rounds, "torch_threads_per_engine": 1,
         "method": "every engine deployed at once (idle ones cost no CPU), measured in interleaved rounds so the "
