@@ -304,8 +304,8 @@ def test_bad_cluster_configs_are_named(kwargs):
         ClusterConfig(**kwargs)
 
 
-def test_without_the_extra_the_cluster_is_one_line_naming_it():
-    script = """
+#: A subprocess prelude: Ray cannot be imported (as on a machine without the cluster extra).
+WITHOUT_RAY = """
 import sys
 class Block:
     def find_spec(self, name, path=None, target=None):
@@ -313,6 +313,11 @@ class Block:
             raise ImportError("blocked: " + name)
         return None
 sys.meta_path.insert(0, Block())
+"""
+
+
+def test_without_the_extra_the_cluster_is_one_line_naming_it():
+    script = WITHOUT_RAY + """
 from edge_server.cluster import require_ray, ClusterUnavailable
 try:
     require_ray()
@@ -384,14 +389,7 @@ def test_a_busier_replica_never_looks_as_fast_as_an_idle_one_from_partial_measur
 
 
 def test_rise_edge_serve_engine_ray_without_the_extra_is_one_line_and_exit_2(tmp_path):
-    script = """
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name == "ray" or name.startswith("ray."):
-            raise ImportError("blocked: " + name)
-        return None
-sys.meta_path.insert(0, Block())
+    script = WITHOUT_RAY + """
 from edge_server.daemon import main
 sys.exit(main(sys.argv[1:]))
 """

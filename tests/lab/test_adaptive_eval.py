@@ -26,11 +26,9 @@ from shared.relay_plan import RelayPlan
 N = 6
 
 
-@pytest.fixture(scope="module")
-def family_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lab.demo_family.train import build_untrained_family
-
-    return build_untrained_family(tmp_path_factory.mktemp("fam") / "untrained")
+@pytest.fixture(scope="session")
+def family_dir(untrained_family: Path) -> Path:
+    return untrained_family  # tests/lab/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -128,17 +126,12 @@ def test_a_bad_adaptive_arm_is_an_eval_error():
 
 
 
-def test_rise_eval_evaluates_tau_arms_beside_the_fixed_ones(family_dir: Path, tmp_path: Path,
+def test_rise_eval_evaluates_tau_arms_beside_the_fixed_ones(fashion_mnist: None, family_dir: Path, tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str],
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    from lab.demo_family.data import find_fashion_mnist
     from lab.demo_family.evaluate import main
     from shared.bandit.profile import profile_from_eval
 
-    try:
-        find_fashion_mnist()
-    except Exception as exc:
-        pytest.skip(str(exc))
     monkeypatch.setenv("RISE_CACHE_DIR", str(tmp_path / "cache"))  # never the user's ceiling cache
     out = tmp_path / "eval.json"
     argv = ["--family", str(family_dir), "--limit", "4", "--steps", "4", "--splits", "0,2", "--ceiling-scenes", "20",

@@ -8,8 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lab.demo_family.data import find_fashion_mnist
-
 ROW_KEYS = {"k", "adherence", "adherence_by_items", "frechet", "edge_s", "device_s", "compute_s", "speedup"}
 PLOTS = ("quality_vs_split.png", "quality_latency.png", "latent_intensity.png")
 
@@ -18,21 +16,6 @@ PLOTS = ("quality_vs_split.png", "quality_latency.png", "latent_intensity.png")
 def _own_ceiling_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """rise-eval caches its ceilings under $RISE_CACHE_DIR: a test's own folder, never the user's."""
     monkeypatch.setenv("RISE_CACHE_DIR", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def fashion_mnist() -> None:
-    try:
-        find_fashion_mnist()
-    except Exception as exc:
-        pytest.skip(str(exc))
-
-
-@pytest.fixture(scope="module")
-def untrained_family(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lab.demo_family.train import build_untrained_family
-
-    return build_untrained_family(tmp_path_factory.mktemp("fam") / "untrained")
 
 
 def _check_report(report: dict, splits: list[int], n_steps: int) -> None:

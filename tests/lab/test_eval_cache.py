@@ -146,16 +146,9 @@ def test_ceiling_key_of_a_float16_vae_differs_from_its_float32_self() -> None:
 # --------------------------------------------------------------------------- through rise-eval
 
 
-@pytest.fixture(scope="module")
-def family(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lab.demo_family.data import find_fashion_mnist
-    from lab.demo_family.train import build_untrained_family
-
-    try:
-        find_fashion_mnist()
-    except Exception as exc:
-        pytest.skip(str(exc))
-    return build_untrained_family(tmp_path_factory.mktemp("fam") / "untrained")
+@pytest.fixture
+def family(fashion_mnist: None, untrained_family: Path) -> Path:
+    return untrained_family  # (tests/lab/conftest.py) rise-eval needs the data as well
 
 
 def _argv(family: Path, cache: Path, *extra: str) -> list[str]:

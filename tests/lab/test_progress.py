@@ -69,16 +69,9 @@ def test_counting_steps_the_bar_and_keeps_the_line(monkeypatch: pytest.MonkeyPat
 # --------------------------------------------------------------------------- rise-eval
 
 
-@pytest.fixture(scope="module")
-def family(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lab.demo_family.data import find_fashion_mnist
-    from lab.demo_family.train import build_untrained_family
-
-    try:
-        find_fashion_mnist()
-    except Exception as exc:
-        pytest.skip(str(exc))
-    return build_untrained_family(tmp_path_factory.mktemp("fam") / "untrained")
+@pytest.fixture
+def family(fashion_mnist: None, untrained_family: Path) -> Path:
+    return untrained_family  # (tests/lab/conftest.py) rise-eval needs the data as well
 
 
 def _eval(family: Path, cache: Path, *extra: str) -> int:
