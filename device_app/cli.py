@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from device_app.client import EdgeClient
 from device_app.errors import DeviceRunError, EdgeError
+from device_app.finish import DeviceStepCount
 from device_app.results import GenerationResult
 from device_app.runtime import DeviceBundle
 from device_app.speculative import EmulatedDevice
@@ -258,27 +259,19 @@ class ProgressLine:
         self.plan: RelayPlan | None = None
         self.edge = (0, 0)
         self.device = (0, 0)
-        self._device_from: int | None = None
-        self._device_last = 0
+        self._device_steps = DeviceStepCount()
 
     def on_plan(self, plan: RelayPlan) -> None:
         self.plan = plan
         self.edge = (0, plan.edge_steps)
         self.device = (0, plan.device_steps)
-        self._device_from, self._device_last = None, 0
+        self._device_steps.reset(plan)
 
     def __call__(self, stage: str, step: int, total: int) -> None:
         if stage == "edge":
             self.edge = (step, total)
         elif self.plan is not None:
-            # Device steps count from k + 1 to N, k where the handoff happened (an adaptive plan's may be
-            # before its split; a speculative run's own steps from 1): show them from 1.
-            if not (self.plan.adaptive or self.plan.speculative):
-                self._device_from = self.plan.split
-            elif self._device_from is None or step <= self._device_last:  # the first, or a switch to the handoff
-                self._device_from = step - 1
-            self._device_last = step
-            self.device = (step - self._device_from, total - self._device_from)
+            self.device = self._device_steps.count(step, total)
         if self.tty:
             self.stream.write("\r" + self.text())
             self.stream.flush()

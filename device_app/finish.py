@@ -27,12 +27,45 @@ from device_app.runtime import TIMESTEP_COND, DeviceBundle
 from shared.errors import HandoffError
 from shared.guidance import lcm_guidance_embedding
 from shared.handoff import Handoff, HandoffInvalid
+from shared.relay_plan import RelayPlan
 from shared.samplers import make_sampler
 
-__all__ = ["Clock", "Finished", "StepCallback", "X0Callback", "check_handoff_fits", "finish_handoff", "finish_latents"]
+__all__ = [
+    "Clock", "DeviceStepCount", "Finished", "StepCallback", "X0Callback", "check_handoff_fits",
+    "finish_handoff", "finish_latents",
+]
 
 StepCallback = Callable[[int, int], None]  # (steps done, total steps)
 X0Callback = Callable[[int, int, np.ndarray], None]  # (steps done, total steps, predicted clean latent)
+
+
+class DeviceStepCount:
+    """This device's steps as a user counts them (from 1), from the ``(i, N)`` a finish reports.
+
+    A finish counts from ``k + 1`` to ``N``, ``k`` where the handoff happened: the plan's split,
+    or, for an adaptive plan, wherever the edge handed off (seen on the first step); a speculative
+    run's own steps count from 1, and a switch to the handoff starts the count again.
+    """
+
+    def __init__(self) -> None:
+        self.plan: RelayPlan | None = None
+        self.start = 0  # the step the count starts after (where the handoff happened)
+        self._seen = False
+        self._last = 0
+
+    def reset(self, plan: RelayPlan) -> None:
+        self.plan, self.start, self._seen, self._last = plan, plan.split, False, 0
+
+    def count(self, step: int, total: int) -> tuple[int, int]:
+        """``(done, of)`` after the finish reported step ``step`` of ``total``."""
+        plan = self.plan
+        if plan is None or not (plan.adaptive or plan.speculative):
+            self.start = plan.split if plan is not None else 0
+        elif not self._seen or step <= self._last:  # the first step, or a switch to the handoff
+            self.start = max(step - 1, 0)
+        self._seen, self._last = True, step
+        of = max(total - self.start, 1)
+        return min(max(step - self.start, 0), of), of
 Clock = Callable[[], float]  # seconds, e.g. time.perf_counter (wall) or time.process_time (CPU)
 
 

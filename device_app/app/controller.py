@@ -33,6 +33,7 @@ from device_app.app.prompt_help import PromptHelp, prompt_help_for
 from device_app.app.settings import Settings, SettingsStore
 from device_app.app.words import details_text, link_help, link_label, plain_summary
 from device_app.errors import CONNECT_FAILED, CONNECTION_LOST, EdgeConnectionError
+from device_app.finish import DeviceStepCount
 from device_app.telemetry import DeviceLoad
 from shared.errors import ConfigError, RiseError
 from shared.manifest import BundleManifest
@@ -208,8 +209,7 @@ class Controller:
         self.plan: RelayPlan | None = None
         self.edge_progress = (0, 0)
         self.device_progress = (0, 0)
-        self._device_from: int | None = None  # the step the device steps count from (where the handoff was)
-        self._device_last = 0
+        self._device_steps = DeviceStepCount()
         self.current: HistoryItem | None = None
         self.preview: ImageArray | None = None
         self.offline = False
@@ -604,7 +604,7 @@ class Controller:
         self.plan = plan
         self.edge_progress = (0, plan.edge_steps)
         self.device_progress = (0, plan.device_steps)
-        self._device_from, self._device_last = None, 0
+        self._device_steps.reset(plan)
         if not self.offline:
             if plan.edge_steps and plan.device_steps:
                 self.status = f"The server runs {plan.edge_steps} steps, then this device {plan.device_steps}"
@@ -621,15 +621,10 @@ class Controller:
             self.edge_progress = (min(step, self.plan.edge_steps), self.plan.edge_steps)
             if not self.offline:
                 self.status = f"Server: step {step} of {self.plan.edge_steps}"
-        else:  # device steps count from k + 1 to N, k where the handoff happened (an adaptive one's may be early)
-            if not (self.plan.adaptive or self.plan.speculative):
-                self._device_from = self.plan.split
-            elif self._device_from is None or step <= self._device_last:  # the first, or a switch to the handoff
-                self._device_from = max(step - 1, 0)
-            self._device_last = step
-            steps = max(total - self._device_from, 1)
-            done = min(max(step - self._device_from, 0), steps)
-            self.edge_progress = (self._device_from, self._device_from) if self._device_from else self.edge_progress
+        else:
+            done, steps = self._device_steps.count(step, total)
+            start = self._device_steps.start  # where the handoff happened: the edge's part is done
+            self.edge_progress = (start, start) if start else self.edge_progress
             self.device_progress = (done, steps)
             self.status = f"This device: step {done} of {steps}"
         self._changed()
