@@ -1,8 +1,8 @@
 """``rise-export``'s progress bar: tqdm on stderr, drawn only when stderr is a terminal.
 
-The lab's tools follow the same policy (``lab/progress.py``; export sits below the lab and cannot
-import it). stdout keeps exactly the lines and table it had: lines printed while the bar is drawn
-go through :func:`echo`.
+The lab's tools follow the same policy: ``lab/progress.py`` builds on :func:`enabled` and
+:func:`echo` here (export sits below the lab, so the policy lives on this floor). stdout keeps
+exactly the lines and table it had: lines printed while the bar is drawn go through :func:`echo`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ def bar(desc: str, total: int, setting: bool | None = None) -> Any:
                 dynamic_ncols=True, leave=True)
 
 
-def echo(line: str) -> None:
-    """``print(line, flush=True)`` on stdout without tearing the bar."""
-    with tqdm.external_write_mode(file=sys.stdout):
-        print(line, flush=True)
+def echo(line: str, file: TextIO | None = None) -> None:
+    """``print(line, flush=True)`` to ``file`` (default stdout) without tearing a bar being drawn."""
+    out = sys.stdout if file is None else file
+    with tqdm.external_write_mode(file=out):
+        print(line, file=out, flush=True)

@@ -15,18 +15,14 @@ from typing import Any, TextIO, TypeVar
 
 from tqdm import tqdm
 
+from export.progress import echo, enabled  # the one policy (export sits below the lab)
+
 T = TypeVar("T")
 
 
 def progress_enabled(setting: bool | None = None, stream: TextIO | None = None) -> bool:
     """Whether to draw bars: ``setting`` if given, else whether ``stream`` (default stderr) is a terminal."""
-    if setting is not None:
-        return setting
-    stream = sys.stderr if stream is None else stream
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError, OSError):  # no isatty, or a closed stream: not a terminal
-        return False
+    return enabled(setting, sys.stderr if stream is None else stream)
 
 
 def bar(iterable: Iterable[T] | None = None, *, desc: str, total: float | None = None, unit: str = "it",
@@ -38,13 +34,6 @@ def bar(iterable: Iterable[T] | None = None, *, desc: str, total: float | None =
     stream = sys.stderr  # looked up at call time: a caller (or a test) may have replaced it
     return tqdm(iterable, desc=desc, total=total, unit=unit, initial=initial, leave=leave, file=stream,
                 disable=not progress_enabled(setting, stream), dynamic_ncols=True, smoothing=0.1)
-
-
-def echo(line: str, file: TextIO | None = None) -> None:
-    """``print(line, flush=True)`` to ``file`` (default stdout) without tearing a bar being drawn."""
-    out = sys.stdout if file is None else file
-    with tqdm.external_write_mode(file=out):
-        print(line, file=out, flush=True)
 
 
 def counting(pbar: Any, file: TextIO | None = None) -> Callable[[str], None]:
