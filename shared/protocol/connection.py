@@ -63,7 +63,6 @@ that a flooding or non-reading peer never completes.
 
 from __future__ import annotations
 
-import base64
 import hmac
 import math
 from collections import OrderedDict
@@ -92,6 +91,7 @@ from shared.protocol.messages import (
     check_limits,
     decode_text,
     encode,
+    encode_preview,
     handoff_conflict,
     plan_conflict,
     protocol_error_from_handoff,
@@ -613,7 +613,7 @@ class ServerConnection(_Connection):
             raise _usage(f"send_progress: send the plan of {request_id!r} first", request_id)
         if preview_png is not None and request.generate.preview_every is None:
             raise _usage(f"send_progress: request {request_id!r} asked for no previews", request_id)
-        preview = None if preview_png is None else base64.b64encode(preview_png).decode("ascii")
+        preview = None if preview_png is None else encode_preview(preview_png)
         message = _built(Progress, request_id=request_id, stage=stage, step=step, total=total, preview=preview)
         self._check_outgoing(message, request_id)
         self._queue(message)

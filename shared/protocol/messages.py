@@ -447,7 +447,7 @@ class Progress(_Message):
     @classmethod
     def with_preview(cls, request_id: str, stage: Stage, step: int, total: int, png: bytes) -> Progress:
         """A progress message carrying ``png`` (encoded for the text frame)."""
-        return cls(request_id, stage, step, total, preview=base64.b64encode(png).decode("ascii"))
+        return cls(request_id, stage, step, total, preview=encode_preview(png))
 
     def preview_png(self) -> bytes | None:
         """The preview's PNG bytes (validated when the message was built), or ``None``."""
@@ -893,6 +893,11 @@ def _relay_plan(name: str, value: Any) -> RelayPlan:
 
 #: The largest preview a progress message may carry (decoded PNG bytes): "a few KB".
 MAX_PREVIEW_BYTES = 16 * 1024
+
+
+def encode_preview(png: bytes) -> str:
+    """A preview's PNG as :class:`Progress` carries it in the text frame (base64)."""
+    return base64.b64encode(png).decode("ascii")
 
 
 def _preview_png(name: str, value: Any) -> bytes:
