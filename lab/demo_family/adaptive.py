@@ -20,7 +20,6 @@ batching core is tested for that), only cut where its own x0 settled.
 from __future__ import annotations
 
 import statistics
-import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,11 +37,8 @@ from shared.errors import ConfigError, RiseError
 from shared.relay_plan import RelayPlan
 
 from .data import N_CELLS, Scene
-from .scorer import Scorer, adherence, frechet_distance
-
-#: How compute is timed, as ``rise-eval --clock`` names it (this module never imports the harness:
-#: ``rise-eval`` imports it, and the import rules allow no cycle).
-CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.process_time, "wall": time.perf_counter}
+from .measure import CLOCKS, by_items, quality
+from .scorer import Scorer
 
 
 class AdaptiveEvalError(RiseError, ValueError):
@@ -139,7 +135,7 @@ def edge_steps_by_items(edge_steps: np.ndarray, scenes: Sequence[Scene]) -> tupl
                                                                                    dict[str, dict[str, int]]]:
     """Mean handoff step per item count, and per item count how many requests handed off at each step."""
     items = np.asarray([s.n_items for s in scenes])
-    means = {str(n): float(edge_steps[items == n].mean()) for n in range(1, N_CELLS + 1) if (items == n).any()}
+    means = by_items(edge_steps, scenes)
     hist = {str(n): {str(k): int(c) for k, c in sorted(Counter(edge_steps[items == n].tolist()).items())}
             for n in range(1, N_CELLS + 1) if (items == n).any()}
     return means, hist
@@ -153,7 +149,7 @@ def adaptive_row(family: Family, prompts: Sequence[str], scenes: Sequence[Scene]
     means, hist = edge_steps_by_items(gen.edge_steps, scenes)
     row: dict[str, Any] = {
         "k": plan.split, "tau": plan.handoff_tau, "min_split": plan.min_split, "label": arm_label(plan),
-        **_quality(gen.images, scenes, scorer, reference),
+        **quality(gen.images, scenes, scorer, reference),
         "edge_steps_mean": float(gen.edge_steps.mean()), "edge_steps_by_items": means, "edge_steps_hist": hist,
         "edge_steps": gen.edge_steps.tolist(),
     }
@@ -164,18 +160,6 @@ def adaptive_row(family: Family, prompts: Sequence[str], scenes: Sequence[Scene]
         row["compute_s"] = row["edge_s"] + row["device_s"]
         row["timed_edge_steps_mean"] = statistics.mean(t["edge_steps"] for t in timings)
     return row
-
-
-def _quality(images: np.ndarray, scenes: Sequence[Scene], scorer: Scorer, reference: np.ndarray) -> dict[str, Any]:
-    """Adherence (overall, per item count) and the Fréchet distance, as ``rise-eval`` scores a fixed row."""
-    adh = adherence(images, scenes, scorer)
-    items = np.asarray([s.n_items for s in scenes])
-    return {
-        "adherence": float(adh.mean()),
-        "adherence_by_items": {str(n): float(adh[items == n].mean()) for n in range(1, N_CELLS + 1)
-                               if (items == n).any()},
-        "frechet": frechet_distance(scorer.features(images), reference),
-    }
 
 
 def parse_taus(text: str | None) -> tuple[float, ...]:

@@ -62,14 +62,14 @@ from shared.samplers import SAMPLER_NAMES
 from ..progress import bar, echo
 from .adaptive import check_adaptive, evaluate_adaptive, format_adaptive_table, parse_taus, parse_window
 from .ceiling_cache import CeilingCache, cached_ceilings, ceiling_key
-from .data import N_CELLS, ItemBank, Scene
+from .data import ItemBank, Scene
+from .measure import CLOCKS, by_items, quality
 from .scorer import Scorer, adherence, default_scorer, frechet_distance
 
 STATS = ("mean", "std", "norm")
 #: How compute is timed. "cpu": the process's CPU time, which on a shared machine counts only the
 #: work this request did (with one thread, as run by default, it equals the wall time of an idle
 #: machine); "wall": elapsed time, what a user waits on a dedicated machine.
-CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 CEILING_SEED = 1  # the scorer's model card measures its real ceiling on these scenes
 REFERENCE_SEED = 2  # real renderings of the prompts' scenes (the Fréchet reference)
 SECOND_RENDER_SEED = 3  # another real rendering of the same scenes (the Fréchet ceilings)
@@ -100,21 +100,6 @@ def latent_stats(latents: torch.Tensor | np.ndarray) -> np.ndarray:
     x = torch.as_tensor(np.asarray(latents) if not isinstance(latents, torch.Tensor) else latents).double()
     x = x.reshape(x.shape[0], -1)
     return torch.stack([x.mean(1), x.std(1), x.pow(2).mean(1).sqrt()], 1).cpu().numpy()
-
-
-def _by_items(values: np.ndarray, scenes: Sequence[Scene]) -> dict[str, float]:
-    levels = np.asarray([s.n_items for s in scenes])
-    return {str(n): float(values[levels == n].mean()) for n in range(1, N_CELLS + 1) if (levels == n).any()}
-
-
-def quality(images: np.ndarray, scenes: Sequence[Scene], scorer: Scorer, reference: np.ndarray) -> dict[str, Any]:
-    """Adherence (overall, per item count) and the Fréchet distance to ``reference`` features."""
-    adh = adherence(images, scenes, scorer)
-    return {
-        "adherence": float(adh.mean()),
-        "adherence_by_items": _by_items(adh, scenes),
-        "frechet": frechet_distance(scorer.features(images), reference),
-    }
 
 
 @torch.no_grad()
@@ -152,7 +137,7 @@ def ceilings(family: Family, scorer: Scorer, bank: ItemBank, n: int, scenes: Seq
         adh = adherence(images, real_scenes, scorer)
         out[name] = {
             "adherence": float(adh.mean()),
-            "adherence_by_items": _by_items(adh, real_scenes),
+            "adherence_by_items": by_items(adh, real_scenes),
             "frechet": frechet_distance(scorer.features(frechet_images), reference),
             "n": n,
         }
