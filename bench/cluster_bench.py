@@ -10,7 +10,12 @@ engine, no websocket, so the figures are the engine's):
   for it (front -> replica -> front), less the same beyond compute on a :class:`~edge_server.engine.BatchingEngine`
   in this process (1 thread), as a share of the edge's compute for the request (target <= 5%);
 * *routers*: at 2 replicas, the front's soonest-finish router against Ray Serve's power of two choices,
-  on the same mixed-split load (mean and p95 latency per request).
+  on the same mixed-split load (mean and p95 latency per request);
+* *where the CPU went*: during each closed loop, the CPU seconds of this process (the front and its client
+  threads), of the replicas' processes and of everything else (Ray's own daemons, other jobs), from psutil;
+  and the local engine at half the clients, the load each of 2 replicas gets: ``2 x that / the local engine at
+  all the clients`` is what 2 replicas could reach if nothing but batching differed (each batches half the
+  requests per UNet call), the bound the 1.7x target meets on CPU.
 
 Family: the demo family (models/demo/family) unless ``--family``. Writes ``--json`` (default
 bench/results/cluster_bench.json). Needs the cluster extra: ``pip install '.[cluster]'``.
@@ -94,6 +99,42 @@ def closed_loop(engine: Any, steps: int, clients: int, total: int, splits: tuple
             "latency_p95_s": round(float(np.percentile(latencies, 95)), 4)}
 
 
+class CpuMeter:
+    """CPU seconds of this process, of given processes and of the whole machine over a span (psutil)."""
+
+    def __init__(self, pids: list[int]) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self._procs = [psutil.Process(pid) for pid in pids]
+        self._me = psutil.Process()
+
+    def _sample(self) -> tuple[float, float, float]:
+        def busy(t: Any) -> float:
+            return float(sum(getattr(t, k, 0.0) for k in ("user", "system", "nice", "irq", "softirq", "steal")))
+
+        mine = sum(self._me.cpu_times()[:2])
+        theirs = 0.0
+        for proc in self._procs:
+            try:
+                theirs += sum(proc.cpu_times()[:2])
+            except self._psutil.Error:
+                pass
+        return mine, theirs, busy(self._psutil.cpu_times())
+
+    def __enter__(self) -> CpuMeter:
+        self._t0, self._start = time.perf_counter(), self._sample()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end = self._sample()
+        mine, theirs, total = (b - a for a, b in zip(self._start, end, strict=True))
+        wall = time.perf_counter() - self._t0
+        self.result = {"wall_s": round(wall, 3), "front_cpu_s": round(mine, 3), "replicas_cpu_s": round(theirs, 3),
+                       "other_cpu_s": round(max(total - mine - theirs, 0.0), 3),
+                       "idle_cpu_s": round(max((os.cpu_count() or 1) * wall - total, 0.0), 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", type=Path, default=REPO / "models/demo/family")
@@ -126,7 +167,7 @@ def main() -> None:
     layouts = [(1, routers[0])] + [(2, router) for router in routers]
     out: dict[str, Any] = {
         "machine": f"{platform.node()} ({os.cpu_count()} CPUs{', ' + args.machine_note if args.machine_note else ''}; "
-                   "the 8 device clients finish their steps on ORT in this process, on the same CPUs)",
+                   f"the {args.clients} clients are threads of this process, submitting to the engine directly)",
         "family": str(args.family), "steps": args.steps, "split": args.split, "clients": args.clients,
         "requests_per_round": args.requests, "rounds": args.rounds, "torch_threads_per_engine": 1,
         "method": "every engine deployed at once (idle ones cost no CPU), measured in interleaved rounds so the "
@@ -151,14 +192,23 @@ def main() -> None:
         edge: dict[str, list[float]] = {name: [] for name in engines}
         loops: dict[str, list[dict[str, Any]]] = {name: [] for name in engines}
         mixed: dict[str, list[dict[str, Any]]] = {name: [] for name in engines if name.startswith("2x")}
+        cpu: dict[str, list[dict[str, float]]] = {name: [] for name in engines}
+        half: list[dict[str, Any]] = []
+        pids = {name: sorted({view.pid for view in engine.board.replicas().values() if view.pid})
+                for name, engine in engines.items() if name != "local"} | {"local": []}
         for rnd in range(args.rounds):
             print(f"round {rnd + 1} of {args.rounds} ...", flush=True)
             for name, engine in engines.items():
                 w, e = sequential(engine, args.steps, args.split, args.overhead_requests, f"seq{rnd}-{name}-")
                 walls[name] += w
                 edge[name] += e
-                loops[name].append(closed_loop(engine, args.steps, args.clients, args.requests, uniform,
-                                               f"cl{rnd}-{name}-"))
+                with CpuMeter(pids[name]) as meter:
+                    loops[name].append(closed_loop(engine, args.steps, args.clients, args.requests, uniform,
+                                                   f"cl{rnd}-{name}-"))
+                cpu[name].append(meter.result)
+                if name == "local":
+                    half.append(closed_loop(engine, args.steps, max(args.clients // 2, 1), args.requests // 2,
+                                            uniform, f"half{rnd}-"))
                 if name in mixed:
                     mixed[name].append(closed_loop(engine, args.steps, args.clients, args.requests, SPLITS,
                                                    f"mx{rnd}-{name}-"))
@@ -172,9 +222,13 @@ def main() -> None:
         return {key: round(statistics.median(r[key] for r in rows), 4) for key in rows[0]} | {
             "throughput_rps_rounds": [r["throughput_rps"] for r in rows]}
 
+    def med_cpu(rows: list[dict[str, float]]) -> dict[str, float]:
+        return {key: round(statistics.median(r[key] for r in rows), 3) for key in rows[0]}
+
     local_wall, local_edge = statistics.median(walls["local"]), statistics.median(edge["local"])
     out["local"] = {"sequential_wall_s": round(local_wall, 4), "edge_compute_s": round(local_edge, 4),
-                    "closed_loop": med(loops["local"])}
+                    "closed_loop": med(loops["local"]), "cpu": med_cpu(cpu["local"]),
+                    f"closed_loop_{max(args.clients // 2, 1)}_clients": med(half)}
     runs: dict[str, Any] = {}
     for name in engines:
         if name == "local":
@@ -187,7 +241,7 @@ def main() -> None:
             # beyond its compute (admission, the hand-off from its thread): what the cluster adds
             "routing_overhead_s": round(wall - cluster_edge, 4), "routing_overhead_vs_local_s": round(beyond, 4),
             "routing_overhead_share": round(beyond / cluster_edge, 4),
-            "closed_loop": med(loops[name]), "completed_per_replica": spread[name],
+            "closed_loop": med(loops[name]), "completed_per_replica": spread[name], "cpu": med_cpu(cpu[name]),
         }
         if name in mixed:
             runs[name]["mixed_closed_loop"] = med(mixed[name])
@@ -201,9 +255,13 @@ def main() -> None:
                 runs[f"1x1_{routers[0]}"]["closed_loop"]["throughput_rps_rounds"], strict=True)
     out["speedup_2_vs_1_replicas_paired"] = round(statistics.median(a / b for a, b in pairs), 3)
     out["routing_overhead_share"] = runs[f"1x1_{routers[0]}"]["routing_overhead_share"]
+    # Each of 2 replicas batches half the clients: the most 2 replicas could give if nothing else differed.
+    half_rps = out["local"][f"closed_loop_{max(args.clients // 2, 1)}_clients"]["throughput_rps"]
+    out["batching_bound_2_vs_1"] = round(2 * half_rps / out["local"]["closed_loop"]["throughput_rps"], 3)
     print(f"throughput 2 replicas / 1 replica: {two / one:.2f}x, paired by round "
           f"{out['speedup_2_vs_1_replicas_paired']:.2f}x (target >= 1.7x); routing overhead "
-          f"{100 * out['routing_overhead_share']:.1f}% of edge compute (target <= 5%)")
+          f"{100 * out['routing_overhead_share']:.1f}% of edge compute (target <= 5%); batching alone bounds 2 "
+          f"replicas at {out['batching_bound_2_vs_1']:.2f}x")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.json}")

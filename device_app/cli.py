@@ -4,7 +4,8 @@
 and prints the plan the edge chose (and why), the progress, where the time went and
 the handoff's size. ``rise-device bench`` runs many simulated devices from one process
 (one websocket connection and one asyncio task each) and prints latency percentiles
-and throughput, optionally as JSON.
+and throughput, optionally as JSON. ``rise-device bundles DIR`` lists a folder of bundles
+(:mod:`device_app.bundle_library`), one line each; ``rise-device app`` opens the Kivy app.
 
 For a bundle whose family speaks a prompt grammar (the demo family: ``prompt_grammar`` in its
 manifest), a prompt is read as the edge reads it (:mod:`shared.demo_grammar.understanding`): one
@@ -37,6 +38,7 @@ from typing import Any, TextIO
 import numpy as np
 from tqdm import tqdm
 
+from device_app.bundle_library import scan_library
 from device_app.client import EdgeClient
 from device_app.errors import DeviceRunError, EdgeError
 from device_app.finish import DeviceStepCount
@@ -68,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="RISE device client: the edge runs the large model's first steps, this device "
                     "finishes them with the small model on ONNX Runtime and decodes the image.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,bench,app}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,bench,app,bundles}")
 
     def connection(p: argparse.ArgumentParser, *, threads_default: int | None, threads_help: str) -> None:
         p.add_argument("--server", required=True, help="edge daemon URL, ws://HOST:PORT (or wss://)")
@@ -123,7 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--shared-bundle", action="store_true",
                        help="one DeviceBundle (ORT sessions) for all clients instead of one each")
     bench.add_argument("--json", default=None, metavar="OUT", help="write the figures to this JSON file")
-    sub.add_parser("app", help="open the Kivy app (rise-device app --help for its options)")  # main() hands it over
+    sub.add_parser("app", help="open the Kivy app (rise-device app --help for its options: --bundle, "
+                               "--bundles DIR...)")  # main() hands it over
+    listing = sub.add_parser("bundles", help="list the bundles of a folder (one per subfolder)",
+                             description="List the device bundles in DIR, one line each (folder name, label, family, "
+                                         "kind, dtype, size), and the subfolders that are not usable, with why. "
+                                         "Quick: no file is hashed.")
+    listing.add_argument("dir", metavar="DIR", help="a folder of bundles, one per subfolder")
     return parser
 
 
@@ -615,6 +623,23 @@ async def _bench(args: argparse.Namespace, options: RequestOptions, token: str |
     return 0 if summary["ok"] == args.requests else 1
 
 
+# --------------------------------------------------------------------------- bundles
+
+
+def _list_bundles(folder: str, out: TextIO, err: TextIO) -> int:
+    """``rise-device bundles DIR``: one line per bundle, then one per skipped subfolder; 2 if DIR cannot be listed."""
+    try:
+        library = scan_library(folder)
+    except RiseError as exc:
+        print(f"{PROG}: error: {exc}", file=err)
+        return 2
+    for line in library.lines():
+        print(line, file=out)
+    if not library.bundles:
+        print(f"{PROG}: note: no usable bundle in {library.folder}", file=err)
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -627,6 +652,8 @@ def main(argv: list[str] | None = None) -> int:
         return app_main(argv[1:])
     args = build_parser().parse_args(argv)
     out, err = sys.stdout, sys.stderr
+    if args.command == "bundles":
+        return _list_bundles(args.dir, out, err)
     try:
         options = request_options(args)
         token = read_token(args.token_file) if args.token_file else None

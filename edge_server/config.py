@@ -71,6 +71,32 @@ def check_scheduler(key: str, value: Any) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class FamilySpec:
+    """One family the edge serves: a name (for the operator, the metrics and the state file) and where it is."""
+
+    name: str
+    folder: str
+    small: str | None = None
+    variant: str | None = None
+    profile: str | None = None  # the scheduler's measured profile (default: the folder's profile.json)
+
+    @classmethod
+    def parse(cls, text: str, *, small: str | None = None, variant: str | None = None) -> FamilySpec:
+        """``--family DIR`` or ``--family NAME=DIR`` (the name defaults to the folder's)."""
+        name, sep, folder = text.partition("=")
+        if not sep:
+            name, folder = Path(text).resolve().name, text
+        return cls(name=check_family_name(name, f"--family {text}"), folder=folder, small=small, variant=variant)
+
+
+def check_family_name(name: str, where: str) -> str:
+    """A family's name: letters, digits, ``-``, ``_`` and ``.`` (it names metrics labels and state files)."""
+    if not name or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+        raise ConfigError(f"{where}: a family name is 1-64 letters, digits, '-', '_' or '.', got {name!r}")
+    return name
+
+
 @dataclass
 class EdgeConfig:
     """Everything ``rise-edge serve`` can be told, from ``--config edge.toml`` and flags (flags win)."""
@@ -113,6 +139,11 @@ class EdgeConfig:
     # the handoff is at least this times k device steps (shared.planning.speculative_wanted); None: never.
     speculative_ratio: float | None = None
     limits: dict[str, Any] = field(default_factory=dict)
+    # Several families on one edge (edge_server.family_pool): ``[families.NAME]`` tables (folder, and optionally
+    # small, variant, profile), which --family flags replace; when to load them; the budget their weights share.
+    families: dict[str, dict[str, str]] = field(default_factory=dict)
+    load_families: str = "start"  # start | first_use
+    memory_budget_mb: float | None = None  # None: no budget, nothing is evicted
 
     @classmethod
     def from_toml(cls, path: str | Path) -> EdgeConfig:
@@ -123,7 +154,8 @@ class EdgeConfig:
         known = {f.name for f in fields(cls)}
         flat: dict[str, Any] = {}
         for section, values in data.items():  # sections are for the reader; keys are unique
-            items = values.items() if isinstance(values, dict) and section != "limits" else [(section, values)]
+            items = (values.items() if isinstance(values, dict) and section not in ("limits", "families")
+                     else [(section, values)])
             for key, value in items:
                 if key not in known:
                     raise ConfigError(f"{path}: unknown setting {key!r}; known: {', '.join(sorted(known))}")
@@ -137,6 +169,30 @@ class EdgeConfig:
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc} (the [limits] max_steps)") from None
         return config
+
+    def family_specs(self, flags: list[str] | None = None, *, small: str | None = None) -> list[FamilySpec]:
+        """The families to serve: ``--family`` flags (``DIR`` or ``NAME=DIR``) if given, else ``[families.NAME]``.
+
+        ``--small`` applies to a lone ``--family``; several families name their small denoisers in the config."""
+        if flags:
+            if small is not None and len(flags) > 1:
+                raise ConfigError("--small names one family's small denoiser: with several --family flags, name "
+                                  "each one's in the config ([families.NAME] small = ...)")
+            specs = [FamilySpec.parse(text, small=small, variant=self.variant) for text in flags]
+        else:
+            specs = [FamilySpec(check_family_name(name, f"families.{name}"), entry["folder"], entry.get("small"),
+                                entry.get("variant", self.variant), entry.get("profile"))
+                     for name, entry in self.families.items()]
+        if not specs:
+            raise ConfigError("no family to serve: give --family DIR (or [families.NAME] folder = ... in --config)")
+        names = [spec.name for spec in specs]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ConfigError(f"family name {twice[0]!r} is given twice: name them --family NAME=DIR")
+        if len(specs) > 1 and self.profile is not None:
+            raise ConfigError("--profile is one family's: with several families, give each its profile in the "
+                              "config ([families.NAME] profile = ...) or let each use the profile.json it ships")
+        return specs
 
     def token(self) -> str | None:
         return None if self.token_file is None else read_token_file(self.token_file)[0]
@@ -208,6 +264,28 @@ def _str(key: str, value: Any) -> str:
     return check_str(key, value, min_len=1, max_len=4096, error=ConfigError)
 
 
+#: When the families of a multi-family edge load: all at start (as many as the budget holds), or each on first use.
+LOAD_FAMILIES = ("start", "first_use")
+_FAMILY_KEYS = ("folder", "small", "variant", "profile")
+
+
+def _families(key: str, value: Any) -> dict[str, dict[str, str]]:
+    """``[families.NAME]`` tables: ``folder`` (required), ``small``, ``variant``, ``profile`` (strings)."""
+    table = check_mapping(key, value, error=ConfigError)
+    families: dict[str, dict[str, str]] = {}
+    for name, entry in table.items():
+        where = f"{key}.{name}"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: expected a table with folder = \"DIR\", got {entry!r}")
+        unknown = sorted(k for k in entry if k not in _FAMILY_KEYS)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r}; known: {', '.join(_FAMILY_KEYS)}")
+        if "folder" not in entry:
+            raise ConfigError(f"{where}: needs folder = \"DIR\" (the family's pipeline folder)")
+        families[str(name)] = {k: _str(f"{where}.{k}", v) for k, v in entry.items()}
+    return families
+
+
 def _limits(key: str, value: Any) -> dict[str, Any]:
     table = check_mapping(key, value, error=ConfigError)
     try:
@@ -252,6 +330,9 @@ _TOML_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "alpha": _float(0.0),
     "speculative_ratio": _float(0.0, lo_open=True),
     "limits": _limits,
+    "families": lambda key, value: _families(key, value),
+    "load_families": lambda key, value: check_choice(key, value, LOAD_FAMILIES, error=ConfigError),
+    "memory_budget_mb": _float(0.0, lo_open=True),
 }
 
 
@@ -267,6 +348,7 @@ CHECKED_FLAGS: dict[str, str] = {
     "guidance": "--guidance",
     "alpha": "--alpha",
     "speculative_ratio": "--speculative-ratio",
+    "memory_budget_mb": "--memory-budget-mb",
     "shutdown_grace_s": "--shutdown-grace",
     "ping_interval_s": "--ping-interval",
     "ping_timeout_s": "--ping-timeout",
@@ -326,7 +408,7 @@ def add_flood_flags(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> EdgeConfig:
     config = EdgeConfig.from_toml(args.config) if args.config else EdgeConfig()
     for name in ("host", "token_file", "tls_cert", "tls_key", "steps", "profile", "bandit_state", "sampler",
-                 "device", "dtype", "variant", "engine", "ray_address"):
+                 "device", "dtype", "variant", "engine", "ray_address", "load_families"):
         value = getattr(args, name)
         if value is not None:
             setattr(config, name, value)

@@ -68,6 +68,7 @@ from edge_server.config import (
     FAMILY_PROFILE,
     SCHEDULER_HELP,
     EdgeConfig,
+    FamilySpec,
     add_flood_flags,
     config_from_args,
     default_text,
@@ -100,6 +101,7 @@ if TYPE_CHECKING:  # the serving parts import torch: loaded when first used (see
 
     from edge_server.engine import Engine
     from edge_server.family import Family
+    from edge_server.family_pool import FamilyPool
     from edge_server.service import PromptReader, RequestService, Session
 
 __all__ = ["Daemon", "EdgeConfig", "EdgeServer", "build_parser", "config_from_args", "encode_png", "main"]
@@ -248,6 +250,10 @@ class EdgeServer:
         self.config = config
         self.service: RequestService = RequestService(engine, config, planner=planner, metrics=metrics,
                                                       read_prompt=read_prompt)
+        #: Every family's service, by family id; the first is :attr:`service`, the default. An edge serving several
+        #: families (:meth:`with_family_pool`) has one each; a connection is served by the one its hello named.
+        self.services: dict[str, RequestService] = {self.service.family_id: self.service}
+        self.pool: FamilyPool | None = None
         self.token = config.token()
         self.clients: set[_Client] = set()
         self._server: Server | None = None
@@ -288,6 +294,39 @@ class EdgeServer:
         except BaseException:
             engine.close(drain=False, timeout=10.0)
             raise
+
+    @classmethod
+    def with_family_pool(cls, pool: FamilyPool, config: EdgeConfig, *, metrics: EdgeMetrics | None = None,
+                         planners: dict[str, Planner] | None = None) -> EdgeServer:
+        """A server for every family of ``pool``, each with its own engine, scheduler and prompt reader.
+
+        ``planners`` by family id (default: each family's as :func:`edge_server.service.family_planner` makes it).
+        """
+        from edge_server.service import RequestService, family_planner, family_prompt_reader
+
+        metrics = metrics or EdgeMetrics()
+        config.token()
+        planners = dict(planners or {})
+        several = len(pool.family_ids) > 1
+        for fid in pool.family_ids:
+            if fid not in planners:
+                planners[fid] = family_planner(config, pool.info(fid), pool.spec(fid), several=several)
+                log.info("scheduler for family %s: %s", pool.spec(fid).name, planners[fid].name)
+        first, *rest = pool.family_ids
+        server = cls(pool.engine(first), config, planner=planners[first], metrics=metrics,
+                     read_prompt=family_prompt_reader(pool.info(first)))
+        for fid in rest:
+            server.services[fid] = RequestService(pool.engine(fid), config, planner=planners[fid], metrics=metrics,
+                                                  read_prompt=family_prompt_reader(pool.info(fid)))
+        services = list(server.services.values())
+        metrics.queue_depth.set_function(lambda: sum(s.engine.stats().queued for s in services))
+        metrics.active.set_function(lambda: sum(s.engine.stats().active for s in services))
+        server.pool = pool
+        return server
+
+    def service_for(self, family_id: str) -> RequestService:
+        """The service of a connection whose hello named ``family_id`` (the default one before a hello)."""
+        return self.services.get(family_id, self.service)
 
     @property
     def engine(self) -> Engine:
@@ -346,7 +385,10 @@ class EdgeServer:
         port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self.config.port
         if self.config.metrics_port is not None and self.metrics.server is None:
             self.metrics.serve(self.config.metrics_port, self.config.host, readiness=self.why_not_ready)
-        log.info("rise-edge serving family %s on %s:%s", self.service.family_id, self.config.host, port)
+        served = ", ".join(self.services) if self.pool is None else ", ".join(
+            f"{self.pool.spec(fid).name} ({fid})" for fid in self.services)
+        log.info("rise-edge serving famil%s %s on %s:%s", "ies" if len(self.services) > 1 else "y", served,
+                 self.config.host, port)
         return int(port)
 
     async def stop(self) -> None:
@@ -355,12 +397,16 @@ class EdgeServer:
         Bounded whatever the peers do: after the grace each connection gets ``CLOSE_TIMEOUT_S`` for its
         goodbye, then its TCP connection is dropped (a peer that does not read cannot hold the edge up).
         """
-        self.service.draining = True
+        for service in self.services.values():
+            service.draining = True
         tasks = [t for c in self.clients for t in c.tasks.values()]
         if tasks:
             log.info("draining %d in-flight requests (grace %.0f s)", len(tasks), self.config.shutdown_grace_s)
             await asyncio.wait(tasks, timeout=self.config.shutdown_grace_s)
-        await asyncio.to_thread(self.service.close, drain=False, timeout=10.0)
+        for service in self.services.values():
+            await asyncio.to_thread(service.close, drain=False, timeout=10.0)
+        if self.pool is not None:
+            await asyncio.to_thread(self.pool.close, drain=False, timeout=10.0)
         for client in list(self.clients):
             client.conn.send_error(None, "shutting_down", "the edge server is shutting down")
             self._poke(client)
@@ -377,7 +423,8 @@ class EdgeServer:
                 await asyncio.wait_for(self._server.wait_closed(), CLOSE_TIMEOUT_S)
         if self._loop is not None and self._loop.get_exception_handler() == self._loop_exception:
             self._loop.set_exception_handler(self._previous_handler)
-        self.service.save()
+        for service in self.services.values():
+            service.save()
         self.metrics.close()
         log.info("rise-edge stopped")
 
@@ -455,7 +502,7 @@ class EdgeServer:
     async def _handle(self, ws: WebSocket) -> None:
         assert isinstance(ws, _EdgeWebSocket)
         conn = ServerConnection(family_id=self.service.family_id, token=self.token, limits=self.limits,
-                                opened_at=time.monotonic())
+                                opened_at=time.monotonic(), families=tuple(self.services))
         client = _Client(ws, conn, self.service.open_session(ws.address))
         self.clients.add(client)
         writer = client.writer = asyncio.create_task(self._writer(client))
@@ -478,7 +525,7 @@ class EdgeServer:
             ws.on_control = None
             if client.timer is not None:
                 client.timer.cancel()
-            self.service.close_session(client.session, conn.connection_closed())
+            self.service_for(conn.family_id).close_session(client.session, conn.connection_closed())
             for task in client.tasks.values():
                 task.cancel()
             client.wake.set()
@@ -551,8 +598,9 @@ class EdgeServer:
             self._arm_deadline(client)  # the hello came meanwhile (nothing due) or the timer fired early
 
     def _dispatch(self, client: _Client, event: ServerEvent) -> None:
+        service = self.service_for(client.conn.family_id)
         if isinstance(event, Generate):
-            refusal = self.service.refusal(client.session, event.request_id)
+            refusal = service.refusal(client.session, event.request_id)
             if refusal is not None:
                 client.conn.send_error(event.request_id, refusal.code, refusal.message)
                 return
@@ -561,13 +609,13 @@ class EdgeServer:
             client.tasks[rid] = task
             task.add_done_callback(lambda _task: client.tasks.pop(rid, None))
         elif isinstance(event, Cancel):
-            self.service.cancel(client.session, event.request_id)
+            service.cancel(client.session, event.request_id)
         elif isinstance(event, Report):
-            self.service.report(client.session, event)
+            service.report(client.session, event)
         elif isinstance(event, Rating):
-            self.service.rating(event, client.session)  # counted once per request
+            service.rating(event, client.session)  # counted once per request
         elif isinstance(event, FrameRejected):  # its Error is already queued
-            self.service.rejected(event.error.code)
+            service.rejected(event.error.code)
             if event.error.code == "unauthorized":
                 held = self._unauthorized_log.ready()
                 if held is not None:
@@ -578,10 +626,11 @@ class EdgeServer:
 
     async def _serve_request(self, client: _Client, request: Generate) -> None:
         rid, conn, session = request.request_id, client.conn, client.session
+        service = self.service_for(conn.family_id)
         loop = asyncio.get_running_loop()
         try:
             hello = conn.hello
-            ticket = self.service.plan(session, request, device_step_s=hello.device_step_s if hello else None)
+            ticket = service.plan(session, request, device_step_s=hello.device_step_s if hello else None)
             conn.send_plan(rid, ticket.plan, seed=ticket.seed, height=ticket.height, width=ticket.width,
                            scheduler=ticket.scheduler, why=ticket.why, notice=ticket.notice)
             self._poke(client)
@@ -592,7 +641,7 @@ class EdgeServer:
             def on_preview(step: int, total: int, rgb: NDArray[np.uint8]) -> None:  # engine thread -> event loop
                 loop.call_soon_threadsafe(self._preview, client, rid, step, total, rgb)
 
-            future = self.service.submit(ticket, on_progress, on_preview)
+            future = service.submit(ticket, on_progress, on_preview)
             outcome = await asyncio.wait_for(asyncio.wrap_future(future), self.config.request_timeout_s)
             if outcome.image is not None:
                 conn.send_result(rid, encode_png(outcome.image), edge_compute_s=outcome.edge_compute_s,
@@ -600,12 +649,12 @@ class EdgeServer:
             else:
                 assert outcome.handoff is not None
                 conn.send_handoff(rid, outcome.handoff, edge_compute_s=outcome.edge_compute_s, queue_s=outcome.queue_s)
-            self.service.delivered(session, ticket, outcome)
+            service.delivered(session, ticket, outcome)
         except asyncio.CancelledError:
-            self.service.cancel(session, rid)
+            service.cancel(session, rid)
             raise
         except Exception as exc:
-            failure = self.service.failed(session, rid, exc)
+            failure = service.failed(session, rid, exc)
             conn.send_error(rid, failure.code, failure.message, retry_after_s=failure.retry_after_s)
         finally:
             self._poke(client)
@@ -650,9 +699,12 @@ class Daemon:
     """
 
     def __init__(self, config: EdgeConfig, load: FamilyLoader, *, family_folder: str | Path | None = None,
-                 small: str | None = None) -> None:
+                 small: str | None = None, families: list[FamilySpec] | None = None) -> None:
         self.config = config
         self._load = load
+        #: Several families (``--family NAME=DIR`` more than once, or ``[families.NAME]``): one pool serves them all
+        #: (edge_server.family_pool); ``load`` is then unused.
+        self.families = families if families is not None and len(families) > 1 else None
         self.family_folder = family_folder  # where load() reads from, for the checks before it
         self.small = small  # --small, for the replicas of --engine ray (they load the family themselves)
         self.metrics = EdgeMetrics()
@@ -694,7 +746,9 @@ class Daemon:
             import torch
 
             torch.set_num_threads(self.config.threads)
-        if self.config.engine == "ray":  # replicas on Ray Serve (edge_server.cluster): only the engine changes
+        if self.families is not None:
+            self.server = self._load_families(self.families)
+        elif self.config.engine == "ray":  # replicas on Ray Serve (edge_server.cluster): only the engine changes
             from edge_server.cluster import cluster_parts
 
             if self.family_folder is None:
@@ -707,6 +761,68 @@ class Daemon:
         self.readiness.server = self.server
         log.info("config: %s", self.config.described())
         return self.server
+
+    def _load_families(self, specs: list[FamilySpec]) -> EdgeServer:
+        """Several families: a pool of engines, each family loaded at start or on first use (``load_families``)."""
+        from edge_server.family import load_family
+        from edge_server.family_pool import FamilyPool
+        from edge_server.placement import resolve_placement
+        from edge_server.service import make_engine
+
+        config = self.config
+        if config.engine == "ray":  # one deployment; each replica holds the families (edge_server.cluster)
+            return self._ray_families(specs)
+        placement = resolve_placement(config.device, config.dtype)
+        log.info("computing on %s", placement.describe())
+
+        def factory(spec: FamilySpec, _info: object) -> Engine:
+            def load() -> Family:  # on the engine's own thread (BatchingEngine)
+                return load_family(spec.folder, spec.small, variant=spec.variant, placement=placement)
+
+            return make_engine(load, config, on_batch=self.metrics.observe_batch)
+
+        budget = None if config.memory_budget_mb is None else int(config.memory_budget_mb * 1e6)
+        pool = FamilyPool(specs, factory, memory_budget_bytes=budget, placement=placement,
+                          on_event=self.metrics.observe_family)
+        server = EdgeServer.with_family_pool(pool, config, metrics=self.metrics)
+        if config.load_families == "start":
+            try:
+                pool.load_at_start()
+            except BaseException:
+                pool.close(drain=False, timeout=10.0)
+                raise
+        return server
+
+    def _ray_families(self, specs: list[FamilySpec]) -> EdgeServer:
+        """``--engine ray`` with several families: one deployment whose replicas hold them (each loading one at
+        start, the others on demand), and per family a request service with its own planner and prompt reader."""
+        from edge_server.cluster import cluster_family_parts
+        from edge_server.family import describe_family
+        from edge_server.service import RequestService, family_planner, family_prompt_reader
+
+        config = self.config
+        infos = {}
+        for spec in specs:  # read here, without loading: what each family's planner and reader need
+            info = describe_family(spec.folder, spec.small, variant=spec.variant)
+            infos[info.family_id] = (spec, info)
+        planners = {fid: family_planner(config, info, spec, several=True) for fid, (spec, info) in infos.items()}
+        cluster, engines = cluster_family_parts(specs, config, registry=self.metrics.registry)
+        try:
+            first, *rest = engines
+            server = EdgeServer(engines[first], config, planner=planners[first], metrics=self.metrics,
+                                read_prompt=family_prompt_reader(infos[first][1]))
+            for fid in rest:
+                server.services[fid] = RequestService(engines[fid], config, planner=planners[fid], metrics=self.metrics,
+                                                      read_prompt=family_prompt_reader(infos[fid][1]))
+            for fid, planner in planners.items():
+                log.info("scheduler for family %s: %s", infos[fid][0].name, planner.name)
+        except BaseException:
+            cluster.close(drain=False, timeout=10.0)
+            raise
+        services = list(server.services.values())
+        self.metrics.queue_depth.set_function(lambda: sum(s.engine.stats().queued for s in services))
+        self.metrics.active.set_function(lambda: sum(s.engine.stats().active for s in services))
+        return server
 
     async def serve(self, stop: asyncio.Event) -> None:
         """Serve on the bound socket until ``stop`` is set, then stop gracefully."""
@@ -728,10 +844,10 @@ class Daemon:
 
 
 def run(config: EdgeConfig, load: FamilyLoader, *, family_folder: str | Path | None = None,
-        small: str | None = None) -> int:
+        small: str | None = None, families: list[FamilySpec] | None = None) -> int:
     """Run the daemon until SIGTERM or SIGINT: 0, or 2 after one line on stderr for a RiseError (a port in use,
     a bad token file, a family that does not load...)."""
-    daemon = Daemon(config, load, family_folder=family_folder, small=small)
+    daemon = Daemon(config, load, family_folder=family_folder, small=small, families=families)
     try:
         daemon.prepare()
         daemon.load()
@@ -764,7 +880,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve a model family over websockets",
                        description="Serve a model family over websockets. Flags override --config edge.toml.")
-    s.add_argument("--family", required=True, help="family folder (the large model's pipeline folder)")
+    s.add_argument("--family", action="append", metavar="[NAME=]DIR",
+                   help="family folder (the large model's pipeline folder); again for several families on one edge "
+                        "(a device's hello picks its bundle's), e.g. --family sd15=DIR --family demo=DIR "
+                        "(default: [families.NAME] tables in --config)")
     s.add_argument("--small", default=None, help="small denoiser: a subfolder or a path (default: unet_small)")
     s.add_argument("--variant", default=None,
                    help="weights variant to load, e.g. fp16 (default: detected for variant-only folders)")
@@ -804,6 +923,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      "profile.json if it ships one)")
     s.add_argument("--bandit-state", help="file the scheduler's learned state persists to (default: none)")
     s.add_argument("--alpha", type=float, help=f"LinUCB exploration weight (default: {DEFAULT_ALPHA})")
+    s.add_argument("--load-families", choices=("start", "first_use"), dest="load_families",
+                   help=f"several families: load them all at start (as many as the budget holds) or each on its "
+                        f"first request {d('load_families')}")
+    s.add_argument("--memory-budget-mb", type=float, dest="memory_budget_mb",
+                   help="several families: the megabytes their weights may take together; the least recently used "
+                        "idle family is evicted to load another (default: no budget)")
     s.add_argument("--speculative-ratio", type=float, dest="speculative_ratio",
                    help="speculative relay: the device starts alone at once when the predicted wait for the "
                         "handoff is at least this times k of its steps, e.g. 0.25 (default: off)")
@@ -828,9 +953,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     try:
         config = config_from_args(args)
+        families = config.family_specs(args.family, small=args.small)
     except RiseError as exc:
         print(f"rise-edge: error: {exc}", file=sys.stderr)
         return 2
+    first = families[0]
 
     def load() -> Family:  # runs on the engine's thread, so all of the edge's torch work shares one OpenMP pool
         from edge_server.family import load_family
@@ -838,7 +965,7 @@ def main(argv: list[str] | None = None) -> int:
 
         placement = resolve_placement(config.device, config.dtype)
         log.info("computing on %s", placement.describe())
-        return load_family(args.family, args.small, variant=config.variant, placement=placement)
+        return load_family(first.folder, first.small, variant=first.variant, placement=placement)
 
     if config.engine == "ray":  # without the cluster extra: one line, before any port is bound
         from edge_server.cluster import require_ray
@@ -848,7 +975,7 @@ def main(argv: list[str] | None = None) -> int:
         except RiseError as exc:
             print(f"rise-edge: error: {exc}", file=sys.stderr)
             return 2
-    return run(config, load, family_folder=args.family, small=args.small)
+    return run(config, load, family_folder=first.folder, small=first.small, families=families)
 
 
 def _address(peername: object) -> str:

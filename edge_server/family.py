@@ -318,13 +318,67 @@ def _family_id(folder: Path, name: str, parts: tuple[str, ...]) -> str:
     return f"{name}-{digest.hexdigest()[:12]}"
 
 
-def load_family(folder: str | Path, small: str | None = None, *, variant: str | None = None,
-                placement: Placement = CPU_FP32) -> Family:
-    """Load a family folder (large pipeline + small denoiser) where ``placement`` says; FamilyError if unusable.
+@dataclass(frozen=True)
+class FamilyInfo:
+    """What a family folder is, read from its configs and weight headers without loading a weight.
 
-    ``variant`` (e.g. ``"fp16"``) picks ``*.<variant>.safetensors`` weights; by default a
-    variant-only folder is detected (the family's and, separately, the small denoiser's).
+    The multi-family edge (``edge_server.family_pool``) knows from it, before a family is loaded, the id a
+    device's hello names, the sampler and prompt grammar its scheduler and reader need, the image size a
+    request gets by default and the memory its weights will take (:meth:`weight_bytes`).
     """
+
+    folder: Path
+    small_folder: Path
+    family_id: str
+    name: str
+    kind: str
+    pipeline_class: str
+    samplers: tuple[str, ...]
+    prompt_grammar: str | None
+    text_max_length: int
+    default_size: int  # image side in pixels (the large UNet's sample size times the VAE's factor)
+    family_variant: str | None
+    small_variant: str | None
+    parameter_count: int  # of every module the edge loads (VAE, text encoder(s), both UNets)
+
+    @property
+    def default_sampler(self) -> str:
+        return LCM_SAMPLER if LCM_SAMPLER in self.samplers else "dpmpp_2m"
+
+    def weight_bytes(self, placement: Placement = CPU_FP32) -> int:
+        """The bytes the loaded weights take in ``placement``'s dtype (a force-upcast VAE counted as it loads)."""
+        return self.parameter_count * torch.tensor([], dtype=placement.dtype).element_size()
+
+
+def _parameter_count(folders: list[Path], variant_of: dict[Path, str | None]) -> int:
+    """Parameters in the weight files of ``folders`` (safetensors headers: nothing is loaded); .bin files
+    (pickles, never opened here) are estimated from their size as float32."""
+    from safetensors import safe_open
+
+    total = 0
+    for folder in folders:
+        variant = variant_of.get(folder)
+        files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+        chosen = [f for f in files if (len(f.name.split(".")) >= 3) == (variant is not None)
+                  and (variant is None or f.name.split(".")[-2] == variant)] or files
+        for path in chosen:
+            if path.suffix == ".bin":
+                total += path.stat().st_size // 4
+                continue
+            try:
+                with safe_open(str(path), framework="pt") as fh:
+                    for key in fh.keys():
+                        count = 1
+                        for dim in fh.get_slice(key).get_shape():
+                            count *= int(dim)
+                        total += count
+            except (OSError, ValueError) as exc:
+                raise FamilyError(f"cannot read the weights header of {path}: {exc}") from exc
+    return total
+
+
+def describe_family(folder: str | Path, small: str | None = None, *, variant: str | None = None) -> FamilyInfo:
+    """The checks :func:`load_family` makes and what it would load, without loading it (FamilyError if unusable)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FamilyError(f"family folder {folder} does not exist")
@@ -347,21 +401,47 @@ def load_family(folder: str | Path, small: str | None = None, *, variant: str | 
         check_unet_inputs(cfg, role, kind)
     check_compatible(large_cfg, small_cfg, vae_cfg)
     samplers = _family_samplers(folder, scheduler_cfg, large_cfg)
-    grammar = detect_prompt_grammar(folder)
     weight_folders = [folder / p for p in _COMPONENTS[kind] if p not in ("tokenizer", "tokenizer_2", "scheduler")]
     family_variant = detect_variant(weight_folders, variant)
     small_variant = detect_variant([small_folder], variant)
+    tokenizer_cfg = folder / "tokenizer" / "tokenizer_config.json"
+    max_length = _read_json(tokenizer_cfg).get("model_max_length", 77) if tokenizer_cfg.is_file() else 77
+    name = folder.resolve().name
+    text_parts = ("vae", "text_encoder", "text_encoder_2") if kind == "sdxl" else ("vae", "text_encoder")
+    variants: dict[Path, str | None] = {f: family_variant for f in weight_folders}
+    variants[small_folder] = small_variant
+    return FamilyInfo(
+        folder=folder, small_folder=small_folder, family_id=_family_id(folder, name, text_parts), name=name,
+        kind=kind, pipeline_class=str(index["_class_name"]), samplers=samplers,
+        prompt_grammar=detect_prompt_grammar(folder),
+        text_max_length=int(max_length) if isinstance(max_length, int) and 2 < max_length < 100_000 else 77,
+        default_size=int(large_cfg.get("sample_size", 64)) * 2 ** (len(vae_cfg.get("block_out_channels", [0])) - 1),
+        family_variant=family_variant, small_variant=small_variant,
+        parameter_count=_parameter_count([*weight_folders, small_folder], variants),
+    )
+
+
+def load_family(folder: str | Path, small: str | None = None, *, variant: str | None = None,
+                placement: Placement = CPU_FP32) -> Family:
+    """Load a family folder (large pipeline + small denoiser) where ``placement`` says; FamilyError if unusable.
+
+    ``variant`` (e.g. ``"fp16"``) picks ``*.<variant>.safetensors`` weights; by default a
+    variant-only folder is detected (the family's and, separately, the small denoiser's).
+    Everything :func:`describe_family` checks is checked first, before a weight loads.
+    """
+    info = describe_family(folder, small, variant=variant)
+    folder = info.folder
     diffusers_logging.disable_progress_bar()  # a daemon's log is no place for loading bars
-    pipeline_cls = _PIPELINE_CLASSES[index["_class_name"]]
+    pipeline_cls = _PIPELINE_CLASSES[info.pipeline_class]
     extra: dict[str, Any] = {}
-    if kind == "sd":
+    if info.kind == "sd":
         extra = {"safety_checker": None, "requires_safety_checker": False}
     try:
         pipeline = pipeline_cls.from_pretrained(
-            folder, torch_dtype=placement.dtype, local_files_only=True, variant=family_variant, **extra,
+            folder, torch_dtype=placement.dtype, local_files_only=True, variant=info.family_variant, **extra,
         )
         small_unet = UNet2DConditionModel.from_pretrained(
-            small_folder, torch_dtype=placement.dtype, local_files_only=True, variant=small_variant,
+            info.small_folder, torch_dtype=placement.dtype, local_files_only=True, variant=info.small_variant,
         )
         if placement.dtype != torch.float32 and getattr(pipeline.vae.config, "force_upcast", False):
             pipeline.vae.to(torch.float32)  # SDXL's VAE overflows in fp16: diffusers upcasts it too
@@ -372,17 +452,15 @@ def load_family(folder: str | Path, small: str | None = None, *, variant: str | 
     except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:  # e.g. out of device memory
         raise FamilyError(f"cannot place family {folder} on {placement.describe()}: {exc}") from exc
     modules = [pipeline.unet, pipeline.vae, pipeline.text_encoder, small_unet]
-    if kind == "sdxl":
+    if info.kind == "sdxl":
         modules.append(pipeline.text_encoder_2)
     for module in modules:
         module.eval().requires_grad_(False)
-    name = folder.resolve().name
-    text_parts = ("vae", "text_encoder", "text_encoder_2") if kind == "sdxl" else ("vae", "text_encoder")
-    proj = large_cfg.get("time_cond_proj_dim")
+    proj = pipeline.unet.config.time_cond_proj_dim
     return Family(
         folder=folder,
-        family_id=_family_id(folder, name, text_parts),
-        name=name,
+        family_id=info.family_id,
+        name=info.name,
         pipeline=pipeline,
         small_unet=small_unet,
         small_source=small or DEFAULT_SMALL,
@@ -390,16 +468,25 @@ def load_family(folder: str | Path, small: str | None = None, *, variant: str | 
         vae_scale_factor=2 ** (len(pipeline.vae.config.block_out_channels) - 1),
         latent_channels=int(pipeline.vae.config.latent_channels),
         cross_attention_dim=int(pipeline.unet.config.cross_attention_dim),
-        kind=kind,
-        pipeline_class=str(index["_class_name"]),
-        samplers=samplers,
+        kind=info.kind,
+        pipeline_class=info.pipeline_class,
+        samplers=info.samplers,
         guidance="embedding" if proj is not None else "cfg",
         time_cond_proj_dim=None if proj is None else int(proj),
-        variant=family_variant,
+        variant=info.family_variant,
         placement=placement,
-        prompt_grammar=grammar,
+        prompt_grammar=info.prompt_grammar,
         text_max_length=int(pipeline.tokenizer.model_max_length),
     )
+
+
+def loaded_bytes(family: Family) -> int:
+    """The bytes a loaded family's modules take (parameters and buffers), as placed."""
+    pipeline: Any = family.pipeline
+    modules = [pipeline.unet, pipeline.vae, pipeline.text_encoder, family.small_unet]
+    if family.kind == "sdxl":
+        modules.append(pipeline.text_encoder_2)
+    return sum(t.numel() * t.element_size() for m in modules for t in (*m.parameters(), *m.buffers()))
 
 
 @torch.no_grad()

@@ -63,7 +63,26 @@ class EdgeMetrics:
         self.reports = Counter("rise_edge_reports", "Device reports received", registry=r)
         self.ratings = Counter("rise_edge_ratings", "User ratings received (in reports or later)", ["rating"],
                                registry=r)
+        # Several families on one edge (edge_server.family_pool): which are loaded, what loading costs.
+        self.families_loaded = Gauge("rise_edge_families_loaded", "Model families loaded (1) or not (0)",
+                                     ["family"], registry=r)
+        self.family_loads = Counter("rise_edge_family_loads", "Model family loads (cold starts)", ["family"],
+                                    registry=r)
+        self.family_evictions = Counter("rise_edge_family_evictions", "Families evicted under the memory budget",
+                                        ["family"], registry=r)
+        self.family_load_seconds = Histogram("rise_edge_family_load_seconds", "Seconds a family took to load",
+                                             buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=r)
         self.server: MetricsServer | None = None
+
+    def observe_family(self, family: str, event: str, seconds: float) -> None:
+        """A family loaded (``event`` "load", in ``seconds``) or evicted ("evict"); a pool's ``on_event``."""
+        if event == "load":
+            self.family_loads.labels(family).inc()
+            self.family_load_seconds.observe(seconds)
+            self.families_loaded.labels(family).set(1)
+        else:
+            self.family_evictions.labels(family).inc()
+            self.families_loaded.labels(family).set(0)
 
     def observe_batch(self, requests: int, rows: int) -> None:
         """One UNet call of ``requests`` requests and ``rows`` rows (an engine's ``on_batch``; thread-safe)."""

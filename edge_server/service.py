@@ -38,10 +38,11 @@ from edge_server.engine import (
     ProgressCallback,
     RequestCancelled,
 )
-from edge_server.family import Family
+from edge_server.family import Family, FamilyInfo
+from edge_server.family_pool import FamilySpec, FamilyUnavailable
 from edge_server.logs import REQUEST_LOGGER, request_line
 from edge_server.metrics import EdgeMetrics
-from shared.demo_grammar.understanding import PromptReading
+from shared.demo_grammar.understanding import PromptReading, read_prompt_as
 from shared.errors import RiseError
 from shared.planning import FixedPlanner, PlanContext, Planner
 from shared.protocol import Generate, ProtocolLimits, Rating, Report
@@ -98,6 +99,39 @@ def make_planner(config: EdgeConfig, *, default_sampler: str = "dpmpp_2m",
         edge_capacity=max(1, config.max_batch_rows // 2), alpha=config.alpha,
         speculative_ratio=config.speculative_ratio,
     )
+
+
+def family_planner(config: EdgeConfig, info: FamilyInfo, spec: FamilySpec, *, several: bool) -> Planner:
+    """One family's scheduler on an edge that may serve several: its own profile and its own learned state.
+
+    The profile is the spec's, else ``--profile`` when the edge serves this family alone, else the one its folder
+    ships. With ``several`` families, ``--bandit-state S.json`` persists each family's state to ``S.<name>.json``.
+    """
+    shipped = Path(info.folder) / FAMILY_PROFILE
+    profile = spec.profile or (None if several else config.profile)
+    state = config.bandit_state
+    if several and state is not None:
+        path = Path(state)
+        state = str(path.with_name(f"{path.stem}.{spec.name}{path.suffix or '.json'}"))
+    family_config = dataclasses.replace(config, profile=profile, bandit_state=state)
+    if config.sampler is not None and config.sampler not in info.samplers:
+        raise RiseError(f"--sampler {config.sampler}: family {spec.name} ({info.pipeline_class}) runs "
+                        f"{', '.join(info.samplers)}")
+    return make_planner(family_config, default_sampler=info.default_sampler,
+                        family_profile=shipped if shipped.is_file() else None)
+
+
+def family_prompt_reader(info: FamilyInfo) -> PromptReader | None:
+    """How the family reads a prompt (its grammar's reader), without holding the family: it may be evicted."""
+    grammar = info.prompt_grammar
+    if grammar is None:
+        return None
+    max_words = info.text_max_length - 2
+
+    def read(text: str, seed: int) -> PromptReading | None:
+        return read_prompt_as(grammar, text, seed, max_words=max_words)
+
+    return read
 
 
 def make_engine(family: Family | Callable[[], Family], config: EdgeConfig, *,
@@ -304,6 +338,10 @@ class RequestService:
             return exc
         if isinstance(exc, EngineBusy):
             return RequestFailed("busy", str(exc), retry_after_s=exc.retry_after_s)
+        if isinstance(exc, FamilyUnavailable):  # the memory budget is held by busy families, or its load failed
+            if exc.retry_after_s is not None:
+                return RequestFailed("busy", str(exc), retry_after_s=exc.retry_after_s)
+            return RequestFailed("internal", str(exc))
         if isinstance(exc, EngineClosed):
             return RequestFailed("shutting_down", str(exc))
         if isinstance(exc, RequestCancelled):

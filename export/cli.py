@@ -2,6 +2,7 @@
 
     rise-export --family DIR [--small NAME_OR_PATH] [--variant NAME] --out BUNDLE
                 [--dtype fp32|fp16] [--quantize int8] [--from-onnx DIR] [--opset N] [--force]
+                [--lora FILE [--lora-scale S] | --small PATH --base-small NAME_OR_PATH] [--label NAME]
 
 Families: SD1.x/SD2.x (``StableDiffusionPipeline``), SDXL (``StableDiffusionXLPipeline``) and
 LCM (``LatentConsistencyModelPipeline``). Any error a user can fix (a missing folder, a family
@@ -10,6 +11,30 @@ cannot run (SD3, Flux, an unknown scheduler class, a UNet input the device does 
 a non-empty --out, a graph that disagrees with PyTorch) prints exactly one line
 ``rise-export: error: <message>`` on stderr and exits with 2; an unsupported family is
 refused before any graph is exported.
+
+Personalized bundles
+--------------------
+The device's small UNet may be the user's own while the edge's large model stays the family's:
+
+    rise-export --family models/demo/family --lora my_style.safetensors [--lora-scale 0.8] [--label "my style"] --out B
+    rise-export --family DIR --small my_tuned_unet/ --base-small unet_small [--label NAME] --out B
+
+``--lora`` loads a LoRA (safetensors: the peft layout, diffusers' own as its training scripts
+save it, or the kohya/A1111 one diffusers converts) into the family's small UNet with
+diffusers' own LoRA loading, fuses it at ``--lora-scale`` (default 1; finite, in (0, 4]) and
+exports the fused UNet as usual. ``--small PATH --base-small NAME_OR_PATH`` exports a full
+fine-tune, checked to have the base's UNet architecture config (the first key that differs is
+named). The VAE, the text encoder and the scheduler stay the family's, and so does the
+bundle's ``family_id``, so the edge's handoffs are still accepted; the manifest records
+``personalization`` (kind, label, base small UNet and its weights' hash, the adapter file's
+name, sha256, format and scale) and every bundle ``small_model_sha256``. The adapter file is
+not copied: the fused weights are the bundle. Refused in one line, before ``--out`` is created:
+a file that is not a safetensors LoRA, a LoRA whose tensors do not all land on the small UNet
+or do not fit its layers (another architecture or family, other target modules, ranks or
+widths), a LoRA that also changes the text encoder (shared with the edge), a bad
+``--lora-scale`` or ``--label``, a fine-tune of another architecture, and ``--from-onnx``
+with either (a personalized UNet is exported from PyTorch). The summary's last lines say what
+was personalized.
 """
 
 from __future__ import annotations
@@ -63,6 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true", help="replace a previous bundle in --out")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads for loading, tracing and validating (default: torch's)")
+    parser.add_argument("--lora", type=Path, metavar="FILE", default=None,
+                        help="personalize: fuse this LoRA (safetensors; peft, diffusers or kohya layout) into the "
+                        "small UNet before exporting it; it must change only the small UNet")
+    parser.add_argument("--lora-scale", type=float, metavar="S", default=None,
+                        help="the LoRA's scale when fused (diffusers' lora_scale), in (0, 4] (default: 1)")
+    parser.add_argument("--base-small", metavar="NAME_OR_PATH", default=None,
+                        help="personalize: --small is a full fine-tune of this small UNet (a subfolder of DIR or a "
+                        "path); both must have the same UNet architecture config")
+    parser.add_argument("--label", metavar="NAME", default=None,
+                        help="a personalized bundle's name in the device app's picker (default: the LoRA file's "
+                        "stem, or the fine-tune's folder name; at most 64 characters)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="a progress bar on stderr, a step per graph exported and validated "
                         "(default: when stderr is a terminal)")
@@ -85,6 +121,9 @@ def _summary(result: ExportResult) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     timing = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
     notes = [f"note: {name}: {g.note}" for name, g in manifest.graphs.items() if g.note]
+    if manifest.personalization is not None:
+        notes.append(f"personalized: {manifest.personalization.describe()}; the family ({manifest.family_id}) and "
+                     "its edge model unchanged")
     return "\n".join([*lines, *notes, f"time: {timing}"])
 
 
@@ -111,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         options = ExportOptions(
             family=args.family, out=args.out, small=args.small, variant=args.variant, dtype=args.dtype,
             quantize=args.quantize, from_onnx=args.from_onnx, opset=args.opset, force=args.force,
+            lora=args.lora, lora_scale=args.lora_scale, label=args.label, base_small=args.base_small,
         )
         result = export_bundle(options, log=lambda message: echo(f"{PROG}: {message}"), progress=args.progress)
     except RiseError as exc:

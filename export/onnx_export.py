@@ -8,7 +8,13 @@ a folder made by ``optimum-cli export onnx`` is accepted too (``from_onnx``). Th
 checked against PyTorch (``export.validate``), and ``manifest.json`` records the family (its
 kind, pipeline class, samplers and guidance mode), the latent space, the scheduler, the
 tokenizer(s), the unconditional embedding (SDXL: and the pooled one), the sha256 of every
-file and the measured errors.
+file, the measured errors and the small UNet's content hash (``small_model_sha256``).
+
+A personalized bundle (``lora``, or ``base_small`` for a full fine-tune given as ``small``)
+exports the user's own small UNet instead of the family's: :mod:`export.lora` fuses or checks
+it, right after the family loads and before anything is written, and the manifest records
+what was personalized (``personalization``); everything else is the family's, ``family_id``
+included.
 
 Every bundle also holds the ``model_index.json`` of the small pipeline, so optimum's ORT
 pipelines (``ORTStableDiffusionPipeline``, ``ORTStableDiffusionXLPipeline``,
@@ -22,6 +28,7 @@ everything passed, so a failed export never leaves a half bundle behind.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.metadata
 import inspect
 import json
@@ -83,6 +90,11 @@ class ExportOptions:
     opset: int | None = None
     force: bool = False
     seed: int = 0  # of the validation inputs
+    # A personalized bundle (export.lora): a LoRA fused into the small UNet, or --small as a fine-tune of base_small.
+    lora: Path | None = None  # a safetensors LoRA file
+    lora_scale: float | None = None  # fuse_lora's lora_scale (None: 1.0); only with lora
+    label: str | None = None  # the bundle's name in a device app's picker (default: the LoRA's / fine-tune's name)
+    base_small: str | None = None  # the family's small UNet that ``small`` was fine-tuned from
 
 
 @dataclass
@@ -110,6 +122,7 @@ def check_options(options: ExportOptions) -> None:
         raise ConfigError(f"--variant must be a plain name such as fp16, not {options.variant!r}")
     if options.opset is not None and not 14 <= options.opset <= 23:
         raise ConfigError(f"--opset must be between 14 and 23, not {options.opset}")
+    _check_personalization_options(options)
     if not Path(options.family).is_dir():  # before importing torch: a typo should fail in a blink
         raise FamilyError(f"family folder {options.family} does not exist")
     out = Path(options.out)
@@ -128,6 +141,32 @@ def check_options(options: ExportOptions) -> None:
         missing = [f"{name}/{ONNX_MODEL_NAME}" for name in GRAPH_NAMES if not (src / name / ONNX_MODEL_NAME).is_file()]
         if missing:
             raise ExportError(f"--from-onnx folder {src} lacks {', '.join(missing)} (optimum's layout)")
+
+
+def _check_personalization_options(options: ExportOptions) -> None:
+    """Refuse personalization flags that do not go together (before torch is imported)."""
+    from export.lora import check_lora_scale
+    from shared.manifest import check_label
+
+    if options.lora is not None and options.base_small is not None:
+        raise ConfigError("--lora and --base-small are two kinds of personalized bundle: give one (a LoRA is fused "
+                          "into the small UNet; --base-small records --small as a full fine-tune of it)")
+    if options.lora is None and options.lora_scale is not None:
+        raise ConfigError("--lora-scale needs --lora")
+    if options.base_small is not None and options.small is None:
+        raise ConfigError("--base-small needs --small: the fine-tuned UNet to export")
+    personalized = options.lora is not None or options.base_small is not None
+    if options.label is not None:
+        if not personalized:
+            raise ConfigError("--label names a personalized bundle: use it with --lora or --base-small")
+        check_label("--label", options.label, error=ConfigError)
+    if personalized and options.from_onnx is not None:
+        raise ConfigError("a personalized bundle is exported from PyTorch (its small UNet is the user's own): "
+                          "leave out --from-onnx")
+    if options.lora_scale is not None:
+        check_lora_scale(options.lora_scale)
+    if options.lora is not None and not Path(options.lora).is_file():
+        raise ExportError(f"LoRA file {options.lora} does not exist")
 
 
 @contextlib.contextmanager
@@ -299,6 +338,7 @@ def export_bundle(
 
     from edge_server.family import load_family, uncond_conditioning
     from edge_server.preview import fit_family_projection
+    from export.lora import check_fine_tune, fuse_lora, weights_sha256
     from export.progress import bar
     from export.quantize import convert_to_fp16, copy_graph, quantize_int8
     from export.tokenizer import write_bundle_tokenizer
@@ -315,6 +355,21 @@ def export_bundle(
     elif options.variant is not None and options.variant != family.variant:
         raise ConfigError(f"family was loaded with variant={family.variant!r}, options say {options.variant!r}")
     timings["load"] = time.perf_counter() - start
+    # Personalization comes before anything is written: a refused LoRA or fine-tune leaves no --out behind.
+    phase = time.perf_counter()
+    personal = None
+    if options.lora is not None:
+        log(f"fusing LoRA {options.lora} into the small UNet")
+        personal = fuse_lora(family, Path(options.lora), 1.0 if options.lora_scale is None else options.lora_scale,
+                             label=options.label)
+    elif options.base_small is not None:
+        log(f"checking the small UNet {family.small_source} as a fine-tune of {options.base_small}")
+        personal = check_fine_tune(family, options.base_small, label=options.label)
+    if personal is not None:
+        family = dataclasses.replace(family, small_unet=personal.unet)  # the caller's family is left as it was
+        log(f"personalized: {personal.personalization.describe()}")
+        timings["personalize"] = time.perf_counter() - phase
+    small_sha256 = weights_sha256(family.small_unet) if personal is None else personal.small_sha256
     sdxl = family.kind == "sdxl"
     names = GRAPH_NAMES + ((SDXL_GRAPH,) if sdxl else ())
     from_onnx_2 = None if options.from_onnx is None else Path(options.from_onnx) / SDXL_GRAPH / ONNX_MODEL_NAME
@@ -468,6 +523,8 @@ def export_bundle(
             uncond_pooled_shape=None if pooled is None else list(pooled.shape),
             prompt_grammar=family.prompt_grammar,
             preview_projection=fit_family_projection(family).to_dict(),
+            small_model_sha256=small_sha256,
+            personalization=None if personal is None else personal.personalization,
         )
         (bundle / MANIFEST_NAME).write_text(manifest.to_json())
         verify_bundle_files(bundle, load_manifest(bundle))  # the reader's own check, before we publish

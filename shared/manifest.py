@@ -21,6 +21,16 @@ them, which read as SD1.x bundles. ``prompt_grammar`` names the grammar the fami
 follow (``"demo"``: :mod:`shared.demo_grammar`), absent or null for free text: a device reads a
 prompt with that grammar's tolerant reader before it encodes one itself.
 
+Every bundle records ``small_model_sha256``, the content hash of the small UNet's weights it
+was exported from (:func:`export.lora.weights_sha256`: the tensors, not a file format), absent
+from older bundles. A *personalized* bundle (``personalization``, absent or null otherwise)
+holds the user's own small UNet: a LoRA fused into the family's small UNet (``kind`` "lora":
+the adapter file's name, sha256, format and scale are recorded, the file itself is not
+shipped: the fused weights are the bundle) or a full fine-tune of it (``kind`` "fine_tune"),
+with ``base_small_model`` / ``base_small_sha256`` naming what it was made from and ``label``,
+the short name a device app shows in its bundle picker. Its ``family_id`` stays the
+family's: only the small UNet changed, so the edge's handoffs are still accepted.
+
 The manifest lists the sha256 and size of every other file, so a device checks the whole
 bundle with :func:`verify_bundle_files` before it loads a graph. This module is read on
 the device: it imports neither torch nor onnx, only the standard library.
@@ -39,7 +49,15 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Union
 
 from shared.errors import BundleError, ConfigError, IntegrityError
-from shared.validation import check_bool, check_family_id, check_float, check_int, check_str, loads_strict
+from shared.validation import (
+    check_bool,
+    check_choice,
+    check_family_id,
+    check_float,
+    check_int,
+    check_str,
+    loads_strict,
+)
 
 MANIFEST_NAME = "manifest.json"
 BUNDLE_FORMAT = "rise-device-bundle"
@@ -53,7 +71,10 @@ UNCOND_POOLED_TENSOR = "uncond_text_embeds"  # SDXL: the pooled unconditional em
 FAMILY_KINDS = ("sd", "sdxl")
 GUIDANCE_MODES = ("cfg", "embedding")
 DEFAULT_SAMPLERS = ("ddim", "euler", "dpmpp_2m")
-_GRAMMAR_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+_SHORT_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")  # a prompt grammar's, an adapter format's
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+PERSONALIZATION_KINDS = ("lora", "fine_tune")
+LABEL_MAX_CHARS = 64  # a personalized bundle's label: what fits a line of the device app's bundle picker
 
 
 @dataclass(frozen=True)
@@ -112,6 +133,72 @@ class TokenizerInfo:
     eos_token_id: int
 
 
+def check_sha256_hex(field: str, value: Any, *, error: type[Exception] = BundleError) -> str:
+    """``value`` if it is a sha256 hex digest (64 lowercase hex digits)."""
+    return check_str(field, value, pattern=_SHA256_HEX, error=error)
+
+
+def check_label(field: str, value: Any, *, error: type[Exception] = BundleError) -> str:
+    """A personalized bundle's label: 1-:data:`LABEL_MAX_CHARS` printable characters, no outer spaces."""
+    label = check_str(field, value, min_len=1, max_len=LABEL_MAX_CHARS, printable=True, error=error)
+    if label.strip() != label:
+        raise error(f"{field} must have no leading or trailing spaces, got {label!r}")
+    return label
+
+
+@dataclass(frozen=True)
+class Personalization:
+    """What makes a bundle the user's own: its small UNet is a LoRA-fused or fine-tuned copy of the family's.
+
+    The edge's large model, the VAE and the text encoder are the family's, untouched (a LoRA that
+    would change the text encoder is refused at export). ``adapter_*`` describe a LoRA and are
+    None for a fine-tune.
+    """
+
+    kind: str  # PERSONALIZATION_KINDS: "lora" (fused into the base) or "fine_tune" (a whole UNet)
+    label: str  # the short name a device app shows for the bundle (default: the adapter file's stem)
+    base_small_model: str  # what the family calls the small UNet it was made from ("unet_small", a path)
+    base_small_sha256: str  # that UNet's weights' content hash (as small_model_sha256 is computed)
+    adapter_file: str | None = None  # the LoRA file's name (no folder); the file is not in the bundle
+    adapter_sha256: str | None = None  # that file's sha256
+    adapter_scale: float | None = None  # the scale it was fused with (diffusers' fuse_lora lora_scale)
+    adapter_format: str | None = None  # its key layout: "peft", "diffusers" (diffusers' own) or "kohya"
+
+    def describe(self) -> str:
+        """One line: what was personalized (the export summary's, a device app's detail line)."""
+        if self.kind == "lora":
+            return (f"LoRA {self.label!r} ({self.adapter_file}, {self.adapter_format} format, scale "
+                    f"{self.adapter_scale:g}) fused into {self.base_small_model}")
+        return f"fine-tune {self.label!r} of {self.base_small_model}"
+
+    def check(self) -> None:
+        """BundleError naming the first field out of range (see the field comments)."""
+        check_choice("manifest key 'personalization.kind'", self.kind, PERSONALIZATION_KINDS, error=BundleError)
+        check_label("manifest key 'personalization.label'", self.label)
+        check_str("manifest key 'personalization.base_small_model'", self.base_small_model, min_len=1,
+                  printable=True, error=BundleError)
+        check_sha256_hex("manifest key 'personalization.base_small_sha256'", self.base_small_sha256)
+        adapter = {"adapter_file": self.adapter_file, "adapter_sha256": self.adapter_sha256,
+                   "adapter_scale": self.adapter_scale, "adapter_format": self.adapter_format}
+        if self.kind == "fine_tune":
+            given = [key for key, value in adapter.items() if value is not None]
+            if given:
+                raise BundleError(f"manifest key 'personalization.{given[0]}' must be null for a fine_tune")
+            return
+        absent = [key for key, value in adapter.items() if value is None]
+        if absent:
+            raise BundleError(f"manifest key 'personalization.{absent[0]}' is missing: a lora bundle records it")
+        name = check_str("manifest key 'personalization.adapter_file'", self.adapter_file, min_len=1, max_len=255,
+                         printable=True, error=BundleError)
+        if "/" in name or "\\" in name or name in (".", ".."):
+            raise BundleError(f"manifest key 'personalization.adapter_file' must be a file name, got {name!r}")
+        check_sha256_hex("manifest key 'personalization.adapter_sha256'", self.adapter_sha256)
+        check_float("manifest key 'personalization.adapter_scale'", self.adapter_scale, lo=0.0, lo_open=True,
+                    error=BundleError)
+        check_str("manifest key 'personalization.adapter_format'", self.adapter_format, pattern=_SHORT_NAME,
+                  error=BundleError)
+
+
 @dataclass(frozen=True)
 class BundleManifest:
     """Everything a device needs to know about a bundle (see the module docstring)."""
@@ -153,6 +240,9 @@ class BundleManifest:
     # The live preview's latent-to-RGB projection the edge fitted (shared.preview.LatentProjection.to_dict);
     # absent from bundles written before it (the device then fits a rougher one itself).
     preview_projection: dict[str, list[float]] | None = None
+    # Added with personalized bundles; absent from bundles written before them (None).
+    small_model_sha256: str | None = None  # content hash of the small UNet's weights exported (after any fusing)
+    personalization: Personalization | None = None  # the user's own small UNet (see Personalization)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict."""
@@ -208,7 +298,7 @@ class BundleManifest:
                               "scale needs its width, and only then")
         if not self.samplers:
             raise BundleError("manifest key 'samplers' is empty")
-        if self.prompt_grammar is not None and not _GRAMMAR_NAME.fullmatch(self.prompt_grammar):
+        if self.prompt_grammar is not None and not _SHORT_NAME.fullmatch(self.prompt_grammar):
             raise BundleError(f"manifest key 'prompt_grammar' is {self.prompt_grammar!r}, expected a short name "
                               "such as 'demo' (or null)")
         if self.preview_projection is not None:
@@ -219,6 +309,12 @@ class BundleManifest:
                 LatentProjection.from_dict(self.preview_projection, self.latent_channels)
             except ConfigError as exc:
                 raise BundleError(f"manifest key {exc}") from None
+        if self.small_model_sha256 is not None:
+            check_sha256_hex("manifest key 'small_model_sha256'", self.small_model_sha256)
+        if self.personalization is not None:
+            if self.small_model_sha256 is None:
+                raise BundleError("a personalized bundle needs manifest key 'small_model_sha256'")
+            self.personalization.check()
         sdxl = self.family_kind == "sdxl"
         required = GRAPH_NAMES + ((SDXL_GRAPH,) if sdxl else ())
         if sdxl and (self.tokenizer_2 is None or self.uncond_pooled_shape is None or not self.added_cond_names):
@@ -277,6 +373,9 @@ def _build(tp: Any, value: Any, key: str) -> Any:
         options = typing.get_args(tp)
         if value is None and type(None) in options:
             return None
+        present = [option for option in options if option is not type(None)]
+        if len(present) == 1:  # an optional value: its own error names the innermost key
+            return _build(present[0], value, key)
         for option in options:
             if option is type(None):
                 continue

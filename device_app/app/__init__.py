@@ -1,6 +1,7 @@
 """The RISE device app: a Kivy front end over a plain-Python controller.
 
-* :mod:`device_app.app.settings`: the persisted settings (JSON, token file mode 0600);
+* :mod:`device_app.app.settings`: the persisted settings (JSON, token file mode 0600), the bundle in
+  use and the bundles folder Settings lists (:mod:`device_app.bundle_library`);
 * :mod:`device_app.app.offline`: device-only generation (text encoder from the bundle);
 * :mod:`device_app.app.backends`: the networked backend (``EdgeClient`` on an asyncio loop
   in a worker thread) and the offline backend (a worker thread), both cancellable; the quick

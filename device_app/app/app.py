@@ -40,7 +40,8 @@ from device_app.app.backends import APP_PREVIEW_EVERY, BundleHolder, NetworkBack
 from device_app.app.controller import Controller, HistoryItem
 from device_app.app.gallery import GALLERY_DIR
 from device_app.app.settings import SETTINGS_FILE, SettingsStore
-from shared.errors import ConfigError, RiseError
+from device_app.bundle_library import LibraryBundle, scan_library
+from shared.errors import BundleError, ConfigError, RiseError
 
 __all__ = ["RiseApp", "UiState", "build_parser", "image_texture", "main"]
 
@@ -88,6 +89,10 @@ class UiState(EventDispatcher):  # type: ignore[misc]  # Kivy ships no type info
     bundle = StringProperty("")
     bundle_text = StringProperty("")
     bundle_ok = BooleanProperty(False)
+    bundles_dir = StringProperty("")
+    library_text = StringProperty("")
+    skipped_text = StringProperty("")
+    choosing = BooleanProperty(False)
     gallery_dir = StringProperty("")
     default_gallery_dir = StringProperty("")
     save_dir = StringProperty("")
@@ -125,12 +130,27 @@ class UiState(EventDispatcher):  # type: ignore[misc]  # Kivy ships no type info
         self.token = c.settings.token
         self.bundle = c.settings.bundle
         m = c.manifest
-        self.bundle_ok = m is not None
-        if m is None:
+        self.bundle_ok = m is not None and c.bundle_problem is None
+        entry = c.bundle_entry
+        if m is None or c.bundle_problem is not None:
             self.bundle_text = f"Bundle not usable: {c.bundle_problem}"
+        elif entry is not None:
+            self.bundle_text = f"Bundle OK: {entry.label} — {entry.details}, samplers {', '.join(m.samplers)}"
         else:
             self.bundle_text = (f"Bundle OK: {m.family_name} ({m.family_id}), {m.dtype}, "
                                 f"samplers {', '.join(m.samplers)}")
+        self.bundles_dir = c.settings.bundles_dir
+        library = c.library
+        if library is not None:
+            count = len(library)
+            self.library_text = (f"{count} bundle{'' if count == 1 else 's'} in {library.folder}"
+                                 + (f", {len(library.skipped)} skipped" if library.skipped else "")
+                                 + ("" if count else ": none to choose from"))
+            self.skipped_text = "\n".join(s.line() for s in library.skipped)
+        else:
+            self.library_text = "" if c.library_problem is None else f"Bundles folder not usable: {c.library_problem}"
+            self.skipped_text = ""
+        self.choosing = c.choosing is not None
         self.gallery_dir = c.settings.gallery_dir
         self.default_gallery_dir = str(c.default_gallery_dir)
         self.save_dir = c.settings.save_dir
@@ -185,6 +205,27 @@ class GalleryCell(BoxLayout):  # type: ignore[misc]  # Kivy ships no type inform
         self._app.delete_item(self.item)
 
 
+class BundleRow(BoxLayout):  # type: ignore[misc]  # Kivy ships no type information: its classes are Any
+    """One bundle of the library in Settings: its label, its family and kind ("LoRA x0.8"...), and Use."""
+
+    label = StringProperty("")
+    details = StringProperty("")
+    in_use = BooleanProperty(False)
+    checking = BooleanProperty(False)
+
+    def __init__(self, bundle: LibraryBundle, app: RiseApp, *, in_use: bool, checking: bool, **kwargs: Any) -> None:
+        self.bundle = bundle
+        self._app = app
+        super().__init__(**kwargs)
+        self.label = bundle.label
+        self.details = bundle.details
+        self.in_use = in_use
+        self.checking = checking
+
+    def use(self) -> None:
+        self._app.choose_bundle(self.bundle.name)
+
+
 class GalleryScreen(Screen):  # type: ignore[misc]  # Kivy ships no type information: its classes are Any
     def show(self, items: list[HistoryItem], textures: Callable[[HistoryItem], Texture | None], app: RiseApp) -> None:
         grid = self.ids.grid
@@ -208,6 +249,7 @@ class RiseApp(App):  # type: ignore[misc]  # Kivy ships no type information: its
         self._save_preference = Clock.create_trigger(self._persist_preference, 0.4)
         self._read_prompt = Clock.create_trigger(self._prompt_changed, 0.3)
         self._pending_preference: float | None = None
+        self._library_rows: tuple[object, ...] | None = None  # what the bundle list shows (rebuilt when it changes)
 
     @property
     def controller_or_fail(self) -> Controller:
@@ -244,6 +286,23 @@ class RiseApp(App):  # type: ignore[misc]  # Kivy ships no type information: its
         gallery = self.screens.get_screen("gallery")
         if self.screens.current == "gallery" and len(gallery.ids.grid.children) != len(self._ctl.history):
             gallery.show(self._ctl.history, self.texture_for, self)
+        self._show_library()
+
+    def _show_library(self) -> None:
+        """The settings screen's list of the library's bundles (rebuilt only when what it shows changed)."""
+        c = self._ctl
+        library = c.library
+        in_use = c.bundle_entry
+        rows = () if library is None else tuple(library.bundles)
+        key = (rows, None if in_use is None else in_use.name, c.choosing)
+        if key == self._library_rows:
+            return
+        self._library_rows = key
+        box = self.screens.get_screen("settings").ids.bundle_list
+        box.clear_widgets()
+        for bundle in rows:
+            box.add_widget(BundleRow(bundle, self, in_use=in_use is not None and bundle.name == in_use.name,
+                                     checking=c.choosing == bundle.name))
 
     def on_start(self) -> None:
         self._ctl.start()
@@ -308,14 +367,25 @@ class RiseApp(App):  # type: ignore[misc]  # Kivy ships no type information: its
             self._ctl.set_preference(pending)
         self._pending_preference = None
 
-    def save_settings(self, server_url: str, token: str, bundle: str, gallery_dir: str, save_dir: str) -> None:
-        if self._ctl.update_settings(server_url=server_url, token=token, bundle=bundle, gallery_dir=gallery_dir,
-                                     save_dir=save_dir):
-            self.show("main")
+    def save_settings(self, server_url: str, token: str, bundle: str, gallery_dir: str, save_dir: str,
+                      bundles_dir: str | None = None) -> None:
+        changes: dict[str, Any] = dict(server_url=server_url, token=token, bundle=bundle, gallery_dir=gallery_dir,
+                                       save_dir=save_dir)
+        new_library = bundles_dir is not None and bundles_dir.strip() != self._ctl.settings.bundles_dir
+        if bundles_dir is not None:
+            changes["bundles_dir"] = bundles_dir
+        if self._ctl.update_settings(**changes) and not new_library:
+            self.show("main")  # a new bundles folder: stay, its bundles are listed to choose from
+
+    def choose_bundle(self, name: str) -> bool:
+        """A bundle row's Use: switch to that bundle of the library (checked in full first)."""
+        return self._ctl.choose_bundle(name)
 
     def show(self, name: str) -> None:
         if name == "gallery":
             self.screens.get_screen("gallery").show(self._ctl.history, self.texture_for, self)
+        if name == "settings":
+            self._ctl.refresh_library()  # bundles may have come or gone since
         self.screens.current = name
 
     def texture_for(self, item: HistoryItem) -> Texture | None:
@@ -347,7 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="The RISE device app: type a prompt, the edge runs the first steps and this device "
                     "the rest; with no edge in reach, the device does it all.",
     )
-    parser.add_argument("--bundle", default=None, help="device bundle folder (made by rise-export); remembered")
+    parser.add_argument("--bundle", default=None,
+                        help="device bundle folder (made by rise-export), or with --bundles the folder name or label "
+                             "of one of its bundles; remembered")
+    parser.add_argument("--bundles", default=None, metavar="DIR",
+                        help="a folder of bundles (one per subfolder) to choose from in Settings; remembered")
     parser.add_argument("--server", default=None, help="edge daemon URL, ws://HOST:PORT; remembered")
     parser.add_argument("--token-file", default=None, help="file holding the edge's access token; remembered")
     parser.add_argument("--settings", default=None,
@@ -361,23 +435,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def make_controller(settings_path: str | Path, *, bundle: str | None = None, threads: int | None = None,
-                    schedule: Callable[[Callable[[], None]], None] | None = None,
+def resolve_bundle_arg(bundle: str, bundles: str | None = None) -> Path:
+    """The folder ``--bundle`` names: with a bundles folder, one of its bundles by folder name or label first,
+    else a path; checked quickly (:func:`~device_app.app.backends.check_bundle`, a bad one raises
+    :class:`~shared.errors.RiseError`)."""
+    if bundles is not None:
+        library = scan_library(bundles)
+        try:
+            folder = library.find(bundle).folder
+        except BundleError:
+            if not Path(bundle).is_dir():
+                raise
+            folder = Path(bundle)
+    else:
+        folder = Path(bundle)
+    check_bundle(folder)
+    return folder.resolve()
+
+
+def make_controller(settings_path: str | Path, *, bundle: str | None = None, bundles: str | None = None,
+                    threads: int | None = None, schedule: Callable[[Callable[[], None]], None] | None = None,
                     open_timeout: float = 5.0, save_dir: str | Path | None = None,
                     gallery_dir: str | Path | None = None, **changes: Any) -> Controller:
-    """A controller with the real backends; ``changes`` (and ``bundle``) are saved into the settings.
+    """A controller with the real backends; ``changes`` (and ``bundle``, ``bundles``) are saved into the settings.
 
-    A ``bundle`` given here is checked first (:func:`~device_app.app.backends.check_bundle`): a bad one raises
-    :class:`~shared.errors.RiseError` and nothing is saved. ``gallery_dir`` is the default gallery folder
-    (next to the settings file when not given; the settings' ``gallery_dir`` wins).
+    A ``bundle`` given here is checked first (:func:`resolve_bundle_arg`): a bad one raises
+    :class:`~shared.errors.RiseError` and nothing is saved. ``bundles``: the bundles folder Settings lists
+    (refused if it cannot be listed). ``gallery_dir`` is the default gallery folder (next to the settings file
+    when not given; the settings' ``gallery_dir`` wins).
     """
     store = SettingsStore(settings_path)
     if schedule is None:
         def schedule(callback: Callable[[], None]) -> None:
             Clock.schedule_once(lambda _dt: callback(), 0)  # thread-safe: runs on the UI thread's next frame
-    if bundle is not None:
-        check_bundle(bundle)  # refused at start, with what is wrong, not at the first Generate
-        changes["bundle"] = str(Path(bundle).resolve())
+    if bundles is not None:
+        scan_library(bundles)  # a folder that cannot be listed is refused at start
+        changes["bundles_dir"] = str(Path(bundles).expanduser().resolve())
+    if bundle is not None:  # refused at start, with what is wrong, not at the first Generate
+        changes["bundle"] = str(resolve_bundle_arg(bundle, bundles))
     settings = store.load()
     if changes:
         settings = settings.with_changes(**changes)
@@ -406,9 +501,15 @@ def _configure_window(size: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the app; returns the exit status."""
     args = build_parser().parse_args(argv)
+    if args.bundles is not None:
+        try:
+            scan_library(args.bundles)
+        except RiseError as exc:
+            print(f"rise-device app: error: --bundles {args.bundles}: {exc}", file=sys.stderr)
+            return 2
     if args.bundle is not None:
         try:  # refused here, before any window, not at the first Generate
-            check_bundle(args.bundle)
+            resolve_bundle_arg(args.bundle, args.bundles)
         except RiseError as exc:
             print(f"rise-device app: error: --bundle {args.bundle} is not a usable bundle: {exc}", file=sys.stderr)
             return 2
@@ -425,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
             changes["gallery_dir"] = str(Path(args.gallery).resolve())
         app = RiseApp()
         settings_path = Path(args.settings) if args.settings else Path(app.user_data_dir) / SETTINGS_FILE
-        app.controller = make_controller(settings_path, bundle=args.bundle, threads=args.threads, **changes)
+        app.controller = make_controller(settings_path, bundle=args.bundle, bundles=args.bundles, threads=args.threads,
+                                         **changes)
     except RiseError as exc:
         print(f"rise-device app: error: {exc}", file=sys.stderr)
         return 2

@@ -11,7 +11,9 @@ the UI thread. Two backends:
   worker thread.
 
 Both share one :class:`BundleHolder` (the bundle is verified and loaded once, in a worker;
-:meth:`BundleHolder.check` is the quick check the app runs at start and in Settings).
+:meth:`BundleHolder.check` is the quick check the app runs at start and in Settings;
+:meth:`BundleHolder.load_in_background` verifies a bundle chosen from the library before the app
+switches to it).
 Both can :meth:`~Backend.cancel` a job: the network backend cancels its request task, which tells
 the edge (``cancel``; the edge frees the slot); the offline backend stops at the next step.
 """
@@ -32,13 +34,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from device_app.app.offline import OFFLINE_WHY, generate_offline, offline_plan
+from device_app.bundle_library import quick_check_bundle
 from device_app.client import EdgeClient
 from device_app.errors import CONNECT_FAILED, EdgeConnectionError, EdgeError, EdgeTimeout
 from device_app.results import GenerationResult
 from device_app.runtime import DeviceBundle
 from device_app.telemetry import LinkSnapshot
-from shared.errors import BundleError, ConfigError, RiseError
-from shared.manifest import BundleManifest, load_manifest, resolve_bundle_path
+from shared.errors import ConfigError, RiseError
+from shared.manifest import BundleManifest
 from shared.relay_plan import RelayPlan
 
 __all__ = [
@@ -104,6 +107,7 @@ class Outcome:
     family: str = ""
     family_id: str = ""
     notice: str | None = None  # the edge's reading of the prompt (``plan.notice``), when it sent one
+    personalization_label: str = ""  # a personalized bundle's label (its small UNet is the user's); "": the family's
 
     @classmethod
     def from_result(cls, result: GenerationResult, bundle: DeviceBundle | None = None) -> Outcome:
@@ -114,6 +118,7 @@ class Outcome:
         else:
             edge_s = t.edge_compute_s if t.edge_compute_s is not None else t.edge_wait_s
         notice = getattr(result.plan, "notice", None)  # an optional field of newer edges' plans
+        personalization = None if bundle is None else bundle.manifest.personalization
         return cls(
             request_id=result.request_id, image=result.image, plan=result.plan.plan, seed=result.plan.seed,
             scheduler=result.plan.scheduler, why=result.plan.why, edge_s=edge_s, device_s=t.device_s,
@@ -121,6 +126,7 @@ class Outcome:
             family="" if bundle is None else bundle.manifest.family_name,
             family_id="" if bundle is None else bundle.family_id,
             notice=notice if isinstance(notice, str) and notice else None,
+            personalization_label="" if personalization is None else personalization.label,
         )
 
 
@@ -204,17 +210,36 @@ class BundleHolder:
         """The quick check (no hashing, no ONNX session): the folder, its manifest, every listed file at its size.
 
         Raises :class:`~shared.errors.BundleError` (or ``ConfigError`` when no bundle is set), saying what is
-        wrong; the full sha256 check runs when the bundle is first loaded (:meth:`get`).
+        wrong; the full sha256 check runs when the bundle is loaded (:meth:`get`, :meth:`load_in_background`).
         """
         if self._bundle is not None:
             return self._bundle.manifest
         return check_bundle(self.folder)
 
-    def set_folder(self, folder: str | Path | None) -> None:
-        """Use another bundle from the next job on (the loaded one is dropped)."""
+    def set_folder(self, folder: str | Path | None, *, bundle: DeviceBundle | None = None) -> None:
+        """Use another bundle from the next job on (the loaded one is dropped).
+
+        ``bundle``: that folder's bundle, already verified and loaded (:meth:`load_in_background`), kept.
+        """
         with self._lock:
             self.folder = None if folder is None or not str(folder) else Path(folder)
-            self._bundle = None
+            self._bundle = bundle if bundle is not None and self.folder is not None else None
+
+    def load_in_background(self, folder: str | Path,
+                           done: Callable[[DeviceBundle | None, BaseException | None], None]) -> None:
+        """Verify (every file's sha256) and load ``folder``'s bundle in a worker thread, without switching to it.
+
+        ``done(bundle, None)`` or ``done(None, error)`` from that thread; hand the bundle to :meth:`set_folder`.
+        """
+        def run() -> None:
+            try:
+                bundle = DeviceBundle(folder, threads=self.threads)
+            except Exception as exc:  # reported to the UI: a bad bundle is a message, not a dead thread
+                done(None, exc)
+            else:
+                done(bundle, None)
+
+        threading.Thread(target=run, name="rise-app-bundle-check", daemon=True).start()
 
     def get(self) -> DeviceBundle:
         with self._lock:
@@ -226,20 +251,11 @@ class BundleHolder:
 
 
 def check_bundle(folder: str | Path | None) -> BundleManifest:
-    """:meth:`BundleHolder.check` for ``folder``."""
+    """:meth:`BundleHolder.check` for ``folder`` (:func:`~device_app.bundle_library.quick_check_bundle`)."""
     if folder is None or not str(folder):
         raise ConfigError("no device bundle set: choose one in Settings or start with --bundle BUNDLE "
                           "(a folder made by rise-export)")
-    folder = Path(folder)
-    manifest = load_manifest(folder)
-    for rel, entry in sorted(manifest.files.items()):
-        path = resolve_bundle_path(folder, rel)
-        if not path.is_file():
-            raise BundleError(f"bundle {folder}: file {rel} is missing")
-        if path.stat().st_size != entry.size:
-            raise BundleError(f"bundle {folder}: file {rel} has {path.stat().st_size} bytes, the manifest says "
-                              f"{entry.size}")
-    return manifest
+    return quick_check_bundle(folder)
 
 
 #: The app asks the edge for a live preview every this many steps (its own steps are drawn as often).

@@ -12,6 +12,13 @@ the device alone, and its result says so.
 The gallery persists: every finished image is written at once to the gallery folder
 (:mod:`device_app.app.gallery`, a PNG with its parameters in text chunks) and a new controller
 reads the folder back, so the gallery survives a restart.
+
+Several bundles: with a bundles folder in the settings (``bundles_dir``), ``library`` lists its
+bundles (:mod:`device_app.bundle_library`: base and personalized ones, the broken ones with a
+reason) and :meth:`Controller.choose_bundle` switches to one. The chosen bundle's files are
+verified in full (sha256) in a worker before the switch, so a bad one is refused with what is wrong
+and the one in use stays; once switched, the edge connection is opened again, since its ``hello``
+names the bundle's family.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -32,12 +40,16 @@ from device_app.app.gallery import MAX_SIDE, Gallery, GalleryEntry, GalleryError
 from device_app.app.prompt_help import PromptHelp, prompt_help_for
 from device_app.app.settings import Settings, SettingsStore
 from device_app.app.words import details_text, link_help, link_label, plain_summary
+from device_app.bundle_library import BundleLibrary, LibraryBundle, quick_check_bundle, scan_library
 from device_app.errors import CONNECT_FAILED, CONNECTION_LOST, EdgeConnectionError
 from device_app.finish import DeviceStepCount
 from device_app.telemetry import DeviceLoad
-from shared.errors import ConfigError, RiseError
+from shared.errors import BundleError, ConfigError, RiseError
 from shared.manifest import BundleManifest
 from shared.relay_plan import RelayPlan
+
+if TYPE_CHECKING:
+    from device_app.runtime import DeviceBundle
 
 __all__ = [
     "MAX_SEED",
@@ -94,7 +106,7 @@ def info_for(prompt: str, outcome: Outcome, preference: float, created_at: float
         family=outcome.family, family_id=outcome.family_id, scheduler=outcome.scheduler, why=outcome.why,
         preference=preference, offline=outcome.offline, edge_s=outcome.edge_s, device_s=outcome.device_s,
         total_s=outcome.total_s, created_at=created_at, request_id=outcome.request_id,
-        notice=outcome.notice or notice,
+        notice=outcome.notice or notice, personalization_label=outcome.personalization_label,
     )
 
 
@@ -176,7 +188,9 @@ class Controller:
     gallery, newest first), ``link`` (a :class:`LinkStatus`), ``offline`` (the job in hand runs on
     the device alone), ``device_load`` (0..1 or ``None``), ``bundle_problem`` (why no image can be made,
     or ``None``), ``prompt_note`` (what the family makes of the prompt), ``preview`` (a live preview's
-    pixels while busy). ``subscribe(listener)`` calls ``listener(controller)`` after every change.
+    pixels while busy), ``library`` (the bundles folder's :class:`~device_app.bundle_library.BundleLibrary`,
+    ``None`` without one; ``library_problem`` why it cannot be listed), ``choosing`` (the library bundle being
+    checked before a switch, or ``None``). ``subscribe(listener)`` calls ``listener(controller)`` after every change.
     """
 
     RECONNECT_S = 15.0  # how often an offline edge is tried again while the app is idle
@@ -219,6 +233,9 @@ class Controller:
         self.error: BaseException | None = None
         self.manifest: BundleManifest | None = None
         self.bundle_problem: str | None = None
+        self.library: BundleLibrary | None = None
+        self.library_problem: str | None = None
+        self.choosing: str | None = None
         self.help: PromptHelp = PromptHelp()
         self.prompt_note: str | None = None
         self._noted: tuple[str, int | None] = ("", None)  # (prompt, seed) the note was read for at a Generate
@@ -226,6 +243,7 @@ class Controller:
         self._job_preference = self.settings.preference
         self._job_note: str | None = None
         self.check_bundle()
+        self._scan_library()
         self.gallery = Gallery(self.gallery_dir)
         self.history: list[HistoryItem] = []
         self._load_gallery()
@@ -293,6 +311,11 @@ class Controller:
         return self.help.hint
 
     @property
+    def bundle_entry(self) -> LibraryBundle | None:
+        """The library's entry for the bundle in use (``None``: no library, or a bundle from elsewhere)."""
+        return None if self.library is None else self.library.holding(self.settings.bundle)
+
+    @property
     def prompt_line(self) -> str:
         """The line under the prompt box: what was not understood or changed, else what the family can draw."""
         return self.prompt_note or self.help.vocabulary
@@ -309,6 +332,21 @@ class Controller:
             self.bundle_problem = None
         self.help = prompt_help_for(self.manifest)
         return self.manifest
+
+    def _scan_library(self) -> None:
+        folder = self.settings.bundles_dir
+        self.library, self.library_problem = None, None
+        if folder:
+            try:
+                self.library = scan_library(folder)
+            except RiseError as exc:
+                self.library_problem = str(exc)
+
+    def refresh_library(self) -> BundleLibrary | None:
+        """List the bundles folder again (the app does it when Settings opens): bundles may have come or gone."""
+        self._scan_library()
+        self._changed()
+        return self.library
 
     def start(self) -> None:
         """What the app does once its window is up: say what is missing, connect to the server in the background."""
@@ -330,7 +368,9 @@ class Controller:
 
         def done(link: LinkStatus) -> None:
             def show() -> None:
-                if self.settings.server_url == s.server_url and not (self.busy and self.offline):
+                # a later attempt (another server, another bundle) has the last word
+                stale = (self.settings.server_url, self.settings.bundle) != (s.server_url, s.bundle)
+                if not stale and not (self.busy and self.offline):
                     self.link = link
                     if link.state in ("unauthorized", "refused") and not self.busy:
                         self.status = self.link_help
@@ -354,8 +394,13 @@ class Controller:
         """Apply and persist settings; ``False`` (and the reason in ``status``) if they are not valid.
 
         A new ``bundle`` is checked first (a bad one is refused, the old one kept); a new ``gallery_dir``
-        shows that folder's images.
+        shows that folder's images; a new ``bundles_dir`` is listed.
         """
+        return self._apply_settings(changes)
+
+    def _apply_settings(self, changes: dict[str, object], loaded: DeviceBundle | None = None) -> bool:
+        """:meth:`update_settings`; ``loaded``: the new ``bundle``'s bundle, verified in full (switch to it even if
+        the path is the one in use: a chosen bundle is checked again)."""
         if self.busy and set(changes) & {"bundle", "server_url", "token"}:
             self.status = "Settings not saved: wait for the image in progress (or cancel it)"
             self._changed()
@@ -371,18 +416,72 @@ class Controller:
             return False
         old = self.settings
         self.settings = settings
-        if settings.bundle != old.bundle:
+        switched = settings.bundle != old.bundle or loaded is not None
+        if switched:
             if self.bundles is not None:
-                self.bundles.set_folder(settings.bundle or None)
+                self.bundles.set_folder(settings.bundle or None, bundle=loaded)
             self.check_bundle()
         if settings.gallery_dir != old.gallery_dir:
             self.gallery = Gallery(self.gallery_dir)
             self._load_gallery()
             self.current = None
-        if (settings.server_url, settings.token, settings.bundle) != (old.server_url, old.token, old.bundle):
-            self._connect()
+        if settings.bundles_dir != old.bundles_dir:
+            self._scan_library()
+        if switched or (settings.server_url, settings.token) != (old.server_url, old.token):
+            self._connect()  # the hello names the bundle's family: another bundle, a new connection
         if set(changes) - {"preference"}:
             self.status = "Settings saved"
+        self._changed()
+        return True
+
+    def choose_bundle(self, key: str) -> bool:
+        """Switch to the library's bundle whose folder name or label is ``key``; ``False`` (why in ``status``) if not.
+
+        The bundle is checked quickly here, then in full (every file's sha256) in a worker; the switch happens when
+        that check passes (``choosing`` names the bundle until then). A bundle that fails it is refused with what is
+        wrong, and the one in use stays.
+        """
+        if self.busy:
+            self.status = "Bundle not changed: wait for the image in progress (or cancel it)"
+            self._changed()
+            return False
+        try:
+            if self.library is None:
+                raise ConfigError(self.library_problem or "no bundles folder set: set one in Settings "
+                                                          "or start with --bundles DIR")
+            entry = self.library.find(key)
+            quick_check_bundle(entry.folder)  # it may have changed since it was listed
+        except RiseError as exc:
+            self.status = f"Bundle not changed: {exc}"
+            self._changed()
+            return False
+        if self.bundles is None:  # no holder to load it into (a controller without real backends): switch now
+            return self._bundle_checked(entry, None, None)
+        self.choosing = entry.name
+        self.status = f"Checking {entry.label}…"
+        self._changed()
+
+        def done(bundle: DeviceBundle | None, error: BaseException | None) -> None:
+            def switch() -> None:
+                self._bundle_checked(entry, bundle, error)
+
+            self.schedule(switch)
+
+        self.bundles.load_in_background(entry.folder, done)
+        return True
+
+    def _bundle_checked(self, entry: LibraryBundle, bundle: DeviceBundle | None, error: BaseException | None) -> bool:
+        if self.bundles is not None and self.choosing != entry.name:
+            return False  # a later choice replaced this one
+        self.choosing = None
+        if error is not None:
+            what = error if isinstance(error, RiseError) else f"{type(error).__name__}: {error}"
+            self.status = f"Bundle {entry.label!r} not used: {what}"
+            self._changed()
+            return False
+        if not self._apply_settings({"bundle": str(entry.folder)}, loaded=bundle):
+            return False
+        self.status = f"Using {entry.label} ({entry.kind_text}, family {entry.family_name})"
         self._changed()
         return True
 
@@ -672,4 +771,7 @@ class Controller:
             self.link = LinkStatus("unauthorized", job.server_url, detail=str(error))
         what = error if isinstance(error, RiseError) else f"{type(error).__name__}: {error}"
         self.status = f"Failed: {what}"
+        if isinstance(error, BundleError):  # the bundle cannot be loaded (a file changed, a graph unreadable)
+            self.bundle_problem = str(error)
+            self.status += " — choose another bundle in Settings"
         self._changed()

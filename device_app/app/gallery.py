@@ -57,7 +57,8 @@ class ImageInfo:
     ``steps``/``split``: the relay's ``N``/``k`` (``split`` steps on the edge); ``scheduler`` who chose
     (``"offline"`` on the device alone), ``why`` its reason; ``preference`` the quality/speed slider;
     ``edge_s``/``device_s``/``total_s`` the timings in seconds (``edge_s`` ``None`` offline);
-    ``created_at`` Unix seconds; ``rating`` the user's -1/+1 (``None``: not rated).
+    ``created_at`` Unix seconds; ``rating`` the user's -1/+1 (``None``: not rated);
+    ``personalization_label`` the label of the personalized bundle that made it (empty: the family's own small model).
     """
 
     prompt: str
@@ -81,6 +82,7 @@ class ImageInfo:
     request_id: str = ""
     rating: int | None = None
     notice: str | None = None
+    personalization_label: str = ""
 
     @property
     def device_steps(self) -> int:
@@ -112,6 +114,7 @@ class ImageInfo:
             "guidance": (int, float), "width": (int,), "height": (int,), "family": (str,), "family_id": (str,),
             "scheduler": (str,), "why": (str,), "preference": (int, float), "offline": (bool,),
             "device_s": (int, float), "total_s": (int, float), "created_at": (int, float), "request_id": (str,),
+            "personalization_label": (str,),
         }
         optional: dict[str, tuple[type, ...]] = {"edge_s": (int, float), "rating": (int,), "notice": (str,)}
         for name, value in values.items():
@@ -136,6 +139,8 @@ def a1111_parameters(info: ImageInfo) -> str:
         parts.append(("Model", info.family))
     if info.family_id:
         parts.append(("Model hash", info.family_id.rsplit("-", 1)[-1]))
+    if info.personalization_label:
+        parts.append(("RISE personalization", info.personalization_label))
     parts += [("RISE split", f"{info.split} edge + {info.device_steps} device"),
               ("RISE scheduler", info.scheduler or "-")]
     # A1111's format separates with ", " and ": ": keep values free of both.

@@ -11,10 +11,13 @@ gallery and screenshots it::
         --prompt "a red bag" --out /tmp/shots --state /tmp/shots/state.json
 
 ``--cancel`` presses Cancel once the first request's plan has arrived (and waits for the
-app to say so) before the prompts; ``--open-first`` re-opens the gallery's newest image into the
-result view; ``--check-layout`` records :func:`~device_app.app.layout_check.layout_problems`
-for every screen shown (main, main with details, gallery, settings). Without ``--prompt`` the
-app only starts (what a restarted app shows: its gallery).
+app to say so) before the prompts; ``--pick NAME`` (with ``--bundles DIR``, repeatable) opens
+Settings, screenshots its bundle list (``bundles.png``), presses the Use button of the bundle in
+folder NAME and waits for the app to switch to it or say why not, before the prompts;
+``--open-first`` re-opens the gallery's newest image into the result view; ``--check-layout``
+records :func:`~device_app.app.layout_check.layout_problems` for every screen shown (main, main
+with details, gallery, settings, the bundle list). Without ``--prompt`` the app only starts (what a
+restarted app shows: its gallery).
 
 Exit status 0 when every step finished and the screenshots were written; 3 when
 something timed out or failed (the state file says what the widgets showed then).
@@ -39,6 +42,9 @@ os.environ.setdefault("KIVY_LOG_MODE", "PYTHON")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m device_app.app.screenshots", description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", default=None, help="device bundle (default: the one in the settings)")
+    p.add_argument("--bundles", default=None, metavar="DIR", help="a folder of bundles listed in Settings")
+    p.add_argument("--pick", action="append", default=[], metavar="NAME",
+                   help="press Use on this bundle (a folder name in --bundles) in Settings, before the prompts")
     p.add_argument("--settings", required=True, help="settings file (created)")
     p.add_argument("--server", default=None, help="edge URL (empty: no edge, device only; default: the settings')")
     p.add_argument("--token-file", default=None)
@@ -83,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.token_file:
         changes["token"] = read_token(args.token_file)
     controller = make_controller(
-        args.settings, bundle=args.bundle, threads=args.threads, open_timeout=args.open_timeout,
+        args.settings, bundle=args.bundle, bundles=args.bundles, threads=args.threads, open_timeout=args.open_timeout,
         save_dir=out / "saved", preference=args.preference,
         offline_min_steps=args.offline_steps[0], offline_max_steps=args.offline_steps[1], **changes,
     )
@@ -127,6 +133,23 @@ def main(argv: list[str] | None = None) -> int:
             "history_seeds": [h.info.seed for h in controller.history],
             "gallery_cells": len(app.screens.get_screen("gallery").ids.grid.children),
             "gallery_files": sorted(p.name for p in controller.gallery_dir.glob("*.png")),
+            "bundle": controller.settings.bundle,
+        }
+
+    def library_widgets() -> dict[str, Any]:
+        """What the settings screen shows of the bundles: each row's words and button, the lines around them."""
+        ids = app.screens.get_screen("settings").ids
+        rows = list(reversed(ids.bundle_list.children))  # Kivy keeps children last-added first
+        return {
+            "rows": [{"name": r.bundle.name, "label": r.ids.bundle_row_label.text,
+                      "details": r.ids.bundle_row_details.text, "button": r.ids.use_button.text,
+                      "disabled": r.ids.use_button.disabled} for r in rows],
+            "library_text": ids.library_label.text,
+            "skipped_text": ids.skipped_label.text,
+            "bundle_text": ids.bundle_label.text,
+            "bundle_input": ids.bundle_input.text,
+            "status": ids.settings_status_label.text,
+            "bundle": controller.settings.bundle,
         }
 
     def finish(ok: bool, why: str = "") -> None:
@@ -219,6 +242,34 @@ def main(argv: list[str] | None = None) -> int:
             steps += [lambda: controller.preview is not None or not controller.busy, *look_at("preview"),
                       later(lambda: state.__setitem__("preview_png", shot("preview")))]
         steps += [later(press_cancel), lambda: not controller.busy, *look_at("cancelled")]
+    def press_use(name: str) -> None:
+        rows = app.screens.get_screen("settings").ids.bundle_list.children
+        row = next((r for r in rows if r.bundle.name == name), None)
+        if row is None:
+            raise RuntimeError(f"no bundle {name!r} in the list: {[r.bundle.name for r in rows]}")
+        button = row.ids.use_button
+        state["events"].append(f"pick {name!r}: button {button.text!r}, disabled={button.disabled}")
+        button.dispatch("on_release")
+
+    def record_library(phase: str) -> Callable[[], None]:
+        return lambda: state["library"].__setitem__(phase, library_widgets())
+
+    state["library"] = {}
+    if args.pick:
+        def scroll_to_list() -> None:
+            ids = app.screens.get_screen("settings").ids
+            view = ids.settings_scroll
+            if view.children and view.children[0].height > view.height:  # all in view already: nothing to scroll
+                view.scroll_to(ids.bundle_list, padding=10, animate=False)
+
+        steps += [later(lambda: app.show("settings")), settled(screen_shown("settings")),
+                  later(record_library("listed")), later(check_layout("bundles")), later(scroll_to_list), settled(),
+                  later(lambda: state.__setitem__("bundles_png", shot("bundles")))]
+    for name in args.pick:
+        steps += [later(functools.partial(press_use, name)), lambda: controller.choosing is None,
+                  settled(), later(record_library(f"picked {name}"))]
+    if args.pick:
+        steps += [later(check_layout("picked")), later(lambda: app.show("main")), settled(screen_shown("main"))]
     for prompt in args.prompt:
         steps += [later(functools.partial(press_generate, prompt)), generation_over]
     if args.prompt:

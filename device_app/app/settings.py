@@ -30,7 +30,10 @@ class Settings:
     ``server_url`` empty = no edge (every image is made on the device). ``preference``:
     0 = fastest .. 1 = best quality, sent with every request and used for the offline
     step count (``offline_min_steps`` .. ``offline_max_steps``). ``bundle``: the device
-    bundle folder. ``save_dir``: where "Save" puts a copy of an image (empty: ``~/Pictures/rise``).
+    bundle folder in use. ``bundles_dir``: a folder of bundles (one per subfolder,
+    :mod:`device_app.bundle_library`) that Settings lists to choose from; the one chosen is
+    ``bundle`` (empty: no list, ``bundle`` is typed). ``save_dir``: where "Save" puts a copy of an image
+    (empty: ``~/Pictures/rise``).
     ``gallery_dir``: the gallery's folder, kept across restarts (empty: ``gallery/`` in the app's user data folder).
     """
 
@@ -38,6 +41,7 @@ class Settings:
     token: str = ""
     preference: float = 0.5
     bundle: str = ""
+    bundles_dir: str = ""
     save_dir: str = ""
     gallery_dir: str = ""
     offline_min_steps: int = 8
@@ -51,7 +55,7 @@ class Settings:
             raise ConfigError("token must be a string without whitespace")  # never echo a token
         object.__setattr__(self, "preference", check_float("preference", self.preference, lo=0.0, hi=1.0,
                                                            error=ConfigError))
-        for name in ("bundle", "save_dir", "gallery_dir"):
+        for name in ("bundle", "bundles_dir", "save_dir", "gallery_dir"):
             check_str(name, getattr(self, name), error=ConfigError)
         lo = check_int("offline_min_steps", self.offline_min_steps, lo=1, hi=1000, error=ConfigError)
         hi = check_int("offline_max_steps", self.offline_max_steps, lo=1, hi=1000, error=ConfigError)
@@ -62,7 +66,7 @@ class Settings:
         """A copy with ``changes`` applied (checked like a new one)."""
         if "server_url" in changes:
             changes["server_url"] = str(changes["server_url"]).strip()
-        for name in ("token", "bundle", "save_dir", "gallery_dir"):
+        for name in ("token", "bundle", "bundles_dir", "save_dir", "gallery_dir"):
             if name in changes:
                 changes[name] = str(changes[name]).strip()
         return replace(self, **changes)

@@ -60,7 +60,8 @@ def details_text(info: ImageInfo, link: LinkStatus | None = None, device_load: f
         f"scheduler {info.scheduler or '-'}: {info.why or '-'}",
     ]
     if info.family or info.family_id:
-        lines.append(f"family {info.family} ({info.family_id})" if info.family_id else f"family {info.family}")
+        family = f"family {info.family} ({info.family_id})" if info.family_id else f"family {info.family}"
+        lines.append(family + (f" · personalized: {info.personalization_label}" if info.personalization_label else ""))
     extra = []
     if link is not None and link.rtt_s is not None:
         extra.append(f"rtt {link.rtt_s * 1000:.1f} ms")

@@ -66,6 +66,7 @@ from __future__ import annotations
 import hmac
 import math
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -334,15 +335,19 @@ class ServerConnection(_Connection):
         limits: ProtocolLimits = ProtocolLimits(),
         versions: tuple[int, ...] = PROTOCOL_VERSIONS,
         opened_at: float | None = None,
+        families: Sequence[str] = (),
     ) -> None:
         super().__init__(limits)
         # Validate our own configuration with the message rules: it goes out in the welcome.
         try:
-            Hello(versions=tuple(versions), family_id=family_id, client=server_name, token=token)
+            for served in (family_id, *families):
+                Hello(versions=tuple(versions), family_id=served, client=server_name, token=token)
             Welcome(version=max(versions), family_id=family_id, server=server_name, limits=limits)
         except ProtocolError as exc:
             raise ConfigError(f"ServerConnection: {exc}") from None
+        #: The connection's family: ``family_id`` until the hello chose one of ``families`` (an edge serving several).
         self.family_id = family_id
+        self.families = (family_id, *(f for f in families if f != family_id))
         self.server_name = server_name
         self.versions = tuple(versions)
         self._token = None if token is None else token.encode("ascii")
@@ -482,13 +487,16 @@ class ServerConnection(_Connection):
                 field="versions",
             )
             return list(self._reject(exc, close=Close(CLOSE_PROTOCOL_ERROR, "unsupported version")))
-        if hello.family_id != self.family_id:
+        if hello.family_id not in self.families:
+            served = (f"{self.family_id!r} (this server's family)" if len(self.families) == 1
+                      else f"one of {', '.join(repr(f) for f in self.families)} (the families this server serves)")
             exc = ProtocolError(
-                f"family_id: expected {self.family_id!r} (this server's family), got {hello.family_id!r}",
+                f"family_id: expected {served}, got {hello.family_id!r}",
                 code="wrong_family",
                 field="family_id",
             )
             return list(self._reject(exc, close=Close(CLOSE_POLICY_VIOLATION, "wrong family")))
+        self.family_id = hello.family_id
         self.hello, self.version, self.state = hello, max(common), "open"
         self._queue(
             Welcome(version=self.version, family_id=self.family_id, server=self.server_name, limits=self.limits)
@@ -590,7 +598,7 @@ class ServerConnection(_Connection):
             raise _usage(f"send_plan: request {request_id!r} already has a plan", request_id)
         message = _built(
             Plan, request_id=request_id, plan=plan, seed=seed, height=height, width=width, scheduler=scheduler,
-            why=why, notice=notice,
+            why=why, notice=notice, family_id=self.family_id,
         )
         assert isinstance(message, Plan)
         self._check_outgoing(message, request_id)
@@ -1048,6 +1056,10 @@ class ClientConnection(_Connection):
         if request is None or request.plan is not None:
             what = "a second plan" if request is not None else "a plan for an unknown request"
             return list(self._reject(ProtocolError(f"request_id: {what} {plan.request_id!r}", field="request_id")))
+        if plan.family_id is not None and plan.family_id != self.family_id:
+            exc = ProtocolError(f"family_id: a plan for family {plan.family_id!r}, not this bundle's "
+                                f"{self.family_id!r}", code="wrong_family", field="family_id")
+            return list(self._reject(exc, close=Close(CLOSE_POLICY_VIOLATION, "wrong family")))
         request.plan = plan
         return [plan]
 

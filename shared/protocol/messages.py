@@ -389,12 +389,13 @@ class Plan(_Message):
     what the request left open); ``scheduler`` names the policy that chose (``"linucb"``,
     ``"pinned"``, ``"edge_only"``...); ``why`` is one short human-readable line. ``notice``
     is one line for the user about the prompt itself (words the family did not understand,
-    an item it placed), ``None`` when it was read as written.
+    an item it placed), ``None`` when it was read as written. ``family_id`` is the family that
+    serves the request (an edge may serve several; the connection's hello chose it).
     """
 
     TYPE: ClassVar[str] = "plan"
     WIRE_IN: ClassVar[Mapping[str, Callable[[str, Any], Any]]] = {}  # set below
-    OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset({"notice"})
+    OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset({"notice", "family_id"})
     request_id: str
     plan: RelayPlan
     seed: int
@@ -403,6 +404,7 @@ class Plan(_Message):
     scheduler: str
     why: str
     notice: str | None = None
+    family_id: str | None = None
 
     def _validate(self) -> None:
         _identifier("request_id", self.request_id)
@@ -414,6 +416,8 @@ class Plan(_Message):
         _text("why", self.why, max_chars=512, allow_empty=True)
         if self.notice is not None:
             _text("notice", self.notice, max_chars=512, allow_empty=False)
+        if self.family_id is not None:
+            _family_id("family_id", self.family_id)
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +20,7 @@ from shared.manifest import (
     MANIFEST_NAME,
     BundleManifest,
     GraphEntry,
+    Personalization,
     TensorSpec,
     TokenizerInfo,
     ValidationCheck,
@@ -170,3 +174,70 @@ def test_manifest_module_imports_no_torch() -> None:
 def test_not_an_object() -> None:
     with pytest.raises(BundleError, match="the manifest must be a JSON object"):
         BundleManifest.from_json("[1, 2]")
+
+
+# ----------------------------------------------------------------------------- personalized bundles
+
+_SHA_A, _SHA_B, _SHA_C = "a" * 64, "b" * 64, "c" * 64
+
+
+def _lora_personalization() -> Personalization:
+    return Personalization(kind="lora", label="my style", base_small_model="unet_small", base_small_sha256=_SHA_A,
+                           adapter_file="my_style.safetensors", adapter_sha256=_SHA_B, adapter_scale=0.8,
+                           adapter_format="diffusers")
+
+
+@pytest.mark.parametrize(
+    "personalization",
+    [None, _lora_personalization(),
+     Personalization(kind="fine_tune", label="tuned", base_small_model="unet_small", base_small_sha256=_SHA_A)],
+)
+def test_round_trip_with_and_without_personalization(tmp_path: Path, personalization: Personalization | None) -> None:
+    manifest = dataclasses.replace(make_bundle(tmp_path), small_model_sha256=_SHA_C, personalization=personalization)
+    again = BundleManifest.from_json(manifest.to_json())
+    assert again == manifest and again.small_model_sha256 == _SHA_C
+    assert isinstance(again.personalization, type(personalization))
+    if personalization is not None:
+        assert json.loads(manifest.to_json())["personalization"]["label"] == personalization.label
+        assert personalization.describe().startswith("LoRA 'my style' (my_style.safetensors, diffusers format, "
+                                                     "scale 0.8) fused into" if personalization.kind == "lora"
+                                                     else "fine-tune 'tuned' of unet_small")
+
+
+def test_a_manifest_without_the_new_keys_still_loads(tmp_path: Path) -> None:
+    data = json.loads(make_bundle(tmp_path).to_json())
+    del data["small_model_sha256"], data["personalization"]
+    old = BundleManifest.from_dict(data)
+    assert old.small_model_sha256 is None and old.personalization is None
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"small_model_sha256": "A" * 64}, "small_model_sha256"),
+        ({"small_model_sha256": None}, "needs manifest key 'small_model_sha256'"),
+        ({"personalization": {"kind": "merge"}}, "personalization.kind"),
+        ({"personalization": {"label": ""}}, "personalization.label"),
+        ({"personalization": {"label": "x" * 65}}, "personalization.label"),
+        ({"personalization": {"label": "a\nb"}}, "personalization.label"),
+        ({"personalization": {"base_small_sha256": "1234"}}, "personalization.base_small_sha256"),
+        ({"personalization": {"adapter_sha256": None}}, "personalization.adapter_sha256"),
+        ({"personalization": {"adapter_scale": math.inf}}, "personalization.adapter_scale"),
+        ({"personalization": {"adapter_scale": -1.0}}, "personalization.adapter_scale"),
+        ({"personalization": {"adapter_scale": "1"}}, "personalization.adapter_scale"),
+        ({"personalization": {"adapter_file": "../x.safetensors"}}, "personalization.adapter_file"),
+        ({"personalization": {"adapter_format": "Kohya SS"}}, "personalization.adapter_format"),
+        ({"personalization": {"kind": "fine_tune"}}, "must be null for a fine_tune"),
+    ],
+)
+def test_personalization_errors_name_the_key(tmp_path: Path, change: dict, key: str) -> None:
+    manifest = dataclasses.replace(make_bundle(tmp_path), small_model_sha256=_SHA_C,
+                                   personalization=_lora_personalization())
+    data = json.loads(manifest.to_json())
+    for name, value in change.items():
+        if isinstance(value, dict):
+            data[name].update(value)
+        else:
+            data[name] = value
+    with pytest.raises(BundleError, match=re.escape(key)):
+        BundleManifest.from_dict(data)

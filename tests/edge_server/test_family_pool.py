@@ -1,0 +1,323 @@
+"""Several families on one edge: loading on first use, eviction under a memory budget, and the daemon serving
+devices of two families at once (the demo-shaped tiny family and a tiny SD1.5-shaped one)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import threading
+import weakref
+from concurrent.futures import Future
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_server.config import EdgeConfig, FamilySpec
+from edge_server.engine import EdgeOutcome, EdgeRequest, EngineStats, RequestCancelled
+from edge_server.family import describe_family, load_family, loaded_bytes
+from edge_server.family_pool import FamilyPool, FamilyUnavailable
+from edge_server.metrics import EdgeMetrics
+from edge_server.relay import EdgeRelay
+from edge_server.service import make_engine
+from shared.errors import ConfigError
+from shared.handoff import decode_handoff
+from shared.protocol import Error
+from shared.relay_plan import RelayPlan
+from tests.edge_server.test_daemon import TOKEN, BareClient
+
+PLAN = RelayPlan(4, 2, "dpmpp_2m", 5.0)
+
+
+@pytest.fixture(scope="module")
+def sd15_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from lab.hub_families import build_sd15_bk_sdm_tiny
+
+    return build_sd15_bk_sdm_tiny(tmp_path_factory.mktemp("sd15") / "sd15-tiny").folder
+
+
+@pytest.fixture(scope="module")
+def specs(tiny_family_dir: Path, sd15_dir: Path) -> list[FamilySpec]:
+    return [FamilySpec("tiny", str(tiny_family_dir)), FamilySpec("sd15", str(sd15_dir))]
+
+
+class FakeEngine:
+    """An engine whose requests finish when the test says (``finish``)."""
+
+    def __init__(self, family_id: str) -> None:
+        self.family_id = family_id
+        self.default_size = 64
+        self.futures: dict[str, Future[EdgeOutcome]] = {}
+        self.cancelled: list[str] = []
+        self.closed = False
+        self.arrived = threading.Condition()
+
+    def submit(self, request: EdgeRequest) -> Future[EdgeOutcome]:
+        future: Future[EdgeOutcome] = Future()
+        with self.arrived:
+            self.futures[request.key] = future
+            self.arrived.notify_all()
+        return future
+
+    def finish(self, key: str) -> None:
+        """Finish request ``key`` once it has arrived (a request that waited for the load arrives from the load's
+        callback, which may run just after the load's future resolved)."""
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: key in self.futures, timeout=10), f"{key} never reached the engine"
+            future = self.futures.pop(key)
+        future.set_result(EdgeOutcome("handoff", 0.0, 0.0, handoff=b"x"))
+
+    def cancel(self, key: str) -> None:
+        self.cancelled.append(key)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(0, len(self.futures), 0, 0, 0)
+
+    def close(self, *, drain: bool = True, timeout: float = 30.0) -> None:
+        self.closed = True
+
+
+class FakeFactory:
+    """Builds FakeEngines; a load waits for ``release`` when ``gate`` is set, so a test sees requests wait."""
+
+    def __init__(self, gate: bool = False) -> None:
+        self.built: list[FakeEngine] = []
+        self.release = threading.Event()
+        if not gate:
+            self.release.set()
+        self.fail: str | None = None
+
+    def __call__(self, spec: FamilySpec, info) -> FakeEngine:
+        self.release.wait(30)
+        if self.fail == spec.name:
+            raise ConfigError(f"cannot load family {spec.name}: broken weights")
+        engine = FakeEngine(info.family_id)
+        self.built.append(engine)
+        return engine
+
+
+def _request(key: str) -> EdgeRequest:
+    return EdgeRequest(key, key, "a red sneaker", PLAN, seed=1)
+
+
+def _ids(pool: FamilyPool) -> tuple[str, str]:
+    tiny, sd15 = pool.family_ids
+    return tiny, sd15
+
+
+def test_family_info_is_read_without_loading_and_matches_the_loaded_family(tiny_family_dir, tiny_family):
+    info = describe_family(tiny_family_dir)
+    assert info.family_id == tiny_family.family_id
+    assert info.default_size == tiny_family.default_latent_size * tiny_family.vae_scale_factor
+    assert info.default_sampler == tiny_family.default_sampler
+    # the estimate from the safetensors headers is the loaded parameters' bytes (buffers aside)
+    assert abs(info.weight_bytes() - loaded_bytes(tiny_family)) <= 0.01 * loaded_bytes(tiny_family)
+
+
+def test_a_family_loads_on_first_use_and_requests_wait_for_it(specs):
+    factory = FakeFactory(gate=True)
+    pool = FamilyPool(specs, factory)
+    tiny, sd15 = _ids(pool)
+    engine = pool.engine(sd15)
+    assert not pool.is_loaded(sd15) and engine.default_size == describe_family(specs[1].folder).default_size
+    first, second = engine.submit(_request("1:a")), engine.submit(_request("1:b"))
+    assert engine.stats().queued == 2 and not first.done()  # waiting in line for the load
+    engine.cancel("1:b")
+    with pytest.raises(RequestCancelled):
+        second.result(timeout=5)
+    loaded = pool.acquire(sd15)[1]  # still loading: the factory waits for the release
+    assert loaded is not None
+    factory.release.set()
+    fake = loaded.result(timeout=10)
+    assert pool.is_loaded(sd15) and not pool.is_loaded(tiny)
+    fake.finish("1:a")
+    assert "1:b" not in fake.futures  # the cancelled one never reached the engine
+    assert first.result(timeout=5).kind == "handoff"
+    assert pool.counters(sd15)[0] == 1
+    pool.close()
+    assert fake.closed
+
+
+def test_a_failed_load_fails_the_waiting_requests_with_its_reason_and_can_be_retried(specs):
+    factory = FakeFactory()
+    factory.fail = "tiny"
+    pool = FamilyPool(specs, factory)
+    tiny, _ = _ids(pool)
+    future = pool.engine(tiny).submit(_request("1:a"))
+    with pytest.raises(ConfigError, match="broken weights"):
+        future.result(timeout=10)
+    factory.fail = None
+    again = pool.engine(tiny).submit(_request("1:b"))  # the next request loads it again
+    _wait_loaded(pool, tiny)
+    factory.built[-1].finish("1:b")
+    assert again.result(timeout=5).kind == "handoff"
+
+
+def _wait_loaded(pool: FamilyPool, family_id: str) -> None:
+    engine, loading = pool.acquire(family_id)
+    if engine is None:
+        assert loading is not None
+        loading.result(timeout=10)
+
+
+def test_the_least_recently_used_idle_family_is_evicted_and_a_busy_one_never(specs):
+    infos = [describe_family(s.folder) for s in specs]
+    budget = max(i.weight_bytes() for i in infos) + min(i.weight_bytes() for i in infos) // 2  # one at a time
+    factory = FakeFactory()
+    metrics = EdgeMetrics()
+    pool = FamilyPool(specs, factory, memory_budget_bytes=budget, on_event=metrics.observe_family)
+    tiny, sd15 = _ids(pool)
+    busy = pool.engine(tiny).submit(_request("1:a"))
+    _wait_loaded(pool, tiny)
+    with pytest.raises(FamilyUnavailable, match="held by families in use") as refused:
+        pool.engine(sd15).submit(_request("2:a"))  # tiny is busy: not evicted, sd15 refused with a retry time
+    assert refused.value.retry_after_s is not None and pool.is_loaded(tiny)
+    tiny_engine = factory.built[-1]
+    tiny_engine.finish("1:a")
+    assert busy.result(timeout=5).kind == "handoff"
+    later = pool.engine(sd15).submit(_request("2:b"))  # tiny is idle now: evicted for sd15
+    _wait_loaded(pool, sd15)
+    assert tiny_engine.closed and not pool.is_loaded(tiny) and pool.loaded_ids() == [sd15]
+    factory.built[-1].finish("2:b")
+    assert later.result(timeout=5).kind == "handoff"
+    back = pool.engine(tiny).submit(_request("1:b"))  # reloaded on demand, evicting sd15
+    _wait_loaded(pool, tiny)
+    factory.built[-1].finish("1:b")
+    assert back.result(timeout=5).kind == "handoff"
+    assert pool.counters(tiny)[:2] == (2, 1) and pool.counters(sd15)[:2] == (1, 1)
+    assert pool.loaded_bytes() <= budget
+    sample = metrics.registry.get_sample_value
+    assert sample("rise_edge_family_loads_total", {"family": "tiny"}) == 2
+    assert sample("rise_edge_family_evictions_total", {"family": "sd15"}) == 1
+    assert sample("rise_edge_families_loaded", {"family": "tiny"}) == 1
+    assert sample("rise_edge_families_loaded", {"family": "sd15"}) == 0
+    assert sample("rise_edge_family_load_seconds_count") == 3
+
+
+def test_bad_pools_are_refused_up_front(specs, tiny_family_dir):
+    need = describe_family(tiny_family_dir).weight_bytes()
+    with pytest.raises(ConfigError, match="more than the whole memory budget"):
+        FamilyPool(specs, FakeFactory(), memory_budget_bytes=need // 2)
+    with pytest.raises(ConfigError, match="same family"):
+        FamilyPool([specs[0], FamilySpec("again", specs[0].folder)], FakeFactory())
+    with pytest.raises(ConfigError, match="given twice"):
+        EdgeConfig().family_specs([f"a={specs[0].folder}", f"a={specs[1].folder}"])
+    with pytest.raises(ConfigError, match="family name"):
+        EdgeConfig().family_specs([f"bad name={specs[0].folder}"])
+    with pytest.raises(ConfigError, match="--small names one family"):
+        EdgeConfig().family_specs([specs[0].folder, specs[1].folder], small="unet_small")
+
+
+def test_config_file_families_tables(tmp_path, specs):
+    config_file = tmp_path / "edge.toml"
+    config_file.write_text(f'load_families = "first_use"\nmemory_budget_mb = 120.5\n'
+                           f'[families.tiny]\nfolder = "{specs[0].folder}"\n'
+                           f'[families.sd15]\nfolder = "{specs[1].folder}"\nsmall = "unet_small"\n')
+    config = EdgeConfig.from_toml(config_file)
+    assert (config.load_families, config.memory_budget_mb) == ("first_use", 120.5)
+    assert [(s.name, s.small) for s in config.family_specs()] == [("tiny", None), ("sd15", "unet_small")]
+    assert [s.name for s in config.family_specs([f"only={specs[0].folder}"])] == ["only"]  # flags win
+    config_file.write_text('[families.x]\nsmall = "unet_small"\n')
+    with pytest.raises(ConfigError, match="needs folder"):
+        EdgeConfig.from_toml(config_file)
+
+
+def _real_pool(specs, budget: int | None = None) -> FamilyPool:
+    config = EdgeConfig(port=0, threads=1)
+
+    def factory(spec: FamilySpec, _info):
+        return make_engine(lambda: load_family(spec.folder, spec.small), config)
+
+    return FamilyPool(specs, factory, memory_budget_bytes=budget)
+
+
+def test_eviction_frees_the_family_and_reloading_gives_the_same_handoff(specs):
+    infos = [describe_family(s.folder) for s in specs]
+    pool = _real_pool(specs, budget=max(i.weight_bytes() for i in infos) + 1024)
+    tiny, sd15 = _ids(pool)
+    try:
+        first = pool.engine(tiny).submit(_request("1:a")).result(timeout=120)
+        family_ref = weakref.ref(pool.engine(tiny).family)
+        pool.engine(sd15).submit(_request("2:a")).result(timeout=120)  # evicts tiny
+        gc.collect()
+        assert family_ref() is None, "the evicted family's modules are still referenced"
+        again = pool.engine(tiny).submit(_request("1:b")).result(timeout=120)
+        # same seed, same family: the same latent after the reload, to the bit
+        np.testing.assert_array_equal(decode_handoff(again.handoff).latents, decode_handoff(first.handoff).latents)
+        loads, evictions, load_s = pool.counters(tiny)
+        assert (loads, evictions) == (2, 1) and all(s > 0 for s in load_s)
+    finally:
+        pool.close(drain=False, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def sd15_bundle_dir(sd15_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from export.cli import main
+
+    out = tmp_path_factory.mktemp("sd15-bundle") / "bundle"
+    assert main(["--family", str(sd15_dir), "--out", str(out)]) == 0
+    return out
+
+
+async def _serve_two_families(specs, bundles):
+    from device_app.client import EdgeClient
+    from device_app.runtime import DeviceBundle
+    from edge_server.daemon import EdgeServer
+
+    pool = _real_pool(specs)
+    server = EdgeServer.with_family_pool(pool, EdgeConfig(port=0, scheduler="fixed"))
+    server.token = TOKEN
+    pool.load_at_start()
+    port = await server.start()
+    try:
+        async def device(bundle_dir: Path, seed: int):
+            bundle = DeviceBundle(bundle_dir, threads=1)
+            async with EdgeClient.connect(f"ws://127.0.0.1:{port}", bundle, token=TOKEN) as client:
+                return await client.generate("a red sneaker", seed=seed, pinned=PLAN, timeout=240)
+
+        results = await asyncio.gather(*(device(b, 3 + i) for i, b in enumerate(bundles)))
+        stranger = await BareClient.open(port, "other-0123456789ab")
+        refused = await stranger.next_event()
+        await stranger.ws.close()
+        return results, refused
+    finally:
+        await server.stop()
+
+
+def test_one_edge_serves_devices_of_two_families_at_once(specs, tiny_family, fp32_bundle_dir, sd15_bundle_dir):
+    from device_app.finish import finish_latents
+    from device_app.runtime import DeviceBundle
+
+    bundles = [fp32_bundle_dir, sd15_bundle_dir]
+    results, refused = asyncio.run(_serve_two_families(specs, bundles))
+    families = [tiny_family, load_family(specs[1].folder)]
+    for i, (family, bundle_dir, result) in enumerate(zip(families, bundles, results, strict=True)):
+        assert result.plan.family_id == family.family_id  # the plan says which family served it
+        handoff = EdgeRelay(family).start("a red sneaker", PLAN, 3 + i)
+        expected = finish_latents(DeviceBundle(bundle_dir, threads=1), handoff)
+        err = float(np.abs(result.latents - expected).max())
+        assert err <= 1e-4, (family.name, err)  # the relay engine's tolerance: batching changes only round-off
+        assert result.image.std() > 0
+    assert isinstance(refused, Error) and refused.code == "wrong_family"
+    assert all(f.family_id in refused.message for f in families)
+
+
+def test_each_family_has_its_own_scheduler_profile_and_state(tmp_path, sd15_dir):
+    from edge_server.service import family_planner
+    from shared.bandit.profile import save_profile
+    from tests.helpers import synthetic_profile
+
+    demo = Path(__file__).resolve().parents[2] / "models" / "demo" / "family"  # ships profile.json
+    profile = tmp_path / "sd15-profile.json"
+    save_profile(profile, synthetic_profile(steps=(5, 10), fractions=(0.0, 0.4, 1.0)))
+    config = EdgeConfig(bandit_state=str(tmp_path / "state.json"))
+    specs = [FamilySpec("demo", str(demo)), FamilySpec("sd15", str(sd15_dir), profile=str(profile))]
+    planners = [family_planner(config, describe_family(s.folder), s, several=True) for s in specs]
+    assert [p.name for p in planners] == ["linucb", "linucb"]
+    arms = [{(a.num_inference_steps, a.split) for a in p.arms} for p in planners]  # type: ignore[attr-defined]
+    assert arms[0] != arms[1] and {n for n, _ in arms[1]} == {5, 10}  # each reads its own profile
+    for planner in planners:
+        planner.save()
+    assert sorted(f.name for f in tmp_path.glob("state.*.json")) == ["state.demo.json", "state.sd15.json"]
+    alone = family_planner(config, describe_family(demo), specs[0], several=False)
+    assert alone.state_path is not None and Path(alone.state_path).name == "state.json"  # type: ignore[attr-defined]
