@@ -15,15 +15,32 @@ has not acknowledged yet, and adds what joining costs the requests already in th
 (:func:`routing_cost`). ``stats()`` hands the planner the load of the replica that rule picks for a typical
 request, so the split the planner picks reflects where the request will run.
 
+Families. A deployment may serve several families (``rise-edge serve --engine ray --family a=DIR --family
+b=DIR``): every replica gets all their specs and holds them in a :class:`~edge_server.family_pool.FamilyPool`
+under its own ``memory_budget_mb`` (a budget per replica, evicting its least recently used idle family). At start
+the replica of rank ``i`` (Ray Serve's replica rank, 0 without one) loads
+family ``i mod F`` of the F families, in the order given, and the others on demand (``load_families`` does not
+apply: one family each at start, so R >= F replicas start with every family loaded somewhere). Each replica
+reports per family whether it is loaded, its queue, its step times and every load's measured seconds
+(:class:`FamilyLoad`, on every event and in ``record_routing_stats``). A request carries its family
+(``WireRequest.family``); the router ranks replicas by that family's projected finish, plus the work of the
+replica's other families (they share its slice: counted as if it ran first), plus the **cold start** where
+the family is not loaded (:meth:`LoadBoard.cold_start_s`: the mean of its measured loads; before one is
+measured, its ``weight_bytes()`` over the bytes per second of the loads measured so far, else over
+:data:`DEFAULT_LOAD_BYTES_PER_S`). So a loaded replica wins unless it is busier by more than a cold start.
+The front has one engine per family over the one deployment (:meth:`RayEngine.family_engine`), each with
+its own request service and planner (:func:`cluster_family_parts`, built by ``Daemon._load_families``).
+
 Failures. A replica that dies is restarted by Ray Serve. A request whose steps had not started there is
 submitted again (up to ``max_attempts``), so it lands on a live replica; one that had started fails with
 :class:`~edge_server.engine.EngineBusy`, which the service sends as the protocol's retryable ``busy``.
 Nothing is left hanging: every stream ends in an outcome or an error. The scheduler's state stays in the
-front (one per cluster), persisted by the service as with one engine.
+front (one per family of the cluster), persisted by the service as with one engine.
 
 Operations. :func:`cluster_parts` is what ``rise-edge serve --engine ray`` starts (engine, planner, and the
 :class:`ClusterMetrics` on the daemon's registry: replicas, restarts, resubmissions, each replica's queue,
-running requests, UNet calls and rows).
+running requests, UNet calls and rows; with several families, :func:`cluster_family_parts`, and per replica and
+family whether it is loaded and its loads, per family the cold start the router adds).
 
 Ray is imported only when a cluster is started: ``import edge_server.cluster`` works without the
 ``cluster`` extra, and :func:`require_ray` turns its absence into one line naming ``pip install '.[cluster]'``.
@@ -38,9 +55,11 @@ import os
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from shared.bandit.latency import DEFAULT_BATCH_BETA, batch_step_times, edge_schedule
@@ -52,7 +71,7 @@ if TYPE_CHECKING:
     from numpy.typing import NDArray
     from prometheus_client import CollectorRegistry
 
-    from edge_server.config import EdgeConfig
+    from edge_server.config import EdgeConfig, FamilySpec
     from edge_server.engine import EdgeOutcome, EdgeRequest, EngineStats
 
 log = logging.getLogger("rise.cluster")
@@ -63,6 +82,12 @@ ROUTERS = ("soonest", "pow2")  # ours (edge_server.cluster_router), or Ray Serve
 ROUTER_PATH = "edge_server.cluster_router.SoonestFinishRouter"
 DEPLOYMENT = "EdgeReplica"
 SHUTDOWN_S = 20.0  # the most RayEngine.close waits for the deployment's deletion and Ray's shutdown
+#: Bytes per second a family's weights load at before any load was measured: a stated default, between what
+#: bench/cold_start.py measured on two shared CPU cores with the files in the page cache (the demo family ~190 MB/s,
+#: a tiny SD1.5-shaped one ~32 MB/s: building many small modules costs more than reading their bytes).
+DEFAULT_LOAD_BYTES_PER_S = 100e6
+#: A cold start's seconds when not even the family's weight bytes are known (no replica has reported it yet).
+DEFAULT_COLD_START_S = 30.0
 
 
 class ClusterUnavailable(ConfigError):
@@ -153,10 +178,37 @@ class WireRequest:
     height: int | None
     width: int | None
     preview_every: int | None = None  # the live preview the request asked for (EdgeRequest.preview_every)
+    family: str | None = None  # the family id it is for (None: the replica's first family)
 
 
-EventKind = Literal["accepted", "progress", "outcome", "error"]
+EventKind = Literal["accepted", "progress", "outcome", "error", "status"]  # status: a replica's load, asked for
 ErrorKind = Literal["busy", "closed", "cancelled", "invalid", "internal"]
+
+
+@dataclass(frozen=True)
+class FamilyLoad:
+    """One family on one replica, as the replica reports it."""
+
+    loaded: bool
+    stats: EngineStats  # its engine's (requests waiting for its load counted as queued)
+    step_times: dict[int, float] = field(default_factory=dict)  # measured seconds per UNet call, by requests
+    load_s: tuple[float, ...] = ()  # every load of it on this replica, measured (the cold-start cost)
+    weight_bytes: int = 0  # what its weights take as placed (FamilyInfo.weight_bytes, read without loading)
+
+    def summary(self) -> dict[str, Any]:
+        """As plain data (the routing stats Ray Serve collects)."""
+        return {"loaded": self.loaded, "running_steps": list(self.stats.running_steps or ()),
+                "queued_steps": list(self.stats.queued_steps or ()), "step_times": dict(self.step_times),
+                "load_s": list(self.load_s), "weight_bytes": self.weight_bytes}
+
+    @classmethod
+    def from_summary(cls, data: dict[str, Any]) -> FamilyLoad:
+        from edge_server.engine import EngineStats
+
+        running, queued = tuple(data.get("running_steps", ())), tuple(data.get("queued_steps", ()))
+        return cls(bool(data.get("loaded")), EngineStats(len(queued), len(running), 0, 0, 0, (), running, queued),
+                   {int(b): float(t) for b, t in dict(data.get("step_times", {})).items()},
+                   tuple(float(x) for x in data.get("load_s", ())), int(data.get("weight_bytes", 0)))
 
 
 @dataclass(frozen=True)
@@ -175,6 +227,7 @@ class ReplicaEvent:
     error: ErrorKind | None = None
     message: str = ""
     retry_after_s: float | None = None
+    families: dict[str, FamilyLoad] = field(default_factory=dict)  # by family id: each family's load there
 
 
 def error_kind(exc: BaseException) -> ErrorKind:
@@ -234,55 +287,117 @@ class StepTimer:
 
 
 class EdgeReplica:
-    """One replica: a :class:`~edge_server.engine.BatchingEngine` on its slice, streaming events to the front.
+    """One replica: the families it serves in a :class:`~edge_server.family_pool.FamilyPool` (each a
+    :class:`~edge_server.engine.BatchingEngine` on its slice when loaded), streaming events to the front.
 
-    A plain class: :meth:`RayEngine.start` wraps it with ``serve.deployment``; tests may drive it directly.
+    ``families`` are every family of the deployment; the one of index ``rank mod len(families)`` (Ray Serve's
+    replica rank, or ``home``) loads before the replica serves, the others on their first request, under
+    ``memory_budget_mb`` (None: no budget). A plain class: :meth:`RayEngine.start` wraps it with
+    ``serve.deployment``; tests may drive it directly.
     """
 
-    def __init__(self, family_dir: str, small: str | None = None, variant: str | None = None, *,
-                 device: str = "cpu", dtype: str = "auto", max_batch_rows: int = 16, max_queue: int = 64,
-                 batching: bool = True, threads: int | None = None) -> None:
+    def __init__(self, families: list[FamilySpec], *, device: str = "cpu", dtype: str = "auto",
+                 max_batch_rows: int = 16, max_queue: int = 64, batching: bool = True, threads: int | None = None,
+                 memory_budget_mb: float | None = None, home: int | None = None) -> None:
         import torch
 
-        from edge_server.engine import BatchingEngine
-        from edge_server.family import load_family
+        from edge_server.engine import BatchingEngine, Engine
+        from edge_server.family import FamilyInfo, load_family
+        from edge_server.family_pool import FamilyPool, PooledEngine
         from edge_server.placement import resolve_placement
 
         if threads is not None:
             torch.set_num_threads(threads)
+        placement = resolve_placement(device, dtype)
+        self.timers: dict[str, StepTimer] = {}
 
-        def load() -> Any:  # on the engine's thread (one OpenMP pool: see BatchingEngine)
-            if threads is not None:
-                torch.set_num_threads(threads)
-            return load_family(family_dir, small, variant=variant, placement=resolve_placement(device, dtype))
+        def factory(spec: FamilySpec, info: FamilyInfo) -> Engine:
+            timer = self.timers.setdefault(info.family_id, StepTimer())
 
-        self.timer = StepTimer()
-        self.engine = BatchingEngine(load, max_batch_rows=max_batch_rows, max_queue=max_queue, batching=batching,
-                                     on_batch=self.timer)
+            def load() -> Any:  # on the engine's thread (one OpenMP pool: see BatchingEngine)
+                if threads is not None:
+                    torch.set_num_threads(threads)
+                return load_family(spec.folder, spec.small, variant=spec.variant, placement=placement)
+
+            return BatchingEngine(load, max_batch_rows=max_batch_rows, max_queue=max_queue, batching=batching,
+                                  on_batch=timer)
+
+        budget = None if memory_budget_mb is None else int(memory_budget_mb * 1e6)
+        self.pool = FamilyPool(families, factory, memory_budget_bytes=budget, placement=placement)
+        ids = self.pool.family_ids
+        self.engines: dict[str, PooledEngine] = {fid: self.pool.engine(fid) for fid in ids}
+        self.weight_bytes = {fid: self.pool.info(fid).weight_bytes(placement) for fid in ids}
+        self.default_family = ids[0]
+        self.home = ids[(_replica_rank() if home is None else home) % len(ids)]
         self.pid = os.getpid()
         self.replica = _replica_id()
+        try:
+            _engine, loading = self.pool.acquire(self.home)
+            if loading is not None:
+                loading.result()  # its load error, if any: the replica does not start (Ray Serve says why)
+        except BaseException:
+            self.pool.close(drain=False, timeout=10.0)
+            raise
+        log.info("replica %s (pid %d) serves %s; loaded %s", self.replica, self.pid, ", ".join(ids), self.home)
+
+    @property
+    def timer(self) -> StepTimer:
+        """The step timer of the first family (the one a request naming no family runs on)."""
+        return self.timers.setdefault(self.default_family, StepTimer())
 
     def describe(self, sampler: str | None = None) -> dict[str, Any]:
-        """What the front needs before it serves: the family, its default size and sampler, a sampler check."""
-        family = self.engine.family
-        problem = None
-        if sampler is not None:
+        """What the front needs before it serves: each family's id, default size and sampler, a sampler check (of
+        the first family, as loaded or as described), and this replica's load (``status``)."""
+        families: dict[str, dict[str, Any]] = {}
+        for fid in self.pool.family_ids:
+            info = self.pool.info(fid)
+            problem = None
+            if sampler is not None and sampler not in info.samplers:
+                problem = (f"--sampler {sampler}: family {self.pool.spec(fid).name} ({info.pipeline_class}) runs "
+                           f"{', '.join(info.samplers)}")
+            families[fid] = {"family_id": fid, "name": self.pool.spec(fid).name, "default_size": info.default_size,
+                             "folder": str(info.folder), "default_sampler": info.default_sampler,
+                             "sampler_error": problem}
+        first = dict(families[self.default_family])
+        loaded = self.engines[self.default_family].family
+        if sampler is not None and loaded is not None:  # the loaded family's own check (and its wording)
             try:
-                family.check_sampler(sampler)
+                loaded.check_sampler(sampler)
+                first["sampler_error"] = None
             except RiseError as exc:
-                problem = str(exc)
-        return {"family_id": family.family_id, "default_size": self.engine.default_size,
-                "folder": str(family.folder), "default_sampler": family.default_sampler, "sampler_error": problem,
-                "replica": self.replica, "pid": self.pid}
+                first["sampler_error"] = str(exc)
+        return {**first, "families": families, "replica": self.replica, "pid": self.pid,
+                "status": self._event("status")}
+
+    def family_loads(self) -> dict[str, FamilyLoad]:
+        """Each family's load here: loaded or not, its queue, its step times, its loads' measured seconds."""
+        out: dict[str, FamilyLoad] = {}
+        for fid, engine in self.engines.items():
+            timer = self.timers.get(fid)
+            out[fid] = FamilyLoad(self.pool.is_loaded(fid), engine.stats(), timer.snapshot() if timer else {},
+                                  self.pool.counters(fid)[2], self.weight_bytes[fid])
+        return out
+
+    def stats(self) -> EngineStats:
+        """The replica's load over all its families (counters summed, steps side by side)."""
+        return sum_stats([load.stats for load in self.family_loads().values()])
 
     def _event(self, kind: EventKind, **fields: Any) -> ReplicaEvent:
-        return ReplicaEvent(kind, self.replica, self.pid, self.engine.stats(), self.timer.snapshot(), **fields)
+        families = self.family_loads()
+        return ReplicaEvent(kind, self.replica, self.pid, sum_stats([f.stats for f in families.values()]),
+                            self.timer.snapshot(), families=families, **fields)
 
     async def run(self, wire: WireRequest) -> AsyncIterator[ReplicaEvent]:
         """Serve one request: ``accepted``, ``progress`` (the latest only, when several are waiting), then
-        ``outcome`` or ``error``. Cancelling the stream cancels the request in the engine."""
+        ``outcome`` or ``error``. Cancelling the stream cancels the request in the engine. A request for a family
+        not loaded here waits for its load (the pool's)."""
         from edge_server.engine import EdgeRequest
 
+        engine = self.engines.get(wire.family or self.default_family)
+        if engine is None:
+            yield self._event("error", error="invalid", message=f"family {wire.family} is not served by this edge "
+                                                                f"(serving {', '.join(self.engines)})")
+            return
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
         latest: list[tuple[int, int, NDArray[np.uint8] | None]] = []
@@ -298,7 +413,7 @@ class EdgeReplica:
                               on_step, preview_every=wire.preview_every,
                               on_preview=on_step if wire.preview_every else None)
         try:
-            future = self.engine.submit(request)
+            future = engine.submit(request)
         except Exception as exc:
             yield self._event("error", error=error_kind(exc), message=str(exc),
                               retry_after_s=getattr(exc, "retry_after_s", None))
@@ -317,7 +432,7 @@ class EdgeReplica:
                 if future.done():
                     break
         except (asyncio.CancelledError, GeneratorExit):
-            self.engine.cancel(wire.key)
+            engine.cancel(wire.key)
             raise
         failure = future.exception()
         if failure is not None:
@@ -332,18 +447,46 @@ class EdgeReplica:
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Ray Serve's periodic view of this replica (routers fall back on it for replicas the front has not heard)."""
-        return load_summary(self.engine.stats(), self.timer.snapshot())
-
-    def stats(self) -> EngineStats:
-        return self.engine.stats()
+        families = self.family_loads()
+        summary = load_summary(sum_stats([f.stats for f in families.values()]), self.timer.snapshot())
+        summary["families"] = {fid: load.summary() for fid, load in families.items()}
+        return summary
 
     def process_id(self) -> int:
         return self.pid
 
     def __del__(self) -> None:  # Ray Serve tears the replica down: fail what it holds, promptly
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.close(drain=False, timeout=5.0)
+        pool = getattr(self, "pool", None)
+        if pool is not None:
+            pool.close(drain=False, timeout=5.0)
+
+
+def sum_stats(parts: list[EngineStats]) -> EngineStats:
+    """Several engines' stats as one: counts and counters summed, running and queued steps side by side."""
+    from edge_server.engine import EngineStats
+
+    def joined(name: str) -> tuple[int, ...] | None:
+        values = [getattr(p, name) for p in parts]
+        if any(v is None for v in values):
+            return None
+        return tuple(x for v in values for x in v)
+
+    return EngineStats(sum(p.queued for p in parts), sum(p.active for p in parts), sum(p.unet_calls for p in parts),
+                       sum(p.rows_total for p in parts), sum(p.completed for p in parts),
+                       tuple(x for p in parts for x in p.batch_sizes), joined("running_steps"),
+                       joined("queued_steps"))
+
+
+def _replica_rank() -> int:
+    """This replica's rank in its deployment (Ray Serve >= 2.50 numbers them 0..N-1); 0 outside one."""
+    try:
+        from ray import serve
+
+        rank = serve.get_replica_context().rank
+    except Exception:  # outside a Serve replica, or a Ray Serve without ranks
+        return 0
+    value = getattr(rank, "rank", rank)
+    return int(value) if isinstance(value, int) else 0
 
 
 def _replica_id() -> str:
@@ -401,6 +544,22 @@ def routing_cost(step_times: list[float], running: list[int], queued: list[int],
     return own + harm
 
 
+def drain_s(step_times: list[float], running: list[int], queued: list[int]) -> float:
+    """Seconds until the requests running and queued on an engine have all finished (none joining): the batch
+    runs ``min`` steps left at a time, the queue moving up into free slots, oldest first."""
+    batch = len(step_times) - 1
+    rem = [int(r) for r in running if r > 0]
+    waiting = deque(int(q) for q in queued if q > 0)
+    t = 0.0
+    while rem or waiting:
+        while len(rem) < batch and waiting:
+            rem.append(waiting.popleft())
+        m = min(rem)
+        t += m * step_times[len(rem)]
+        rem = [r - m for r in rem if r > m]
+    return t
+
+
 @dataclass
 class ReplicaView:
     """What the front last heard from one replica."""
@@ -409,6 +568,7 @@ class ReplicaView:
     pid: int
     step_times: dict[int, float]
     heard: float  # perf_counter
+    families: dict[str, FamilyLoad] = field(default_factory=dict)
 
 
 class LoadBoard:
@@ -416,7 +576,8 @@ class LoadBoard:
 
     Updated from the replicas' events (each carries its load) and by the router for requests routed but not yet
     accepted. Thread-safe: the router runs on Ray Serve's loop, the engine's driver on its own, the planner on
-    the daemon's.
+    the daemon's. Every family load a replica reported is kept (a replica that dies keeps its measurements):
+    they price a cold start (:meth:`cold_start_s`).
     """
 
     def __init__(self, max_batch: int, clock: Callable[[], float] = time.perf_counter) -> None:
@@ -424,8 +585,11 @@ class LoadBoard:
         self._clock = clock
         self._lock = threading.Lock()
         self._views: dict[str, ReplicaView] = {}
-        self._routed: dict[str, tuple[str, int]] = {}  # key -> (replica, edge steps): routed, not accepted yet
+        # key -> (replica, edge steps, family): routed, not accepted yet
+        self._routed: dict[str, tuple[str, int, str | None]] = {}
         self._live: set[str] | None = None  # the router's replica set (None: not told)
+        self._loads: dict[tuple[str, str], tuple[float, ...]] = {}  # (replica, family) -> its loads' seconds
+        self._weights: dict[str, int] = {}  # family -> its weights' bytes, as a replica reported them
         self.restarts = 0  # replicas seen dying
         self.resubmits = 0  # requests submitted again after their replica died before they started
 
@@ -433,13 +597,22 @@ class LoadBoard:
 
     def heard(self, event: ReplicaEvent, key: str | None = None) -> None:
         with self._lock:
-            self._views[event.replica] = ReplicaView(event.stats, event.pid, event.step_times, self._clock())
+            self._views[event.replica] = ReplicaView(event.stats, event.pid, event.step_times, self._clock(),
+                                                     dict(event.families))
+            self._note_families(event.replica, event.families)
             if key is not None and event.kind != "progress":
                 self._routed.pop(key, None)
 
-    def routed(self, key: str, replica: str, steps: int) -> None:
+    def _note_families(self, replica: str, families: dict[str, FamilyLoad]) -> None:
+        for fid, load in families.items():
+            if load.load_s:
+                self._loads[(replica, fid)] = tuple(load.load_s)
+            if load.weight_bytes:
+                self._weights[fid] = load.weight_bytes
+
+    def routed(self, key: str, replica: str, steps: int, family: str | None = None) -> None:
         with self._lock:
-            self._routed[key] = (replica, steps)
+            self._routed[key] = (replica, steps, family)
 
     def forget(self, key: str) -> None:
         with self._lock:
@@ -449,7 +622,7 @@ class LoadBoard:
         """The front saw ``replica`` fail; True the first time (one restart counted per replica)."""
         with self._lock:
             first = self._views.pop(replica, None) is not None
-            for key in [k for k, (r, _) in self._routed.items() if r == replica]:
+            for key in [k for k, (r, _, _) in self._routed.items() if r == replica]:
                 del self._routed[key]
             if self._live is not None and replica in self._live:
                 self._live.discard(replica)
@@ -474,16 +647,27 @@ class LoadBoard:
         with self._lock:
             return dict(self._views)
 
+    def has_heard(self, replica: str) -> bool:
+        with self._lock:
+            return replica in self._views
+
     def replica_count(self) -> int:
         with self._lock:
             return len(self._live) if self._live is not None else len(self._views)
 
-    def load(self, replica: str, fallback: dict[str, Any] | None = None) -> tuple[list[int], list[int]]:
-        """(running steps, queued steps with the routed-not-accepted ones behind) of ``replica``: what it last
-        said, else its routing stats (``fallback``), else idle."""
+    def load(self, replica: str, fallback: dict[str, Any] | None = None,
+             family: str | None = None) -> tuple[list[int], list[int]]:
+        """(running steps, queued steps with the routed-not-accepted ones behind) of ``replica`` (of ``family``'s
+        engine there, when given): what it last said, else its routing stats (``fallback``), else idle."""
         with self._lock:
             view = self._views.get(replica)
-            routed = [steps for r, steps in self._routed.values() if r == replica]
+            routed = [steps for r, steps, f in self._routed.values()
+                      if r == replica and (family is None or f == family)]
+        if family is not None:
+            load = self._family_load(replica, family, fallback)
+            if load is None:
+                return [], routed
+            return list(load.stats.running_steps or ()), list(load.stats.queued_steps or ()) + routed
         if view is not None:
             running, queued = list(view.stats.running_steps or ()), list(view.stats.queued_steps or ())
         elif fallback:
@@ -492,29 +676,86 @@ class LoadBoard:
             running, queued = [], []
         return running, queued + routed
 
-    def finish_s(self, replica: str, steps: int, fallback: dict[str, Any] | None = None) -> float:
-        """When a request of ``steps`` edge steps routed now would finish on ``replica``, with what it costs the
-        requests it joins (:func:`routing_cost`; seconds from now over :meth:`step_table`)."""
-        running, queued = self.load(replica, fallback)
-        return routing_cost(self.step_table(), running, queued, steps)
+    def families_of(self, replica: str, fallback: dict[str, Any] | None = None) -> dict[str, FamilyLoad]:
+        """The families ``replica`` reported (its last event, else its routing stats); empty if it said none."""
+        with self._lock:
+            view = self._views.get(replica)
+        if view is not None and view.families:
+            return dict(view.families)
+        if fallback and fallback.get("families"):
+            loads = {fid: FamilyLoad.from_summary(data) for fid, data in dict(fallback["families"]).items()}
+            with self._lock:
+                self._note_families(replica, loads)
+            return loads
+        return {}
 
-    def step_table(self) -> list[float]:
-        """Seconds per batched step by requests, pooled over every replica's measurements (one table for all:
-        replicas of one deployment run alike, and one that has not measured yet must not look slower or faster
-        than the others); unmeasured, in single-request steps."""
+    def _family_load(self, replica: str, family: str, fallback: dict[str, Any] | None) -> FamilyLoad | None:
+        return self.families_of(replica, fallback).get(family)
+
+    def finish_s(self, replica: str, steps: int, fallback: dict[str, Any] | None = None,
+                 family: str | None = None) -> float:
+        """When a request of ``steps`` edge steps routed now would finish on ``replica``, with what it costs the
+        requests it joins (:func:`routing_cost`; seconds from now over :meth:`step_table`).
+
+        With ``family`` (on a replica that reports its families): that family's projection there, plus the work
+        of its other families (they share the replica's slice: counted as if it ran first), plus
+        :meth:`cold_start_s` where the family is not loaded (or the replica is not heard from at all)."""
+        families = self.families_of(replica, fallback) if family is not None else {}
+        if family is None or (not families and self.has_heard(replica)):  # one-family replicas of old
+            running, queued = self.load(replica, fallback)
+            return routing_cost(self.step_table(), running, queued, steps)
+        running, queued = self.load(replica, fallback, family)
+        cost = routing_cost(self.step_table(family), running, queued, steps)
+        for other in families:
+            if other != family:
+                run_o, queued_o = self.load(replica, fallback, other)
+                cost += drain_s(self.step_table(other), run_o, queued_o)
+        mine = families.get(family)
+        if mine is None or not mine.loaded:
+            cost += self.cold_start_s(family)[0]
+        return cost
+
+    def cold_start_s(self, family: str) -> tuple[float, str]:
+        """(seconds, how they were had) a replica takes to load ``family``: the mean of its loads measured on any
+        replica ("measured"); else its weight bytes over the bytes per second of every load measured so far
+        ("estimated"); else over :data:`DEFAULT_LOAD_BYTES_PER_S` ("default"); :data:`DEFAULT_COLD_START_S`
+        when no replica has reported its weight bytes either."""
+        with self._lock:
+            mine = [s for (_, f), loads in self._loads.items() if f == family for s in loads]
+            if mine:
+                return sum(mine) / len(mine), "measured"
+            nbytes = self._weights.get(family)
+            seconds = sum(s for loads in self._loads.values() for s in loads)
+            loaded = sum(self._weights.get(f, 0) * len(loads) for (_, f), loads in self._loads.items())
+        if not nbytes:
+            return DEFAULT_COLD_START_S, "default"
+        if seconds > 0 and loaded > 0:
+            return nbytes / (loaded / seconds), "estimated"
+        return nbytes / DEFAULT_LOAD_BYTES_PER_S, "default"
+
+    def step_table(self, family: str | None = None) -> list[float]:
+        """Seconds per batched step by requests, pooled over every replica's measurements (of ``family``, when
+        given: one table per family, for all replicas: replicas of one deployment run alike, and one that has not
+        measured yet must not look slower or faster than the others); unmeasured, in single-request steps (1 s
+        each: the unit a cold start is added in before a step is measured)."""
         with self._lock:
             pooled: dict[int, list[float]] = {}
             for view in self._views.values():
-                for b, t in view.step_times.items():
+                if family is None:
+                    times = view.step_times
+                else:
+                    load = view.families.get(family)
+                    times = load.step_times if load is not None else {}
+                for b, t in times.items():
                     pooled.setdefault(int(b), []).append(float(t))
         measured = {b: sum(ts) / len(ts) for b, ts in pooled.items()}
         return batch_step_times(1.0, fill_small_batches(measured), self.max_batch, DEFAULT_BATCH_BETA)
 
-    def soonest(self, steps: int, candidates: list[str] | None = None) -> str | None:
+    def soonest(self, steps: int, candidates: list[str] | None = None, family: str | None = None) -> str | None:
         names = candidates if candidates is not None else list(self.replicas())
         if not names:
             return None
-        return min(names, key=lambda r: (self.finish_s(r, steps), r))
+        return min(names, key=lambda r: (self.finish_s(r, steps, family=family), r))
 
 
 # ---------------------------------------------------------------------- the front's engine
@@ -530,6 +771,18 @@ class ClusterStats:
     in_flight: int  # submitted by this front, not yet ended
     restarts: int
     resubmits: int
+    families: dict[str, dict[str, FamilyLoad]] = field(default_factory=dict)  # replica -> family -> its load there
+    cold_start_s: dict[str, tuple[float, str]] = field(default_factory=dict)  # family -> LoadBoard.cold_start_s
+
+
+@dataclass(frozen=True)
+class Served:
+    """Which replica served a request (:attr:`RayEngine.served`, the most recent last)."""
+
+    key: str
+    family: str | None
+    replica: str
+    pid: int
 
 
 @dataclass
@@ -539,6 +792,7 @@ class _Flight:
     task: asyncio.Task[None] | None = None
     cancelled: BaseException | None = None
     replica: str | None = None
+    family: str | None = None
 
 
 class RayEngine:
@@ -547,6 +801,10 @@ class RayEngine:
     Build it with :meth:`start` (deploys the replicas on a local Ray instance or joins a cluster); tests may hand
     it a ``DeploymentHandle`` of their own. ``max_queue`` bounds what this front holds in flight (across all
     replicas) before ``busy``.
+
+    A deployment of several families (``info["families"]``, by family id) is served through one engine per family,
+    :meth:`family_engine`; this engine itself serves the first. Requests of every family share the flights, the
+    bound and the board.
     """
 
     def __init__(self, handle: Any, info: dict[str, Any], cluster: ClusterConfig, *, max_queue: int,
@@ -562,6 +820,11 @@ class RayEngine:
         self._flights: dict[str, _Flight] = {}
         self._closing = False
         self._closed = False
+        #: each family's description by family id (a replica's ``describe``); none from a deployment of old
+        self.families: dict[str, dict[str, Any]] = dict(info.get("families") or {})
+        self._closed_families: set[str] = set()
+        #: the most recent requests served and the replica each ran on (the front's record, for logs and tests)
+        self.served: deque[Served] = deque(maxlen=1024)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="rise-ray-front", daemon=True)
         self._thread.start()
@@ -569,9 +832,10 @@ class RayEngine:
     # ------------------------------------------------------------------ start-up
 
     @classmethod
-    def start(cls, family_dir: str, config: EdgeConfig, cluster: ClusterConfig, *, small: str | None = None,
-              timeout_s: float = 600.0) -> RayEngine:
-        """Deploy ``cluster.replicas`` replicas of the family and return the front's engine.
+    def start(cls, family_dir: str | None, config: EdgeConfig, cluster: ClusterConfig, *, small: str | None = None,
+              families: list[FamilySpec] | None = None, timeout_s: float = 600.0) -> RayEngine:
+        """Deploy ``cluster.replicas`` replicas of the family (or of every family of ``families``, each replica
+        loading one at start: see the module's docstring) and return the front's engine.
 
         Starts a local Ray instance (``cluster.ray_address`` None) or joins one; raises
         :class:`ClusterUnavailable` (one line) when Ray Serve is missing or the cluster cannot be reached.
@@ -580,6 +844,13 @@ class RayEngine:
         import ray
         from ray import serve
 
+        from edge_server.config import FamilySpec
+
+        if families is None:
+            if family_dir is None:
+                raise ConfigError("the cluster needs a family folder")
+            families = [FamilySpec(Path(family_dir).resolve().name or "family", str(family_dir), small,
+                                   config.variant)]
         owns = False
         if not ray.is_initialized():
             try:
@@ -618,13 +889,14 @@ class RayEngine:
         deployment = serve.deployment(**options)(EdgeReplica)
         # a replica sees only the accelerator Ray gave it (CUDA_VISIBLE_DEVICES): "cuda:N" is its "cuda" there
         device = "cuda" if cluster.num_gpus > 0 and config.device.startswith("cuda") else config.device
-        app = deployment.bind(str(family_dir), small, config.variant, device=device, dtype=config.dtype,
+        app = deployment.bind(list(families), device=device, dtype=config.dtype,
                               max_batch_rows=config.max_batch_rows, max_queue=config.max_queue,
-                              batching=config.batching, threads=cluster.torch_threads)
+                              batching=config.batching, threads=cluster.torch_threads,
+                              memory_budget_mb=config.memory_budget_mb)
         try:
             serve.start(proxy_location="Disabled")  # no HTTP ingress: the daemon is the devices' one address
             handle = serve.run(app, name=cluster.app_name, route_prefix=None)
-            info = handle.describe.remote(config.sampler).result(timeout_s=timeout_s)
+            info = _hear_every_replica(handle, board, config.sampler, cluster.replicas, timeout_s)
         except RuntimeError as exc:  # a replica that cannot start (the family, the device): its error, one line
             why = _deployment_error(cluster.app_name) or str(exc).strip().splitlines()[-1]
             _shutdown(cluster.app_name, owns)
@@ -635,8 +907,11 @@ class RayEngine:
         if info.get("sampler_error"):
             _shutdown(cluster.app_name, owns)
             raise ConfigError(str(info["sampler_error"]))
-        log.info("cluster: %d replica(s) of %s on Ray (%s), router %s", cluster.replicas, info["family_id"],
-                 cluster.ray_address or "local", cluster.router)
+        log.info("cluster: %d replica(s) of %s on Ray (%s), router %s", cluster.replicas,
+                 ", ".join(info.get("families") or [info["family_id"]]), cluster.ray_address or "local", cluster.router)
+        for replica, view in sorted(board.replicas().items()):
+            log.info("replica %s (pid %d): loaded %s", replica, view.pid,
+                     ", ".join(f for f, load in view.families.items() if load.loaded) or "nothing")
         default_steps = max(1, round(config.steps * config.split_fraction))
         most = cluster.max_replicas or cluster.replicas
         return cls(handle, info, cluster, max_queue=config.max_queue * most, board=board,
@@ -660,17 +935,27 @@ class RayEngine:
     def folder(self) -> str:
         return str(self.info["folder"])
 
-    def submit(self, request: EdgeRequest) -> Future[EdgeOutcome]:
+    def family_engine(self, family_id: str) -> RayFamilyEngine:
+        """One family's :class:`~edge_server.engine.Engine` over this deployment (its request service's)."""
+        if family_id not in self.families:
+            raise ConfigError(f"family {family_id!r} is not served by this cluster "
+                              f"(serving {', '.join(self.families) or self.family_id})")
+        return RayFamilyEngine(self, family_id)
+
+    def submit(self, request: EdgeRequest, family: str | None = None) -> Future[EdgeOutcome]:
+        """Send ``request`` to a replica; ``family`` its family id (None: the first family)."""
         from edge_server.engine import EngineBusy, EngineClosed
 
+        if family is None and self.families:
+            family = next(iter(self.families))
         with self._lock:
-            if self._closing:
+            if self._closing or family in self._closed_families:
                 raise EngineClosed("the edge is shutting down")
             if len(self._flights) >= self.max_queue:
                 raise EngineBusy(f"edge cluster queue is full ({len(self._flights)} requests)", 1.0)
             if request.key in self._flights:
                 raise RiseError(f"request {request.request_id} is already in flight")
-            flight = _Flight(request, Future())
+            flight = _Flight(request, Future(), family=family)
             self._flights[request.key] = flight
         asyncio.run_coroutine_threadsafe(self._start(flight), self._loop)
         return flight.future
@@ -685,23 +970,32 @@ class RayEngine:
         flight.cancelled = RequestCancelled(f"request {key.split(':', 1)[-1]} was cancelled")
         self._loop.call_soon_threadsafe(self._cancel_task, flight)
 
-    def stats(self) -> EngineStats:
+    def stats(self, family: str | None = None) -> EngineStats:
         """The load of the replica the router will pick for a typical request, counters summed over the cluster.
 
         ``queued`` / ``queued_steps`` also hold the requests this front submitted that no replica acknowledged yet.
+        With ``family`` (a deployment of several): that family's load on the replica a request of it goes to, its
+        counters summed over the replicas.
         """
         from edge_server.engine import EngineStats
 
         views = self.board.replicas()
         with self._lock:
-            pending = [f.request.plan.split for f in self._flights.values() if f.replica is None]
-        best = self.board.soonest(self._default_steps)
+            pending = [f.request.plan.split for f in self._flights.values()
+                       if f.replica is None and (family is None or f.family == family)]
+        best = self.board.soonest(self._default_steps, family=family)
         if best is None:
             return EngineStats(len(pending), 0, 0, 0, 0, (), (), tuple(pending))
-        mine = with_pending(views[best].stats, pending)
-        return replace(mine, unet_calls=sum(v.stats.unet_calls for v in views.values()),
-                       rows_total=sum(v.stats.rows_total for v in views.values()),
-                       completed=sum(v.stats.completed for v in views.values()))
+
+        def of(view: ReplicaView) -> EngineStats:
+            if family is None or family not in view.families:
+                return view.stats
+            return view.families[family].stats
+
+        parts = [of(v) for v in views.values()]
+        mine = with_pending(of(views[best]), pending)
+        return replace(mine, unet_calls=sum(p.unet_calls for p in parts), rows_total=sum(p.rows_total for p in parts),
+                       completed=sum(p.completed for p in parts))
 
     def cluster_stats(self) -> ClusterStats:
         views = self.board.replicas()
@@ -709,7 +1003,23 @@ class RayEngine:
             pending = sum(1 for f in self._flights.values() if f.replica is None)
             in_flight = len(self._flights)
         return ClusterStats({r: v.stats for r, v in views.items()}, self.board.replica_count(), pending,
-                            in_flight, self.board.restarts, self.board.resubmits)
+                            in_flight, self.board.restarts, self.board.resubmits,
+                            {r: dict(v.families) for r, v in views.items() if v.families},
+                            {f: self.board.cold_start_s(f) for f in self.families})
+
+    def close_family(self, family: str, *, drain: bool = True, timeout: float = 30.0) -> None:
+        """Stop taking ``family``'s work and end its flights (drained or failed); the last family closed closes
+        the engine (the deployment goes down)."""
+        from edge_server.engine import EngineClosed
+
+        with self._lock:
+            self._closed_families.add(family)
+            last = bool(self.families) and self._closed_families >= set(self.families)
+            flights = [f for f in self._flights.values() if f.family == family]
+        if last:
+            self.close(drain=drain, timeout=timeout)
+            return
+        self._wind_down(flights, drain, timeout, EngineClosed("the edge shut down before this request finished"))
 
     def close(self, *, drain: bool = True, timeout: float = 30.0) -> None:
         """Stop taking work; let what is in flight finish (drain) or fail it; tear the deployment down."""
@@ -720,23 +1030,7 @@ class RayEngine:
                 return
             self._closing = True
             flights = list(self._flights.values())
-        if drain:
-            deadline = time.monotonic() + timeout
-            for flight in flights:
-                try:
-                    flight.future.exception(timeout=max(0.0, deadline - time.monotonic()))
-                except Exception:  # a timeout: failed below
-                    break
-        for flight in flights:
-            if not flight.future.done():
-                flight.cancelled = EngineClosed("the edge shut down before this request finished")
-                self._loop.call_soon_threadsafe(self._cancel_task, flight)
-        for flight in flights:
-            try:
-                flight.future.exception(timeout=10.0)
-            except Exception:
-                if not flight.future.done():
-                    flight.future.set_exception(EngineClosed("the edge shut down before this request finished"))
+        self._wind_down(flights, drain, timeout, EngineClosed("the edge shut down before this request finished"))
         with self._lock:
             self._closed = True
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -749,6 +1043,26 @@ class RayEngine:
         if down.is_alive():
             log.warning("Ray did not shut down within %.0f s (its processes may be gone): leaving it", SHUTDOWN_S)
         unregister_board(self.cluster.app_name)
+
+    def _wind_down(self, flights: list[_Flight], drain: bool, timeout: float, why: BaseException) -> None:
+        """Let ``flights`` finish (``drain``, up to ``timeout``), then fail what is left with ``why``."""
+        if drain:
+            deadline = time.monotonic() + timeout
+            for flight in flights:
+                try:
+                    flight.future.exception(timeout=max(0.0, deadline - time.monotonic()))
+                except Exception:  # a timeout: failed below
+                    break
+        for flight in flights:
+            if not flight.future.done():
+                flight.cancelled = why
+                self._loop.call_soon_threadsafe(self._cancel_task, flight)
+        for flight in flights:
+            try:
+                flight.future.exception(timeout=10.0)
+            except Exception:
+                if not flight.future.done():
+                    flight.future.set_exception(why)
 
     # ------------------------------------------------------------------ the driver (on the front's loop)
 
@@ -774,7 +1088,7 @@ class RayEngine:
 
         r = flight.request
         wire = WireRequest(r.key, r.request_id, r.prompt, r.plan, r.seed, r.height, r.width,
-                           preview_every=r.preview_every if r.on_preview is not None else None)
+                           preview_every=r.preview_every if r.on_preview is not None else None, family=flight.family)
         attempt = 0
         while True:
             attempt += 1
@@ -794,6 +1108,7 @@ class RayEngine:
                             r.on_progress(event.step, event.split)
                     elif event.kind == "outcome":
                         assert event.outcome is not None
+                        self.served.append(Served(r.key, flight.family, event.replica, event.pid))
                         self._end(flight, outcome=event.outcome)
                         return
                     elif event.kind == "error":
@@ -834,10 +1149,61 @@ class RayEngine:
             flight.future.set_result(outcome)  # type: ignore[arg-type]  # outcome is set when exc is not
 
 
+class RayFamilyEngine:
+    """One family's :class:`~edge_server.engine.Engine` over a :class:`RayEngine` of several: its requests carry
+    its family id (the router prefers replicas holding it), its ``stats`` are its own load, and closing it ends its
+    flights (the last family's close takes the deployment down)."""
+
+    def __init__(self, engine: RayEngine, family_id: str) -> None:
+        self.cluster_engine = engine
+        self._family_id = family_id
+        self.info = engine.families[family_id]
+
+    @property
+    def family_id(self) -> str:
+        return self._family_id
+
+    @property
+    def default_size(self) -> int:
+        return int(self.info["default_size"])
+
+    @property
+    def default_sampler(self) -> str:
+        return str(self.info["default_sampler"])
+
+    @property
+    def folder(self) -> str:
+        return str(self.info["folder"])
+
+    def submit(self, request: EdgeRequest) -> Future[EdgeOutcome]:
+        return self.cluster_engine.submit(request, family=self._family_id)
+
+    def cancel(self, key: str) -> None:
+        self.cluster_engine.cancel(key)
+
+    def stats(self) -> EngineStats:
+        return self.cluster_engine.stats(self._family_id)
+
+    def close(self, *, drain: bool = True, timeout: float = 30.0) -> None:
+        self.cluster_engine.close_family(self._family_id, drain=drain, timeout=timeout)
+
+
+def _hear_every_replica(handle: Any, board: LoadBoard, sampler: str | None, replicas: int,
+                        timeout_s: float) -> dict[str, Any]:
+    """The first replica's ``describe``, after asking until every replica has told the board its load (which
+    families it loaded, in what seconds): the first request is routed on what they hold. The front's router sends
+    such calls to replicas it has not heard from first; Ray's own picks at random (asked up to 4 per replica)."""
+    info: dict[str, Any] = handle.describe.remote(sampler).result(timeout_s=timeout_s)
+    board.heard(info["status"])
+    for _ in range(4 * replicas):
+        if len(board.replicas()) >= replicas:
+            break
+        board.heard(handle.describe.remote(sampler).result(timeout_s=timeout_s)["status"])
+    return info
+
+
 def cluster_planner(engine: RayEngine, config: EdgeConfig) -> Any:
     """The front's planner (one per cluster): the config's, over the family's shipped profile if it has one."""
-    from pathlib import Path
-
     from edge_server.service import FAMILY_PROFILE, make_planner
 
     shipped = Path(engine.folder) / FAMILY_PROFILE
@@ -864,6 +1230,26 @@ def cluster_parts(family_dir: str, config: EdgeConfig, *, small: str | None = No
         engine.close(drain=False, timeout=10.0)
         raise
     return engine, planner
+
+
+def cluster_family_parts(specs: list[FamilySpec], config: EdgeConfig, *, cluster: ClusterConfig | None = None,
+                         registry: CollectorRegistry | None = None) -> tuple[RayEngine, dict[str, RayFamilyEngine]]:
+    """What ``rise-edge serve --engine ray`` with several families serves with: the started :class:`RayEngine`
+    (replicas holding the families, see the module's docstring) and one engine per family by family id, in the
+    order of ``specs`` (each for its own request service and planner: ``Daemon._load_families``).
+
+    Raises :class:`ClusterUnavailable` (one line) without the extra, before anything starts."""
+    require_ray()
+    cluster = cluster or ClusterConfig.from_edge_config(config)
+    engine = RayEngine.start(None, config, cluster, families=specs)
+    try:
+        engines = {fid: engine.family_engine(fid) for fid in engine.families}
+        if registry is not None:
+            ClusterMetrics(engine).register(registry)
+    except BaseException:
+        engine.close(drain=False, timeout=10.0)
+        raise
+    return engine, engines
 
 
 def _closed() -> BaseException:
@@ -987,7 +1373,20 @@ class _ClusterCollector:
             active.add_metric([name], s.active)
             rows.add_metric([name], s.rows_total)
             calls.add_metric([name], s.unet_calls)
-        return [replicas, restarts, resubmits, pending, queue, active, rows, calls]
+        loaded = GaugeMetricFamily("rise_edge_replica_family_loaded", "1 where a replica holds the family loaded",
+                                   labels=["replica", "family"])
+        loads = CounterMetricFamily("rise_edge_replica_family_loads", "Loads of a family on a replica",
+                                    labels=["replica", "family"])
+        for name, families in sorted(stats.families.items()):
+            for fid, load in sorted(families.items()):
+                loaded.add_metric([name, fid], 1.0 if load.loaded else 0.0)
+                loads.add_metric([name, fid], len(load.load_s))
+        cold = GaugeMetricFamily("rise_edge_cluster_cold_start_seconds", "Seconds a replica takes to load the family "
+                                 "(measured, else estimated): what the router adds for a replica without it",
+                                 labels=["family", "source"])
+        for fid, (seconds, source) in sorted(stats.cold_start_s.items()):
+            cold.add_metric([fid, source], seconds)
+        return [replicas, restarts, resubmits, pending, queue, active, rows, calls, loaded, loads, cold]
 
 
 def with_pending(stats: EngineStats, steps: list[int]) -> EngineStats:

@@ -2,9 +2,12 @@
 
 Ray Serve instantiates it (``request_router_class``) in the process that holds the ``DeploymentHandle``:
 the front, where :class:`edge_server.cluster.RayEngine` keeps the :class:`~edge_server.cluster.LoadBoard`
-(each replica's queue and steps left, from the events it streams back). A replica the board has not heard
-from is ranked by the routing stats it reports to Ray Serve (``record_routing_stats``). Imports Ray: loaded
-only by Ray Serve, once the ``cluster`` extra is installed.
+(each replica's queue and steps left, per family, from the events it streams back). A replica the board has
+not heard from is ranked by the routing stats it reports to Ray Serve (``record_routing_stats``). A request
+for a family is ranked by that family's projection, plus the cold start where a replica does not hold it
+loaded (``LoadBoard.finish_s``). Other calls (the front's ``describe``) go to replicas the board has not
+heard from first, so that the front hears every replica before it serves. Imports Ray: loaded only by Ray
+Serve, once the ``cluster`` extra is installed.
 """
 
 from __future__ import annotations
@@ -16,11 +19,22 @@ from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, Reque
 from edge_server.cluster import LoadBoard, WireRequest, board_for
 
 
+def _wire(pending: PendingRequest | None) -> WireRequest | None:
+    if pending is not None and pending.args and isinstance(pending.args[0], WireRequest):
+        return pending.args[0]
+    return None
+
+
 def request_steps(pending: PendingRequest | None) -> int:
     """The edge steps of the request being routed (its plan's split), 1 when it carries no plan."""
-    if pending is not None and pending.args and isinstance(pending.args[0], WireRequest):
-        return max(int(pending.args[0].plan.split), 1)
-    return 1
+    wire = _wire(pending)
+    return max(int(wire.plan.split), 1) if wire is not None else 1
+
+
+def request_family(pending: PendingRequest | None) -> str | None:
+    """The family id of the request being routed (None: it names none, or is not a request)."""
+    wire = _wire(pending)
+    return wire.family if wire is not None else None
 
 
 class SoonestFinishRouter(FIFOMixin, RequestRouter):
@@ -41,13 +55,17 @@ class SoonestFinishRouter(FIFOMixin, RequestRouter):
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
-        board, steps = self._board(), request_steps(pending_request)
+        board, steps, wire = self._board(), request_steps(pending_request), _wire(pending_request)
+        if wire is None:  # describe and the like: replicas not heard from first, then the least loaded
+            ranked = sorted(candidate_replicas, key=lambda r: (
+                board.has_heard(r.replica_id.unique_id), board.finish_s(r.replica_id.unique_id, 1, r.routing_stats),
+                r.replica_id.unique_id))
+            return [[replica] for replica in ranked]
         ranked = sorted(candidate_replicas, key=lambda r: (
-            board.finish_s(r.replica_id.unique_id, steps, r.routing_stats), r.replica_id.unique_id))
+            board.finish_s(r.replica_id.unique_id, steps, r.routing_stats, wire.family), r.replica_id.unique_id))
         # Counted on the first choice now (Ray Serve calls on_request_routed only on its rejection path), so the
         # next request routed before this one's replica answers sees it; its ``accepted`` event replaces it.
-        if pending_request is not None and pending_request.args and isinstance(pending_request.args[0], WireRequest):
-            board.routed(pending_request.args[0].key, ranked[0].replica_id.unique_id, steps)
+        board.routed(wire.key, ranked[0].replica_id.unique_id, steps, wire.family)
         return [[replica] for replica in ranked]
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
