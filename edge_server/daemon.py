@@ -302,7 +302,7 @@ class EdgeServer:
 
         ``planners`` by family id (default: each family's as :func:`edge_server.service.family_planner` makes it).
         """
-        from edge_server.service import RequestService, family_planner, family_prompt_reader
+        from edge_server.service import family_planner, family_prompt_reader
 
         metrics = metrics or EdgeMetrics()
         config.token()
@@ -312,16 +312,28 @@ class EdgeServer:
             if fid not in planners:
                 planners[fid] = family_planner(config, pool.info(fid), pool.spec(fid), several=several)
                 log.info("scheduler for family %s: %s", pool.spec(fid).name, planners[fid].name)
-        first, *rest = pool.family_ids
-        server = cls(pool.engine(first), config, planner=planners[first], metrics=metrics,
-                     read_prompt=family_prompt_reader(pool.info(first)))
+        server = cls.for_families({fid: pool.engine(fid) for fid in pool.family_ids}, planners,
+                                  {fid: family_prompt_reader(pool.info(fid)) for fid in pool.family_ids}, config,
+                                  metrics=metrics)
+        server.pool = pool
+        return server
+
+    @classmethod
+    def for_families(cls, engines: dict[str, Engine], planners: dict[str, Planner],
+                     readers: dict[str, PromptReader | None], config: EdgeConfig, *,
+                     metrics: EdgeMetrics) -> EdgeServer:
+        """A server with one request service per family (by family id, the first the default): its engine, planner
+        and prompt reader; the queue and activity gauges sum over them."""
+        from edge_server.service import RequestService
+
+        first, *rest = engines
+        server = cls(engines[first], config, planner=planners[first], metrics=metrics, read_prompt=readers[first])
         for fid in rest:
-            server.services[fid] = RequestService(pool.engine(fid), config, planner=planners[fid], metrics=metrics,
-                                                  read_prompt=family_prompt_reader(pool.info(fid)))
+            server.services[fid] = RequestService(engines[fid], config, planner=planners[fid], metrics=metrics,
+                                                  read_prompt=readers[fid])
         services = list(server.services.values())
         metrics.queue_depth.set_function(lambda: sum(s.engine.stats().queued for s in services))
         metrics.active.set_function(lambda: sum(s.engine.stats().active for s in services))
-        server.pool = pool
         return server
 
     def service_for(self, family_id: str) -> RequestService:
@@ -798,7 +810,7 @@ class Daemon:
         start, the others on demand), and per family a request service with its own planner and prompt reader."""
         from edge_server.cluster import cluster_family_parts
         from edge_server.family import describe_family
-        from edge_server.service import RequestService, family_planner, family_prompt_reader
+        from edge_server.service import family_planner, family_prompt_reader
 
         config = self.config
         infos = {}
@@ -808,20 +820,13 @@ class Daemon:
         planners = {fid: family_planner(config, info, spec, several=True) for fid, (spec, info) in infos.items()}
         cluster, engines = cluster_family_parts(specs, config, registry=self.metrics.registry)
         try:
-            first, *rest = engines
-            server = EdgeServer(engines[first], config, planner=planners[first], metrics=self.metrics,
-                                read_prompt=family_prompt_reader(infos[first][1]))
-            for fid in rest:
-                server.services[fid] = RequestService(engines[fid], config, planner=planners[fid], metrics=self.metrics,
-                                                      read_prompt=family_prompt_reader(infos[fid][1]))
+            readers = {fid: family_prompt_reader(info) for fid, (_, info) in infos.items()}
+            server = EdgeServer.for_families(dict(engines), planners, readers, config, metrics=self.metrics)
             for fid, planner in planners.items():
                 log.info("scheduler for family %s: %s", infos[fid][0].name, planner.name)
         except BaseException:
             cluster.close(drain=False, timeout=10.0)
             raise
-        services = list(server.services.values())
-        self.metrics.queue_depth.set_function(lambda: sum(s.engine.stats().queued for s in services))
-        self.metrics.active.set_function(lambda: sum(s.engine.stats().active for s in services))
         return server
 
     async def serve(self, stop: asyncio.Event) -> None:
