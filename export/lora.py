@@ -106,12 +106,16 @@ def _label(label: str | None, name: str) -> str:
 
 
 def adapter_format(keys: list[str]) -> str:
-    """The key layout of a LoRA file: "kohya" (A1111 / kohya-ss), "peft" (``lora_A/lora_B``) or "diffusers"."""
+    """The key layout of a LoRA file: "kohya" (A1111 / kohya-ss), "peft" (``lora_A/lora_B``), "diffusers"
+    (``.lora.down`` / ``.lora.up``, its training scripts' files) or "diffusers-peft" (both: diffusers'
+    ``convert_state_dict_to_diffusers`` renames the attention layers' LoRA and leaves the others in peft's)."""
     if any(k.startswith(_KOHYA_PREFIXES) for k in keys):
         return "kohya"
-    if any(".lora_A." in k or ".lora_B." in k for k in keys):
-        return "peft"
-    return "diffusers"  # diffusers' own: ``.lora.down`` / ``.lora.up`` (its training scripts' files)
+    peft = any(".lora_A." in k or ".lora_B." in k for k in keys)
+    diffusers = any(".lora.down." in k or ".lora.up." in k for k in keys)
+    if peft and diffusers:
+        return "diffusers-peft"
+    return "peft" if peft else "diffusers"
 
 
 def read_lora_keys(path: Path) -> list[str]:

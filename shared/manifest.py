@@ -162,7 +162,7 @@ class Personalization:
     adapter_file: str | None = None  # the LoRA file's name (no folder); the file is not in the bundle
     adapter_sha256: str | None = None  # that file's sha256
     adapter_scale: float | None = None  # the scale it was fused with (diffusers' fuse_lora lora_scale)
-    adapter_format: str | None = None  # its key layout: "peft", "diffusers" (diffusers' own) or "kohya"
+    adapter_format: str | None = None  # its key layout: "peft", "diffusers", "diffusers-peft" (both) or "kohya"
 
     def describe(self) -> str:
         """One line: what was personalized (the export summary's, a device app's detail line)."""

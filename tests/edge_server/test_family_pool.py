@@ -250,6 +250,18 @@ def test_eviction_frees_the_family_and_reloading_gives_the_same_handoff(specs):
         pool.close(drain=False, timeout=10)
 
 
+DEMO_FAMILY = Path(__file__).resolve().parents[2] / "models" / "demo" / "family"
+
+
+@pytest.fixture(scope="module")
+def demo_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from export.cli import main
+
+    out = tmp_path_factory.mktemp("demo-bundle") / "bundle"
+    assert main(["--family", str(DEMO_FAMILY), "--out", str(out), "--threads", "1"]) == 0
+    return out
+
+
 @pytest.fixture(scope="module")
 def sd15_bundle_dir(sd15_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from export.cli import main
@@ -284,16 +296,19 @@ async def _serve_two_families(specs, bundles):
         await server.stop()
 
 
-def test_one_edge_serves_devices_of_two_families_at_once(specs, tiny_family, fp32_bundle_dir, sd15_bundle_dir):
+def test_one_edge_serves_devices_of_two_families_at_once(sd15_dir, demo_bundle_dir, sd15_bundle_dir):
+    """The demo family and a tiny SD1.5-shaped one on one edge; a device of each, at once, with its own bundle."""
     from device_app.finish import finish_latents
     from device_app.runtime import DeviceBundle
 
-    bundles = [fp32_bundle_dir, sd15_bundle_dir]
+    specs = [FamilySpec("demo", str(DEMO_FAMILY)), FamilySpec("sd15", str(sd15_dir))]
+    bundles = [demo_bundle_dir, sd15_bundle_dir]
     results, refused = asyncio.run(_serve_two_families(specs, bundles))
-    families = [tiny_family, load_family(specs[1].folder)]
+    families = [load_family(spec.folder) for spec in specs]
     for i, (family, bundle_dir, result) in enumerate(zip(families, bundles, results, strict=True)):
         assert result.plan.family_id == family.family_id  # the plan says which family served it
-        handoff = EdgeRelay(family).start("a red sneaker", PLAN, 3 + i)
+        reading = family.read_prompt("a red sneaker", 3 + i)  # the demo family draws what its grammar reads
+        handoff = EdgeRelay(family).start(reading.prompt if reading else "a red sneaker", PLAN, 3 + i)
         expected = finish_latents(DeviceBundle(bundle_dir, threads=1), handoff)
         err = float(np.abs(result.latents - expected).max())
         assert err <= 1e-4, (family.name, err)  # the relay engine's tolerance: batching changes only round-off
@@ -307,7 +322,7 @@ def test_each_family_has_its_own_scheduler_profile_and_state(tmp_path, sd15_dir)
     from shared.bandit.profile import save_profile
     from tests.helpers import synthetic_profile
 
-    demo = Path(__file__).resolve().parents[2] / "models" / "demo" / "family"  # ships profile.json
+    demo = DEMO_FAMILY  # ships profile.json
     profile = tmp_path / "sd15-profile.json"
     save_profile(profile, synthetic_profile(steps=(5, 10), fractions=(0.0, 0.4, 1.0)))
     config = EdgeConfig(bandit_state=str(tmp_path / "state.json"))

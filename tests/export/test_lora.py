@@ -148,6 +148,23 @@ def sd15(sd15_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Personaliz
     return _personalize(sd15_dir, tmp_path_factory.mktemp("sd15-lora"), 1.0, 2)
 
 
+REPO = Path(__file__).resolve().parents[2]
+COMMITTED_LORA = REPO / "models" / "demo" / "lora" / "red-sneakers" / "pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture(scope="module")
+def committed(tmp_path_factory: pytest.TempPathFactory) -> Personalized:
+    """The trained demo family with the LoRA trained on it here (models/demo/lora/red-sneakers), by the CLI."""
+    family_dir = REPO / "models" / "demo" / "family"
+    family = load_family(family_dir)
+    out, printed = tmp_path_factory.mktemp("committed-lora") / "bundle", io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(["--family", str(family_dir), "--lora", str(COMMITTED_LORA), "--out", str(out), "--threads", "1"])
+    assert code == 0, printed.getvalue()
+    reference = dataclasses.replace(family, small_unet=diffusers_fused_small(family, COMMITTED_LORA, 1.0))
+    return Personalized(family, reference, COMMITTED_LORA, 1.0, out, DeviceBundle(out, threads=1), printed.getvalue())
+
+
 def _device_latent(p: Personalized, split: int) -> np.ndarray:
     """The relay: the family's own edge (its large model) for ``split`` steps, then the bundle on the device."""
     plan = RelayPlan(STEPS, split, SAMPLER, GUIDANCE)
@@ -163,7 +180,7 @@ def _max_abs(a: Any, b: Any) -> float:
 # ----------------------------------------------------------------------------- the relay with a LoRA bundle
 
 
-@pytest.mark.parametrize("which", ["demo", "sd15"])
+@pytest.mark.parametrize("which", ["demo", "sd15", "committed"])
 def test_relay_with_lora_bundle_equals_diffusers_with_the_lora_fused(which: str, request: pytest.FixtureRequest):
     p: Personalized = request.getfixturevalue(which)
     for split in (0, STEPS // 2, STEPS):
@@ -388,3 +405,12 @@ def test_loras_whose_tensors_do_not_all_land_are_refused(demo: Personalized, tmp
                "unet.encoder.block.0.q.lora.up.weight": torch.randn(16, 4)}, str(tmp_path / "foreign.safetensors"))
     with pytest.raises(ExportError, match="does not fit the family's small UNet"):
         fuse_lora(demo.family, tmp_path / "foreign.safetensors")
+
+
+def test_the_committed_lora_is_recorded_with_its_mixed_key_layout(committed: Personalized):
+    # diffusers' convert_state_dict_to_diffusers renames the attention layers' LoRA keys (lora.down/up) and leaves
+    # the feed-forward ones in peft's layout (lora_A/B): the manifest says so rather than naming one layout
+    personal = load_manifest(committed.bundle_dir).personalization
+    assert personal is not None and personal.adapter_format == "diffusers-peft"
+    assert personal.adapter_sha256 == sha256_file(COMMITTED_LORA)
+    assert "diffusers-peft format" in committed.printed
