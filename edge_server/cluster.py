@@ -795,7 +795,29 @@ class _Flight:
     family: str | None = None
 
 
-class RayEngine:
+class _DescribedFamily:
+    """What an engine of a deployment says about its family, read from the replicas' ``describe`` (``info``)."""
+
+    info: dict[str, Any]
+
+    @property
+    def family_id(self) -> str:
+        return str(self.info["family_id"])
+
+    @property
+    def default_size(self) -> int:
+        return int(self.info["default_size"])
+
+    @property
+    def default_sampler(self) -> str:
+        return str(self.info["default_sampler"])
+
+    @property
+    def folder(self) -> str:
+        return str(self.info["folder"])
+
+
+class RayEngine(_DescribedFamily):
     """An :class:`~edge_server.engine.Engine` whose requests run on the replicas of a Ray Serve deployment.
 
     Build it with :meth:`start` (deploys the replicas on a local Ray instance or joins a cluster); tests may hand
@@ -919,21 +941,6 @@ class RayEngine:
 
     # ------------------------------------------------------------------ the Engine interface
 
-    @property
-    def family_id(self) -> str:
-        return str(self.info["family_id"])
-
-    @property
-    def default_size(self) -> int:
-        return int(self.info["default_size"])
-
-    @property
-    def default_sampler(self) -> str:
-        return str(self.info["default_sampler"])
-
-    @property
-    def folder(self) -> str:
-        return str(self.info["folder"])
 
     def family_engine(self, family_id: str) -> RayFamilyEngine:
         """One family's :class:`~edge_server.engine.Engine` over this deployment (its request service's)."""
@@ -1149,7 +1156,7 @@ class RayEngine:
             flight.future.set_result(outcome)  # type: ignore[arg-type]  # outcome is set when exc is not
 
 
-class RayFamilyEngine:
+class RayFamilyEngine(_DescribedFamily):
     """One family's :class:`~edge_server.engine.Engine` over a :class:`RayEngine` of several: its requests carry
     its family id (the router prefers replicas holding it), its ``stats`` are its own load, and closing it ends its
     flights (the last family's close takes the deployment down)."""
@@ -1159,21 +1166,6 @@ class RayFamilyEngine:
         self._family_id = family_id
         self.info = engine.families[family_id]
 
-    @property
-    def family_id(self) -> str:
-        return self._family_id
-
-    @property
-    def default_size(self) -> int:
-        return int(self.info["default_size"])
-
-    @property
-    def default_sampler(self) -> str:
-        return str(self.info["default_sampler"])
-
-    @property
-    def folder(self) -> str:
-        return str(self.info["folder"])
 
     def submit(self, request: EdgeRequest) -> Future[EdgeOutcome]:
         return self.cluster_engine.submit(request, family=self._family_id)
