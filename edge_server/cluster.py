@@ -332,9 +332,7 @@ class EdgeReplica:
         self.pid = os.getpid()
         self.replica = _replica_id()
         try:
-            _engine, loading = self.pool.acquire(self.home)
-            if loading is not None:
-                loading.result()  # its load error, if any: the replica does not start (Ray Serve says why)
+            self.pool.wait_loaded(self.home)  # its load error, if any: the replica does not start (Ray Serve says why)
         except BaseException:
             self.pool.close(drain=False, timeout=10.0)
             raise

@@ -94,6 +94,7 @@ class FamilyPool:
         self.placement = placement
         self.memory_budget_bytes = memory_budget_bytes
         self._lock = threading.Lock()
+        self._published = threading.Condition(self._lock)  # notified when a load ends (loaded, failed or closed)
         self._slots: dict[str, _Slot] = {}
         names: set[str] = set()
         for spec in specs:
@@ -166,7 +167,23 @@ class FamilyPool:
                 log.info("family %s waits for its first request (the memory budget %s is full)", slot.spec.name,
                          _mb(self.memory_budget_bytes or 0))
                 continue
-            future.result()
+            self.wait_loaded(fid)
+
+    def wait_loaded(self, family_id: str, timeout: float | None = None) -> Engine:
+        """The family's engine once it is loaded, starting its load if need be (blocks); the load's error if it
+        fails, EngineClosed if the pool closes first, TimeoutError after ``timeout`` seconds."""
+        engine, loading = self.acquire(family_id)
+        if engine is not None:
+            return engine
+        assert loading is not None
+        loading.result(timeout)  # the load's own error raises here
+        slot = self._slots[family_id]
+        with self._published:
+            if not self._published.wait_for(lambda: slot.engine is not None or self._closed, timeout):
+                raise TimeoutError(f"family {slot.spec.name} did not finish loading within {timeout} s")
+            if slot.engine is None:
+                raise EngineClosed("the edge is shutting down")
+            return slot.engine
 
     def acquire(self, family_id: str) -> tuple[Engine | None, Future[Engine] | None]:
         """The family's engine if loaded (marked used), else the future of its load (started if need be).
@@ -246,6 +263,7 @@ class FamilyPool:
         except BaseException as exc:  # every load error ends the waiting requests, never hangs them
             with self._lock:
                 slot.loading = None
+                self._published.notify_all()
             message = " ".join(str(exc).split())
             log.error("family %s failed to load: %s", slot.spec.name, message)
             future.set_exception(exc if isinstance(exc, RiseError)
@@ -253,30 +271,30 @@ class FamilyPool:
             return
         seconds = time.perf_counter() - started
         family = getattr(engine, "family", None)
+        nbytes = loaded_bytes(family) if isinstance(family, Family) else slot.nbytes
+        # The requests that waited for the load reach the engine (the future's callbacks) while the slot is still
+        # loading, so no eviction can take the engine between its load and its first requests.
+        future.set_result(engine)
         with self._lock:
             slot.loading = None
-            if self._closed:
-                closing = True
-            else:
-                closing = False
-                slot.engine = engine
+            closing = self._closed
+            if not closing:
+                slot.engine, slot.nbytes = engine, nbytes
                 slot.loads += 1
                 slot.load_s.append(seconds)
-                if isinstance(family, Family):
-                    slot.nbytes = loaded_bytes(family)
-        if closing:
+            self._published.notify_all()
+        if closing:  # the edge stopped meanwhile: what reached the engine fails as shutting down
             engine.close(drain=False, timeout=10.0)
-            future.set_exception(EngineClosed("the edge is shutting down"))
             return
-        log.info("loaded family %s (%s) in %.1f s (%s)", slot.spec.name, slot.info.family_id, seconds, _mb(slot.nbytes))
+        log.info("loaded family %s (%s) in %.1f s (%s)", slot.spec.name, slot.info.family_id, seconds, _mb(nbytes))
         if self._on_event is not None:
             self._on_event(slot.spec.name, "load", seconds)
-        future.set_result(engine)
 
     def close(self, *, drain: bool = True, timeout: float = 30.0) -> None:
         """Close every loaded engine (a load still running closes its engine when it ends)."""
         with self._lock:
             self._closed = True
+            self._published.notify_all()
             engines = [s.engine for s in self._slots.values() if s.engine is not None]
             for s in self._slots.values():
                 s.engine = None

@@ -125,10 +125,9 @@ def test_a_family_loads_on_first_use_and_requests_wait_for_it(specs):
     engine.cancel("1:b")
     with pytest.raises(RequestCancelled):
         second.result(timeout=5)
-    loaded = pool.acquire(sd15)[1]  # still loading: the factory waits for the release
-    assert loaded is not None
+    assert pool.acquire(sd15)[1] is not None  # still loading: the factory waits for the release
     factory.release.set()
-    fake = loaded.result(timeout=10)
+    fake = pool.wait_loaded(sd15, timeout=10)
     assert pool.is_loaded(sd15) and not pool.is_loaded(tiny)
     fake.finish("1:a")
     assert "1:b" not in fake.futures  # the cancelled one never reached the engine
@@ -154,10 +153,7 @@ def test_a_failed_load_fails_the_waiting_requests_with_its_reason_and_can_be_ret
 
 
 def _wait_loaded(pool: FamilyPool, family_id: str) -> None:
-    engine, loading = pool.acquire(family_id)
-    if engine is None:
-        assert loading is not None
-        loading.result(timeout=10)
+    pool.wait_loaded(family_id, timeout=10)
 
 
 def test_the_least_recently_used_idle_family_is_evicted_and_a_busy_one_never(specs):
