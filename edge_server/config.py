@@ -330,7 +330,7 @@ _TOML_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "alpha": _float(0.0),
     "speculative_ratio": _float(0.0, lo_open=True),
     "limits": _limits,
-    "families": lambda key, value: _families(key, value),
+    "families": _families,
     "load_families": lambda key, value: check_choice(key, value, LOAD_FAMILIES, error=ConfigError),
     "memory_budget_mb": _float(0.0, lo_open=True),
 }

@@ -66,6 +66,7 @@ from edge_server.config import (
     DTYPE_CHOICES,
     ENGINE_CHOICES,
     FAMILY_PROFILE,
+    LOAD_FAMILIES,
     SCHEDULER_HELP,
     EdgeConfig,
     FamilySpec,
@@ -928,7 +929,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "profile.json if it ships one)")
     s.add_argument("--bandit-state", help="file the scheduler's learned state persists to (default: none)")
     s.add_argument("--alpha", type=float, help=f"LinUCB exploration weight (default: {DEFAULT_ALPHA})")
-    s.add_argument("--load-families", choices=("start", "first_use"), dest="load_families",
+    s.add_argument("--load-families", choices=LOAD_FAMILIES, dest="load_families",
                    help=f"several families: load them all at start (as many as the budget holds) or each on its "
                         f"first request {d('load_families')}")
     s.add_argument("--memory-budget-mb", type=float, dest="memory_budget_mb",
