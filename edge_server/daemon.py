@@ -745,6 +745,9 @@ class Daemon:
             raise profile_missing(config.scheduler)
         for warning in config.warnings():
             log.warning("%s", warning)
+        if self.families is None and (config.memory_budget_mb is not None or config.load_families != "start"):
+            log.warning("--memory-budget-mb and --load-families apply to an edge serving several families; "
+                        "this one serves one and loads it at start")
         self.sock = listen(config.host, config.port, "websocket")
         self.port = int(self.sock.getsockname()[1])
         if config.metrics_port is not None:
