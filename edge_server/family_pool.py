@@ -62,7 +62,7 @@ class FamilyUnavailable(RiseError):
 
 
 EngineFactory = Callable[[FamilySpec, FamilyInfo], Engine]  # builds a loaded engine (blocks for the load)
-PoolEvent = Callable[[str, str, float], None]  # (family name, "load" | "evict", seconds) for the metrics
+PoolEvent = Callable[[str, str, float], None]  # (family name, "load" | "evict", seconds): metrics; keep it quick
 
 
 @dataclass
@@ -73,6 +73,7 @@ class _Slot:
     loading: Future[Engine] | None = None
     nbytes: int = 0  # measured once loaded; the estimate while loading
     last_used: float = 0.0
+    settling: bool = False  # loaded, its waiting requests not yet handed to it: not to be evicted
     loads: int = 0
     evictions: int = 0
     load_s: list[float] = field(default_factory=list)  # every load's seconds (the cold-start cost)
@@ -176,7 +177,7 @@ class FamilyPool:
         if engine is not None:
             return engine
         assert loading is not None
-        loading.result(timeout)  # the load's own error raises here
+        loading.result(timeout)  # the load's own error raises here (published before it resolves)
         slot = self._slots[family_id]
         with self._published:
             if not self._published.wait_for(lambda: slot.engine is not None or self._closed, timeout):
@@ -228,7 +229,7 @@ class FamilyPool:
                 break
             assert other.engine is not None
             stats = other.engine.stats()
-            if stats.queued or stats.active:
+            if stats.queued or stats.active or other.settling:
                 continue
             evicted.append((other, other.engine))
             other.engine = None
@@ -272,23 +273,26 @@ class FamilyPool:
         seconds = time.perf_counter() - started
         family = getattr(engine, "family", None)
         nbytes = loaded_bytes(family) if isinstance(family, Family) else slot.nbytes
-        # The requests that waited for the load reach the engine (the future's callbacks) while the slot is still
-        # loading, so no eviction can take the engine between its load and its first requests.
-        future.set_result(engine)
         with self._lock:
             slot.loading = None
             closing = self._closed
-            if not closing:
-                slot.engine, slot.nbytes = engine, nbytes
+            if not closing:  # loaded and counted before anyone sees it loaded
+                slot.engine, slot.nbytes, slot.settling = engine, nbytes, True
                 slot.loads += 1
                 slot.load_s.append(seconds)
+                if self._on_event is not None:
+                    self._on_event(slot.spec.name, "load", seconds)
             self._published.notify_all()
-        if closing:  # the edge stopped meanwhile: what reached the engine fails as shutting down
+        if closing:  # the edge stopped meanwhile: the waiting requests fail as shutting down
             engine.close(drain=False, timeout=10.0)
+            future.set_exception(EngineClosed("the edge is shutting down"))
             return
         log.info("loaded family %s (%s) in %.1f s (%s)", slot.spec.name, slot.info.family_id, seconds, _mb(nbytes))
-        if self._on_event is not None:
-            self._on_event(slot.spec.name, "load", seconds)
+        # The requests that waited for the load reach the engine (the future's callbacks) while the slot is settling,
+        # so no eviction can take the engine between its load and its first requests.
+        future.set_result(engine)
+        with self._lock:
+            slot.settling = False
 
     def close(self, *, drain: bool = True, timeout: float = 30.0) -> None:
         """Close every loaded engine (a load still running closes its engine when it ends)."""

@@ -233,11 +233,12 @@ def test_eviction_frees_the_family_and_reloading_gives_the_same_handoff(specs):
     tiny, sd15 = _ids(pool)
     try:
         first = pool.engine(tiny).submit(_request("1:a")).result(timeout=120)
-        family_ref = weakref.ref(pool.engine(tiny).family)
+        family_ref = weakref.ref(pool.wait_loaded(tiny, timeout=60).family)  # type: ignore[attr-defined]
         pool.engine(sd15).submit(_request("2:a")).result(timeout=120)  # evicts tiny
         gc.collect()
         assert family_ref() is None, "the evicted family's modules are still referenced"
         again = pool.engine(tiny).submit(_request("1:b")).result(timeout=120)
+        pool.wait_loaded(tiny, timeout=60)  # the request may finish before the pool has counted the load
         # same seed, same family: the same latent after the reload, to the bit
         np.testing.assert_array_equal(decode_handoff(again.handoff).latents, decode_handoff(first.handoff).latents)
         loads, evictions, load_s = pool.counters(tiny)
