@@ -317,7 +317,7 @@ class EdgeReplica:
             def load() -> Any:  # on the engine's thread (one OpenMP pool: see BatchingEngine)
                 if threads is not None:
                     torch.set_num_threads(threads)
-                return load_family(spec.folder, spec.small, variant=spec.variant, placement=placement)
+                return load_family(spec.folder, spec.small, variant=spec.variant, placement=placement, info=info)
 
             return BatchingEngine(load, max_batch_rows=max_batch_rows, max_queue=max_queue, batching=batching,
                                   on_batch=timer)
@@ -1161,21 +1161,19 @@ class RayFamilyEngine(_DescribedFamily):
 
     def __init__(self, engine: RayEngine, family_id: str) -> None:
         self.cluster_engine = engine
-        self._family_id = family_id
         self.info = engine.families[family_id]
 
-
     def submit(self, request: EdgeRequest) -> Future[EdgeOutcome]:
-        return self.cluster_engine.submit(request, family=self._family_id)
+        return self.cluster_engine.submit(request, family=self.family_id)
 
     def cancel(self, key: str) -> None:
         self.cluster_engine.cancel(key)
 
     def stats(self) -> EngineStats:
-        return self.cluster_engine.stats(self._family_id)
+        return self.cluster_engine.stats(self.family_id)
 
     def close(self, *, drain: bool = True, timeout: float = 30.0) -> None:
-        self.cluster_engine.close_family(self._family_id, drain=drain, timeout=timeout)
+        self.cluster_engine.close_family(self.family_id, drain=drain, timeout=timeout)
 
 
 def _hear_every_replica(handle: Any, board: LoadBoard, sampler: str | None, replicas: int,

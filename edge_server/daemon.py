@@ -101,7 +101,7 @@ if TYPE_CHECKING:  # the serving parts import torch: loaded when first used (see
     from numpy.typing import NDArray
 
     from edge_server.engine import Engine
-    from edge_server.family import Family
+    from edge_server.family import Family, FamilyInfo
     from edge_server.family_pool import FamilyPool
     from edge_server.service import PromptReader, RequestService, Session
 
@@ -297,41 +297,33 @@ class EdgeServer:
             raise
 
     @classmethod
-    def with_family_pool(cls, pool: FamilyPool, config: EdgeConfig, *, metrics: EdgeMetrics | None = None,
-                         planners: dict[str, Planner] | None = None) -> EdgeServer:
-        """A server for every family of ``pool``, each with its own engine, scheduler and prompt reader.
-
-        ``planners`` by family id (default: each family's as :func:`edge_server.service.family_planner` makes it).
-        """
-        from edge_server.service import family_planner, family_prompt_reader
+    def with_family_pool(cls, pool: FamilyPool, config: EdgeConfig, *,
+                         metrics: EdgeMetrics | None = None) -> EdgeServer:
+        """A server for every family of ``pool``, each with its own engine, scheduler and prompt reader."""
+        from edge_server.service import family_planners
 
         metrics = metrics or EdgeMetrics()
         config.token()
-        planners = dict(planners or {})
-        several = len(pool.family_ids) > 1
-        for fid in pool.family_ids:
-            if fid not in planners:
-                planners[fid] = family_planner(config, pool.info(fid), pool.spec(fid), several=several)
-                log.info("scheduler for family %s: %s", pool.spec(fid).name, planners[fid].name)
-        server = cls.for_families({fid: pool.engine(fid) for fid in pool.family_ids}, planners,
-                                  {fid: family_prompt_reader(pool.info(fid)) for fid in pool.family_ids}, config,
-                                  metrics=metrics)
+        described = {fid: (pool.spec(fid), pool.info(fid)) for fid in pool.family_ids}
+        server = cls.for_families({fid: pool.engine(fid) for fid in pool.family_ids},
+                                  family_planners(config, described), described, config, metrics=metrics)
         server.pool = pool
         return server
 
     @classmethod
     def for_families(cls, engines: dict[str, Engine], planners: dict[str, Planner],
-                     readers: dict[str, PromptReader | None], config: EdgeConfig, *,
+                     described: dict[str, tuple[FamilySpec, FamilyInfo]], config: EdgeConfig, *,
                      metrics: EdgeMetrics) -> EdgeServer:
-        """A server with one request service per family (by family id, the first the default): its engine, planner
-        and prompt reader; the queue and activity gauges sum over them."""
-        from edge_server.service import RequestService
+        """A server with one request service per family (by family id, the first the default): its engine, its
+        planner and the prompt reader of its description; the queue and activity gauges sum over them."""
+        from edge_server.service import RequestService, family_prompt_reader
 
         first, *rest = engines
-        server = cls(engines[first], config, planner=planners[first], metrics=metrics, read_prompt=readers[first])
+        server = cls(engines[first], config, planner=planners[first], metrics=metrics,
+                     read_prompt=family_prompt_reader(described[first][1]))
         for fid in rest:
             server.services[fid] = RequestService(engines[fid], config, planner=planners[fid], metrics=metrics,
-                                                  read_prompt=readers[fid])
+                                                  read_prompt=family_prompt_reader(described[fid][1]))
         services = list(server.services.values())
         metrics.queue_depth.set_function(lambda: sum(s.engine.stats().queued for s in services))
         metrics.active.set_function(lambda: sum(s.engine.stats().active for s in services))
@@ -791,9 +783,9 @@ class Daemon:
         placement = resolve_placement(config.device, config.dtype)
         log.info("computing on %s", placement.describe())
 
-        def factory(spec: FamilySpec, _info: object) -> Engine:
+        def factory(spec: FamilySpec, info: FamilyInfo) -> Engine:
             def load() -> Family:  # on the engine's own thread (BatchingEngine)
-                return load_family(spec.folder, spec.small, variant=spec.variant, placement=placement)
+                return load_family(spec.folder, spec.small, variant=spec.variant, placement=placement, info=info)
 
             return make_engine(load, config, on_batch=self.metrics.observe_batch)
 
@@ -814,20 +806,17 @@ class Daemon:
         start, the others on demand), and per family a request service with its own planner and prompt reader."""
         from edge_server.cluster import cluster_family_parts
         from edge_server.family import describe_family
-        from edge_server.service import family_planner, family_prompt_reader
+        from edge_server.service import family_planners
 
         config = self.config
-        infos = {}
+        described = {}
         for spec in specs:  # read here, without loading: what each family's planner and reader need
             info = describe_family(spec.folder, spec.small, variant=spec.variant)
-            infos[info.family_id] = (spec, info)
-        planners = {fid: family_planner(config, info, spec, several=True) for fid, (spec, info) in infos.items()}
+            described[info.family_id] = (spec, info)
+        planners = family_planners(config, described)  # a config error is said before Ray starts
         cluster, engines = cluster_family_parts(specs, config, registry=self.metrics.registry)
         try:
-            readers = {fid: family_prompt_reader(info) for fid, (_, info) in infos.items()}
-            server = EdgeServer.for_families(dict(engines), planners, readers, config, metrics=self.metrics)
-            for fid, planner in planners.items():
-                log.info("scheduler for family %s: %s", infos[fid][0].name, planner.name)
+            server = EdgeServer.for_families(dict(engines), planners, described, config, metrics=self.metrics)
         except BaseException:
             cluster.close(drain=False, timeout=10.0)
             raise

@@ -74,6 +74,12 @@ LCM_SAMPLER = "lcm"
 FAMILY_INFO = "training.json"
 
 
+def default_sampler_of(samplers: tuple[str, ...]) -> str:
+    """The sampler a family of these samplers runs when a request names none: lcm for LCM families, else
+    DPM-Solver++ 2M."""
+    return LCM_SAMPLER if LCM_SAMPLER in samplers else "dpmpp_2m"
+
+
 # For mypy, diffusers' top-level names are its torch-less placeholder classes (its __init__ imports
 # dummy_pt_objects first under TYPE_CHECKING): their modules, configs and loaders are untyped.
 @dataclass
@@ -117,7 +123,7 @@ class Family:
     @property
     def default_sampler(self) -> str:
         """The sampler a request gets when none is asked for: lcm for LCM families, else DPM-Solver++ 2M."""
-        return LCM_SAMPLER if LCM_SAMPLER in self.samplers else "dpmpp_2m"
+        return default_sampler_of(self.samplers)
 
     def read_prompt(self, text: str, seed: int) -> PromptReading | None:
         """How this family reads ``text`` for ``seed`` (its grammar's tolerant reader); None for free-text families.
@@ -343,7 +349,7 @@ class FamilyInfo:
 
     @property
     def default_sampler(self) -> str:
-        return LCM_SAMPLER if LCM_SAMPLER in self.samplers else "dpmpp_2m"
+        return default_sampler_of(self.samplers)
 
     def weight_bytes(self, placement: Placement = CPU_FP32) -> int:
         """The bytes the loaded weights take in ``placement``'s dtype (a force-upcast VAE counted as it loads)."""
@@ -422,14 +428,17 @@ def describe_family(folder: str | Path, small: str | None = None, *, variant: st
 
 
 def load_family(folder: str | Path, small: str | None = None, *, variant: str | None = None,
-                placement: Placement = CPU_FP32) -> Family:
+                placement: Placement = CPU_FP32, info: FamilyInfo | None = None) -> Family:
     """Load a family folder (large pipeline + small denoiser) where ``placement`` says; FamilyError if unusable.
 
     ``variant`` (e.g. ``"fp16"``) picks ``*.<variant>.safetensors`` weights; by default a
     variant-only folder is detected (the family's and, separately, the small denoiser's).
-    Everything :func:`describe_family` checks is checked first, before a weight loads.
+    Everything :func:`describe_family` checks is checked first, before a weight loads; ``info`` is that
+    description when the caller has it already (a family pool: it describes each family once, at start, and
+    its id must not change across reloads), so the folder is not read and hashed again.
     """
-    info = describe_family(folder, small, variant=variant)
+    if info is None:
+        info = describe_family(folder, small, variant=variant)
     folder = info.folder
     diffusers_logging.disable_progress_bar()  # a daemon's log is no place for loading bars
     pipeline_cls = _PIPELINE_CLASSES[info.pipeline_class]

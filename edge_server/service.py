@@ -121,6 +121,15 @@ def family_planner(config: EdgeConfig, info: FamilyInfo, spec: FamilySpec, *, se
                         family_profile=shipped if shipped.is_file() else None)
 
 
+def family_planners(config: EdgeConfig, described: dict[str, tuple[FamilySpec, FamilyInfo]]) -> dict[str, Planner]:
+    """Each family's scheduler (:func:`family_planner`) by family id, each named in the log."""
+    planners: dict[str, Planner] = {}
+    for fid, (spec, info) in described.items():
+        planners[fid] = family_planner(config, info, spec, several=len(described) > 1)
+        log.info("scheduler for family %s: %s", spec.name, planners[fid].name)
+    return planners
+
+
 def family_prompt_reader(info: FamilyInfo) -> PromptReader | None:
     """How the family reads a prompt (its grammar's reader), without holding the family: it may be evicted."""
     grammar = info.prompt_grammar
