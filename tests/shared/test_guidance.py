@@ -3,8 +3,10 @@
 Diffusers' CPU ``torch.exp`` (MKL) is one ulp off for ~1% of float32 inputs, and the port's is
 correctly rounded; the sines then take arguments up to ``1000 * w``, where one ulp of a frequency
 is up to ~1e-3. So the port is compared to 1e-6 with diffusers' own function run on a correctly
-rounded exp (measured: 6e-8, sin/cos round-off), and to diffusers as it stands with a bound of one
-frequency ulp times the argument (measured: up to 9e-4 at guidance scale 13, dims 256 and 512).
+rounded exp (measured: 6e-8, sin/cos round-off), and to diffusers as it stands with a bound of two
+float32 ulps of the argument: its frequency's ulp, and the rounding of the float32 product (measured:
+up to 9e-4 at guidance scale 13, dims 256 and 512; 1.04 ulps at one entry on an AVX-512 machine,
+whose MKL exp is off by one ulp at other inputs).
 """
 
 from __future__ import annotations
@@ -57,12 +59,13 @@ def test_matches_diffusers(dim: int, guidance_scale: float) -> None:
     with correctly_rounded_torch_exp():
         exact = diffusers_embedding(w, dim)
     np.testing.assert_allclose(ours, exact, rtol=0, atol=1e-6)
-    # Against diffusers as is: each entry within one float32 ulp of its frequency, times the argument.
+    # Against diffusers as is: each entry within two float32 ulps of its argument (one of the frequency's exp, one of
+    # rounding the float32 product w * 1000 * frequency), plus sin/cos round-off.
     reference = diffusers_embedding(w, dim)
     half = dim // 2
     frequencies = np.exp(np.arange(half) * -np.log(10000.0) / (half - 1))
     argument = np.abs(1000.0 * (guidance_scale - 1)) * np.concatenate([frequencies, frequencies, [0.0] * (dim % 2)])
-    bound = argument * 2.0**-23 + 1e-6
+    bound = argument * 2.0**-22 + 1e-6
     error = np.abs(ours.astype(np.float64) - reference)
     assert np.all(error <= bound)
     # Where torch's frequency is the correctly rounded one, diffusers as is matches to 1e-6.
