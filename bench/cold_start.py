@@ -14,7 +14,10 @@ of the replica process is not counted, it is paid once per replica, not per fami
 * *warm request*: the same request on the replica once it holds the family (wall and the engine's edge compute),
   ``--requests`` of them after one warm-up;
 * the bytes per second of the loads (the family's ``weight_bytes()`` over its load seconds), what the router's
-  estimate of a family not yet loaded anywhere uses (``LoadBoard.cold_start_s``).
+  estimate of a family not yet loaded anywhere uses (``LoadBoard.cold_start_s``);
+* *estimate*: what the replica's pool told the planner (and the device, as the plan's ``loading_s``) the cold
+  request would wait for, just before it (``FamilyPool.cold_start_s``: the family is not loaded there yet, so its
+  weight bytes at the rate of the home family's load), beside that request's measured load.
 
 Families: the demo family (models/demo/family) and a tiny SD1.5-shaped one (``lab.hub_families``
 ``build_sd15_bk_sdm_tiny``, built in a temp dir). Plan: the edge's defaults, ``--steps`` (20) at ``--split`` (10)
@@ -63,7 +66,8 @@ def measure(specs: list[Any], threads: int, repeats: int, requests: int, steps: 
     out: dict[str, dict[str, Any]] = {
         s.name: {"family_id": i.family_id, "folder": s.folder, "weight_bytes": i.weight_bytes(),
                  "default_size": i.default_size, "load_s": [], "cold_request_wall_s": [], "warm_request_wall_s": [],
-                 "warm_edge_compute_s": []} for s, i in zip(specs, infos, strict=True)}
+                 "warm_edge_compute_s": [], "cold_start_estimate_s": [], "cold_start_actual_s": []}
+           for s, i in zip(specs, infos, strict=True)}
     n = 0
     for _ in range(repeats):
         for home in range(len(specs)):
@@ -80,7 +84,9 @@ def measure(specs: list[Any], threads: int, repeats: int, requests: int, steps: 
                         return WireRequest(f"bench:{tag}{n}", f"{tag}{n}", "a red sneaker on a wooden table", plan,
                                            n, None, None, family=fid)
 
+                    out[spec.name]["cold_start_estimate_s"].append(round(replica.pool.cold_start_s(fid), 4))
                     out[spec.name]["cold_request_wall_s"].append(round(_wall(replica, wire("cold"))[0], 4))
+                    out[spec.name]["cold_start_actual_s"].append(round(replica.pool.counters(fid)[2][-1], 4))
                     _wall(replica, wire("warmup"))
                     for _ in range(requests):
                         wall, edge = _wall(replica, wire("warm"))
@@ -99,6 +105,8 @@ def measure(specs: list[Any], threads: int, repeats: int, requests: int, steps: 
         entry["warm_request_wall_s_median"] = round(warm, 4)
         entry["warm_edge_compute_s_median"] = round(statistics.median(entry["warm_edge_compute_s"]), 4)
         entry["load_over_warm_request"] = round(load / warm, 2)
+        entry["estimate_over_actual"] = [round(e / a, 2) for e, a in
+                                         zip(entry["cold_start_estimate_s"], entry["cold_start_actual_s"], strict=True)]
     return out
 
 
@@ -139,6 +147,8 @@ def main() -> None:
               f"{e['warm_request_wall_s_median']:>11.3f} {e['warm_edge_compute_s_median']:>8.3f} "
               f"{e['load_over_warm_request']:>9.2f}")
         print(f"  loads {e['load_s']}  cold requests {e['cold_request_wall_s']}  warm {e['warm_request_wall_s']}")
+        print(f"  cold start told {e['cold_start_estimate_s']} s, took {e['cold_start_actual_s']} s "
+              f"(estimate / actual {e['estimate_over_actual']})")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.json}")

@@ -304,6 +304,9 @@ async def _generate(args: argparse.Namespace, options: RequestOptions, token: st
         print(f"plan: {describe_plan(plan)}", file=out)
         print(f"why: {why}", file=out)
 
+    def on_loading(seconds: float) -> None:
+        print(f"edge: loading the family first (~{seconds:.1f} s)", file=out)
+
     frames: list[tuple[str, int, bytes]] = []
     preview_dir = None if args.preview is None else Path(args.preview)
     if preview_dir is not None and args.preview_every < 1:
@@ -324,7 +327,7 @@ async def _generate(args: argparse.Namespace, options: RequestOptions, token: st
             args.prompt, attempts=1 + (3 if args.retries is None else args.retries),
             preference=options.preference, seed=args.seed, pinned=options.pinned, steps=options.steps,
             height=options.height, width=options.width, rating=args.rating,
-            on_plan=on_plan, on_progress=progress,
+            on_plan=on_plan, on_loading=on_loading, on_progress=progress,
             on_preview=on_preview if preview_dir is not None else None,
             preview_every=args.preview_every if preview_dir is not None else None,
         )

@@ -96,12 +96,13 @@ from shared.protocol import (
 )
 from shared.relay_plan import RelayPlan
 
-__all__ = ["EdgeClient", "PlanCallback", "PreviewCallback", "ProgressCallback"]
+__all__ = ["EdgeClient", "LoadingCallback", "PlanCallback", "PreviewCallback", "ProgressCallback"]
 
 log = logging.getLogger("rise.device.client")
 
 ProgressCallback = Callable[[str, int, int], None]  # (stage "edge" | "device", step, total)
 PlanCallback = Callable[[RelayPlan, str], None]  # (the chosen configuration, why)
+LoadingCallback = Callable[[float], None]  # (seconds the edge expects to load the family before its first step)
 
 # --------------------------------------------------------------------------- client
 
@@ -420,6 +421,7 @@ class EdgeClient:
         preview_every: int | None = None,
         timeout: float | None = None,
         deadline: float | None = None,
+        on_loading: LoadingCallback | None = None,
     ) -> GenerationResult:
         """Generate one image: the edge's steps, the handoff, this device's steps and decode.
 
@@ -430,10 +432,13 @@ class EdgeClient:
         server) and device step (``step`` counts from ``split + 1`` to ``N``; a speculative
         run's own steps from 1), both on the event loop. ``preview_every`` asks the edge for a
         live preview every that many steps; ``on_preview(stage, step, png)`` gets each one (after
-        ``on_progress``). After the image is ready the :class:`Report` (with ``rating`` if given)
-        is sent. ``timeout`` and ``deadline`` override the client's for this request
-        (``deadline=math.inf``: none). The plan, the handoff and the PNG are checked before any
-        work on them (:mod:`device_app.expected`).
+        ``on_progress``). When the plan says the edge must first load the family (``Plan.loading_s``:
+        it was not in memory), ``on_loading(seconds)`` is called after ``on_plan`` and the wait for
+        the edge's first word after the plan may be that much longer than ``timeout``. After the
+        image is ready the :class:`Report` (with ``rating`` if given) is sent. ``timeout`` and
+        ``deadline`` override the client's for this request (``deadline=math.inf``: none). The
+        plan, the handoff and the PNG are checked before any work on them
+        (:mod:`device_app.expected`).
 
         A **speculative** plan (``RelayPlan.speculative``, and this client's ``speculative``) starts
         this device's own device-only run at once; on the handoff's arrival
@@ -487,7 +492,7 @@ class EdgeClient:
                                    name=f"rise-own {rid}")
             delivery = loop.create_task(self._await_delivery(
                 pending, timeout, (limit, deadline_at), on_plan, on_progress, on_preview,
-                on_plan_message=on_plan_message,
+                on_plan_message=on_plan_message, on_loading=on_loading,
             ), name=f"rise-delivery {rid}")
             try:
                 outcome = await self._race(rid, delivery, own, spec)
@@ -778,15 +783,19 @@ class EdgeClient:
         on_preview: PreviewCallback | None = None,
         *,
         on_plan_message: Callable[[Plan], object] | None = None,
+        on_loading: LoadingCallback | None = None,
     ) -> tuple[Plan, float | None, _Item]:
         """Consume a request's events until its payload arrives; raise on an error, a timeout or the deadline.
 
         ``deadline`` is (its seconds, when it falls on ``self._clock``), or (None, None); no event extends it.
+        The silence ``timeout`` after a plan whose edge loads the family first grows by its ``loading_s``
+        (until the edge's next word).
         """
         rid = pending.request.request_id
         limit, deadline_at = deadline
         plan: Plan | None = None
         plan_at: float | None = None
+        loading_s = 0.0  # the announced load, until the edge says more
         while True:
             stage = "its plan" if plan is None else "its payload"
             left = math.inf if deadline_at is None else deadline_at - self._clock()
@@ -795,15 +804,18 @@ class EdgeClient:
                     DEADLINE, f"request {rid}: {self.url} did not deliver within the {limit:g} s deadline (waiting "
                     f"for {stage}; progress does not extend it)", request_id=rid,
                 )
+            silence = timeout + loading_s
             try:
-                item = await asyncio.wait_for(pending.queue.get(), min(timeout, left))
+                item = await asyncio.wait_for(pending.queue.get(), min(silence, left))
             except TimeoutError:
-                if left < timeout:
+                if left < silence:
                     continue  # the deadline, not the silence: said at the top of the loop
+                loading = f" (it said it would load the family first, ~{loading_s:g} s)" if loading_s else ""
                 raise EdgeTimeout(
-                    TIMEOUT, f"request {rid}: {self.url} sent nothing for {timeout:g} s while waiting for {stage}",
-                    request_id=rid,
+                    TIMEOUT, f"request {rid}: {self.url} sent nothing for {silence:g} s while waiting for "
+                    f"{stage}{loading}", request_id=rid,
                 ) from None
+            loading_s = 0.0
             if isinstance(item, BaseException):
                 raise item
             event = item.event
@@ -814,6 +826,10 @@ class EdgeClient:
                     on_plan_message(event)
                 if on_plan is not None:
                     on_plan(event.plan, event.why)
+                if event.loading_s is not None:
+                    loading_s = event.loading_s
+                    if on_loading is not None:
+                        on_loading(event.loading_s)
             elif isinstance(event, Progress):
                 if on_progress is not None:
                     on_progress(event.stage, event.step, event.total)

@@ -62,6 +62,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from edge_server.cold_start import DEFAULT_LOAD_BYTES_PER_S as DEFAULT_LOAD_BYTES_PER_S  # the cluster's default too
+from edge_server.cold_start import estimate_load_s
 from shared.bandit.latency import DEFAULT_BATCH_BETA, batch_step_times, edge_schedule
 from shared.errors import ConfigError, RiseError
 from shared.relay_plan import RelayPlan
@@ -82,10 +84,6 @@ ROUTERS = ("soonest", "pow2")  # ours (edge_server.cluster_router), or Ray Serve
 ROUTER_PATH = "edge_server.cluster_router.SoonestFinishRouter"
 DEPLOYMENT = "EdgeReplica"
 SHUTDOWN_S = 20.0  # the most RayEngine.close waits for the deployment's deletion and Ray's shutdown
-#: Bytes per second a family's weights load at before any load was measured: a stated default, between what
-#: bench/cold_start.py measured on two shared CPU cores with the files in the page cache (the demo family ~190 MB/s,
-#: a tiny SD1.5-shaped one ~32 MB/s: building many small modules costs more than reading their bytes).
-DEFAULT_LOAD_BYTES_PER_S = 100e6
 #: A cold start's seconds when not even the family's weight bytes are known (no replica has reported it yet).
 DEFAULT_COLD_START_S = 30.0
 
@@ -714,22 +712,18 @@ class LoadBoard:
         return cost
 
     def cold_start_s(self, family: str) -> tuple[float, str]:
-        """(seconds, how they were had) a replica takes to load ``family``: the mean of its loads measured on any
+        """(seconds, how they were had) a replica takes to load ``family``
+        (:func:`~edge_server.cold_start.estimate_load_s`, as the local pool's): the mean of its loads measured on any
         replica ("measured"); else its weight bytes over the bytes per second of every load measured so far
         ("estimated"); else over :data:`DEFAULT_LOAD_BYTES_PER_S` ("default"); :data:`DEFAULT_COLD_START_S`
         when no replica has reported its weight bytes either."""
         with self._lock:
             mine = [s for (_, f), loads in self._loads.items() if f == family for s in loads]
-            if mine:
-                return sum(mine) / len(mine), "measured"
             nbytes = self._weights.get(family)
-            seconds = sum(s for loads in self._loads.values() for s in loads)
-            loaded = sum(self._weights.get(f, 0) * len(loads) for (_, f), loads in self._loads.items())
-        if not nbytes:
+            measured = [(self._weights.get(f, 0), s) for (_, f), loads in self._loads.items() for s in loads]
+        if not mine and not nbytes:
             return DEFAULT_COLD_START_S, "default"
-        if seconds > 0 and loaded > 0:
-            return nbytes / (loaded / seconds), "estimated"
-        return nbytes / DEFAULT_LOAD_BYTES_PER_S, "default"
+        return estimate_load_s(nbytes or 0, mine, measured)
 
     def step_table(self, family: str | None = None) -> list[float]:
         """Seconds per batched step by requests, pooled over every replica's measurements (of ``family``, when
@@ -980,7 +974,7 @@ class RayEngine(_DescribedFamily):
 
         ``queued`` / ``queued_steps`` also hold the requests this front submitted that no replica acknowledged yet.
         With ``family`` (a deployment of several): that family's load on the replica a request of it goes to, its
-        counters summed over the replicas.
+        counters summed over the replicas, and the cold start it waits for there when that replica does not hold it.
         """
         from edge_server.engine import EngineStats
 
@@ -999,8 +993,12 @@ class RayEngine(_DescribedFamily):
 
         parts = [of(v) for v in views.values()]
         mine = with_pending(of(views[best]), pending)
+        there = views[best].families.get(family) if family is not None else None
+        cold_start_s = 0.0
+        if family is not None and there is not None and not there.loaded:
+            cold_start_s = self.board.cold_start_s(family)[0]
         return replace(mine, unet_calls=sum(p.unet_calls for p in parts), rows_total=sum(p.rows_total for p in parts),
-                       completed=sum(p.completed for p in parts))
+                       completed=sum(p.completed for p in parts), cold_start_s=cold_start_s)
 
     def cluster_stats(self) -> ClusterStats:
         views = self.board.replicas()

@@ -637,7 +637,8 @@ class EdgeServer:
             hello = conn.hello
             ticket = service.plan(session, request, device_step_s=hello.device_step_s if hello else None)
             conn.send_plan(rid, ticket.plan, seed=ticket.seed, height=ticket.height, width=ticket.width,
-                           scheduler=ticket.scheduler, why=ticket.why, notice=ticket.notice)
+                           scheduler=ticket.scheduler, why=ticket.why, notice=ticket.notice,
+                           loading_s=ticket.loading_s)
             self._poke(client)
 
             def on_progress(step: int, total: int) -> None:  # engine thread -> event loop

@@ -107,6 +107,7 @@ class EngineStats:
     # the scheduler projects the edge's schedule from these (None: the engine does not say)
     running_steps: tuple[int, ...] | None = None  # edge steps each request in the batch has left
     queued_steps: tuple[int, ...] | None = None  # edge steps of each queued request, oldest first
+    cold_start_s: float = 0.0  # seconds before a request submitted now can start: its family's load (0: loaded)
 
 
 class Engine(Protocol):

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from edge_server.cold_start import estimate_load_s
 from edge_server.config import FamilySpec as FamilySpec  # re-exported: the pool's unit
 from edge_server.engine import (
     EdgeOutcome,
@@ -71,6 +72,7 @@ class _Slot:
     info: FamilyInfo
     engine: Engine | None = None
     loading: Future[Engine] | None = None
+    loading_since: float = 0.0  # the pool's clock when the load started
     nbytes: int = 0  # measured once loaded; the estimate while loading
     last_used: float = 0.0
     settling: bool = False  # loaded, its waiting requests not yet handed to it: not to be evicted
@@ -148,6 +150,20 @@ class FamilyPool:
             slot = self._slots[family_id]
             return slot.loads, slot.evictions, tuple(slot.load_s)
 
+    def cold_start_s(self, family_id: str) -> float:
+        """Seconds a request for the family submitted now waits for its load: 0 when loaded; what is left of the
+        load when it is loading; else a whole load (:func:`~edge_server.cold_start.estimate_load_s`: the mean of
+        its own loads, else its weight bytes at the rate of every load here so far, else at the default rate)."""
+        with self._lock:
+            slot = self._slots[family_id]
+            if slot.engine is not None:
+                return 0.0
+            measured = [(s.nbytes, seconds) for s in self._slots.values() for seconds in s.load_s]
+            estimate, _ = estimate_load_s(slot.nbytes, slot.load_s, measured)
+            if slot.loading is not None:
+                return max(estimate - (self._clock() - slot.loading_since), 0.0)
+            return estimate
+
     def engine(self, family_id: str) -> PooledEngine:
         """The family's engine for its request service (loaded when first used)."""
         if family_id not in self._slots:
@@ -209,7 +225,7 @@ class FamilyPool:
         slot = self._slots[family_id]
         evicted = self._make_room(slot)
         future: Future[Engine] = Future()
-        slot.loading = future
+        slot.loading, slot.loading_since = future, self._clock()
         thread = threading.Thread(target=self._load, args=(slot, future, evicted), daemon=True,
                                   name=f"rise-load-{slot.spec.name}")
         thread.start()
@@ -389,7 +405,8 @@ class PooledEngine:
             waiting_steps = tuple(w.request.plan.split for w in self._waiting.values())
         if engine is None:
             return EngineStats(queued=waiting, active=0, unet_calls=0, rows_total=0, completed=0,
-                               running_steps=(), queued_steps=waiting_steps)
+                               running_steps=(), queued_steps=waiting_steps,
+                               cold_start_s=self.pool.cold_start_s(self._family_id))
         stats = engine.stats()
         if not waiting:
             return stats

@@ -71,6 +71,13 @@ LEARN_BURST = 20.0
 LEARN_PER_S = 0.5
 PINNED_LEARN_COST = 4.0
 MAX_RATED = 1024  # request ids per connection whose rating was counted (repeats count once)
+MAX_LOADING_S = 86400.0  # the most a plan frame's loading_s says
+
+
+def _loading_s(cold_start_s: float) -> float | None:
+    """The plan frame's ``loading_s``: the family's load still ahead, to a tenth of a second (None: loaded)."""
+    seconds = round(min(max(cold_start_s, 0.0), MAX_LOADING_S), 1)
+    return seconds if seconds > 0 else None
 
 
 def make_planner(config: EdgeConfig, *, default_sampler: str = "dpmpp_2m",
@@ -175,6 +182,7 @@ class Ticket:
     started: float  # perf_counter when planning began (the edge_total stage)
     prompt: str | None = None  # what the family is given, when its reading differs from what was typed
     notice: str | None = None  # one line for the user on how the prompt was read (the plan frame's notice)
+    loading_s: float | None = None  # the family's load the request waits for first (the plan frame's; None: loaded)
 
     @property
     def request_id(self) -> str:
@@ -296,14 +304,14 @@ class RequestService:
             notice = notice[: MAX_NOTICE_CHARS - 3] + "..."
         stats = self.engine.stats()
         context = PlanContext(stats.queued, stats.active, request.device_load, request.rtt_s, request.bandwidth_bps,
-                              device_step_s, stats.running_steps, stats.queued_steps)
+                              device_step_s, stats.running_steps, stats.queued_steps, stats.cold_start_s)
         plan, why = self.planner.choose(request, context)
         ticket = Ticket(
             key=session.key(request.request_id), request=request, plan=plan, why=why,
             scheduler=PINNED if request.pinned is not None else self.planner.name, seed=seed,
             height=request.height or self.default_size, width=request.width or self.default_size, started=started,
             prompt=reading.prompt if reading is not None and reading.prompt != request.prompt else None,
-            notice=notice,
+            notice=notice, loading_s=_loading_s(stats.cold_start_s),
         )
         session.in_flight[request.request_id] = ticket
         return ticket

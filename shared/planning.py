@@ -31,6 +31,7 @@ class PlanContext:
     device_step_s: float | None = None  # the device's small-model step time, from its hello
     edge_running: tuple[int, ...] | None = None  # remaining edge steps of each request in the batch
     edge_queued: tuple[int, ...] | None = None  # edge steps of each request waiting for a slot (FIFO)
+    edge_cold_start_s: float = 0.0  # seconds the edge needs before it can start: its family's load (0: loaded)
 
 
 class Planner(Protocol):

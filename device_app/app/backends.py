@@ -135,6 +135,8 @@ class Sink(Protocol):
 
     def plan(self, plan: RelayPlan, why: str) -> None: ...
 
+    def loading(self, seconds: float) -> None: ...  # the edge loads the family first (its estimate)
+
     def progress(self, stage: str, step: int, total: int) -> None: ...
 
     def preview(self, png: bytes) -> None: ...
@@ -390,7 +392,7 @@ class NetworkBackend:
             client = await self._connected(job.server_url, job.token)
             result = await client.generate_with_retry(
                 job.given, attempts=1 + self.retries, preference=job.preference, seed=job.seed,
-                on_plan=sink.plan, on_progress=sink.progress, **self._preview_kwargs(sink),
+                on_plan=sink.plan, on_loading=sink.loading, on_progress=sink.progress, **self._preview_kwargs(sink),
             )
         except Exception as exc:
             sink.failed(exc)

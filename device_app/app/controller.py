@@ -39,7 +39,7 @@ from device_app.app.backends import Backend, BundleHolder, Job, LinkStatus, Outc
 from device_app.app.gallery import MAX_SIDE, Gallery, GalleryEntry, GalleryError, ImageArray, ImageInfo
 from device_app.app.prompt_help import PromptHelp, prompt_help_for
 from device_app.app.settings import Settings, SettingsStore
-from device_app.app.words import details_text, link_help, link_label, plain_summary
+from device_app.app.words import details_text, link_help, link_label, loading_text, plain_summary
 from device_app.bundle_library import BundleLibrary, LibraryBundle, quick_check_bundle, scan_library
 from device_app.errors import CONNECT_FAILED, CONNECTION_LOST, EdgeConnectionError
 from device_app.finish import DeviceStepCount
@@ -165,6 +165,9 @@ class _JobSink:
 
     def plan(self, plan: RelayPlan, why: str) -> None:
         self._post(self.controller._on_plan, plan, why)
+
+    def loading(self, seconds: float) -> None:
+        self._post(self.controller._on_loading, seconds)
 
     def progress(self, stage: str, step: int, total: int) -> None:
         self._post(self.controller._on_progress, stage, step, total)
@@ -711,6 +714,13 @@ class Controller:
                 self.status = f"This device runs all {plan.device_steps} steps"
             else:
                 self.status = f"The server runs all {plan.edge_steps} steps"
+        self._changed()
+
+    def _on_loading(self, job: Job, seconds: float) -> None:
+        """The edge loads the family first (it was not in memory): say so, and how long it expects."""
+        if self.plan is None or self.offline:
+            return
+        self.status = loading_text(seconds)
         self._changed()
 
     def _on_progress(self, job: Job, stage: str, step: int, total: int) -> None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from device_app.app.backends import LinkStatus
 from device_app.app.gallery import ImageInfo
 
-__all__ = ["chosen_by", "describe_split", "details_text", "link_label", "link_help", "plain_summary", "timing_line"]
+__all__ = ["chosen_by", "describe_split", "details_text", "link_label", "link_help", "loading_text", "plain_summary",
+           "timing_line"]
 
 #: How a configuration came to be, by the scheduler that named it (anything else learned: "chosen for quality q").
 _CHOSEN = {
@@ -39,6 +40,12 @@ def chosen_by(info: ImageInfo) -> str:
     if info.offline:
         return info.why or "no server used"
     return _CHOSEN.get(info.scheduler, f"chosen for quality {info.preference:.1f}")
+
+
+def loading_text(seconds: float) -> str:
+    """The status while the server loads the model first: "The server is loading its model (about 8 s)"."""
+    about = f"{max(1, round(seconds))} s" if seconds < 90 else f"{round(seconds / 60)} min"
+    return f"The server is loading its model first (about {about})"
 
 
 def timing_line(info: ImageInfo) -> str:

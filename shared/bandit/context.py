@@ -70,6 +70,7 @@ class Observation:
     active: int = 0
     edge_running: tuple[int, ...] | None = None  # the batch's remaining edge steps, if the engine says
     edge_queued: tuple[int, ...] | None = None  # the queue's edge steps
+    edge_cold_start_s: float = 0.0  # the family's load still to wait for (0: loaded)
 
 
 @dataclass(frozen=True, eq=False)
@@ -184,4 +185,6 @@ def describe(obs: Observation) -> str:
         parts.append(f"device load {obs.device_load:.2f}")
     if obs.queue_depth:
         parts.append(f"{obs.queue_depth} queued")
+    if obs.edge_cold_start_s > 0:
+        parts.append(f"family loading, ~{obs.edge_cold_start_s:.1f} s")
     return ", ".join(parts)

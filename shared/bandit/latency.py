@@ -21,7 +21,10 @@ predicted from its steps. Disjoint LinUCB had to learn each arm's latency from s
 joining behind the queue, would finish its ``k_a``-th step, nobody else arriving) when the engine
 reports its batch's remaining steps and its queue (``PlanContext.edge_running``/``edge_queued``);
 from counts alone it is ``k_a * T[b]`` (``b`` the batch with it) plus, in ``edge_wait``, a full
-batch of mean edge steps for every ``B`` queued.
+batch of mean edge steps for every ``B`` queued. A family the edge has still to load
+(``PlanContext.edge_cold_start_s``, the pool's estimate of the load left) adds its seconds to
+every arm's ``edge_wait``: the regression learns from that request's report without mistaking
+the load for slow steps, and the speculative rule sees the handoff coming late.
 
 ``k_a`` of an adaptive arm (hand off once x0 settles, :mod:`shared.relay_modes`) is the edge steps
 it is expected to run: the profile's measured mean at the prompt's level when the features are
@@ -241,6 +244,8 @@ class LatencyFeatures:
             wait = (ahead / cap) * self.mean_edge_steps * self.T[cap] if ahead else 0.0
             out[:, 3] = k * self.T[batch]
             out[:, 5] = self.uses_edge * wait
+        # a family still to load holds every arm (a device-only plan too: the edge encodes its prompt and noise)
+        out[:, 5] += max(float(obs.edge_cold_start_s), 0.0)
         out[:, 6] = device
         out[:, 7] = device * load
         out[:, 8] = device * load * load

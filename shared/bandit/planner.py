@@ -366,6 +366,7 @@ class BanditPlanner:
             device_step_s=context.device_step_s,
             queue_depth=context.queue_depth, active=context.active,
             edge_running=context.edge_running, edge_queued=context.edge_queued,
+            edge_cold_start_s=context.edge_cold_start_s,
         )
         x = self.builder.build(obs)
         latency_x = self.latency_features.build(obs) if self.latency_features is not None else None

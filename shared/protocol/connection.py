@@ -585,11 +585,12 @@ class ServerConnection(_Connection):
 
     def send_plan(
         self, request_id: str, plan: RelayPlan, *, seed: int, height: int, width: int, scheduler: str, why: str,
-        notice: str | None = None,
+        notice: str | None = None, loading_s: float | None = None,
     ) -> None:
         """Queue the chosen configuration; it must honour what the request pinned (plan, steps, seed, size).
 
-        ``notice`` is the one line for the user about how the prompt was read (``Plan.notice``).
+        ``notice`` is the one line for the user about how the prompt was read (``Plan.notice``); ``loading_s``
+        the seconds the edge expects to load the family first (``Plan.loading_s``; None: it is loaded).
         """
         request = self._live(request_id)
         if request is None or request.cancelling:
@@ -598,7 +599,7 @@ class ServerConnection(_Connection):
             raise _usage(f"send_plan: request {request_id!r} already has a plan", request_id)
         message = _built(
             Plan, request_id=request_id, plan=plan, seed=seed, height=height, width=width, scheduler=scheduler,
-            why=why, notice=notice, family_id=self.family_id,
+            why=why, notice=notice, family_id=self.family_id, loading_s=loading_s,
         )
         assert isinstance(message, Plan)
         self._check_outgoing(message, request_id)

@@ -391,11 +391,14 @@ class Plan(_Message):
     is one line for the user about the prompt itself (words the family did not understand,
     an item it placed), ``None`` when it was read as written. ``family_id`` is the family that
     serves the request (an edge may serve several; the connection's hello chose it).
+    ``loading_s`` is the edge's estimate of the seconds it spends loading that family before the
+    request's first step (the family was not in memory: a first use, or it was evicted), ``None``
+    when the family is loaded; the device shows it and waits that much longer for the first step.
     """
 
     TYPE: ClassVar[str] = "plan"
     WIRE_IN: ClassVar[Mapping[str, Callable[[str, Any], Any]]] = {}  # set below
-    OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset({"notice", "family_id"})
+    OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset({"notice", "family_id", "loading_s"})
     request_id: str
     plan: RelayPlan
     seed: int
@@ -405,6 +408,7 @@ class Plan(_Message):
     why: str
     notice: str | None = None
     family_id: str | None = None
+    loading_s: float | None = None
 
     def _validate(self) -> None:
         _identifier("request_id", self.request_id)
@@ -418,6 +422,7 @@ class Plan(_Message):
             _text("notice", self.notice, max_chars=512, allow_empty=False)
         if self.family_id is not None:
             _family_id("family_id", self.family_id)
+        self._set("loading_s", _opt(_float, "loading_s", self.loading_s, 0.0, _MAX_SECONDS, lo_open=True))
 
 
 @dataclass(frozen=True)

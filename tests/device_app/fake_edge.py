@@ -57,7 +57,7 @@ class FakeEdge:
     policy the client cannot check). ``busy_first``: the first n requests get ``busy``
     with ``retry_after_s``. ``vanish_after_plan``: the server drops the TCP connection
     (no close frame) right after sending a plan. ``stall``: the server sends the plan and
-    then nothing. ``speculative``: the plans it makes say so. ``hold_handoff``: awaited after the
+    then nothing. ``speculative``: the plans it makes say so; ``loading_s``: they say a family load is ahead. ``hold_handoff``: awaited after the
     edge's steps, before the handoff goes out (a late edge, without clocks); :attr:`cancelled` is
     set when a ``cancel`` arrives. ``preview_png``: sent as the preview of every
     ``preview_every``-th edge step of a request that asked for previews.
@@ -74,6 +74,7 @@ class FakeEdge:
     vanish_after_plan: bool = False
     stall: bool = False
     speculative: bool = False
+    loading_s: float | None = None  # what its plans say of a family load ahead (Plan.loading_s)
     hold_handoff: Callable[[], Awaitable[object]] | None = None
     preview_png: bytes | None = None
     served: dict[str, Served] = field(default_factory=dict)  # by request id
@@ -185,7 +186,8 @@ class FakeEdge:
             why, policy = f"fixed policy: edge runs {split} of {steps} steps", "fixed"
         seed = request.seed if request.seed is not None else int(np.random.default_rng().integers(2**31))
         height, width = self.size
-        conn.send_plan(rid, plan, seed=seed, height=height, width=width, scheduler=policy, why=why)
+        conn.send_plan(rid, plan, seed=seed, height=height, width=width, scheduler=policy, why=why,
+                       loading_s=self.loading_s)
         served = self.served[rid] = Served(request, plan, seed)
         await flush()
         if self.vanish_after_plan:

@@ -39,6 +39,7 @@ from device_app.app.controller import MAX_SEED, NO_SERVER, UNREACHABLE, Controll
 from device_app.app.gallery import GalleryError, ImageInfo
 from device_app.app.offline import device_only_handoff, generate_offline, offline_plan
 from device_app.app.settings import Settings, SettingsStore
+from device_app.app.words import loading_text
 from device_app.errors import EdgeConnectionError, EdgeError
 from device_app.finish import finish_latents
 from device_app.runtime import DeviceBundle
@@ -315,6 +316,19 @@ def test_generate_shows_edge_then_device_progress_and_the_result_in_plain_words(
     assert "scheduler linucb: why" in controller.details_text
     assert [h.prompt for h in controller.history] == ["a red bag"] and controller.current is controller.history[0]
     assert any("Server: step 1 of 2" in s for s in seen)
+
+
+def test_while_the_server_loads_its_model_the_status_says_so_and_how_long(tmp_path):
+    controller, network, _ = fake_controller(tmp_path)
+    assert controller.generate("a red bag")
+    _, sink = network.jobs[0]
+    sink.plan(RelayPlan(4, 2, "dpmpp_2m", 5.0), "balanced")
+    sink.loading(7.6)
+    assert controller.status == "The server is loading its model first (about 8 s)"
+    sink.progress("edge", 1, 2)  # loaded: the steps say the rest
+    assert controller.status == "Server: step 1 of 2"
+    assert loading_text(0.2) == "The server is loading its model first (about 1 s)"
+    assert loading_text(150.0) == "The server is loading its model first (about 2 min)"
 
 
 @pytest.mark.parametrize("scheduler, plan, line", [

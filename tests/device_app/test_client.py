@@ -235,6 +235,24 @@ def test_a_silent_server_times_out_and_the_request_is_cancelled(tiny_family, bun
     assert [c.request_id for c in edge.cancels] == ["r1"]
 
 
+def test_a_plan_that_says_the_edge_loads_its_family_first_is_shown_and_waited_for(tiny_family, bundle):
+    async def scenario() -> tuple[list[float], str, GenerationResult]:
+        async with FakeEdge(tiny_family, stall=True, loading_s=0.25) as edge:
+            async with EdgeClient.connect(edge.url, bundle, timeout=0.25) as client:
+                told: list[float] = []
+                with pytest.raises(EdgeTimeout) as timed_out:  # it stays silent: the wait is the load's longer
+                    await client.generate("x", on_loading=told.append)
+        async with FakeEdge(tiny_family, loading_s=3.0) as edge:
+            async with EdgeClient.connect(edge.url, bundle) as client:
+                result = await client.generate("x")
+        return told, str(timed_out.value), result
+
+    told, message, result = run(scenario(), timeout=30)
+    assert told == [0.25]
+    assert "sent nothing for 0.5 s" in message and "load the family first, ~0.25 s" in message
+    assert result.plan.loading_s == 3.0 and result.image.std() > 0  # no callback: nothing else changes
+
+
 def test_a_device_failure_is_raised_and_reported_to_the_edge(tiny_family, bundle, monkeypatch):
     import device_app.finish as client_module  # where the client's device half runs the steps
 
@@ -286,7 +304,7 @@ def test_cli_generate_writes_a_png_and_prints_the_timings(tiny_family, fp32_bund
     out = tmp_path / "img.png"
 
     async def scenario() -> int:
-        async with FakeEdge(tiny_family, token=TOKEN) as edge:
+        async with FakeEdge(tiny_family, token=TOKEN, loading_s=2.5) as edge:  # its family still to load
             return await asyncio.to_thread(main, [
                 "generate", "--server", edge.url, "--bundle", str(fp32_bundle_dir), "--token-file", str(token_file),
                 "--prompt", "a red sneaker", "--seed", "3", "--preference", "0.8", "--out", str(out),
@@ -297,6 +315,7 @@ def test_cli_generate_writes_a_png_and_prints_the_timings(tiny_family, fp32_bund
     print(stdout)
     assert stderr == ""
     assert "plan: N=6 K=3" in stdout and "why: fixed policy" in stdout
+    assert "edge: loading the family first (~2.5 s)" in stdout
     assert "progress: edge 3/3 | device 3/3" in stdout
     for label in ("queue (edge)", "edge compute", "transfer", "device compute", "decode (VAE)", "total latency"):
         assert label in stdout

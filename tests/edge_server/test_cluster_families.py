@@ -163,6 +163,23 @@ def test_the_front_has_one_engine_per_family_and_requests_carry_their_family():
         close_quietly(engine)
 
 
+def test_the_fronts_planner_sees_the_cold_start_of_a_family_no_replica_holds():
+    async def script(wire: WireRequest, attempt: int) -> AsyncIterator[ReplicaEvent]:
+        yield ReplicaEvent("accepted", "a", 7, IDLE, {})
+
+    board = LoadBoard(max_batch=2)
+    heard(board, "a", {"A": load(True, load_s=(2.0,)), "B": load(False, weight_bytes=50 * MB)})
+    info = {**FAMILIES["A"], "families": FAMILIES}
+    engine = RayEngine(FakeHandle(script), info, ClusterConfig(replicas=1), max_queue=8, board=board)
+    try:
+        assert engine.stats("A").cold_start_s == 0.0  # loaded where its requests go
+        # B is loaded nowhere: its requests wait for a load, priced at the rate A's load ran (100 MB in 2 s)
+        assert engine.stats("B").cold_start_s == pytest.approx(board.cold_start_s("B")[0]) == pytest.approx(1.0)
+        assert engine.family_engine("B").stats().cold_start_s == pytest.approx(1.0)
+    finally:
+        close_quietly(engine)
+
+
 def test_the_cluster_metrics_say_which_families_each_replica_loaded_and_the_cold_start():
     from prometheus_client import CollectorRegistry, generate_latest
 

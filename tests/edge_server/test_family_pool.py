@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edge_server.cold_start import DEFAULT_LOAD_BYTES_PER_S
 from edge_server.config import EdgeConfig, FamilySpec
 from edge_server.engine import EdgeOutcome, EdgeRequest, EngineStats, RequestCancelled
 from edge_server.family import describe_family, load_family, loaded_bytes
@@ -135,6 +136,30 @@ def test_a_family_loads_on_first_use_and_requests_wait_for_it(specs):
     assert pool.counters(sd15)[0] == 1
     pool.close()
     assert fake.closed
+
+
+def test_the_pool_says_how_long_a_request_waits_for_its_familys_load(specs):
+    now = [100.0]
+    factory = FakeFactory(gate=True)
+    pool = FamilyPool(specs, factory, clock=lambda: now[0])
+    tiny, sd15 = _ids(pool)
+    sd15_bytes, tiny_bytes = (pool.info(f).weight_bytes(pool.placement) for f in (sd15, tiny))
+    whole = sd15_bytes / DEFAULT_LOAD_BYTES_PER_S  # nothing loaded yet: its bytes at the stated default rate
+    engine = pool.engine(sd15)
+    assert pool.cold_start_s(sd15) == pytest.approx(whole) and engine.stats().cold_start_s == pytest.approx(whole)
+    waiting = engine.submit(_request("1:a"))  # the load starts at 100 s and waits for the release
+    now[0] += whole / 4
+    assert engine.stats().cold_start_s == pytest.approx(whole * 3 / 4)  # what is left of it
+    now[0] += whole
+    assert pool.cold_start_s(sd15) == 0.0  # overdue: nothing left to promise
+    factory.release.set()
+    pool.wait_loaded(sd15, timeout=10).finish("1:a")
+    assert waiting.result(timeout=5).kind == "handoff"
+    assert pool.cold_start_s(sd15) == 0.0 and engine.stats().cold_start_s == 0.0
+    # the other family is priced at the rate this load ran at (one disk, one kind of model)
+    (load_s,) = pool.counters(sd15)[2]
+    assert pool.cold_start_s(tiny) == pytest.approx(tiny_bytes * load_s / sd15_bytes)
+    pool.close()
 
 
 def test_a_failed_load_fails_the_waiting_requests_with_its_reason_and_can_be_retried(specs):
@@ -333,3 +358,31 @@ def test_each_family_has_its_own_scheduler_profile_and_state(tmp_path, sd15_dir)
     assert sorted(f.name for f in tmp_path.glob("state.*.json")) == ["state.demo.json", "state.sd15.json"]
     alone = family_planner(config, describe_family(demo), specs[0], several=False)
     assert alone.state_path is not None and Path(alone.state_path).name == "state.json"  # type: ignore[attr-defined]
+
+
+async def _first_use_requests(bundle_dir: Path) -> tuple[list, list[float]]:
+    from device_app.client import EdgeClient
+    from device_app.runtime import DeviceBundle
+    from edge_server.daemon import EdgeServer
+
+    pool = _real_pool([FamilySpec("demo", str(DEMO_FAMILY))])  # not loaded at start: on first use
+    server = EdgeServer.with_family_pool(pool, EdgeConfig(port=0, scheduler="fixed"))
+    server.token = TOKEN
+    port = await server.start()
+    loading: list[float] = []
+    try:
+        bundle = DeviceBundle(bundle_dir, threads=1)
+        async with EdgeClient.connect(f"ws://127.0.0.1:{port}", bundle, token=TOKEN) as client:
+            results = [await client.generate("a red sneaker", seed=seed, pinned=PLAN, timeout=240,
+                                             on_loading=loading.append) for seed in (1, 2)]
+        return results, loading
+    finally:
+        await server.stop()
+
+
+def test_the_first_request_of_a_family_not_loaded_is_told_the_load_it_waits_for(demo_bundle_dir):
+    (first, second), loading = asyncio.run(_first_use_requests(demo_bundle_dir))
+    assert first.plan.loading_s is not None and first.plan.loading_s > 0  # the default rate's estimate
+    assert loading == [first.plan.loading_s]  # the device was told, once
+    assert second.plan.loading_s is None  # loaded by then: nothing to wait for
+    assert first.image.std() > 0 and second.image.std() > 0

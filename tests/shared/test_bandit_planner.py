@@ -318,3 +318,29 @@ def test_the_planner_marks_plans_speculative_only_when_the_edge_is_slow_and_lear
     p.feedback(plan, request, report("r2", latency=3.0))
     assert [arm for arm, _, _ in seen] == [p.arms.index(dataclasses.replace(plan, speculative=False))]
     assert not planner(policy="N20k8").choose(generate("r3"), heavy)[0].speculative  # off by default
+
+
+def test_a_family_still_to_load_is_priced_into_every_arm_and_makes_the_handoff_late():
+    p = planner(policy="N20k8", speculative_ratio=0.5)
+    step = p.profile.timing.device_step_s
+    loaded = PlanContext(queue_depth=0, active=0, device_step_s=step, edge_running=(), edge_queued=())
+    cold = dataclasses.replace(loaded, edge_cold_start_s=40 * step)  # the load: longer than the device's 20 steps
+    obs_loaded, ctx_loaded = p.context(0.5, 0.5, loaded, level=1)
+    obs_cold, ctx_cold = p.context(0.5, 0.5, cold, level=1)
+    assert obs_cold.edge_cold_start_s == 40 * step
+    wait = LATENCY_FEATURES.index("edge_wait")
+    # every arm waits for the load, device-only ones too (the edge encodes the prompt and draws the noise)
+    np.testing.assert_allclose(ctx_cold.latency_x[:, wait] - ctx_loaded.latency_x[:, wait], 40 * step)
+    others = [i for i in range(len(LATENCY_FEATURES)) if i != wait]
+    np.testing.assert_array_equal(ctx_cold.latency_x[:, others], ctx_loaded.latency_x[:, others])
+    arm = p.arms.index(RelayPlan(20, 8, p.arms[0].sampler, p.arms[0].guidance_scale))
+    assert p.predicted_handoff_s(ctx_cold, arm) == pytest.approx(p.predicted_handoff_s(ctx_loaded, arm) + 40 * step)
+    plan, why = p.choose(generate("r1"), loaded)
+    assert not plan.speculative
+    plan, why = p.choose(generate("r2"), cold)
+    assert plan.speculative and "family loading, ~" in why
+    # counts alone (an engine that does not project its schedule): the load is priced the same way
+    counts = PlanContext(queue_depth=0, active=0, device_step_s=step)
+    _, plain = p.context(0.5, 0.5, counts, level=1)
+    _, cold_counts = p.context(0.5, 0.5, dataclasses.replace(counts, edge_cold_start_s=3.0), level=1)
+    np.testing.assert_allclose(cold_counts.latency_x[:, wait] - plain.latency_x[:, wait], 3.0)

@@ -4,8 +4,22 @@ is never handed a plan of another family's."""
 from __future__ import annotations
 
 import json
+import math
 
-from shared.protocol import ClientConnection, Error, FrameRejected, Generate, Plan, ServerConnection, Welcome
+import pytest
+
+from shared.protocol import (
+    ClientConnection,
+    Error,
+    FrameRejected,
+    Generate,
+    Plan,
+    ProtocolError,
+    ServerConnection,
+    Welcome,
+    decode_text,
+    encode,
+)
 from shared.relay_plan import RelayPlan
 from tests.helpers import pump
 
@@ -51,3 +65,30 @@ def test_a_device_refuses_a_plan_for_another_family():
     [rejected] = events
     assert isinstance(rejected, FrameRejected) and rejected.fatal and rejected.error.code == "wrong_family"
     assert client.close is not None  # an edge that serves the wrong family cannot serve this device at all
+
+
+def test_a_plan_says_the_load_its_family_waits_for_and_a_loaded_familys_says_nothing():
+    server, client, _ = _connect(SD15)
+    first, second = client.new_request_id(), client.new_request_id()
+    for rid in (first, second):
+        client.send_generate(Generate(request_id=rid, prompt="a red sneaker"))
+    pump(client, server)
+    server.send_plan(first, PLAN, seed=1, height=512, width=512, scheduler="fixed", why="w", loading_s=7.5)
+    server.send_plan(second, PLAN, seed=2, height=512, width=512, scheduler="fixed", why="w")
+    frames = server.data_to_send()
+    assert json.loads(frames[0])["loading_s"] == 7.5 and "loading_s" not in json.loads(frames[1])
+    plans = [event for frame in frames for event in client.receive_text(frame, 0.0)]
+    assert [p.loading_s for p in plans] == [7.5, None]
+
+
+@pytest.mark.parametrize("value", [0, -1.0, float("nan"), float("inf"), "7", True, 1e9])
+def test_a_plan_with_an_impossible_load_time_is_refused_naming_the_field(value):
+    with pytest.raises(ProtocolError, match="loading_s"):
+        Plan(request_id="r1", plan=PLAN, seed=1, height=64, width=64, scheduler="fixed", why="", loading_s=value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return  # not JSON: the frame never parses
+    frame = json.loads(encode(Plan(request_id="r1", plan=PLAN, seed=1, height=64, width=64, scheduler="fixed",
+                                   why="", loading_s=1.0)))
+    frame["loading_s"] = value  # what an edge of another make might send
+    with pytest.raises(ProtocolError, match="loading_s"):
+        decode_text(json.dumps(frame))
