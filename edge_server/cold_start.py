@@ -13,8 +13,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 #: Bytes per second a family's weights load at before any load was measured: a stated default, between what
-#: bench/cold_start.py measured on two shared CPU cores with the files in the page cache (the demo family ~190 MB/s,
-#: a tiny SD1.5-shaped one ~32 MB/s: building many small modules costs more than reading their bytes).
+#: bench/cold_start.py measured on two shared CPU cores with the files in the page cache (the demo family 190-290
+#: MB/s, a tiny SD1.5-shaped one 32-46 MB/s: building many small modules costs more than reading their bytes, so
+#: one family's rate prices another's only roughly; a family's own loads replace it after its first).
 DEFAULT_LOAD_BYTES_PER_S = 100e6
 
 
