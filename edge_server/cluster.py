@@ -64,7 +64,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from edge_server.cold_start import DEFAULT_LOAD_BYTES_PER_S as DEFAULT_LOAD_BYTES_PER_S  # the cluster's default too
 from edge_server.cold_start import estimate_load_s
-from shared.bandit.latency import DEFAULT_BATCH_BETA, batch_step_times, edge_schedule
+from shared.bandit.latency import DEFAULT_BATCH_BETA, batch_step_times, edge_drain_s, edge_schedule
 from shared.errors import ConfigError, RiseError
 from shared.relay_plan import RelayPlan
 
@@ -540,22 +540,6 @@ def routing_cost(step_times: list[float], running: list[int], queued: list[int],
     return own + harm
 
 
-def drain_s(step_times: list[float], running: list[int], queued: list[int]) -> float:
-    """Seconds until the requests running and queued on an engine have all finished (none joining): the batch
-    runs ``min`` steps left at a time, the queue moving up into free slots, oldest first."""
-    batch = len(step_times) - 1
-    rem = [int(r) for r in running if r > 0]
-    waiting = deque(int(q) for q in queued if q > 0)
-    t = 0.0
-    while rem or waiting:
-        while len(rem) < batch and waiting:
-            rem.append(waiting.popleft())
-        m = min(rem)
-        t += m * step_times[len(rem)]
-        rem = [r - m for r in rem if r > m]
-    return t
-
-
 @dataclass
 class ReplicaView:
     """What the front last heard from one replica."""
@@ -705,7 +689,7 @@ class LoadBoard:
         for other in families:
             if other != family:
                 run_o, queued_o = self.load(replica, fallback, other)
-                cost += drain_s(self.step_table(other), run_o, queued_o)
+                cost += edge_drain_s(self.step_table(other), run_o, queued_o)
         mine = families.get(family)
         if mine is None or not mine.loaded:
             cost += self.cold_start_s(family)[0]

@@ -174,6 +174,24 @@ def edge_schedule(step_times: Sequence[float], running: Sequence[int], queued: S
     return f
 
 
+def edge_drain_s(step_times: Sequence[float], running: Sequence[int], queued: Sequence[int]) -> float:
+    """Seconds until the requests running and queued on an engine have all finished, nobody joining:
+    :func:`edge_schedule`'s projection without a planned request (the batch runs its fewest steps left at a
+    time, the queue moving up into free slots, oldest first; more running than one UNet call holds take
+    several calls a step). The cluster's router counts the work of a replica's other families by it."""
+    batch = len(step_times) - 1
+    rem = [int(r) for r in running if r > 0]
+    waiting: deque[int] = deque(int(q) for q in queued if q > 0)
+    t = 0.0
+    while rem or waiting:
+        while len(rem) < batch and waiting:
+            rem.append(waiting.popleft())
+        m = min(rem)
+        t += m * _step_time(step_times, len(rem))
+        rem = [r - m for r in rem if r > m]
+    return t
+
+
 class LatencyFeatures:
     """Builds the ``(arms, len(LATENCY_FEATURES))`` latency features of a request (see the module doc).
 

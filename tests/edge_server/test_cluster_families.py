@@ -21,13 +21,13 @@ from edge_server.cluster import (
     RayEngine,
     ReplicaEvent,
     WireRequest,
-    drain_s,
     routing_cost,
 )
 from edge_server.config import FamilySpec
 from edge_server.engine import EdgeOutcome, EdgeRequest, EngineClosed, EngineStats
 from edge_server.family import describe_family, load_family
 from edge_server.relay import EdgeRelay
+from shared.bandit.latency import edge_drain_s
 from shared.handoff import decode_handoff
 from shared.relay_plan import RelayPlan
 from tests.edge_server.test_cluster import FakeHandle, close_quietly
@@ -97,8 +97,22 @@ def test_the_other_familys_work_on_a_replica_counts_against_it():
     heard(board, "d", {"A": load(True, step_times=A_STEPS, load_s=(2.0,)), "B": load(False)})
     b_table = board.step_table("B")
     assert board.finish_s("c", 4, family="A") == pytest.approx(
-        board.finish_s("d", 4, family="A") + drain_s(b_table, [3], [3, 3]))
-    assert drain_s(b_table, [3], [3, 3]) == pytest.approx(3 * b_table[2] + 3 * b_table[1])
+        board.finish_s("d", 4, family="A") + edge_drain_s(b_table, [3], [3, 3]))
+    assert edge_drain_s(b_table, [3], [3, 3]) == pytest.approx(3 * b_table[2] + 3 * b_table[1])
+    assert board.soonest(4, family="A") == "d"
+
+
+def test_another_familys_engine_running_more_requests_than_one_unet_call_holds_is_priced_not_a_crash():
+    # an engine admits rows, not requests: a guided family's engine runs twice the requests of one call
+    board = LoadBoard(max_batch=2)
+    heard(board, "c", {"A": load(True, step_times=A_STEPS, load_s=(2.0,)),
+                       "B": load(True, (3, 3, 3, 3), (2,), step_times={1: 0.2, 2: 0.3}, load_s=(1.0,))})
+    heard(board, "d", {"A": load(True, step_times=A_STEPS, load_s=(2.0,)), "B": load(False)})
+    b_table = board.step_table("B")
+    # each of B's 3 steps takes two full calls; then its queued request runs its 2 alone
+    assert edge_drain_s(b_table, [3, 3, 3, 3], [2]) == pytest.approx(3 * 2 * b_table[2] + 2 * b_table[1])
+    assert board.finish_s("c", 4, family="A") == pytest.approx(
+        board.finish_s("d", 4, family="A") + edge_drain_s(b_table, [3, 3, 3, 3], [2]))
     assert board.soonest(4, family="A") == "d"
 
 
