@@ -27,7 +27,8 @@ reports per family whether it is loaded, its queue, its step times and every loa
 replica's other families (they share its slice: counted as if it ran first), plus the **cold start** where
 the family is not loaded (:meth:`LoadBoard.cold_start_s`: the mean of its measured loads; before one is
 measured, its ``weight_bytes()`` over the bytes per second of the loads measured so far, else over
-:data:`DEFAULT_LOAD_BYTES_PER_S`). So a loaded replica wins unless it is busier by more than a cold start.
+:data:`~edge_server.cold_start.DEFAULT_LOAD_BYTES_PER_S`). So a loaded replica wins unless it is busier by more
+than a cold start.
 The front has one engine per family over the one deployment (:meth:`RayEngine.family_engine`), each with
 its own request service and planner (:func:`cluster_family_parts`, built by ``Daemon._load_families``).
 
@@ -62,7 +63,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from edge_server.cold_start import DEFAULT_LOAD_BYTES_PER_S as DEFAULT_LOAD_BYTES_PER_S  # the cluster's default too
 from edge_server.cold_start import estimate_load_s
 from shared.bandit.latency import DEFAULT_BATCH_BETA, batch_step_times, edge_drain_s, edge_schedule
 from shared.errors import ConfigError, RiseError
@@ -699,8 +699,8 @@ class LoadBoard:
         """(seconds, how they were had) a replica takes to load ``family``
         (:func:`~edge_server.cold_start.estimate_load_s`, as the local pool's): the mean of its loads measured on any
         replica ("measured"); else its weight bytes over the bytes per second of every load measured so far
-        ("estimated"); else over :data:`DEFAULT_LOAD_BYTES_PER_S` ("default"); :data:`DEFAULT_COLD_START_S`
-        when no replica has reported its weight bytes either."""
+        ("estimated"); else over :data:`~edge_server.cold_start.DEFAULT_LOAD_BYTES_PER_S` ("default");
+        :data:`DEFAULT_COLD_START_S` when no replica has reported its weight bytes either."""
         with self._lock:
             mine = [s for (_, f), loads in self._loads.items() if f == family for s in loads]
             nbytes = self._weights.get(family)
@@ -977,10 +977,11 @@ class RayEngine(_DescribedFamily):
 
         parts = [of(v) for v in views.values()]
         mine = with_pending(of(views[best]), pending)
-        there = views[best].families.get(family) if family is not None else None
         cold_start_s = 0.0
-        if family is not None and there is not None and not there.loaded:
-            cold_start_s = self.board.cold_start_s(family)[0]
+        if family is not None:
+            there = views[best].families.get(family)
+            if there is not None and not there.loaded:
+                cold_start_s = self.board.cold_start_s(family)[0]
         return replace(mine, unet_calls=sum(p.unet_calls for p in parts), rows_total=sum(p.rows_total for p in parts),
                        completed=sum(p.completed for p in parts), cold_start_s=cold_start_s)
 

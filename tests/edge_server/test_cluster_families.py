@@ -13,7 +13,6 @@ import pytest
 
 from edge_server.cluster import (
     DEFAULT_COLD_START_S,
-    DEFAULT_LOAD_BYTES_PER_S,
     ClusterConfig,
     EdgeReplica,
     FamilyLoad,
@@ -23,6 +22,7 @@ from edge_server.cluster import (
     WireRequest,
     routing_cost,
 )
+from edge_server.cold_start import DEFAULT_LOAD_BYTES_PER_S
 from edge_server.config import FamilySpec
 from edge_server.engine import EdgeOutcome, EdgeRequest, EngineClosed, EngineStats
 from edge_server.family import describe_family, load_family
