@@ -93,6 +93,7 @@ from shared.protocol import (
     Report,
     ResultReceived,
     Welcome,
+    newer_fields,
 )
 from shared.relay_plan import RelayPlan
 
@@ -209,6 +210,7 @@ class EdgeClient:
         #: Pace this device's steps and decode like a slower device's (tests, benchmarks), or None.
         self.emulate = emulate
         self._previewer: DevicePreviewer | None = None  # made on the first request that asks for previews
+        self._said_no_edge_previews = False  # logged once that a first-release edge sends no previews
         self.device_load = device_load
         self.link = link
         #: Connection-level errors the server sent that did not end the connection (for logs and tests).
@@ -470,6 +472,10 @@ class EdgeClient:
                 self._conn.send_generate(request)  # checks the server's limits: a bad request never leaves
             except ProtocolError as exc:
                 raise EdgeError(exc.code, str(exc), request_id=rid, field=exc.field, local=True) from None
+            if not self._said_no_edge_previews and "preview_every" in newer_fields(request, self.welcome.version):
+                self._said_no_edge_previews = True
+                log.warning("%s speaks protocol version %d: it sends no live previews of its steps (this device "
+                            "still draws its own)", self.url, self.welcome.version)
             pending = _Pending(request)
             self._pending[rid] = pending
             sent_at = _now()

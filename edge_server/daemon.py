@@ -635,7 +635,8 @@ class EdgeServer:
         loop = asyncio.get_running_loop()
         try:
             hello = conn.hello
-            ticket = service.plan(session, request, device_step_s=hello.device_step_s if hello else None)
+            ticket = service.plan(session, request, device_step_s=hello.device_step_s if hello else None,
+                                  relay_modes=conn.relay_modes)
             conn.send_plan(rid, ticket.plan, seed=ticket.seed, height=ticket.height, width=ticket.width,
                            scheduler=ticket.scheduler, why=ticket.why, notice=ticket.notice,
                            loading_s=ticket.loading_s)

@@ -45,7 +45,7 @@ from edge_server.metrics import EdgeMetrics
 from shared.demo_grammar.understanding import PromptReading, read_prompt_as
 from shared.errors import RiseError
 from shared.planning import FixedPlanner, PlanContext, Planner
-from shared.protocol import Generate, ProtocolLimits, Rating, Report
+from shared.protocol import MAX_SECONDS, Generate, ProtocolLimits, Rating, Report
 from shared.relay_plan import RelayPlan
 
 log = logging.getLogger("rise.edge")
@@ -71,12 +71,11 @@ LEARN_BURST = 20.0
 LEARN_PER_S = 0.5
 PINNED_LEARN_COST = 4.0
 MAX_RATED = 1024  # request ids per connection whose rating was counted (repeats count once)
-MAX_LOADING_S = 86400.0  # the most a plan frame's loading_s says
 
 
 def _loading_s(cold_start_s: float) -> float | None:
     """The plan frame's ``loading_s``: the family's load still ahead, to a tenth of a second (None: loaded)."""
-    seconds = round(min(max(cold_start_s, 0.0), MAX_LOADING_S), 1)
+    seconds = round(min(max(cold_start_s, 0.0), MAX_SECONDS), 1)  # the most a plan frame's loading_s says
     return seconds if seconds > 0 else None
 
 
@@ -284,10 +283,12 @@ class RequestService:
             self._log(session, request_id, None, code="shutting_down")
         return RequestFailed("shutting_down", "the edge server is shutting down")
 
-    def plan(self, session: Session, request: Generate, *, device_step_s: float | None = None) -> Ticket:
+    def plan(self, session: Session, request: Generate, *, device_step_s: float | None = None,
+             relay_modes: bool = True) -> Ticket:
         """Choose the configuration over the engine's current load and fill in seed and size.
 
-        ``device_step_s`` is the device's small-model step time from its hello. A request the
+        ``device_step_s`` is the device's small-model step time from its hello; ``relay_modes`` False
+        for a device whose protocol version has no adaptive or speculative relay. A request the
         planner cannot serve as asked raises (see :meth:`failed` for the error it becomes), and so
         does a prompt the family understands nothing of (``invalid_request``, saying what it can draw:
         never a silent blank picture). What it understood in part is drawn, the ticket's ``notice``
@@ -304,7 +305,8 @@ class RequestService:
             notice = notice[: MAX_NOTICE_CHARS - 3] + "..."
         stats = self.engine.stats()
         context = PlanContext(stats.queued, stats.active, request.device_load, request.rtt_s, request.bandwidth_bps,
-                              device_step_s, stats.running_steps, stats.queued_steps, stats.cold_start_s)
+                              device_step_s, stats.running_steps, stats.queued_steps, stats.cold_start_s,
+                              relay_modes)
         plan, why = self.planner.choose(request, context)
         ticket = Ticket(
             key=session.key(request.request_id), request=request, plan=plan, why=why,

@@ -32,6 +32,7 @@ class PlanContext:
     edge_running: tuple[int, ...] | None = None  # remaining edge steps of each request in the batch
     edge_queued: tuple[int, ...] | None = None  # edge steps of each request waiting for a slot (FIFO)
     edge_cold_start_s: float = 0.0  # seconds the edge needs before it can start: its family's load (0: loaded)
+    relay_modes: bool = True  # the device runs adaptive and speculative plans (False: its protocol version lacks them)
 
 
 class Planner(Protocol):

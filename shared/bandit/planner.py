@@ -285,15 +285,22 @@ class BanditPlanner:
                 mask, rescale = None, True
         arm = self.select(ctx, mask)
         plan = self.arms[arm]
+        if plan.adaptive and not context.relay_modes:
+            # A device without relay modes (protocol version 1): the adaptive arm's fixed split, the most
+            # edge steps it would have run (that arm's, when it is one; then it is what is learned).
+            fixed = dataclasses.replace(plan, handoff_tau=None, min_split=None)
+            head = f"{self.name}: {self.labels[arm]} as {arm_label(fixed)} (the device has no adaptive handoff)"
+            plan, arm = fixed, self._index.get(fixed, arm)
+        else:
+            head = f"{self.name}: {self.labels[arm]}"
         allowed = len(self.arms) if mask is None else int(mask.sum())
         score = self.policy.explain(ctx, arm)
-        head = f"{self.name}: {self.labels[arm]}"
         if rescale and request.steps is not None:
             plan = _rescaled(plan, request.steps)
             head += f" scaled to {arm_label(plan)} (no arm has {request.steps} steps; not learned from)"
         where = "edge" if plan.decode_on == "edge" else "device"
         spec = ""
-        if self.speculative_ratio is not None:
+        if self.speculative_ratio is not None and context.relay_modes:
             forecast = self.predicted_handoff_s(ctx, arm)
             step_s = self.device_step_s(obs)
             if not rescale and speculative_wanted(plan, forecast, step_s, ratio=self.speculative_ratio):

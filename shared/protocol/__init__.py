@@ -57,6 +57,13 @@ other message rejects unknown fields: within a negotiated version every field is
 so an unknown one is a bug (a misspelt optional field would otherwise be dropped without
 a word), and a new field comes with a new version.
 
+Version 2 names the fields that came after the first release (:data:`ADDED_IN_V2`: a plan's
+``notice``, ``family_id``, ``loading_s`` and relay modes, a request's ``preview_every``). Both
+sides send them only to a peer that negotiated version 2 (:func:`for_peer` leaves them out, and
+a relay mode the peer cannot run is refused: :func:`newer_fields`), so a device or edge of the
+first release keeps working with this one. Both sides accept them under version 1 as well:
+releases before version 2 sent some of them while announcing only version 1.
+
 Errors
 ------
 A bad frame never raises out of ``receive_*``: the connection queues an ``error`` (code
@@ -86,7 +93,9 @@ from shared.protocol.connection import (
     TokenBucket,
 )
 from shared.protocol.messages import (
+    ADDED_IN_V2,
     ERROR_CODES,
+    MAX_SECONDS,
     MESSAGE_TYPES,
     PNG_SIGNATURE,
     PROTOCOL_VERSIONS,
@@ -109,18 +118,22 @@ from shared.protocol.messages import (
     check_limits,
     decode_text,
     encode,
+    for_peer,
     handoff_conflict,
+    newer_fields,
     plan_conflict,
     protocol_error_from_handoff,
 )
 
 __all__ = [
+    "ADDED_IN_V2",
     "CLOSE_GOING_AWAY",
     "CLOSE_MESSAGE_TOO_BIG",
     "CLOSE_POLICY_VIOLATION",
     "CLOSE_PROTOCOL_ERROR",
     "ERROR_CODES",
     "FATAL_CLOSE_CODES",
+    "MAX_SECONDS",
     "MESSAGE_TYPES",
     "PNG_SIGNATURE",
     "PROTOCOL_VERSIONS",
@@ -153,7 +166,9 @@ __all__ = [
     "check_limits",
     "decode_text",
     "encode",
+    "for_peer",
     "handoff_conflict",
+    "newer_fields",
     "plan_conflict",
     "protocol_error_from_handoff",
 ]

@@ -93,7 +93,9 @@ from shared.protocol.messages import (
     decode_text,
     encode,
     encode_preview,
+    for_peer,
     handoff_conflict,
+    newer_fields,
     plan_conflict,
     protocol_error_from_handoff,
 )
@@ -581,6 +583,12 @@ class ServerConnection(_Connection):
             return
         super()._push(frame)
 
+    @property
+    def relay_modes(self) -> bool:
+        """Whether the device's protocol version has adaptive and speculative plans (a first-release
+        device's has not: plan it fixed splits only; version 2 added them, :data:`ADDED_IN_V2`)."""
+        return (self.version if self.version is not None else max(self.versions)) >= 2  # see ADDED_IN_V2
+
     # ----------------------------------------------------------------- sending
 
     def send_plan(
@@ -602,6 +610,12 @@ class ServerConnection(_Connection):
             why=why, notice=notice, family_id=self.family_id, loading_s=loading_s,
         )
         assert isinstance(message, Plan)
+        version = self.version if self.version is not None else max(self.versions)
+        message = for_peer(message, version)  # a first-release device rejects fields it does not know
+        newer = newer_fields(message, version)
+        if newer and request.generate.pinned != plan:  # a device that pinned a relay mode knows it
+            raise _usage(f"send_plan: {newer[0]}: the device speaks protocol version {version}, which cannot run "
+                         "that relay mode (plan with PlanContext.relay_modes=False)", request_id)
         self._check_outgoing(message, request_id)
         conflict = plan_conflict(request.generate, message)
         if conflict is not None:
@@ -895,6 +909,14 @@ class ClientConnection(_Connection):
         except ProtocolError as exc:
             exc.request_id = rid
             raise
+        # An edge of the first release rejects fields it does not know: previews are not asked of it.
+        request = for_peer(request, self.welcome.version)
+        newer = newer_fields(request, self.welcome.version)
+        if newer:
+            raise ProtocolError(
+                f"{newer[0]}: the edge speaks protocol version {self.welcome.version}, which has no adaptive or "
+                "speculative relay", code="invalid_request", field=newer[0], request_id=rid,
+            )
         frame = encode(request)
         size = len(frame.encode("utf-8"))
         if size > limits.max_message_bytes:

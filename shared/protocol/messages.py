@@ -29,7 +29,8 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, NoReturn, cast, get_args, overload
+from types import MappingProxyType
+from typing import Any, ClassVar, Literal, NoReturn, TypeVar, cast, get_args, overload
 
 from shared.errors import ConfigError, FieldFailure, HandoffError, RiseError
 from shared.handoff import Handoff
@@ -48,7 +49,20 @@ from shared.validation import show as _show
 from shared.validation import type_name as _type_name
 
 #: Protocol versions this code speaks, oldest first; ``hello`` negotiates the highest common one.
-PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
+#: Version 2 names the fields that came after the first release (:data:`ADDED_IN_V2`).
+PROTOCOL_VERSIONS: tuple[int, ...] = (1, 2)
+
+#: The fields version 2 adds, by message type (``"relay_plan"``: the keys of a plan object). A sender
+#: leaves them out of a frame for a peer that speaks only version 1 (:func:`for_peer`), because the
+#: first release rejects a frame with a field it does not know. A receiver accepts them under either
+#: version: peers released before version 2 already sent some while announcing version 1 (an edge
+#: naming its family, a device asking for previews). ``progress.preview`` needs no gate: it answers
+#: only a request that asked for it with ``preview_every``, so its peer knows it.
+ADDED_IN_V2: Mapping[str, frozenset[str]] = MappingProxyType({
+    "generate": frozenset({"preview_every"}),
+    "plan": frozenset({"notice", "family_id", "loading_s"}),
+    "relay_plan": frozenset({"handoff_tau", "min_split", "speculative"}),
+})
 
 ErrorCode = Literal[
     "bad_message",  # not JSON, unknown type, missing/unknown field, wrong type, out of order
@@ -76,7 +90,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 _MAX_SEED = 2**64  # exclusive, as in shared.handoff
 _MAX_SIDE = 16384  # image side in pixels
-_MAX_SECONDS = 86400.0  # any duration on the wire
+#: The longest duration any field on the wire may say (a day).
+MAX_SECONDS = 86400.0
 _MAX_RTT_S = 600.0
 _MAX_BANDWIDTH_BPS = 1e13
 _MAX_PAYLOAD_BYTES = 2**31
@@ -132,7 +147,7 @@ class ProtocolError(RiseError, ValueError):
             message=_clip(str(self), _MAX_ERROR_CHARS),
             request_id=self.request_id if _valid(_identifier, "request_id", self.request_id) else None,
             field=_clip(self.field, _MAX_FIELD_CHARS) if _valid(_field_name, "field", self.field) else None,
-            retry_after_s=None if retry is None else min(max(float(retry), 0.0), _MAX_SECONDS),
+            retry_after_s=None if retry is None else min(max(float(retry), 0.0), MAX_SECONDS),
         )
 
 
@@ -200,7 +215,7 @@ class ProtocolLimits:
         ):
             check_int(name, getattr(self, name), lo=lo, hi=hi, error=ConfigError)
         for name, top in (("requests_per_minute", 1e6), ("refusals_per_minute", 1e6), ("frames_per_s", 1e6),
-                          ("hello_timeout_s", _MAX_SECONDS)):
+                          ("hello_timeout_s", MAX_SECONDS)):
             value = check_float(name, getattr(self, name), lo=0.0, hi=top, lo_open=True, error=ConfigError)
             object.__setattr__(self, name, value)
         sizes = self.allowed_sizes
@@ -422,7 +437,7 @@ class Plan(_Message):
             _text("notice", self.notice, max_chars=512, allow_empty=False)
         if self.family_id is not None:
             _family_id("family_id", self.family_id)
-        self._set("loading_s", _opt(_float, "loading_s", self.loading_s, 0.0, _MAX_SECONDS, lo_open=True))
+        self._set("loading_s", _opt(_float, "loading_s", self.loading_s, 0.0, MAX_SECONDS, lo_open=True))
 
 
 @dataclass(frozen=True)
@@ -481,8 +496,8 @@ class HandoffAnnouncement(_Message):
     def _validate(self) -> None:
         _identifier("request_id", self.request_id)
         _int("nbytes", self.nbytes, 1, _MAX_PAYLOAD_BYTES)
-        self._set("edge_compute_s", _opt(_float, "edge_compute_s", self.edge_compute_s, 0.0, _MAX_SECONDS))
-        self._set("queue_s", _opt(_float, "queue_s", self.queue_s, 0.0, _MAX_SECONDS))
+        self._set("edge_compute_s", _opt(_float, "edge_compute_s", self.edge_compute_s, 0.0, MAX_SECONDS))
+        self._set("queue_s", _opt(_float, "queue_s", self.queue_s, 0.0, MAX_SECONDS))
 
 
 @dataclass(frozen=True)
@@ -505,8 +520,8 @@ class ResultAnnouncement(_Message):
         _int("height", self.height, 8, _MAX_SIDE)
         _int("width", self.width, 8, _MAX_SIDE)
         _choice("format", self.format, ("png",))
-        self._set("edge_compute_s", _opt(_float, "edge_compute_s", self.edge_compute_s, 0.0, _MAX_SECONDS))
-        self._set("queue_s", _opt(_float, "queue_s", self.queue_s, 0.0, _MAX_SECONDS))
+        self._set("edge_compute_s", _opt(_float, "edge_compute_s", self.edge_compute_s, 0.0, MAX_SECONDS))
+        self._set("queue_s", _opt(_float, "queue_s", self.queue_s, 0.0, MAX_SECONDS))
 
 
 @dataclass(frozen=True)
@@ -531,7 +546,7 @@ class Report(_Message):
     def _validate(self) -> None:
         _identifier("request_id", self.request_id)
         for name in ("device_compute_s", "transfer_s", "total_latency_s"):
-            self._set(name, _float(name, getattr(self, name), 0.0, _MAX_SECONDS))
+            self._set(name, _float(name, getattr(self, name), 0.0, MAX_SECONDS))
         self._set("device_load", _opt(_float, "device_load", self.device_load, 0.0, 1.0))
         self._set("rtt_s", _opt(_float, "rtt_s", self.rtt_s, 0.0, _MAX_RTT_S))
         bandwidth = _opt(_float, "bandwidth_bps", self.bandwidth_bps, 0.0, _MAX_BANDWIDTH_BPS, lo_open=True)
@@ -591,7 +606,7 @@ class Error(_Message):
         if self.code in RETRY_CODES:
             if self.retry_after_s is None:
                 _fail("bad_message", "retry_after_s", f"a delay for code {self.code!r}", "nothing")
-            self._set("retry_after_s", _float("retry_after_s", self.retry_after_s, 0.0, _MAX_SECONDS))
+            self._set("retry_after_s", _float("retry_after_s", self.retry_after_s, 0.0, MAX_SECONDS))
         elif self.retry_after_s is not None:
             _fail("bad_message", "retry_after_s", f"null for code {self.code!r}", _show(self.retry_after_s))
 
@@ -609,6 +624,7 @@ Message = (
     | Cancel
     | Error
 )
+MessageT = TypeVar("MessageT", bound=_Message)
 MESSAGE_TYPES: dict[str, type[_Message]] = {
     cls.TYPE: cls for cls in get_args(Message)
 }
@@ -709,6 +725,33 @@ def plan_conflict(request: Generate, plan: Plan) -> str | None:
     if request.height is not None and (plan.height, plan.width) != (request.height, request.width):
         return f"height: expected {request.height}x{request.width} as requested, got {plan.height}x{plan.width}"
     return None
+
+
+def for_peer(message: MessageT, version: int) -> MessageT:
+    """``message`` as a peer of protocol ``version`` reads it: under version 1 a plan's ``notice``,
+    ``family_id`` and ``loading_s`` and a request's ``preview_every`` are left out (they inform or
+    ask; the frame means the same without them). A relay mode (:func:`newer_fields`) cannot be left
+    out, since it changes what the plan does; the caller refuses it."""
+    if version >= 2 or not isinstance(message, (Plan, Generate)):
+        return message
+    cleared: dict[str, Any] = {name: None for name in ADDED_IN_V2[message.TYPE]}
+    return dataclasses.replace(message, **cleared)
+
+
+def newer_fields(message: Message, version: int) -> tuple[str, ...]:
+    """The fields ``message`` uses that a peer of protocol ``version`` does not know (:data:`ADDED_IN_V2`;
+    ``"plan.speculative"`` for a key of a plan object), in field order; ``()`` when it reads them all."""
+    if version >= 2:
+        return ()
+    names = ADDED_IN_V2.get(message.TYPE, frozenset())
+    newer: list[str] = []
+    for f in dataclasses.fields(message):
+        value = getattr(message, f.name)
+        if isinstance(value, RelayPlan):
+            newer += [f"{f.name}.{key}" for key in _to_wire(value) if key in ADDED_IN_V2["relay_plan"]]
+        elif f.name in names and value is not None:
+            newer.append(f.name)
+    return tuple(newer)
 
 
 def handoff_conflict(handoff: Handoff, plan: Plan) -> str | None:

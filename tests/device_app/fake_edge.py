@@ -32,7 +32,16 @@ from websockets.exceptions import ConnectionClosed
 from edge_server.family import Family
 from edge_server.relay import EdgeRelay, decode_latents
 from shared.handoff import Handoff, encode_handoff
-from shared.protocol import Cancel, Error, Generate, ProtocolLimits, Rating, Report, ServerConnection
+from shared.protocol import (
+    PROTOCOL_VERSIONS,
+    Cancel,
+    Error,
+    Generate,
+    ProtocolLimits,
+    Rating,
+    Report,
+    ServerConnection,
+)
 from shared.relay_plan import RelayPlan
 
 DEFAULT_PLAN = RelayPlan(6, 3, "dpmpp_2m", 5.0)
@@ -77,6 +86,7 @@ class FakeEdge:
     loading_s: float | None = None  # what its plans say of a family load ahead (Plan.loading_s)
     hold_handoff: Callable[[], Awaitable[object]] | None = None
     preview_png: bytes | None = None
+    versions: tuple[int, ...] = PROTOCOL_VERSIONS  # the protocol versions it speaks ((1,): a first-release edge)
     served: dict[str, Served] = field(default_factory=dict)  # by request id
     reports: list[Report] = field(default_factory=list)
     ratings: list[Rating] = field(default_factory=list)
@@ -120,7 +130,7 @@ class FakeEdge:
         self.connections += 1
         conn = ServerConnection(
             family_id=self.family_id or self.family.family_id, server_name="fake-edge", token=self.token,
-            limits=self.limits,
+            limits=self.limits, versions=self.versions,
         )
         lock = asyncio.Lock()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 
 import numpy as np
 from PIL import Image
@@ -55,3 +56,27 @@ def test_no_preview_flag_asks_the_edge_for_none(tiny_family, fp32_bundle_dir, tm
 
     edge = asyncio.run(asyncio.wait_for(scenario(), 90))
     assert next(iter(edge.served.values())).request.preview_every is None
+
+
+def test_a_first_release_edge_is_asked_no_previews_and_the_device_still_draws_its_own(
+        tiny_family, fp32_bundle_dir, tmp_path, caplog):
+    """An edge of protocol version 1 refuses a request with preview_every: it is not asked, and the user is told."""
+    frames = tmp_path / "frames"
+
+    async def scenario() -> tuple[int, FakeEdge]:
+        async with FakeEdge(tiny_family, preview_png=_png(9), versions=(1,)) as edge:
+            code = await asyncio.to_thread(main, [
+                "generate", "--server", edge.url, "--bundle", str(fp32_bundle_dir), "--prompt", "a red bag",
+                "--seed", "3", "--steps", "6", "--split", "2", "--out", str(tmp_path / "img.png"),
+                "--preview", str(frames), "--preview-every", "2",
+            ])
+            return code, edge
+
+    with caplog.at_level(logging.WARNING, logger="rise.device.client"):
+        code, edge = asyncio.run(asyncio.wait_for(scenario(), 90))
+    assert code == 0
+    assert next(iter(edge.served.values())).request.preview_every is None  # not asked of it
+    assert sorted(p.name for p in frames.iterdir()) == ["device-004.png", "device-006.png"]
+    [said] = [r.getMessage() for r in caplog.records if "previews" in r.getMessage()]
+    assert "speaks protocol version 1: it sends no live previews of its steps (this device still draws its own)" \
+        in said

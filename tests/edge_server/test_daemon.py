@@ -19,6 +19,7 @@ from websockets.asyncio.client import connect
 from edge_server.daemon import EdgeConfig, EdgeServer
 from edge_server.relay import EdgeRelay
 from shared.protocol import (
+    PROTOCOL_VERSIONS,
     ClientConnection,
     Error,
     Generate,
@@ -39,11 +40,13 @@ class BareClient:
 
     def __init__(self, ws, conn: ClientConnection) -> None:
         self.ws, self.conn, self.events = ws, conn, []
+        self.frames: list[str | bytes] = []  # every frame received, as it came
 
     @classmethod
-    async def open(cls, port: int, family_id: str, token: str | None = TOKEN) -> BareClient:
+    async def open(cls, port: int, family_id: str, token: str | None = TOKEN,
+                   versions: tuple[int, ...] = PROTOCOL_VERSIONS) -> BareClient:
         ws = await connect(f"ws://127.0.0.1:{port}", max_size=2**26, compression=None)
-        client = cls(ws, ClientConnection(family_id=family_id, token=token))
+        client = cls(ws, ClientConnection(family_id=family_id, token=token, versions=versions))
         await client.flush()
         return client
 
@@ -54,6 +57,7 @@ class BareClient:
     async def next_event(self, timeout: float = 60):
         while not self.events:
             frame = await asyncio.wait_for(self.ws.recv(), timeout)
+            self.frames.append(frame)
             now = time.monotonic()
             new = self.conn.receive_text(frame, now) if isinstance(frame, str) else self.conn.receive_bytes(frame, now)
             self.events.extend(new)

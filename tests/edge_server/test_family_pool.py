@@ -23,7 +23,7 @@ from edge_server.relay import EdgeRelay
 from edge_server.service import make_engine
 from shared.errors import ConfigError
 from shared.handoff import decode_handoff
-from shared.protocol import Error
+from shared.protocol import PROTOCOL_VERSIONS, Error
 from shared.relay_plan import RelayPlan
 from tests.edge_server.test_daemon import TOKEN, BareClient
 
@@ -386,3 +386,42 @@ def test_the_first_request_of_a_family_not_loaded_is_told_the_load_it_waits_for(
     assert loading == [first.plan.loading_s]  # the device was told, once
     assert second.plan.loading_s is None  # loaded by then: nothing to wait for
     assert first.image.std() > 0 and second.image.std() > 0
+
+
+async def _requests_by_protocol_version() -> list[tuple[BareClient, object]]:
+    from edge_server.daemon import EdgeServer
+
+    pool = _real_pool([FamilySpec("demo", str(DEMO_FAMILY))])  # not loaded: the plan would say loading_s
+    # The bandit scheduler, as deployed, with a speculative relay wanted for every plan that can be one.
+    server = EdgeServer.with_family_pool(pool, EdgeConfig(port=0, speculative_ratio=1e-9))
+    server.token = TOKEN
+    port = await server.start()
+    try:
+        family_id = describe_family(DEMO_FAMILY).family_id
+        served = []
+        for versions in ((1,), PROTOCOL_VERSIONS):  # a device of the first release, then one of this
+            client = await BareClient.open(port, family_id, versions=versions)
+            event, _ = await client.generate(prompt="a green bag", seed=3, preference=0.5)  # read in part: a notice
+            await client.ws.close()
+            served.append((client, event))
+        return served
+    finally:
+        await server.stop()
+
+
+def test_a_first_release_device_is_served_in_the_words_it_knows():
+    """A device of protocol version 1 checks every frame's keys: a plan with a notice, the family and the
+    load it waits for would fail there. It gets the first release's plan frame and its picture."""
+    import json
+
+    from shared.protocol import HandoffReceived, ResultReceived
+
+    plans = []
+    for client, event in asyncio.run(_requests_by_protocol_version()):
+        assert isinstance(event, (HandoffReceived, ResultReceived)), event
+        [plan] = [json.loads(f) for f in client.frames if isinstance(f, str) and json.loads(f)["type"] == "plan"]
+        plans.append(plan)
+    first, now = plans
+    assert set(first) == {"type", "request_id", "plan", "seed", "height", "width", "scheduler", "why"}
+    assert set(first["plan"]) == {"num_inference_steps", "split", "sampler", "guidance_scale", "decode_on"}
+    assert now["notice"] and now["family_id"] and now["plan"].get("speculative")  # what the first one was spared

@@ -14,7 +14,7 @@ from shared.bandit.planner import BanditPlanner
 from shared.bandit.prior import profile_prior
 from shared.bandit.profile import ArmQuality, Profile, ProfileError, load_profile, profile_from_eval, save_profile
 from shared.planning import PlanContext
-from shared.protocol import Generate, Plan, decode_text, encode
+from shared.protocol import Generate, Plan, Report, decode_text, encode
 from shared.relay_plan import RelayPlan
 from tests.helpers import synthetic_profile
 from tests.shared.test_bandit import synthetic_eval
@@ -198,3 +198,25 @@ def test_state_saved_with_the_old_labels_still_loads(tmp_path):
     old_arms = with_adaptive(synthetic_profile()).plans()[: len(OLD_LABELS)]
     restored = BanditPlanner.from_profile(with_adaptive(synthetic_profile()), "linucb", state, arms=old_arms)
     assert restored.labels == OLD_LABELS
+
+
+def test_a_device_without_relay_modes_gets_an_adaptive_arms_fixed_split_and_that_arm_learns():
+    profile = with_adaptive(synthetic_profile())
+    first_release = PlanContext(queue_depth=0, active=0, device_load=0.1, rtt_s=0.03, bandwidth_bps=20e6,
+                                relay_modes=False)
+    pinned = BanditPlanner.from_profile(profile, "N20k2-16t0.05")  # a policy that wants an adaptive arm
+    assert pinned.choose(Generate("r1", "a red bag"), dataclasses.replace(first_release, relay_modes=True))[0] \
+        == TAU_ARMS[0]
+    request = Generate("r2", "a red bag")
+    plan, why = pinned.choose(request, first_release)
+    assert plan == RelayPlan(20, 16) and "N20k2-16t0.05 as N20k16 (the device has no adaptive handoff)" in why
+    learned = []
+    pinned.learn = lambda arm, *args, **kwargs: learned.append(arm)  # type: ignore[method-assign]
+    pinned.feedback(plan, request, Report(request_id="r2", device_compute_s=1.0, transfer_s=0.1,
+                                          total_latency_s=2.0))
+    assert learned == [pinned.arms.index(RelayPlan(20, 16))]
+    plan, _ = pinned.choose(Generate("r3", "a red bag", steps=20), first_release)
+    assert plan == RelayPlan(20, 16)
+    # a request that pinned a mode is its own: it knows the mode it asked for
+    plan, _ = pinned.choose(Generate("r4", "a red bag", pinned=TAU_ARMS[1]), first_release)
+    assert plan == TAU_ARMS[1]

@@ -318,6 +318,9 @@ def test_the_planner_marks_plans_speculative_only_when_the_edge_is_slow_and_lear
     p.feedback(plan, request, report("r2", latency=3.0))
     assert [arm for arm, _, _ in seen] == [p.arms.index(dataclasses.replace(plan, speculative=False))]
     assert not planner(policy="N20k8").choose(generate("r3"), heavy)[0].speculative  # off by default
+    # a device whose protocol version has no speculative relay gets the plain arm, however slow the edge
+    plan, why = p.choose(generate("r4"), dataclasses.replace(heavy, relay_modes=False))
+    assert not plan.speculative and plan in p.arms and "speculative" not in why
 
 
 def test_a_family_still_to_load_is_priced_into_every_arm_and_makes_the_handoff_late():

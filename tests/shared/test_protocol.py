@@ -455,7 +455,7 @@ def test_no_token_configured_accepts_any_client():
     [
         (dict(token="wrong-token"), "unauthorized", CLOSE_POLICY_VIOLATION),
         (dict(token=None), "unauthorized", CLOSE_POLICY_VIOLATION),
-        (dict(versions=(2, 3)), "unsupported_version", CLOSE_PROTOCOL_ERROR),
+        (dict(versions=(3, 4)), "unsupported_version", CLOSE_PROTOCOL_ERROR),
         (dict(family_id="sdxl"), "wrong_family", CLOSE_POLICY_VIOLATION),
     ],
 )
