@@ -7,7 +7,8 @@ family's ``family_id`` and the edge's handoffs are still accepted (see
 
 - **LoRA** (:func:`fuse_lora`): loaded with diffusers' own LoRA loading, as a pipeline of the
   family's class reads one (``lora_state_dict``: the peft layout, diffusers' own and the
-  kohya/A1111 ones it converts), into a copy of the family's small UNet
+  kohya/A1111 ones it converts; a file mixing diffusers' and peft's is read whole, see
+  :func:`_in_one_layout`), into a copy of the family's small UNet
   (``load_lora_adapter``), fused at ``scale`` (``fuse_lora(lora_scale=...)``) and unloaded,
   which leaves plain UNet weights to export. diffusers only *warns* when an adapter's keys do
   not land; here every key must land on the small UNet and every LoRA layer made must be one
@@ -196,6 +197,23 @@ def _unet_state_dict(family: Family, path: Path) -> tuple[dict[str, Any], dict[s
     return state, alphas, metadata
 
 
+def _in_one_layout(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with every UNet key in peft's layout when the file mixes two.
+
+    diffusers' ``convert_state_dict_to_diffusers`` renames the attention layers' LoRA (``.lora.down``)
+    and leaves the others (resnet convs, projections, feed-forward) in peft's (``lora_A``), and
+    ``load_lora_adapter`` picks the layout from the first key alone: when that is a peft key, the
+    renamed half names no layer and is dropped with a warning. So such a file is renamed here, with
+    diffusers' own map, before it is loaded (a file in one layout is left as it is).
+    """
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    if adapter_format(list(state)) != "diffusers-peft":
+        return state
+    unet_state = convert_unet_state_dict_to_peft({k.removeprefix(UNET_PREFIX): v for k, v in state.items()})
+    return {UNET_PREFIX + k: v for k, v in unet_state.items()}
+
+
 def _expected_peft_keys(state: dict[str, Any]) -> dict[str, Any]:
     """The adapter's UNet tensors under the names peft gives them once loaded (what load_lora_adapter converts)."""
     from diffusers.utils import convert_unet_state_dict_to_peft
@@ -222,6 +240,7 @@ def fuse_lora(family: Family, path: str | Path, scale: float = 1.0, *, label: st
     name = _label(label, path.stem)
     keys = read_lora_keys(path)
     state, alphas, metadata = _unet_state_dict(family, path)
+    state = _in_one_layout(state)
     base = family.small_unet
     unet: Any = copy.deepcopy(base)
     where = f"the family's small UNet ({family.small_source})"

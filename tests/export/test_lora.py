@@ -9,7 +9,8 @@ loaded and fused into its small UNet by diffusers' *pipeline* API (``load_lora_w
 k = 0, N/2 and N: max-abs on the final latent <= 1e-4, as the relay-exactness tests of
 ``tests/lab/test_local_relay.py`` and ``tests/device_app/test_hub_bundles.py``. Families: (a) the demo
 family's shape, untrained (``lab.demo_family.train.build_untrained_family``), (b) SD1.5 + BK-SDM-tiny
-(``lab.hub_families``). Refusals print one line, exit 2 and leave no ``--out`` (nor a staging folder).
+(``lab.hub_families``); marked slow, (c) SDXL + SSD-1B (two text encoders) and (d) LCM-Dreamshaper (the LCM
+sampler, a guidance-embedded UNet), and a DoRA on (b). Refusals print one line, exit 2 and leave no ``--out`` (nor a staging folder).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from device_app.finish import finish_latents
 from device_app.runtime import DeviceBundle
@@ -34,7 +35,7 @@ from edge_server.relay import EdgeRelay
 from export.cli import main
 from export.lora import weights_sha256
 from export.onnx_export import ExportOptions, export_bundle
-from lab.hub_families import build_sd15_bk_sdm_tiny, pipeline_latent
+from lab.hub_families import build_lcm_dreamshaper, build_sd15_bk_sdm_tiny, build_sdxl_ssd_1b, pipeline_latent
 from shared.errors import ConfigError, ExportError, FamilyError
 from shared.handoff import decode_handoff, encode_handoff
 from shared.manifest import load_manifest, sha256_file, verify_bundle_files
@@ -46,6 +47,7 @@ SEED = 11
 GUIDANCE = 5.0
 SAMPLER = "dpmpp_2m"
 TOLERANCE = 1e-4  # max-abs on the final latent (the relay's bound)
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")  # what diffusers' LoRA training scripts adapt
 ERRORS: dict[str, float] = {}  # what each case measured, printed at the end of the module (pytest -s)
 
 
@@ -56,10 +58,16 @@ def _report() -> Any:
         print(f"[lora relay] {case}: max-abs {error:.3e}")
 
 
-def make_lora(unet: Any, folder: Path, *, seed: int, rank: int = 4, text_encoder: Any = None) -> Path:
+def make_lora(unet: Any, folder: Path, *, seed: int, rank: int = 4, text_encoder: Any = None,
+              text_encoder_2: Any = None, dora: bool = False, targets: tuple[str, ...] = ATTENTION,
+              layout: str = "diffusers") -> Path:
     """A random LoRA (non-zero lora_B, so it changes outputs) on ``unet``'s attention projections, saved by diffusers.
 
-    With ``text_encoder``: on its attention projections too (a LoRA that changes the text encoder).
+    With ``text_encoder``: on its attention projections too (a LoRA that changes the text encoder);
+    with ``text_encoder_2``: on SDXL's second text encoder, saved as SDXL's training script saves it;
+    ``dora``: a DoRA (peft's ``use_dora``: a magnitude vector per layer beside lora_A and lora_B).
+    ``targets``: the UNet modules it adapts; ``layout`` "peft" saves peft's keys as they are, without
+    diffusers' renaming.
     """
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig, get_peft_model_state_dict
@@ -68,28 +76,35 @@ def make_lora(unet: Any, folder: Path, *, seed: int, rank: int = 4, text_encoder
 
     def adapted(module: Any, targets: list[str]) -> dict[str, Any]:
         module = copy.deepcopy(module)  # diffusers' and transformers' models both take peft adapters
-        module.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets))
+        module.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets,
+                                      use_dora=dora))
         with torch.no_grad():
             for name, parameter in module.named_parameters():
                 if "lora_B" in name:
                     parameter.normal_(std=0.2)
-        return convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+        state = get_peft_model_state_dict(module)
+        return state if layout == "peft" else convert_state_dict_to_diffusers(state)
 
-    unet_layers = adapted(unet, ["to_q", "to_k", "to_v", "to_out.0"])
-    text_layers = None if text_encoder is None else adapted(text_encoder, ["q_proj", "k_proj", "v_proj", "out_proj"])
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=unet_layers,
-                                              text_encoder_lora_layers=text_layers)
+    unet_layers = adapted(unet, list(targets))
+    attention = ["q_proj", "k_proj", "v_proj", "out_proj"]
+    text_layers = None if text_encoder is None else adapted(text_encoder, attention)
+    if text_encoder_2 is not None:
+        StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=unet_layers,
+                                                    text_encoder_lora_layers=text_layers,
+                                                    text_encoder_2_lora_layers=adapted(text_encoder_2, attention))
+    else:
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=unet_layers,
+                                                  text_encoder_lora_layers=text_layers)
     return folder / "pytorch_lora_weights.safetensors"
 
 
 def diffusers_fused_small(family: Family, lora: Path, scale: float) -> Any:
-    """The family's small UNet with ``lora`` fused in by diffusers' pipeline API (the reference)."""
+    """The family's small UNet with ``lora`` fused in by diffusers' pipeline API (the reference): a pipeline
+    of the family's own class (SD, SDXL with its second text encoder, LCM), over copies of its modules."""
     p: Any = family.pipeline
-    pipe: Any = StableDiffusionPipeline(
-        vae=p.vae, text_encoder=copy.deepcopy(p.text_encoder), tokenizer=p.tokenizer,
-        unet=copy.deepcopy(family.small_unet), scheduler=p.scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    components = {name: copy.deepcopy(module) if name.startswith("text_encoder") else module
+                  for name, module in p.components.items()}
+    pipe: Any = type(p)(**{**components, "unet": copy.deepcopy(family.small_unet)})
     pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
     pipe.fuse_lora(lora_scale=scale)
     pipe.unload_lora_weights()
@@ -105,13 +120,15 @@ class Personalized:
     bundle_dir: Path
     bundle: DeviceBundle
     printed: str  # what rise-export printed (the CLI path), else ""
+    sampler: str = SAMPLER  # what the relay runs with (LCM: its own sampler and guidance)
+    guidance: float = GUIDANCE
 
 
-def _personalize(family_dir: Path, root: Path, scale: float, seed: int, *, cli: list[str] | None = None
-                 ) -> Personalized:
+def _personalize(family_dir: Path, root: Path, scale: float, seed: int, *, cli: list[str] | None = None,
+                 sampler: str = SAMPLER, guidance: float = GUIDANCE, dora: bool = False) -> Personalized:
     """Make a LoRA on the family's small UNet and export it: through ``rise-export`` with ``cli``, else the API."""
     family = load_family(family_dir)
-    lora = make_lora(family.small_unet, root / "lora", seed=seed)
+    lora = make_lora(family.small_unet, root / "lora", seed=seed, dora=dora)
     out, printed = root / "bundle", io.StringIO()
     if cli is None:
         export_bundle(ExportOptions(family=family_dir, out=out, lora=lora, lora_scale=scale), family=family)
@@ -121,7 +138,8 @@ def _personalize(family_dir: Path, root: Path, scale: float, seed: int, *, cli: 
                          "--out", str(out), "--threads", "1"])
         assert code == 0, printed.getvalue()
     reference = dataclasses.replace(family, small_unet=diffusers_fused_small(family, lora, scale))
-    return Personalized(family, reference, lora, scale, out, DeviceBundle(out, threads=1), printed.getvalue())
+    return Personalized(family, reference, lora, scale, out, DeviceBundle(out, threads=1), printed.getvalue(),
+                        sampler, guidance)
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +166,26 @@ def sd15(sd15_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Personaliz
     return _personalize(sd15_dir, tmp_path_factory.mktemp("sd15-lora"), 1.0, 2)
 
 
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory: pytest.TempPathFactory) -> Personalized:
+    """SDXL + SSD-1B's LoRA bundle (two text encoders, the addition embeddings), exported by the API."""
+    folder = build_sdxl_ssd_1b(tmp_path_factory.mktemp("sdxl") / "family", 0).folder
+    return _personalize(folder, tmp_path_factory.mktemp("sdxl-lora"), 1.0, 3)
+
+
+@pytest.fixture(scope="module")
+def lcm(tmp_path_factory: pytest.TempPathFactory) -> Personalized:
+    """LCM-Dreamshaper's LoRA bundle (a guidance-embedded UNet, the LCM sampler), exported by the API."""
+    folder = build_lcm_dreamshaper(tmp_path_factory.mktemp("lcm") / "family", 0).folder
+    return _personalize(folder, tmp_path_factory.mktemp("lcm-lora"), 0.8, 4, sampler="lcm", guidance=1.5)
+
+
+@pytest.fixture(scope="module")
+def sd15_dora(sd15_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Personalized:
+    """SD1.5 + BK-SDM-tiny with a DoRA (weight-decomposed LoRA), exported by the API."""
+    return _personalize(sd15_dir, tmp_path_factory.mktemp("sd15-dora"), 1.0, 6, dora=True)
+
+
 REPO = Path(__file__).resolve().parents[2]
 COMMITTED_LORA = REPO / "models" / "demo" / "lora" / "red-sneakers" / "pytorch_lora_weights.safetensors"
 
@@ -167,7 +205,7 @@ def committed(tmp_path_factory: pytest.TempPathFactory) -> Personalized:
 
 def _device_latent(p: Personalized, split: int) -> np.ndarray:
     """The relay: the family's own edge (its large model) for ``split`` steps, then the bundle on the device."""
-    plan = RelayPlan(STEPS, split, SAMPLER, GUIDANCE)
+    plan = RelayPlan(STEPS, split, p.sampler, p.guidance)
     handoff = EdgeRelay(p.family).start(PROMPT, plan, SEED)
     received = decode_handoff(encode_handoff(handoff), expected_family=p.bundle.family_id)
     return finish_latents(p.bundle, received)
@@ -180,16 +218,21 @@ def _max_abs(a: Any, b: Any) -> float:
 # ----------------------------------------------------------------------------- the relay with a LoRA bundle
 
 
-@pytest.mark.parametrize("which", ["demo", "sd15", "committed"])
+_MORE_FAMILIES = pytest.mark.slow  # reason: builds and exports more families and bundles (~2 min on 2 cores)
+
+
+@pytest.mark.parametrize("which", ["demo", "sd15", "committed", pytest.param("sdxl", marks=_MORE_FAMILIES),
+                                   pytest.param("lcm", marks=_MORE_FAMILIES),
+                                   pytest.param("sd15_dora", marks=_MORE_FAMILIES)])
 def test_relay_with_lora_bundle_equals_diffusers_with_the_lora_fused(which: str, request: pytest.FixtureRequest):
     p: Personalized = request.getfixturevalue(which)
     for split in (0, STEPS // 2, STEPS):
         ours = _device_latent(p, split)
-        reference = pipeline_latent(p.reference, PROMPT, SAMPLER, STEPS, split, GUIDANCE, SEED).numpy()
+        reference = pipeline_latent(p.reference, PROMPT, p.sampler, STEPS, split, p.guidance, SEED).numpy()
         ERRORS[f"{which} k={split}/{STEPS}"] = error = _max_abs(ours, reference)
         assert ours.shape == reference.shape and error <= TOLERANCE, f"{which} k={split}: max-abs {error:.3g}"
     # The LoRA changes what the device draws: without it, the family's own small UNet gives another latent.
-    plain = pipeline_latent(p.family, PROMPT, SAMPLER, STEPS, 0, GUIDANCE, SEED).numpy()
+    plain = pipeline_latent(p.family, PROMPT, p.sampler, STEPS, 0, p.guidance, SEED).numpy()
     assert _max_abs(_device_latent(p, 0), plain) > 100 * TOLERANCE
 
 
@@ -255,6 +298,14 @@ def test_a_lora_made_on_the_large_unet_is_refused(demo: Personalized, tmp_path: 
 def test_a_lora_that_changes_the_text_encoder_is_refused(demo: Personalized, tmp_path: Path, capfd):
     lora = make_lora(demo.family.small_unet, tmp_path / "te", seed=4, text_encoder=demo.family.pipeline.text_encoder)
     line = _refused(["--family", str(demo.family.folder), "--lora", str(lora)], tmp_path / "out" / "b", capfd)
+    assert "also changes the text encoder" in line and "shared with the edge" in line
+
+
+@_MORE_FAMILIES
+def test_an_sdxl_lora_that_changes_the_second_text_encoder_is_refused(sdxl: Personalized, tmp_path: Path, capfd):
+    family = sdxl.family
+    lora = make_lora(family.small_unet, tmp_path / "te2", seed=5, text_encoder_2=family.pipeline.text_encoder_2)
+    line = _refused(["--family", str(family.folder), "--lora", str(lora)], tmp_path / "out" / "b", capfd)
     assert "also changes the text encoder" in line and "shared with the edge" in line
 
 
@@ -386,6 +437,29 @@ def test_peft_and_kohya_layouts_fuse_to_the_same_weights(demo: Personalized, tmp
         fused = fuse_lora(demo.family, _relaid(demo.lora, tmp_path, layout), demo.scale)
         assert fused.personalization.adapter_format == layout
         assert fused.small_sha256 == diffusers_layout.small_sha256 and fused.layers == diffusers_layout.layers
+
+
+def test_a_lora_on_convs_in_two_key_layouts_fuses_whole(sd15: Personalized, tmp_path: Path):
+    """A LoRA on resnet convs and projections too, saved through convert_state_dict_to_diffusers: the attention
+    keys renamed (lora.down/up), the others in peft's layout, and a conv key first. diffusers' loader reads the
+    layout off the first key and drops the renamed half with a warning; ours fuses all of it, to the weights
+    diffusers' pipeline gives the same LoRA in peft's layout alone."""
+    from safetensors import safe_open
+
+    from export.lora import fuse_lora
+
+    family = sd15.family
+    targets = (*ATTENTION, "conv1", "conv2", "proj_in", "proj_out")
+    mixed = make_lora(family.small_unet, tmp_path / "mixed", seed=7, targets=targets)
+    peft = make_lora(family.small_unet, tmp_path / "peft", seed=7, targets=targets, layout="peft")
+    with safe_open(str(mixed), framework="pt") as fh:
+        keys = sorted(fh.keys())
+    assert ".lora_A." in keys[0] and any(".lora.down." in k for k in keys)  # the case diffusers half-drops
+    fused_mixed, fused_peft = fuse_lora(family, mixed), fuse_lora(family, peft)
+    assert fused_mixed.personalization.adapter_format == "diffusers-peft"
+    assert fused_mixed.layers == fused_peft.layers == len(keys) // 2
+    assert fused_mixed.small_sha256 == fused_peft.small_sha256 == weights_sha256(diffusers_fused_small(family, peft,
+                                                                                                       1.0))
 
 
 def test_loras_whose_tensors_do_not_all_land_are_refused(demo: Personalized, tmp_path: Path):
