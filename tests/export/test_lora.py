@@ -61,12 +61,12 @@ def _report() -> Any:
 def make_lora(unet: Any, folder: Path, *, seed: int, rank: int = 4, text_encoder: Any = None,
               text_encoder_2: Any = None, dora: bool = False, targets: tuple[str, ...] = ATTENTION,
               layout: str = "diffusers") -> Path:
-    """A random LoRA (non-zero lora_B, so it changes outputs) on ``unet``'s attention projections, saved by diffusers.
+    """A random LoRA (non-zero lora_B, so it changes outputs) on ``unet``'s ``targets``, saved by diffusers.
 
     With ``text_encoder``: on its attention projections too (a LoRA that changes the text encoder);
     with ``text_encoder_2``: on SDXL's second text encoder, saved as SDXL's training script saves it;
     ``dora``: a DoRA (peft's ``use_dora``: a magnitude vector per layer beside lora_A and lora_B).
-    ``targets``: the UNet modules it adapts; ``layout`` "peft" saves peft's keys as they are, without
+    ``targets``: the UNet modules it adapts (default: the attention projections); ``layout`` "peft" saves peft's keys as they are, without
     diffusers' renaming.
     """
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -100,7 +100,7 @@ def make_lora(unet: Any, folder: Path, *, seed: int, rank: int = 4, text_encoder
 
 def diffusers_fused_small(family: Family, lora: Path, scale: float) -> Any:
     """The family's small UNet with ``lora`` fused in by diffusers' pipeline API (the reference): a pipeline
-    of the family's own class (SD, SDXL with its second text encoder, LCM), over copies of its modules."""
+    of the family's own class (SD, SDXL with its second text encoder, LCM), over its modules (text encoders copied)."""
     p: Any = family.pipeline
     components = {name: copy.deepcopy(module) if name.startswith("text_encoder") else module
                   for name, module in p.components.items()}
