@@ -584,10 +584,15 @@ class ServerConnection(_Connection):
         super()._push(frame)
 
     @property
+    def peer_version(self) -> int:
+        """The version frames go out in: the negotiated one (this side's highest before the hello)."""
+        return self.version if self.version is not None else max(self.versions)
+
+    @property
     def relay_modes(self) -> bool:
         """Whether the device's protocol version has adaptive and speculative plans (a first-release
         device's has not: plan it fixed splits only; version 2 added them, :data:`ADDED_IN_V2`)."""
-        return (self.version if self.version is not None else max(self.versions)) >= 2  # see ADDED_IN_V2
+        return self.peer_version >= 2
 
     # ----------------------------------------------------------------- sending
 
@@ -610,7 +615,7 @@ class ServerConnection(_Connection):
             why=why, notice=notice, family_id=self.family_id, loading_s=loading_s,
         )
         assert isinstance(message, Plan)
-        version = self.version if self.version is not None else max(self.versions)
+        version = self.peer_version
         message = for_peer(message, version)  # a first-release device rejects fields it does not know
         newer = newer_fields(message, version)
         if newer and request.generate.pinned != plan:  # a device that pinned a relay mode knows it
