@@ -8,7 +8,7 @@ family's ``family_id`` and the edge's handoffs are still accepted (see
 - **LoRA** (:func:`fuse_lora`): loaded with diffusers' own LoRA loading, as a pipeline of the
   family's class reads one (``lora_state_dict``: the peft layout, diffusers' own and the
   kohya/A1111 ones it converts; a file mixing diffusers' and peft's is read whole, see
-  :func:`_in_one_layout`), into a copy of the family's small UNet
+  :func:`_in_peft_layout`), into a copy of the family's small UNet
   (``load_lora_adapter``), fused at ``scale`` (``fuse_lora(lora_scale=...)``) and unloaded,
   which leaves plain UNet weights to export. diffusers only *warns* when an adapter's keys do
   not land; here every key must land on the small UNet and every LoRA layer made must be one
@@ -197,31 +197,19 @@ def _unet_state_dict(family: Family, path: Path) -> tuple[dict[str, Any], dict[s
     return state, alphas, metadata
 
 
-def _in_one_layout(state: dict[str, Any]) -> dict[str, Any]:
-    """``state`` with every UNet key in peft's layout when the file mixes two.
+def _in_peft_layout(state: dict[str, Any]) -> dict[str, Any]:
+    """The LoRA's UNet tensors by the names peft gives them once loaded (``...to_q.lora_A.weight``), unprefixed.
 
-    diffusers' ``convert_state_dict_to_diffusers`` renames the attention layers' LoRA (``.lora.down``)
-    and leaves the others (resnet convs, projections, feed-forward) in peft's (``lora_A``), and
-    ``load_lora_adapter`` picks the layout from the first key alone: when that is a peft key, the
-    renamed half names no layer and is dropped with a warning. So such a file is renamed here, with
-    diffusers' own map, before it is loaded (a file in one layout is left as it is).
+    Renamed with diffusers' own map (``convert_unet_state_dict_to_peft``, which leaves peft's keys as they
+    are), as ``load_lora_adapter`` renames what it is given, with one difference: it picks the layout from
+    the first key alone. diffusers' ``convert_state_dict_to_diffusers`` renames the attention layers' LoRA
+    (``.lora.down``) and leaves the others (resnet convs, projections, feed-forward) in peft's (``lora_A``),
+    so when such a file's first key is a peft one, the renamed half names no layer and is dropped with a
+    warning. Renamed here first, every file reaches the loader in one layout.
     """
     from diffusers.utils import convert_unet_state_dict_to_peft
 
-    if adapter_format(list(state)) != "diffusers-peft":
-        return state
-    unet_state = convert_unet_state_dict_to_peft({k.removeprefix(UNET_PREFIX): v for k, v in state.items()})
-    return {UNET_PREFIX + k: v for k, v in unet_state.items()}
-
-
-def _expected_peft_keys(state: dict[str, Any]) -> dict[str, Any]:
-    """The adapter's UNet tensors under the names peft gives them once loaded (what load_lora_adapter converts)."""
-    from diffusers.utils import convert_unet_state_dict_to_peft
-
-    unet_state = {k.removeprefix(UNET_PREFIX): v for k, v in state.items()}
-    if "lora_A" not in next(iter(unet_state)):  # load_lora_adapter's own test: the first key's layout
-        unet_state = convert_unet_state_dict_to_peft(unet_state)
-    return unet_state
+    return convert_unet_state_dict_to_peft({k.removeprefix(UNET_PREFIX): v for k, v in state.items()})
 
 
 def fuse_lora(family: Family, path: str | Path, scale: float = 1.0, *, label: str | None = None) -> PersonalizedSmall:
@@ -240,17 +228,16 @@ def fuse_lora(family: Family, path: str | Path, scale: float = 1.0, *, label: st
     name = _label(label, path.stem)
     keys = read_lora_keys(path)
     state, alphas, metadata = _unet_state_dict(family, path)
-    state = _in_one_layout(state)
+    expected = _in_peft_layout(state)
     base = family.small_unet
     unet: Any = copy.deepcopy(base)
     where = f"the family's small UNet ({family.small_source})"
     try:
         with _quiet_diffusers():
-            unet.load_lora_adapter(state, prefix=UNET_PREFIX.rstrip("."), network_alphas=alphas, metadata=metadata,
-                                   adapter_name=ADAPTER_NAME)
+            unet.load_lora_adapter({UNET_PREFIX + k: v for k, v in expected.items()}, prefix=UNET_PREFIX.rstrip("."),
+                                   network_alphas=alphas, metadata=metadata, adapter_name=ADAPTER_NAME)
     except Exception as exc:  # peft: ValueError (no target module found), RuntimeError (size mismatch)...
         raise ExportError(f"LoRA {path.name} does not fit {where}: {_first_line(exc)}") from exc
-    expected = _expected_peft_keys(state)
     loaded = get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
     unplaced = sorted(set(expected) - set(loaded))
     if unplaced:
