@@ -934,6 +934,13 @@ def part_daemon(ctx: Context) -> dict[str, Any]:
                                 ping_interval_s=None, ping_timeout_s=None,
                                 limits={"requests_per_minute": 1e6, "burst": 100000, "max_in_flight": 4})
             server = EdgeServer.with_batching_engine(family, config)
+            if batching:  # the engine measured what a UNet row costs on this device (edge_server.row_budget)
+                budget = getattr(server.engine, "row_budget", None)
+                memory = getattr(budget, "memory", None)
+                out["row_budget"] = {"rows": getattr(server.engine, "max_batch_rows", None),
+                                     "memory": dataclasses.asdict(memory) if memory is not None else None}
+                ctx.log(f"  row budget: {out['row_budget']['rows']} rows per UNet call"
+                        f"{f' ({memory.describe()})' if memory is not None else ''}")
             port = await server.start()
             url = f"ws://127.0.0.1:{port}"
             family_id = server.service.family_id

@@ -110,11 +110,11 @@ async def network_mode(mode: str, clients: int, requests: int, family: Any, bund
         token = secrets.token_urlsafe(16)
         (workdir / "token").write_text(token)
         config = EdgeConfig(host="127.0.0.1", port=0, token_file=str(workdir / "token"), max_queue=256,
-                            limits=dict(LIMITS))
+                            max_batch_rows=16, limits=dict(LIMITS))
         profile = load_profile(FAMILY / "profile.json")
         # Capacity in requests: the engine admits up to max_batch_rows requests (see the report on edge_schedule).
         planner = BanditPlanner.from_profile(profile, ARM, speculative_ratio=ratio if mode == "speculative" else None,
-                                             edge_capacity=config.max_batch_rows)
+                                             edge_capacity=16)
         server = EdgeServer.with_batching_engine(family, config, planner=planner)
         port = await server.start()
         try:

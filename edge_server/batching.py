@@ -142,8 +142,14 @@ def _f32(tensor: torch.Tensor) -> np.ndarray:
 @torch.no_grad()
 def batched_step(unet: UNet2DConditionModel, jobs: Sequence[DenoiseJob]) -> None:
     """Advance every job by one step with a single UNet call (all jobs share one batch_key)."""
-    if not jobs:
-        return
+    if jobs:
+        take_step(jobs, unet_noise(unet, jobs))
+
+
+@torch.no_grad()
+def unet_noise(unet: UNet2DConditionModel, jobs: Sequence[DenoiseJob]) -> torch.Tensor:
+    """The UNet's noise prediction for every job's rows at its next step, in one call (float32, on the UNet's
+    device). No job changes: a call that fails (out of memory) can be retried, in smaller batches."""
     if len({job.batch_key() for job in jobs}) != 1:
         raise ValueError("batched_step needs jobs of one latent and embedding shape")
     inputs: list[torch.Tensor] = []
@@ -170,10 +176,16 @@ def batched_step(unet: UNet2DConditionModel, jobs: Sequence[DenoiseJob]) -> None
         kwargs["added_cond_kwargs"] = {name: torch.cat(rows).to(device, dtype) for name, rows in added.items()}
     if timestep_conds:
         kwargs["timestep_cond"] = torch.cat(timestep_conds).to(device, dtype)
-    noise = model(
+    noise: torch.Tensor = model(
         torch.cat(inputs).to(device, dtype), torch.cat(timesteps).to(device),
         encoder_hidden_states=torch.cat(embeds).to(device, dtype), return_dict=False, **kwargs,
     )[0].float()
+    return noise
+
+
+@torch.no_grad()
+def take_step(jobs: Sequence[DenoiseJob], noise: torch.Tensor) -> None:
+    """Each job's guidance and sampler step from :func:`unet_noise`'s rows for it (in the jobs' order)."""
     guided_noise: list[torch.Tensor] = []
     for job, job_noise in zip(jobs, torch.split(noise, [job.unet_rows for job in jobs]), strict=True):
         if job.guided:

@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from edge_server.cold_start import estimate_load_s
+from edge_server.row_budget import planned_rows
 from shared.bandit.latency import DEFAULT_BATCH_BETA, batch_step_times, edge_drain_s, edge_schedule
 from shared.errors import ConfigError, RiseError
 from shared.relay_plan import RelayPlan
@@ -295,8 +296,8 @@ class EdgeReplica:
     """
 
     def __init__(self, families: list[FamilySpec], *, device: str = "cpu", dtype: str = "auto",
-                 max_batch_rows: int = 16, max_queue: int = 64, batching: bool = True, threads: int | None = None,
-                 memory_budget_mb: float | None = None, home: int | None = None) -> None:
+                 max_batch_rows: int | None = None, max_queue: int = 64, batching: bool = True,
+                 threads: int | None = None, memory_budget_mb: float | None = None, home: int | None = None) -> None:
         import torch
 
         from edge_server.engine import BatchingEngine, Engine
@@ -862,7 +863,7 @@ class RayEngine(_DescribedFamily):
                 raise ClusterUnavailable(f"cannot start or join the Ray cluster "
                                          f"{cluster.ray_address or '(local)'}: {exc}") from exc
         _check_room(cluster, owns)  # Ray Serve would wait for ever for replicas it cannot place
-        board = LoadBoard(max(1, config.max_batch_rows // 2))
+        board = LoadBoard(max(1, planned_rows(config.max_batch_rows) // 2))
         register_board(cluster.app_name, board)
         actor: dict[str, Any] = {"num_cpus": cluster.num_cpus, "num_gpus": cluster.num_gpus,
                                  "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(cluster.torch_threads)}}}
@@ -877,7 +878,7 @@ class RayEngine(_DescribedFamily):
             options["autoscaling_config"] = {
                 "min_replicas": cluster.min_replicas, "max_replicas": cluster.max_replicas,
                 "initial_replicas": cluster.replicas,
-                "target_ongoing_requests": max(1, config.max_batch_rows // 2)}
+                "target_ongoing_requests": max(1, planned_rows(config.max_batch_rows) // 2)}
         else:
             options["num_replicas"] = cluster.replicas
         if cluster.router == "soonest":

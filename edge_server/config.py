@@ -107,7 +107,7 @@ class EdgeConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     metrics_port: int | None = None
-    max_batch_rows: int = 16
+    max_batch_rows: int | None = None  # UNet rows per call; None (auto): 16 on a CPU, what fits a GPU (row_budget)
     max_queue: int = 64
     batching: bool = True
     threads: int | None = None  # torch intra-op threads (None: torch's default)
@@ -249,11 +249,23 @@ class EdgeConfig:
     def described(self) -> str:
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
         shown["token_file"] = "(set)" if self.token_file else None
+        shown["max_batch_rows"] = self.max_batch_rows or "auto"
         return ", ".join(f"{k}={v}" for k, v in shown.items())
 
 
 def _int(lo: int, hi: int | None = None) -> Callable[[str, Any], int]:
     return lambda key, value: check_int(key, value, lo=lo, hi=hi, error=ConfigError)
+
+
+def _rows(key: str, value: Any) -> int | None:
+    """``max_batch_rows``: ``auto`` (None) or a whole number of rows >= 1 (a flag's text is read as a number)."""
+    if value == "auto":
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, str):
+        raise ConfigError(f"{key}: expected auto or an integer >= 1, got {value!r}")
+    return check_int(key, value, lo=1, error=ConfigError)
 
 
 def _float(lo: float, hi: float | None = None, *, lo_open: bool = False) -> Callable[[str, Any], float]:
@@ -303,7 +315,7 @@ _TOML_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "tls_cert": _str,
     "tls_key": _str,
     "metrics_port": _int(0, 65535),
-    "max_batch_rows": _int(1),
+    "max_batch_rows": _rows,
     "max_queue": _int(1),
     "batching": lambda key, value: check_bool(key, value, error=ConfigError),
     "threads": _int(1),
@@ -374,7 +386,7 @@ def default_text(name: str) -> str:
         value = next(f for f in fields(EdgeConfig) if f.name == name).default
     else:
         value = getattr(ProtocolLimits(), name)
-    return f"(default: {value})"
+    return f"(default: {'auto' if value is None and name == 'max_batch_rows' else value})"
 
 
 def add_flood_flags(parser: argparse.ArgumentParser) -> None:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import errno
 import logging
 import signal
@@ -288,7 +289,8 @@ class EdgeServer:
             if config.sampler is not None:
                 loaded.check_sampler(config.sampler)  # e.g. dpmpp_2m named for an LCM family: refused at start
             shipped = Path(loaded.folder) / FAMILY_PROFILE
-            planner = planner or make_planner(config, default_sampler=loaded.default_sampler,
+            measured = dataclasses.replace(config, max_batch_rows=engine.max_batch_rows)  # auto: what it resolved to
+            planner = planner or make_planner(measured, default_sampler=loaded.default_sampler,
                                               family_profile=shipped if shipped.is_file() else None)
             log.info("scheduler: %s", planner.name)
             return cls(engine, config, planner=planner, metrics=metrics, read_prompt=loaded.read_prompt)
@@ -899,8 +901,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-key", help="TLS private key (PEM), with --tls-cert")
     s.add_argument("--metrics-port", type=int,
                    help="serve Prometheus /metrics, /healthz and /readyz on this port (default: none)")
-    s.add_argument("--max-batch-rows", type=int,
-                   help=f"UNet rows per call (2 per guided request) {d('max_batch_rows')}")
+    s.add_argument("--max-batch-rows", metavar="auto|N",
+                   help="UNet rows per call, 2 per guided request (auto: 16 on a CPU; on a GPU as many as its free "
+                        "memory holds, at most 64; a number is a ceiling, trimmed on a GPU to what fits) "
+                        f"{d('max_batch_rows')}")
     s.add_argument("--max-queue", type=int, help=f"requests queued + running before 'busy' {d('max_queue')}")
     s.add_argument("--no-batching", action="store_true", help="one request at a time (baseline)")
     s.add_argument("--threads", type=int, help="torch intra-op threads for the large model (default: torch's)")

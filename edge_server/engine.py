@@ -11,7 +11,9 @@ layer's job.
 admit queued requests (text encoding + initial noise), pick the oldest jobs that fit one UNet
 call (``edge_server.batching.pick_batch``), advance them one step, and hand back every job that
 reached its split. ``batching=False`` runs one request at a time, the baseline the benchmark
-compares against.
+compares against. How many rows a call may take is the engine's :class:`~edge_server.row_budget.RowBudget`:
+``max_batch_rows`` (None: auto) and, on a GPU, what its memory holds; a call that runs out of memory
+is retried in smaller ones.
 """
 
 from __future__ import annotations
@@ -29,10 +31,18 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from edge_server.batching import DenoiseJob, batched_step, pick_batch
+from edge_server.batching import DenoiseJob, pick_batch, take_step, unet_noise
 from edge_server.family import Conditioning, Family, encode_prompts
 from edge_server.preview import PreviewRenderer
 from edge_server.relay import decode_latents, prepare
+from edge_server.row_budget import (
+    MemoryStats,
+    NoRoomOnDevice,
+    RowBudget,
+    ceiling_rows,
+    is_out_of_memory,
+    measure_row_memory,
+)
 from edge_server.threads import StepEfficiency
 from shared.errors import RiseError
 from shared.handoff import encode_handoff
@@ -156,13 +166,20 @@ class BatchingEngine:
     per calling thread, and with a second pool (the main thread's, from loading the weights)
     libgomp counts more threads than cores and stops spinning between parallel regions, which
     doubled the demo family's UNet step at 2 threads on a 2-core machine (29 -> 60 ms per step).
+
+    ``max_batch_rows`` None is ``auto`` (:mod:`edge_server.row_budget`). On a CUDA device the worker
+    measures, once the family is loaded, what a UNet row costs in memory and trims the budget to
+    what fits; ``memory_stats`` stands in for ``torch.cuda``'s counters (tests measure a fake device).
+    The constructor raises NoRoomOnDevice when not even one request fits.
     """
 
-    def __init__(self, family: Family | Callable[[], Family], *, max_batch_rows: int = 16, max_queue: int = 64,
-                 batching: bool = True, on_batch: BatchCallback | None = None, adapt_threads: bool = False) -> None:
-        if max_batch_rows < 1 or max_queue < 1:
+    def __init__(self, family: Family | Callable[[], Family], *, max_batch_rows: int | None = 16,
+                 max_queue: int = 64, batching: bool = True, on_batch: BatchCallback | None = None,
+                 adapt_threads: bool = False, memory_stats: MemoryStats | None = None) -> None:
+        if (max_batch_rows is not None and max_batch_rows < 1) or max_queue < 1:
             raise ValueError("max_batch_rows and max_queue must be >= 1")
-        self.max_batch_rows = max_batch_rows
+        self.max_batch_rows = max_batch_rows or 1  # the rows a call may take at the family's default size (below)
+        self.row_budget = RowBudget(self.max_batch_rows)
         self.max_queue = max_queue
         self.batching = batching
         self._on_batch = on_batch  # (requests, rows) per UNet call, for metrics
@@ -178,18 +195,17 @@ class BatchingEngine:
         self._edge_s_ewma = 0.5  # seconds per request, for retry-after estimates
         self._call_s_ewma = 0.05  # seconds per UNet call, for retry-after estimates
         ready: Future[Family] = Future()
-        loader = None if isinstance(family, Family) else family
-        if isinstance(family, Family):
-            ready.set_result(family)
 
         def run() -> None:
-            if loader is not None:  # load here, on the thread that will run the model
-                try:
-                    ready.set_result(loader())
-                except BaseException as exc:
-                    ready.set_exception(exc)
-                    return
-            self._run(ready.result())
+            try:  # load here, on the thread that will run the model; the memory probe runs here too
+                loaded = family if isinstance(family, Family) else family()
+                self.row_budget = self._row_budget(loaded, max_batch_rows, memory_stats)
+                self.max_batch_rows = self.row_budget.rows_for(loaded.default_latent_size ** 2)
+            except BaseException as exc:
+                ready.set_exception(exc)
+                return
+            ready.set_result(loaded)
+            self._run(loaded)
 
         self._thread = threading.Thread(target=run, name="rise-engine", daemon=True)
         self._thread.start()
@@ -274,6 +290,36 @@ class BatchingEngine:
             self._admit(to_admit)
             self._advance()
 
+    def _row_budget(self, family: Family, configured: int | None, stats: MemoryStats | None) -> RowBudget:
+        """The budget for ``family`` on its device: on CUDA (or with ``stats``), trimmed to the measured memory."""
+        device = family.placement.device
+        ceiling = ceiling_rows(configured, device.type)
+        if device.type != "cuda" and stats is None:
+            return RowBudget(ceiling)
+        torch.set_grad_enabled(False)
+        size = family.default_latent_size
+        job = prepare(family, "", RelayPlan(2, 1, family.default_sampler), 0)  # a guided request, default size
+
+        def forward(requests: int) -> int:
+            unet_noise(family.large_unet, [job] * requests)
+            return job.unet_rows * requests
+
+        memory = measure_row_memory(device, forward, lambda: decode_latents(family, job.latents), size * size,
+                                    stats if stats is not None else torch.cuda)
+        budget = RowBudget(ceiling, memory)
+        rows = budget.rows_for(size * size)
+        where = f"{device}'s memory ({memory.describe()})"
+        if configured is not None and rows < configured:
+            log.warning("--max-batch-rows %d does not fit %s: at most %d rows per UNet call at %dx%d latents",
+                        configured, where, rows, size, size)
+        else:
+            log.info("%d rows per UNet call at %dx%d latents (%s, %s)", rows, size, size,
+                     "auto" if configured is None else f"--max-batch-rows {configured}", where)
+        if rows < job.unet_rows:
+            log.warning("%s holds less than one request's UNet rows: requests run one at a time, and one that "
+                        "does not fit fails", where)
+        return budget
+
     def _drop_cancelled(self) -> None:
         if not self._cancelled:
             return
@@ -313,12 +359,20 @@ class BatchingEngine:
         with self._lock:
             ready = [e for e in self._active if e.job is not None]
         jobs = [e.job for e in ready if e.job is not None]
-        batch = pick_batch(jobs, self.max_batch_rows if self.batching else 1)
+        oldest = next((job for job in jobs if not job.done), None)
+        limit = self.row_budget.rows_for(_area(oldest)) if oldest is not None else 1
+        batch = pick_batch(jobs, limit if self.batching else 1)
         if batch:
             try:
                 self._efficiency.before()
                 call_started = time.perf_counter()
-                batched_step(self.family.large_unet, batch)
+                try:
+                    noise = unet_noise(self.family.large_unet, batch)
+                except Exception as exc:
+                    if is_out_of_memory(exc) and self._smaller_calls(batch, exc):
+                        return  # no job has changed: the same requests go again, in smaller calls
+                    raise
+                take_step(batch, noise)
                 call_s = time.perf_counter() - call_started
                 self._efficiency.after()
             except Exception as exc:
@@ -341,6 +395,23 @@ class BatchingEngine:
         for entry in ready:
             if entry.job is not None and entry.job.done and not entry.future.done():
                 self._finish(entry)
+
+    def _smaller_calls(self, batch: list[DenoiseJob], exc: BaseException) -> bool:
+        """A UNet call ran out of memory: True once the budget is lowered for that size (the caller retries),
+        else (one request alone) raise NoRoomOnDevice, which fails that request."""
+        if self.family.placement.device.type == "cuda":
+            torch.cuda.empty_cache()  # what the failed call left cached goes back before the retry
+        rows, area = sum(job.unet_rows for job in batch), _area(batch[0])
+        h, w = batch[0].latents.shape[-2:]
+        limit = self.row_budget.after_out_of_memory(area, rows, fewest=max(job.unet_rows for job in batch))
+        if limit is None:
+            raise NoRoomOnDevice(f"this request's UNet step ({rows} rows of {h}x{w} latents) does not fit "
+                                 f"{self.family.placement.device}'s free memory: a smaller size would") from exc
+        self.max_batch_rows = self.row_budget.rows_for(self.family.default_latent_size ** 2)
+        log.warning("a UNet call of %d rows of %dx%d latents ran out of memory on %s; calls of that size now take "
+                    "at most %d rows (--max-batch-rows sets the ceiling)", rows, h, w,
+                    self.family.placement.device, limit)
+        return True
 
     def _report_step(self, entry: _Entry) -> None:
         """A step done: its live preview where one is due (x0 through the family's projection), else its progress.
@@ -410,3 +481,9 @@ class BatchingEngine:
                 self._active.remove(entry)
         if not entry.future.done():
             entry.future.set_exception(exc)
+
+
+def _area(job: DenoiseJob) -> int:
+    """A job's latent pixels (h x w): what a UNet row's memory grows with."""
+    h, w = job.latents.shape[-2:]
+    return int(h) * int(w)

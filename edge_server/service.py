@@ -42,6 +42,7 @@ from edge_server.family import Family, FamilyInfo
 from edge_server.family_pool import FamilySpec, FamilyUnavailable
 from edge_server.logs import REQUEST_LOGGER, request_line
 from edge_server.metrics import EdgeMetrics
+from edge_server.row_budget import planned_rows
 from shared.demo_grammar.understanding import PromptReading, read_prompt_as
 from shared.errors import RiseError
 from shared.planning import FixedPlanner, PlanContext, Planner
@@ -102,7 +103,7 @@ def make_planner(config: EdgeConfig, *, default_sampler: str = "dpmpp_2m",
     return BanditPlanner.from_profile(
         load_profile(profile), scheduler, config.bandit_state,
         sampler=sampler, guidance_scale=config.guidance,
-        edge_capacity=max(1, config.max_batch_rows // 2), alpha=config.alpha,
+        edge_capacity=max(1, planned_rows(config.max_batch_rows) // 2), alpha=config.alpha,
         speculative_ratio=config.speculative_ratio,
     )
 

@@ -45,6 +45,7 @@ def test_a_valid_file_loads(tmp_path: Path) -> None:
         ('[server]\nhost = ""\n', "host: expected 1-4096 characters"),
         ("[engine]\nmax_batch_rows = true\n", "max_batch_rows: expected an integer, got bool"),
         ("[engine]\nmax_batch_rows = 0\n", "max_batch_rows: expected an integer >= 1, got 0"),
+        ('[engine]\nmax_batch_rows = "many"\n', "max_batch_rows: expected auto or an integer >= 1, got 'many'"),
         ("[engine]\nmax_queue = 1.5\n", "max_queue: expected an integer, got float"),
         ('[engine]\nbatching = "yes"\n', "batching: expected true or false, got str"),
         ("[engine]\nbatching = 1\n", "batching: expected true or false, got int"),
@@ -231,3 +232,28 @@ def test_a_token_file_others_can_read_is_warned_about(tmp_path: Path, mode: int,
         assert warnings == []
     else:
         assert warnings == [f"token file {token_file} is readable by {readers} (chmod 600 {token_file})"]
+
+
+def test_max_batch_rows_is_auto_unless_set_in_the_file_or_by_a_flag(tmp_path: Path) -> None:
+    from edge_server.daemon import build_parser, config_from_args
+    from edge_server.service import make_planner
+
+    assert EdgeConfig().max_batch_rows is None  # auto: edge_server.row_budget
+    assert EdgeConfig.from_toml(write(tmp_path, '[engine]\nmax_batch_rows = "auto"\n')).max_batch_rows is None
+
+    def flags(*extra: str) -> EdgeConfig:
+        return config_from_args(build_parser().parse_args(["serve", "--family", "f", *extra]))
+
+    assert flags("--max-batch-rows", "24").max_batch_rows == 24
+    path = write(tmp_path, "[engine]\nmax_batch_rows = 8\n")
+    assert flags("--config", str(path)).max_batch_rows == 8
+    assert flags("--config", str(path), "--max-batch-rows", "auto").max_batch_rows is None  # the flag wins
+    for wrong, said in (("eight", "'eight'"), ("0", "got 0"), ("-2", "'-2'")):
+        with pytest.raises(ConfigError, match=f"--max-batch-rows: expected auto or an integer >= 1, got {said}"
+                           if said != "got 0" else "--max-batch-rows: expected an integer >= 1, got 0"):
+            flags("--max-batch-rows", wrong)
+    assert "(default: auto)" in build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
+    profile = str(Path(__file__).parents[2] / "models/demo/family/profile.json")
+    auto = make_planner(EdgeConfig(scheduler="linucb", profile=profile))
+    assert auto.edge_capacity == 8  # type: ignore[attr-defined]  # before a measurement: the CPU's 16 rows
+    assert make_planner(EdgeConfig(scheduler="linucb", profile=profile, max_batch_rows=4)).edge_capacity == 2  # type: ignore[attr-defined]
