@@ -2,6 +2,10 @@
 VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
+# make test runs on this many pytest-xdist workers (each torch on one thread: tests/conftest.py); 0: one process.
+# --dist loadfile: a file's tests run on one worker, in order (test_fuzz's case count sums the tests before it).
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: setup data demo test test-all lint chaos bench profile sim sim-suite clean
 
@@ -28,7 +32,7 @@ demo: setup data
 	$(PY) -m lab.demo
 
 test: setup data
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -q -m "not slow"
 
 # ruff (rules in pyproject.toml), mypy (--strict on shared/ and device_app/, plain on the rest) and the import rules.
 lint: setup

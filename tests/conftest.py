@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-# Two cores are shared by torch and onnxruntime in these tests; one thread each is fastest
-# overall and keeps float results independent of scheduling.
+# Two cores are shared by torch and onnxruntime in these tests (and by make test's two pytest-xdist
+# workers); one thread each is fastest overall and keeps float results independent of scheduling.
 import torch
 
 torch.set_num_threads(1)

@@ -687,6 +687,8 @@ def test_client_connection_survives_any_server(ops: list[tuple[str, Any]]) -> No
 
 
 def test_fuzz_case_count_meets_the_target() -> None:
+    # The cases the fuzz tests above counted in this process: make test's --dist loadfile runs a file on one worker,
+    # in order.
     counted = sum(c["cases"] for c in (TEXT_COUNTS, HANDOFF_COUNTS, SERVER_COUNTS, CLIENT_COUNTS))
     if counted == 0 or SCALE < 1:
         return  # deselected or scaled down on purpose
