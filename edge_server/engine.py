@@ -304,8 +304,11 @@ class BatchingEngine:
             unet_noise(family.large_unet, [job] * requests)
             return job.unet_rows * requests
 
-        memory = measure_row_memory(device, forward, lambda: decode_latents(family, job.latents), size * size,
-                                    stats if stats is not None else torch.cuda)
+        try:
+            memory = measure_row_memory(device, forward, lambda: decode_latents(family, job.latents), size * size,
+                                        stats if stats is not None else torch.cuda)
+        except NoRoomOnDevice as exc:
+            raise NoRoomOnDevice(f"family {family.name} ({family.folder}) on {device}: {exc}") from exc
         budget = RowBudget(ceiling, memory)
         rows = budget.rows_for(size * size)
         where = f"{device}'s memory ({memory.describe()})"

@@ -145,6 +145,9 @@ def test_the_engine_sizes_its_batches_from_the_measured_memory_and_warns_when_a_
     said = [r.getMessage() for r in caplog.records if "rows per UNet call" in r.getMessage()]
     assert any(f"{fit} rows per UNet call" in m and "auto" in m for m in said), said
     assert BatchingEngine(tiny_family, max_batch_rows=None).max_batch_rows == AUTO_CPU_ROWS  # a CPU: not measured
+    fake.capacity = 1  # not even one guided request: refused at start, naming the family
+    with pytest.raises(NoRoomOnDevice, match=f"family {tiny_family.name} .* one request does not fit"):
+        BatchingEngine(tiny_family, max_batch_rows=None, memory_stats=fake)
 
 
 class GpuOfRows:
