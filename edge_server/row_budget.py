@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from shared.errors import RiseError
 
-#: ``auto`` on a CPU: the rows per call beyond which a CPU step gains nothing (bench/bench_edge_batch.py).
+#: ``auto`` on a CPU: the fixed default before ``auto`` (8 guided requests, the most bench/bench_edge_batch.py times).
 AUTO_CPU_ROWS = 16
 #: ``auto``'s ceiling on a GPU; the memory left after loading may trim it.
 AUTO_GPU_ROWS = 64
