@@ -283,7 +283,7 @@ class EdgeServer:
         config.token()  # a bad token file is named before any weights load
         if planner is None and (config.profile is not None or not needs_profile(config.scheduler)):
             make_planner(config)  # a config error surfaces before any weights load (a shipped profile: after)
-        engine = make_engine(family, config, on_batch=metrics.observe_batch)
+        engine = make_engine(family, config, metrics=metrics)
         try:
             loaded = engine.family
             if config.sampler is not None:
@@ -791,7 +791,7 @@ class Daemon:
             def load() -> Family:  # on the engine's own thread (BatchingEngine)
                 return load_family(spec.folder, spec.small, variant=spec.variant, placement=placement, info=info)
 
-            return make_engine(load, config, on_batch=self.metrics.observe_batch)
+            return make_engine(load, config, metrics=self.metrics)
 
         budget = None if config.memory_budget_mb is None else int(config.memory_budget_mb * 1e6)
         pool = FamilyPool(specs, factory, memory_budget_bytes=budget, placement=placement,

@@ -55,6 +55,9 @@ log = logging.getLogger("rise.engine")
 # until x0 settles: the call after the settling step reports (s, s).
 ProgressCallback = Callable[[int, int], None]
 BatchCallback = Callable[[int, int], None]  # (requests, rows) per UNet call; called on the engine's thread
+# (family id, rows a call may take at the family's default size, after an out-of-memory error?): once the budget is
+# set at start, and after each out-of-memory error; on the engine's thread
+RowLimitCallback = Callable[[str, int, bool], None]
 # (steps done, split, preview RGB (h, w, 3) uint8) on the steps a preview is due, in place of the progress
 # callback for that step (one message to the client); on the engine's thread
 PreviewCallback = Callable[[int, int, NDArray[np.uint8]], None]
@@ -175,7 +178,8 @@ class BatchingEngine:
 
     def __init__(self, family: Family | Callable[[], Family], *, max_batch_rows: int | None = 16,
                  max_queue: int = 64, batching: bool = True, on_batch: BatchCallback | None = None,
-                 adapt_threads: bool = False, memory_stats: MemoryStats | None = None) -> None:
+                 adapt_threads: bool = False, memory_stats: MemoryStats | None = None,
+                 on_row_limit: RowLimitCallback | None = None) -> None:
         if (max_batch_rows is not None and max_batch_rows < 1) or max_queue < 1:
             raise ValueError("max_batch_rows and max_queue must be >= 1")
         self.max_batch_rows = max_batch_rows or 1  # the rows a call may take at the family's default size (below)
@@ -183,6 +187,7 @@ class BatchingEngine:
         self.max_queue = max_queue
         self.batching = batching
         self._on_batch = on_batch  # (requests, rows) per UNet call, for metrics
+        self._on_row_limit = on_row_limit
         self._renderer: PreviewRenderer | None = None  # the live previews' (the worker's), made when first asked
         self._adapt_threads = adapt_threads
         self._lock = threading.Condition()
@@ -204,6 +209,8 @@ class BatchingEngine:
             except BaseException as exc:
                 ready.set_exception(exc)
                 return
+            if on_row_limit is not None:
+                on_row_limit(loaded.family_id, self.max_batch_rows, False)
             ready.set_result(loaded)
             self._run(loaded)
 
@@ -407,10 +414,13 @@ class BatchingEngine:
         rows, area = sum(job.unet_rows for job in batch), _area(batch[0])
         h, w = batch[0].latents.shape[-2:]
         limit = self.row_budget.after_out_of_memory(area, rows, fewest=max(job.unet_rows for job in batch))
+        if limit is not None:
+            self.max_batch_rows = self.row_budget.rows_for(self.family.default_latent_size ** 2)
+        if self._on_row_limit is not None:
+            self._on_row_limit(self.family.family_id, self.max_batch_rows, True)
         if limit is None:
             raise NoRoomOnDevice(f"this request's UNet step ({rows} rows of {h}x{w} latents) does not fit "
                                  f"{self.family.placement.device}'s free memory: a smaller size would") from exc
-        self.max_batch_rows = self.row_budget.rows_for(self.family.default_latent_size ** 2)
         log.warning("a UNet call of %d rows of %dx%d latents ran out of memory on %s; calls of that size now take "
                     "at most %d rows (--max-batch-rows sets the ceiling)", rows, h, w,
                     self.family.placement.device, limit)

@@ -55,6 +55,11 @@ class EdgeMetrics:
                                         buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r)
         self.batch_rows = Histogram("rise_edge_batch_rows", "UNet batch rows per call (2 per guided request)",
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        # edge_server.row_budget: the rows a call may take (auto: what fits the GPU), lowered by out-of-memory errors
+        self.max_batch_rows = Gauge("rise_edge_max_batch_rows", "UNet rows a call may take at the family's default "
+                                    "size (auto: what fits the GPU's free memory)", ["family"], registry=r)
+        self.out_of_memory = Counter("rise_edge_out_of_memory", "UNet calls that ran out of device memory (retried in "
+                                     "smaller calls; a request that alone does not fit fails)", ["family"], registry=r)
         self.stage_seconds = Histogram("rise_edge_stage_seconds", "Latency per stage", ["stage"],
                                        buckets=_LATENCY_BUCKETS, registry=r)
         self.requests = Counter("rise_edge_requests", "Requests served per relay configuration",
@@ -83,6 +88,13 @@ class EdgeMetrics:
         else:
             self.family_evictions.labels(family).inc()
             self.families_loaded.labels(family).set(0)
+
+    def observe_row_limit(self, family: str, rows: int, out_of_memory: bool) -> None:
+        """A family's engine set its rows per call (at start), or lowered them after a call ran out of memory
+        (an engine's ``on_row_limit``; thread-safe)."""
+        self.max_batch_rows.labels(family).set(rows)
+        if out_of_memory:
+            self.out_of_memory.labels(family).inc()
 
     def observe_batch(self, requests: int, rows: int) -> None:
         """One UNet call of ``requests`` requests and ``rows`` rows (an engine's ``on_batch``; thread-safe)."""

@@ -26,7 +26,6 @@ from pathlib import Path
 from edge_server.config import FAMILY_PROFILE as FAMILY_PROFILE  # re-exported: where it was defined before
 from edge_server.config import EdgeConfig, check_scheduler, profile_missing
 from edge_server.engine import (
-    BatchCallback,
     BatchingEngine,
     EdgeOutcome,
     EdgeRequest,
@@ -151,10 +150,13 @@ def family_prompt_reader(info: FamilyInfo) -> PromptReader | None:
 
 
 def make_engine(family: Family | Callable[[], Family], config: EdgeConfig, *,
-                on_batch: BatchCallback | None = None) -> BatchingEngine:
-    """The default engine for a config. ``family`` may be a loader: the engine's own thread then loads it."""
+                metrics: EdgeMetrics | None = None) -> BatchingEngine:
+    """The default engine for a config, reporting its batches and rows per call to ``metrics``. ``family`` may be
+    a loader: the engine's own thread then loads it."""
     return BatchingEngine(family, max_batch_rows=config.max_batch_rows, max_queue=config.max_queue,
-                          batching=config.batching, on_batch=on_batch, adapt_threads=config.threads is None)
+                          batching=config.batching, adapt_threads=config.threads is None,
+                          on_batch=None if metrics is None else metrics.observe_batch,
+                          on_row_limit=None if metrics is None else metrics.observe_row_limit)
 
 
 class RequestFailed(RiseError):

@@ -13,6 +13,7 @@ import torch
 
 import edge_server.engine as engine_module
 from edge_server.engine import BatchingEngine, EdgeRequest
+from edge_server.metrics import EdgeMetrics
 from edge_server.relay import EdgeRelay
 from edge_server.row_budget import (
     AUTO_CPU_ROWS,
@@ -183,7 +184,10 @@ def test_a_batch_that_runs_out_of_memory_is_retried_in_halves_and_every_request_
         tiny_family, gpu, caplog):
     gpu.limit = 4  # two guided requests
     gpu.gate.clear()
-    engine = BatchingEngine(tiny_family, max_batch_rows=8)
+    metrics = EdgeMetrics()
+    engine = BatchingEngine(tiny_family, max_batch_rows=8, on_row_limit=metrics.observe_row_limit)
+    labels = {"family": tiny_family.family_id}
+    assert metrics.registry.get_sample_value("rise_edge_max_batch_rows", labels) == 8
     try:
         with caplog.at_level(logging.WARNING, logger="rise.engine"):
             futures = [engine.submit(request("r0", 0))]
@@ -201,17 +205,35 @@ def test_a_batch_that_runs_out_of_memory_is_retried_in_halves_and_every_request_
     assert gpu.calls[:2] == [2, 8]  # r0 alone, then all four: out of memory
     assert all(rows <= 4 for rows in gpu.calls[2:])  # then calls of at most two requests, none lost
     assert engine.row_budget.rows_for(tiny_family.default_latent_size ** 2) == 4
+    assert metrics.registry.get_sample_value("rise_edge_max_batch_rows", labels) == 4  # what an operator sees
+    assert metrics.registry.get_sample_value("rise_edge_out_of_memory_total", labels) == 1
     warned = [r.getMessage() for r in caplog.records if "ran out of memory" in r.getMessage()]
     assert len(warned) == 1 and "8 rows" in warned[0] and "at most 4" in warned[0], warned
 
 
 def test_a_request_that_alone_does_not_fit_fails_with_a_clear_error_and_the_next_one_is_served(tiny_family, gpu):
     gpu.limit = 1  # not even one guided request (2 rows)
-    engine = BatchingEngine(tiny_family, max_batch_rows=8)
+    metrics = EdgeMetrics()
+    engine = BatchingEngine(tiny_family, max_batch_rows=8, on_row_limit=metrics.observe_row_limit)
+    labels = {"family": tiny_family.family_id}
     try:
         with pytest.raises(NoRoomOnDevice, match=r"does not fit .*free memory.*smaller"):
             engine.submit(request("big")).result(timeout=120)
+        assert metrics.registry.get_sample_value("rise_edge_out_of_memory_total", labels) == 1
+        assert metrics.registry.get_sample_value("rise_edge_max_batch_rows", labels) == 8  # nothing to lower
         gpu.limit = 10**6
         assert engine.submit(request("next", 1)).result(timeout=120).kind == "handoff"
     finally:
         engine.close()
+
+
+def test_the_daemon_reports_each_familys_rows_per_call_in_its_metrics(tiny_family):
+    from edge_server.daemon import EdgeConfig, EdgeServer
+
+    metrics = EdgeMetrics()
+    server = EdgeServer.with_batching_engine(tiny_family, EdgeConfig(port=0), metrics=metrics)  # auto, on a CPU
+    try:
+        assert metrics.registry.get_sample_value("rise_edge_max_batch_rows",
+                                                 {"family": tiny_family.family_id}) == AUTO_CPU_ROWS
+    finally:
+        server.engine.close()

@@ -248,7 +248,7 @@ def test_closing_a_session_cancels_its_requests_and_close_closes_the_engine() ->
 def test_real_engine_on_the_tiny_family(tiny_family: Family) -> None:
     metrics = EdgeMetrics()
     config = EdgeConfig(max_queue=1)
-    engine = make_engine(tiny_family, config, on_batch=metrics.observe_batch)
+    engine = make_engine(tiny_family, config, metrics=metrics)
     planner = RecordingPlanner()
     service = RequestService(engine, config, planner=planner, metrics=metrics)
     session = service.open_session()
