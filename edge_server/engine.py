@@ -182,8 +182,8 @@ class BatchingEngine:
                  on_row_limit: RowLimitCallback | None = None) -> None:
         if (max_batch_rows is not None and max_batch_rows < 1) or max_queue < 1:
             raise ValueError("max_batch_rows and max_queue must be >= 1")
-        self.max_batch_rows = max_batch_rows or 1  # the rows a call may take at the family's default size (below)
-        self.row_budget = RowBudget(self.max_batch_rows)
+        self.row_budget = RowBudget(max_batch_rows or 1)  # the worker sets the family's, before anything is served
+        self._default_area = 1  # the family's default latent pixels (h x w), set with the budget
         self.max_queue = max_queue
         self.batching = batching
         self._on_batch = on_batch  # (requests, rows) per UNet call, for metrics
@@ -205,7 +205,7 @@ class BatchingEngine:
             try:  # load here, on the thread that will run the model; the memory probe runs here too
                 loaded = family if isinstance(family, Family) else family()
                 self.row_budget = self._row_budget(loaded, max_batch_rows, memory_stats)
-                self.max_batch_rows = self.row_budget.rows_for(loaded.default_latent_size ** 2)
+                self._default_area = loaded.default_latent_size ** 2
             except BaseException as exc:
                 ready.set_exception(exc)
                 return
@@ -219,6 +219,12 @@ class BatchingEngine:
         self.family: Family = ready.result()  # the loader's error, if any, raises here
 
     # ------------------------------------------------------------------ interface
+
+    @property
+    def max_batch_rows(self) -> int:
+        """The rows a UNet call may take at the family's default size (the budget's: lowered after a call that ran
+        out of memory)."""
+        return self.row_budget.rows_for(self._default_area)
 
     @property
     def family_id(self) -> str:
@@ -414,8 +420,6 @@ class BatchingEngine:
         rows, area = sum(job.unet_rows for job in batch), _area(batch[0])
         h, w = batch[0].latents.shape[-2:]
         limit = self.row_budget.after_out_of_memory(area, rows, fewest=max(job.unet_rows for job in batch))
-        if limit is not None:
-            self.max_batch_rows = self.row_budget.rows_for(self.family.default_latent_size ** 2)
         if self._on_row_limit is not None:
             self._on_row_limit(self.family.family_id, self.max_batch_rows, True)
         if limit is None:
